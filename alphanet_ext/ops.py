@@ -1,0 +1,221 @@
+"""The three fused ops, as ``torch.ops.alphanet.*`` and typed Python wrappers.
+
+The wrappers validate what the kernels cannot check cheaply on a GPU, register
+fake (meta) implementations so ``torch.compile`` can trace the ops, and wire up
+autograd. Without the compiled module they fall back, with one warning, to the
+float64 references in :mod:`alphanet_ext.reference`.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+__all__ = ["class_means", "ClassMeanAccumulator", "knn", "alpha_combine", "HAS_EXTENSION",
+           "compiled_with_cuda"]
+
+try:
+    from . import _C  # noqa: F401  (loading it registers torch.ops.alphanet)
+    HAS_EXTENSION = True
+except ImportError as _error:  # pragma: no cover - exercised only without a build
+    HAS_EXTENSION = False
+    _IMPORT_ERROR = _error
+
+_warned = False
+
+
+def _fallback(op: str) -> None:
+    global _warned
+    if not _warned:
+        warnings.warn(f"alphanet_ext: compiled kernels unavailable ({_IMPORT_ERROR}); "
+                      f"{op} and the other ops run the slow pure-torch reference", RuntimeWarning,
+                      stacklevel=3)
+        _warned = True
+
+
+def compiled_with_cuda() -> bool:
+    """True if the compiled module contains the CUDA kernels."""
+    return HAS_EXTENSION and _C.compiled_with_cuda()
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------- class means
+
+def class_means(x: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """Mean feature vector of every class.
+
+    Args:
+        x: features ``[N, d]``, float16/bfloat16/float32/float64.
+        labels: class of every row, ``[N]``, int32 or int64, in ``[0, num_classes)``.
+        num_classes: number of classes ``C``.
+
+    Returns:
+        ``(means [C, d], counts [C])``. Means are float32 (float64 for float64
+        input), accumulated in that precision; a class with no rows has a zero
+        mean and count 0. Differentiable with respect to ``x``.
+    """
+    if not HAS_EXTENSION:
+        _fallback("class_means")
+        means, counts = reference.class_means(x, labels, num_classes)
+        return means.to(_acc_dtype(x.dtype)), counts
+    return torch.ops.alphanet.class_means(x, labels, num_classes)
+
+
+class ClassMeanAccumulator:
+    """Class means over data that arrives in chunks (memory-mapped or sharded).
+
+    >>> acc = ClassMeanAccumulator(num_classes=10, dim=64)
+    >>> for x_chunk, y_chunk in chunks:      # doctest: +SKIP
+    ...     acc.add(x_chunk, y_chunk)
+    >>> means, counts = acc.means()          # doctest: +SKIP
+
+    Sums are kept in float32 (float64 if ``dtype=torch.float64``); adding chunks
+    of one dataset in order gives the same bits as one ``class_means`` call.
+    """
+
+    def __init__(self, num_classes: int, dim: int, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32):
+        if num_classes < 1 or dim < 0:
+            raise ValueError(f"ClassMeanAccumulator: need num_classes >= 1 and dim >= 0, got {num_classes}, {dim}")
+        acc = _acc_dtype(dtype)
+        self.sums = torch.zeros(num_classes, dim, dtype=acc, device=device)
+        self.counts = torch.zeros(num_classes, dtype=torch.long, device=device)
+
+    def add(self, x: Tensor, labels: Tensor) -> None:
+        """Adds one chunk of rows and their labels."""
+        x = x.to(self.sums.device)
+        labels = labels.to(self.sums.device)
+        if _acc_dtype(x.dtype) != self.sums.dtype:
+            x = x.to(self.sums.dtype)
+        if HAS_EXTENSION:
+            torch.ops.alphanet.class_sums_(self.sums, self.counts, x, labels)
+        else:
+            _fallback("ClassMeanAccumulator")
+            means, counts = reference.class_means(x, labels, self.sums.shape[0])
+            self.sums += (means * counts.unsqueeze(1)).to(self.sums.dtype)
+            self.counts += counts
+
+    def means(self) -> tuple[Tensor, Tensor]:
+        """``(means [C, d], counts [C])`` of everything added so far."""
+        return self.sums / self.counts.clamp_min(1).unsqueeze(1).to(self.sums.dtype), self.counts.clone()
+
+
+# --------------------------------------------------------------------------- kNN
+
+def knn(queries: Tensor, keys: Tensor, k: int, metric: str = "euclidean") -> tuple[Tensor, Tensor]:
+    """Exact ``k`` nearest keys of every query.
+
+    Distances are found in tiles (matmul-expanded, then the final candidates
+    rechecked in float64), so memory stays ``O(q*k + tile)`` however many keys.
+
+    Args:
+        queries: ``[q, d]``; keys: ``[m, d]``; same float dtype and device.
+        k: neighbours per query, ``1 <= k <= m``.
+        metric: ``"euclidean"`` (``||a - b||``) or ``"cosine"`` (``1 - cos(a, b)``).
+
+    Returns:
+        ``(distances [q, k], indices [q, k])``, ascending, equal distances
+        ordered by lower key index. Distances are float32 (float64 for float64).
+    """
+    if not HAS_EXTENSION:
+        _fallback("knn")
+        distances, indices = reference.knn(queries, keys, k, metric)
+        return distances.to(_acc_dtype(queries.dtype)), indices
+    return torch.ops.alphanet.knn(queries, keys, k, metric)
+
+
+# --------------------------------------------------------------------------- alpha combine
+
+def _check_combine_values(source: Tensor, targets: Tensor, neighbors: Tensor, alphas: Tensor, dim: int) -> None:
+    """Value checks the CUDA kernel skips (they would sync the device on every call)."""
+    lines = source.shape[dim]
+    for name, index in (("targets", targets), ("neighbors", neighbors)):
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= lines):
+            raise ValueError(f"alpha_combine: {name} must lie in [0, {lines}) for dim={dim}")
+    if alphas.numel():
+        if not bool(torch.isfinite(alphas).all()):
+            raise ValueError("alpha_combine: alphas contains NaN or inf")
+        if not bool((alphas.abs().sum(dim=1) > 0).all()):
+            raise ValueError("alpha_combine: a row of alphas is all zeros, so its L1 normalisation is undefined")
+
+
+def alpha_combine(source: Tensor, targets: Tensor, neighbors: Tensor, alphas: Tensor, dim: int = 0) -> Tensor:
+    """L1-normalised, alpha-weighted combination of lines of ``source``.
+
+    ``out[c] = source[targets[c]] + sum_i alphas[c, i] / ||alphas[c]||_1 * source[neighbors[c, i]]``
+
+    With ``dim=0`` the lines are rows (combining classifier rows ``W [C, d]``,
+    result ``[n, d]``); with ``dim=1`` they are columns (combining logit columns
+    ``L [N, C]`` in place, result ``[N, n]``) — no copy or transpose of ``source``.
+    Differentiable with respect to ``alphas`` and ``source``.
+    """
+    if not HAS_EXTENSION:
+        _fallback("alpha_combine")
+        return reference.alpha_combine(source, targets, neighbors, alphas, dim).to(source.dtype)
+    if source.is_cuda:
+        _check_combine_values(source, targets, neighbors, alphas, dim)
+    return torch.ops.alphanet.alpha_combine(source, targets, neighbors, alphas, dim)
+
+
+# --------------------------------------------------------------------------- torch.compile and autograd
+
+if HAS_EXTENSION:
+    @torch.library.register_fake("alphanet::class_sums_")
+    def _class_sums_fake(sums, counts, x, labels):
+        return None
+
+    @torch.library.register_fake("alphanet::class_means")
+    def _class_means_fake(x, labels, num_classes):
+        return (x.new_empty(num_classes, x.shape[1], dtype=_acc_dtype(x.dtype)),
+                x.new_empty(num_classes, dtype=torch.long))
+
+    def _class_means_setup(ctx, inputs, output):
+        x, labels, _ = inputs
+        ctx.save_for_backward(labels, output[1])
+        ctx.x_dtype = x.dtype
+
+    def _class_means_backward(ctx, grad_means, grad_counts):
+        labels, counts = ctx.saved_tensors
+        per_class = grad_means / counts.clamp_min(1).unsqueeze(1).to(grad_means.dtype)
+        return per_class.index_select(0, labels.long()).to(ctx.x_dtype), None, None
+
+    torch.library.register_autograd("alphanet::class_means", _class_means_backward,
+                                    setup_context=_class_means_setup)
+
+    @torch.library.register_fake("alphanet::knn")
+    def _knn_fake(queries, keys, k, metric="euclidean"):
+        return (queries.new_empty(queries.shape[0], k, dtype=_acc_dtype(queries.dtype)),
+                queries.new_empty(queries.shape[0], k, dtype=torch.long))
+
+    @torch.library.register_fake("alphanet::alpha_combine")
+    def _alpha_combine_fake(source, targets, neighbors, alphas, dim=0):
+        n = targets.shape[0]
+        shape = (n, source.shape[1]) if dim in (0, -2) else (source.shape[0], n)
+        return source.new_empty(shape)
+
+    @torch.library.register_fake("alphanet::alpha_combine_backward")
+    def _alpha_combine_backward_fake(grad_out, source, targets, neighbors, alphas, dim, need_source, need_alphas):
+        return (source.new_empty(source.shape if need_source else (0,)),
+                alphas.new_empty(alphas.shape if need_alphas else (0,)))
+
+    def _alpha_combine_setup(ctx, inputs, output):
+        source, targets, neighbors, alphas, dim = inputs
+        ctx.save_for_backward(source, targets, neighbors, alphas)
+        ctx.dim = dim
+
+    def _alpha_combine_backward(ctx, grad_out):
+        source, targets, neighbors, alphas = ctx.saved_tensors
+        need_source, need_alphas = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+        grad_source, grad_alphas = torch.ops.alphanet.alpha_combine_backward(
+            grad_out, source, targets, neighbors, alphas, ctx.dim, need_source, need_alphas)
+        return (grad_source if need_source else None, None, None,
+                grad_alphas if need_alphas else None, None)
+
+    torch.library.register_autograd("alphanet::alpha_combine", _alpha_combine_backward,
+                                    setup_context=_alpha_combine_setup)

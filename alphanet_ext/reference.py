@@ -1,0 +1,61 @@
+"""Pure-torch float64 implementations of the three ops.
+
+They define what the kernels must compute: the tests compare every kernel with
+them, and :mod:`alphanet_ext.ops` falls back to them when the compiled module is
+missing. Results are float64 (indices int64) whatever the input dtype.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["class_means", "knn", "alpha_combine"]
+
+
+def class_means(x: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """Per-class mean of the rows of ``x``; classes without rows get a zero mean."""
+    labels = labels.long()
+    sums = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, device=x.device)
+    sums.index_add_(0, labels, x.double())
+    counts = torch.bincount(labels, minlength=num_classes)
+    return sums / counts.clamp_min(1).unsqueeze(1).double(), counts
+
+
+def pairwise_distances(queries: Tensor, keys: Tensor, metric: str = "euclidean") -> Tensor:
+    """Exact float64 distance matrix ``[q, m]`` (euclidean, or cosine = 1 - cos)."""
+    q, k = queries.double(), keys.double()
+    if metric == "cosine":
+        q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        k = k / k.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return 1.0 - q @ k.T
+    if metric != "euclidean":
+        raise ValueError(f"knn: metric must be 'euclidean' or 'cosine', got {metric!r}")
+    return torch.cdist(q, k, compute_mode="donot_use_mm_for_euclid_dist")
+
+
+def knn(queries: Tensor, keys: Tensor, k: int, metric: str = "euclidean",
+        chunk: int = 1024) -> tuple[Tensor, Tensor]:
+    """The ``k`` nearest keys of every query: ascending distances, ties to the lower index."""
+    if not 1 <= k <= keys.shape[0]:
+        raise ValueError(f"knn: k must be in [1, number of keys = {keys.shape[0]}], got {k}")
+    distances, indices = [], []
+    for begin in range(0, queries.shape[0], chunk):
+        d = pairwise_distances(queries[begin:begin + chunk], keys, metric)
+        # Stable sort over index-ordered columns: equal distances keep the lower index first.
+        sorted_d, order = torch.sort(d, dim=1, stable=True)
+        distances.append(sorted_d[:, :k])
+        indices.append(order[:, :k])
+    if not distances:
+        return (torch.empty(0, k, dtype=torch.float64, device=queries.device),
+                torch.empty(0, k, dtype=torch.long, device=queries.device))
+    return torch.cat(distances), torch.cat(indices)
+
+
+def alpha_combine(source: Tensor, targets: Tensor, neighbors: Tensor, alphas: Tensor,
+                  dim: int = 0) -> Tensor:
+    """``out[c] = source[targets[c]] + sum_i alphas[c, i] / ||alphas[c]||_1 * source[neighbors[c, i]]``
+    along rows (``dim=0``, result ``[n, cols]``) or columns (``dim=1``, result ``[rows, n]``)."""
+    lines = source.double() if dim in (0, -2) else source.double().T
+    weights = alphas.double() / alphas.double().abs().sum(dim=1, keepdim=True)
+    out = lines[targets.long()] + torch.einsum("ck,ckd->cd", weights, lines[neighbors.long()])
+    return out if dim in (0, -2) else out.T

@@ -1,0 +1,164 @@
+#include <torch/library.h>
+
+#include "op_utils.h"
+
+namespace alphanet {
+namespace {
+
+constexpr const char* kOp = "alpha_combine";
+
+struct Checked {
+  CombineParams params;
+  at::Tensor targets, neighbors, alphas;  // keep the converted copies alive
+  int64_t dim;
+};
+
+// Validates the inputs and fills everything but the output pointers. Index and
+// coefficient values are checked on the CPU only; on CUDA that would cost a
+// device sync per call inside training loops, so there the Python wrapper
+// checks them once and the kernel guards its reads.
+Checked prepare(const at::Tensor& source, const at::Tensor& targets, const at::Tensor& neighbors,
+                const at::Tensor& alphas, int64_t dim) {
+  check_float_matrix(source, kOp, "source");
+  check_backend(source, kOp);
+  check_same_device(source, targets, kOp, "source", "targets");
+  check_same_device(source, neighbors, kOp, "source", "neighbors");
+  check_same_device(source, alphas, kOp, "source", "alphas");
+  TORCH_CHECK(dim == 0 || dim == 1 || dim == -1 || dim == -2, kOp, ": dim must be 0 (rows) or 1 (columns), got ", dim);
+  dim = dim < 0 ? dim + 2 : dim;
+  TORCH_CHECK(targets.dim() == 1, kOp, ": targets must be 1-D, got shape ", targets.sizes());
+  TORCH_CHECK(neighbors.dim() == 2 && neighbors.size(0) == targets.size(0), kOp,
+              ": neighbors must be [len(targets), k] = [", targets.size(0), ", k], got shape ", neighbors.sizes());
+  TORCH_CHECK(neighbors.size(1) >= 1, kOp, ": need at least one neighbour per target (k >= 1)");
+  TORCH_CHECK(alphas.sizes() == neighbors.sizes(), kOp, ": alphas must have the shape of neighbors ",
+              neighbors.sizes(), ", got ", alphas.sizes());
+  TORCH_CHECK(at::isFloatingType(alphas.scalar_type()), kOp, ": alphas must be floating point, got ",
+              alphas.scalar_type());
+
+  Checked checked;
+  checked.dim = dim;
+  const int64_t num_lines = source.size(dim);
+  const at::ScalarType acc = acc_type(source.scalar_type());
+  if (source.is_cpu()) {
+    checked.targets = checked_indices(targets, num_lines, kOp, "targets", dim == 0 ? "rows of source" : "columns of source");
+    checked.neighbors =
+        checked_indices(neighbors, num_lines, kOp, "neighbors", dim == 0 ? "rows of source" : "columns of source");
+    checked.alphas = alphas.to(acc).contiguous();
+    check_finite(checked.alphas, kOp, "alphas");
+    if (checked.alphas.numel() > 0) {
+      TORCH_CHECK(checked.alphas.abs().sum(1).gt(0).all().item<bool>(), kOp,
+                  ": a row of alphas is all zeros, so its L1 normalisation is undefined");
+    }
+  } else {
+    TORCH_CHECK(!at::isFloatingType(targets.scalar_type()) && !at::isFloatingType(neighbors.scalar_type()), kOp,
+                ": targets and neighbors must be integer tensors");
+    checked.targets = targets.to(at::kLong).contiguous();
+    checked.neighbors = neighbors.to(at::kLong).contiguous();
+    checked.alphas = alphas.to(acc).contiguous();
+  }
+
+  CombineParams& p = checked.params;
+  p.dtype = kernel_dtype(source.scalar_type());
+  p.source = source.data_ptr();
+  p.line_stride = source.stride(dim);
+  p.elem_stride = source.stride(1 - dim);
+  p.num_lines = num_lines;
+  p.elems = source.size(1 - dim);
+  p.targets = checked.targets.data_ptr<int64_t>();
+  p.neighbors = checked.neighbors.data_ptr<int64_t>();
+  p.alphas = checked.alphas.data_ptr();
+  p.num_out = targets.size(0);
+  p.k = neighbors.size(1);
+  return checked;
+}
+
+// The output of combining along `dim`: [n, elems] for rows, [elems, n] for columns.
+at::Tensor new_output(const at::Tensor& like, const Checked& c, at::ScalarType type) {
+  const int64_t n = c.params.num_out, elems = c.params.elems;
+  return at::empty(c.dim == 0 ? at::IntArrayRef{n, elems} : at::IntArrayRef{elems, n}, like.options().dtype(type));
+}
+
+void set_output_strides(const at::Tensor& out, int64_t dim, int64_t* line_stride, int64_t* elem_stride) {
+  *line_stride = out.stride(dim);
+  *elem_stride = out.stride(1 - dim);
+}
+
+at::Tensor alpha_combine(const at::Tensor& source, const at::Tensor& targets, const at::Tensor& neighbors,
+                         const at::Tensor& alphas, int64_t dim) {
+  Checked c = prepare(source, targets, neighbors, alphas, dim);
+  at::Tensor out = new_output(source, c, source.scalar_type());
+  if (out.numel() == 0) return out;
+  const at::OptionalDeviceGuard guard(at::device_of(source));
+  c.params.out = out.data_ptr();
+  set_output_strides(out, c.dim, &c.params.out_line_stride, &c.params.out_elem_stride);
+  run_kernel(source, &cpu::alpha_combine, ALPHANET_CUDA_KERNEL(alpha_combine), c.params);
+  return out;
+}
+
+// Gradients of alpha_combine. Either part can be skipped: the training loop
+// needs only the coefficients' gradient.
+std::tuple<at::Tensor, at::Tensor> alpha_combine_backward(const at::Tensor& grad_out, const at::Tensor& source,
+                                                          const at::Tensor& targets, const at::Tensor& neighbors,
+                                                          const at::Tensor& alphas, int64_t dim, bool need_source,
+                                                          bool need_alphas) {
+  Checked c = prepare(source, targets, neighbors, alphas, dim);
+  const at::ScalarType acc = acc_type(source.scalar_type());
+  const at::Tensor expected = new_output(source, c, source.scalar_type());
+  TORCH_CHECK(grad_out.sizes() == expected.sizes(), kOp, ": grad_out must have shape ", expected.sizes(), ", got ",
+              grad_out.sizes());
+  check_same_device(source, grad_out, kOp, "source", "grad_out");
+  const at::OptionalDeviceGuard guard(at::device_of(source));
+  const at::Tensor grad = grad_out.to(source.scalar_type());
+
+  CombineBackwardParams b{};
+  b.forward = c.params;
+  b.grad_out = grad.data_ptr();
+  set_output_strides(grad, c.dim, &b.forward.out_line_stride, &b.forward.out_elem_stride);
+  at::Tensor grad_alphas = need_alphas ? at::zeros(alphas.sizes(), source.options().dtype(acc)) : at::Tensor();
+  at::Tensor grad_source = need_source ? at::zeros(source.sizes(), source.options().dtype(acc)) : at::Tensor();
+  if (need_alphas) b.grad_alphas = grad_alphas.data_ptr();
+  at::Tensor line_offsets, line_entries;
+  if (need_source) {
+    b.grad_source = grad_source.data_ptr();
+    b.grad_line_stride = grad_source.stride(c.dim);
+    b.grad_elem_stride = grad_source.stride(1 - c.dim);
+    if (source.is_cuda()) {
+      const at::Tensor lines = at::cat({c.targets.unsqueeze(1), c.neighbors}, 1).reshape(-1);
+      line_entries = std::get<1>(lines.sort(/*stable=*/true, 0, false));
+      line_offsets = at::zeros({c.params.num_lines + 1}, lines.options());
+      line_offsets.narrow(0, 1, c.params.num_lines).copy_(at::bincount(lines, {}, c.params.num_lines).cumsum(0));
+      b.line_offsets = line_offsets.data_ptr<int64_t>();
+      b.line_entries = line_entries.data_ptr<int64_t>();
+    }
+  }
+  if (grad.numel() > 0 && (need_alphas || need_source)) {
+    run_kernel(source, &cpu::alpha_combine_backward, ALPHANET_CUDA_KERNEL(alpha_combine_backward), b);
+  }
+  // A part not asked for comes back empty (custom-op returns cannot be None).
+  const at::Tensor none = at::empty({0}, source.options());
+  return {need_source ? grad_source.to(source.scalar_type()) : none,
+          need_alphas ? grad_alphas.to(alphas.scalar_type()) : none};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(alphanet, m) {
+  m.def("alpha_combine(Tensor source, Tensor targets, Tensor neighbors, Tensor alphas, int dim=0) -> Tensor");
+  m.def(
+      "alpha_combine_backward(Tensor grad_out, Tensor source, Tensor targets, Tensor neighbors, Tensor alphas, "
+      "int dim, bool need_source, bool need_alphas) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(alphanet, CPU, m) {
+  m.impl("alpha_combine", &alpha_combine);
+  m.impl("alpha_combine_backward", &alpha_combine_backward);
+}
+
+#ifdef ALPHANET_WITH_CUDA
+TORCH_LIBRARY_IMPL(alphanet, CUDA, m) {
+  m.impl("alpha_combine", &alpha_combine);
+  m.impl("alpha_combine_backward", &alpha_combine_backward);
+}
+#endif
+
+}  // namespace alphanet

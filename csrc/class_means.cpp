@@ -1,0 +1,89 @@
+#include <torch/library.h>
+
+#include "op_utils.h"
+
+namespace alphanet {
+namespace {
+
+constexpr const char* kOp = "class_means";
+
+void class_sums_(at::Tensor& sums, at::Tensor& counts, const at::Tensor& x, const at::Tensor& labels) {
+  check_float_matrix(x, kOp, "x");
+  check_backend(x, kOp);
+  check_same_device(x, labels, kOp, "x", "labels");
+  check_same_device(x, sums, kOp, "x", "sums");
+  check_same_device(x, counts, kOp, "x", "counts");
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == x.size(0), kOp, ": labels must be 1-D with one entry per row of x (",
+              x.size(0), "), got shape ", labels.sizes());
+  TORCH_CHECK(sums.dim() == 2 && sums.size(1) == x.size(1), kOp, ": sums must be [num_classes, ", x.size(1),
+              "], got shape ", sums.sizes());
+  TORCH_CHECK(sums.scalar_type() == acc_type(x.scalar_type()) && sums.is_contiguous(), kOp,
+              ": sums must be a contiguous ", acc_type(x.scalar_type()), " tensor for ", x.scalar_type(),
+              " features, got ", sums.scalar_type());
+  const int64_t num_classes = sums.size(0);
+  TORCH_CHECK(counts.dim() == 1 && counts.size(0) == num_classes && counts.scalar_type() == at::kLong, kOp,
+              ": counts must be an int64 tensor of shape [", num_classes, "], got ", counts.scalar_type(), " ",
+              counts.sizes());
+  const at::Tensor label_ids = checked_indices(labels, num_classes, kOp, "labels", "num_classes");
+  if (x.size(0) == 0 || x.size(1) == 0) {
+    counts.add_(at::bincount(label_ids, {}, num_classes));
+    return;
+  }
+  const at::OptionalDeviceGuard guard(at::device_of(x));
+  const at::Tensor features = x.stride(1) == 1 ? x : x.contiguous();
+
+  ClassSumsParams params{};
+  params.dtype = kernel_dtype(features.scalar_type());
+  params.x = features.data_ptr();
+  params.rows = features.size(0);
+  params.cols = features.size(1);
+  params.row_stride = features.stride(0);
+  params.labels = label_ids.data_ptr<int64_t>();
+  params.num_classes = num_classes;
+  params.sums = sums.data_ptr();
+  const at::Tensor label_counts = at::bincount(label_ids, {}, num_classes);
+  at::Tensor sorted_rows, segment_offsets;
+  if (x.is_cuda()) {
+    sorted_rows = std::get<1>(label_ids.sort(/*stable=*/true, 0, false));
+    segment_offsets = at::zeros({num_classes + 1}, label_counts.options());
+    segment_offsets.narrow(0, 1, num_classes).copy_(label_counts.cumsum(0));
+    params.sorted_rows = sorted_rows.data_ptr<int64_t>();
+    params.segment_offsets = segment_offsets.data_ptr<int64_t>();
+  }
+  run_kernel(x, &cpu::class_sums, ALPHANET_CUDA_KERNEL(class_sums), params);
+  counts.add_(label_counts);
+  // One check on the [C, d] sums instead of a second pass over x: a NaN or inf
+  // anywhere in x (or an overflowing sum) leaves a non-finite sum.
+  check_finite(sums, kOp, "x (its per-class sums)");
+}
+
+std::tuple<at::Tensor, at::Tensor> class_means(const at::Tensor& x, const at::Tensor& labels, int64_t num_classes) {
+  check_float_matrix(x, kOp, "x");
+  TORCH_CHECK(num_classes >= 1, kOp, ": num_classes must be at least 1, got ", num_classes);
+  at::Tensor sums = at::zeros({num_classes, x.size(1)}, x.options().dtype(acc_type(x.scalar_type())));
+  at::Tensor counts = at::zeros({num_classes}, x.options().dtype(at::kLong));
+  class_sums_(sums, counts, x, labels);
+  sums.div_(counts.clamp_min(1).unsqueeze(1).to(sums.scalar_type()));
+  return {sums, counts};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(alphanet, m) {
+  m.def("class_sums_(Tensor(a!) sums, Tensor(b!) counts, Tensor x, Tensor labels) -> ()");
+  m.def("class_means(Tensor x, Tensor labels, int num_classes) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(alphanet, CPU, m) {
+  m.impl("class_sums_", &class_sums_);
+  m.impl("class_means", &class_means);
+}
+
+#ifdef ALPHANET_WITH_CUDA
+TORCH_LIBRARY_IMPL(alphanet, CUDA, m) {
+  m.impl("class_sums_", &class_sums_);
+  m.impl("class_means", &class_means);
+}
+#endif
+
+}  // namespace alphanet

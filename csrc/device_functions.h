@@ -1,0 +1,87 @@
+// Per-element algorithms shared by the CPU and CUDA kernels. Everything here is
+// __host__ __device__ so the CPU build (and its tests) runs the exact code the
+// GPU runs; only launch configuration and memory movement differ per backend.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define ALPHANET_HD __host__ __device__ __forceinline__
+#else
+#define ALPHANET_HD inline
+#endif
+
+namespace alphanet {
+
+// Candidate order used everywhere: smaller value first, ties to the lower index.
+template <typename V>
+ALPHANET_HD bool precedes(V value_a, int64_t index_a, V value_b, int64_t index_b) {
+  return value_a < value_b || (value_a == value_b && index_a < index_b);
+}
+
+// Insert (value, index) into a list of `k` candidates kept sorted by `precedes`.
+// The list starts filled with (+inf, INT64_MAX) sentinels.
+template <typename V>
+ALPHANET_HD void topk_insert(V* values, int64_t* indices, int k, V value, int64_t index) {
+  if (!precedes(value, index, values[k - 1], indices[k - 1])) return;
+  int pos = k - 1;
+  while (pos > 0 && precedes(value, index, values[pos - 1], indices[pos - 1])) {
+    values[pos] = values[pos - 1];
+    indices[pos] = indices[pos - 1];
+    --pos;
+  }
+  values[pos] = value;
+  indices[pos] = index;
+}
+
+// Merge two sorted candidate lists of length k into the k best (sorted).
+template <typename V>
+ALPHANET_HD void topk_merge(const V* values_a, const int64_t* indices_a, const V* values_b,
+                            const int64_t* indices_b, int k, V* values_out, int64_t* indices_out) {
+  int a = 0, b = 0;
+  for (int out = 0; out < k; ++out) {
+    if (precedes(values_a[a], indices_a[a], values_b[b], indices_b[b])) {
+      values_out[out] = values_a[a];
+      indices_out[out] = indices_a[a++];
+    } else {
+      values_out[out] = values_b[b];
+      indices_out[out] = indices_b[b++];
+    }
+  }
+}
+
+template <typename A>
+ALPHANET_HD A abs_value(A v) { return v < A(0) ? -v : v; }
+
+template <typename A>
+ALPHANET_HD A sign_value(A v) { return v > A(0) ? A(1) : (v < A(0) ? A(-1) : A(0)); }
+
+// ||alphas||_1 of one class's k coefficients.
+template <typename A, typename T>
+ALPHANET_HD A l1_norm(const T* alphas, int64_t stride, int k) {
+  A norm = A(0);
+  for (int i = 0; i < k; ++i) norm += abs_value(static_cast<A>(alphas[i * stride]));
+  return norm;
+}
+
+// Gradient of the L1 normalisation a -> a / ||a||_1 for one class:
+// given g_i = dL/d(normalised_i), returns dL/da_j = (g_j - sign(a_j) * sum_i normalised_i g_i) / ||a||_1.
+template <typename A, typename T>
+ALPHANET_HD A l1_normalized_grad(const T* alphas, int64_t stride, const A* grad_normalized, int k,
+                                 int j, A norm) {
+  A weighted = A(0);
+  for (int i = 0; i < k; ++i) weighted += static_cast<A>(alphas[i * stride]) / norm * grad_normalized[i];
+  return (grad_normalized[j] - sign_value(static_cast<A>(alphas[j * stride])) * weighted) / norm;
+}
+
+// Sum of x[rows[r], col] for r in [begin, end), in that order: one class's
+// segment of a label-sorted row order.
+template <typename A, typename T>
+ALPHANET_HD A segment_sum(const T* x, int64_t row_stride, const int64_t* rows, int64_t begin,
+                          int64_t end, int64_t col) {
+  A sum = A(0);
+  for (int64_t r = begin; r < end; ++r) sum += static_cast<A>(x[rows[r] * row_stride + col]);
+  return sum;
+}
+
+}  // namespace alphanet

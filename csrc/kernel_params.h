@@ -1,0 +1,103 @@
+// Raw-pointer interface between the device-generic op drivers (csrc/<op>.cpp,
+// which validate and allocate with ATen) and the per-backend kernels
+// (csrc/cpu/*.cpp, csrc/cuda/*.cu). Keeping ATen out of this header keeps the
+// .cu files light to compile.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace alphanet {
+
+enum class DType { Half, BFloat16, Float, Double };
+
+// float accumulation for 16/32-bit inputs, double for double.
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <typename F>
+void dispatch_input_types(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::Half: f(c10::Half{}); break;
+    case DType::BFloat16: f(c10::BFloat16{}); break;
+    case DType::Float: f(float{}); break;
+    case DType::Double: f(double{}); break;
+  }
+}
+
+template <typename F>
+void dispatch_acc_types(DType dtype, F&& f) {
+  if (dtype == DType::Double) f(double{}); else f(float{});
+}
+
+// sums[labels[i], :] += x[i, :] for every row i (x has unit column stride).
+struct ClassSumsParams {
+  DType dtype;
+  const void* x;
+  int64_t rows, cols, row_stride;
+  const int64_t* labels;           // [rows], each in [0, num_classes)
+  const int64_t* sorted_rows;      // CUDA only: row ids stably sorted by label
+  const int64_t* segment_offsets;  // CUDA only: [num_classes + 1] offsets into sorted_rows
+  int64_t num_classes;
+  void* sums;                      // [num_classes, cols] of acc_t, contiguous
+};
+
+// knn: fold one tile of query-key dot products into every query's running
+// candidate list. A candidate's ranking value is offset[j] + scale[j] * dot.
+struct SelectParams {
+  DType dtype;                       // Float or Double: the dtype of dots and values
+  const void* dots;                  // [tile_rows, tile_cols], contiguous
+  int64_t tile_rows, tile_cols;
+  const void* key_offset;            // [tile_cols]
+  const void* key_scale;             // [tile_cols]
+  int64_t key_begin;                 // global key index of tile column 0
+  void* values;                      // [tile_rows, candidates], sorted per row
+  int64_t* indices;                  // [tile_rows, candidates]
+  int candidates;                    // at most kMaxCandidates
+};
+constexpr int kMaxCandidates = 64;
+
+// out(c, j) = source(t_c, j) + sum_i alphas[c, i] / ||alphas[c]||_1 * source(n_ci, j)
+// where source(line, j) = source[line * line_stride + j * elem_stride].
+struct CombineParams {
+  DType dtype;                 // of source and out
+  const void* source;
+  int64_t line_stride, elem_stride, num_lines, elems;
+  const int64_t* targets;      // [num_out]
+  const int64_t* neighbors;    // [num_out, k], contiguous
+  const void* alphas;          // [num_out, k] of acc_t, contiguous
+  int64_t num_out, k;
+  void* out;
+  int64_t out_line_stride, out_elem_stride;
+};
+
+struct CombineBackwardParams {
+  CombineParams forward;       // out unused
+  const void* grad_out;        // same layout as forward.out
+  void* grad_alphas;           // [num_out, k] of acc_t, contiguous
+  void* grad_source;           // nullptr if not needed; acc_t, laid out like source but contiguous
+  int64_t grad_line_stride, grad_elem_stride;
+  // CUDA only, for a deterministic gather instead of scattered atomics: for each
+  // source line, the (c * (k + 1) + slot) entries that read it, slot 0 the target.
+  const int64_t* line_offsets;  // [num_lines + 1]
+  const int64_t* line_entries;  // [num_out * (k + 1)]
+};
+
+namespace cpu {
+void class_sums(const ClassSumsParams& p);
+void knn_select(const SelectParams& p);
+void alpha_combine(const CombineParams& p);
+void alpha_combine_backward(const CombineBackwardParams& p);
+}  // namespace cpu
+
+namespace cuda {
+void class_sums(const ClassSumsParams& p);
+void knn_select(const SelectParams& p);
+void alpha_combine(const CombineParams& p);
+void alpha_combine_backward(const CombineBackwardParams& p);
+}  // namespace cuda
+
+}  // namespace alphanet

@@ -1,0 +1,142 @@
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "op_utils.h"
+
+namespace alphanet {
+namespace {
+
+constexpr const char* kOp = "knn";
+// Extra candidates kept from the fast (matmul-expanded) ranking so the exact
+// float64 recheck of the final list can repair rounding-level misorderings.
+constexpr int64_t kExtraCandidates = 8;
+
+struct Tiles {
+  int64_t queries, keys;
+};
+
+Tiles tile_sizes(const at::Tensor& t) {
+  if (t.is_cuda()) return {4096, 16384};
+  return {512, 4096};
+}
+
+// Exact float64 distances from each query to its candidate keys, computed a
+// chunk of queries at a time so the gathered keys stay small.
+at::Tensor exact_distances(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& indices,
+                           bool cosine) {
+  const int64_t dims = queries.size(1), candidates = indices.size(1);
+  const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 24) / std::max<int64_t>(1, candidates * dims));
+  at::Tensor out = at::empty(indices.sizes(), indices.options().dtype(at::kDouble));
+  for (int64_t begin = 0; begin < queries.size(0); begin += chunk) {
+    const int64_t len = std::min(chunk, queries.size(0) - begin);
+    const at::Tensor q = queries.narrow(0, begin, len).to(at::kDouble).unsqueeze(1);
+    const at::Tensor k =
+        keys.index_select(0, indices.narrow(0, begin, len).reshape(-1)).to(at::kDouble).view({len, candidates, dims});
+    at::Tensor d;
+    if (cosine) {
+      const double eps = 1e-12;
+      d = 1.0 - (q * k).sum(-1) / (at::linalg_vector_norm(q, 2, {-1}).clamp_min(eps) *
+                                   at::linalg_vector_norm(k, 2, {-1}).clamp_min(eps));
+    } else {
+      d = (k - q).pow(2).sum(-1).sqrt();
+    }
+    out.narrow(0, begin, len).copy_(d);
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> knn(const at::Tensor& queries, const at::Tensor& keys, int64_t k,
+                                       c10::string_view metric) {
+  check_float_matrix(queries, kOp, "queries");
+  check_float_matrix(keys, kOp, "keys");
+  check_backend(queries, kOp);
+  check_same_device(queries, keys, kOp, "queries", "keys");
+  TORCH_CHECK(queries.scalar_type() == keys.scalar_type(), kOp, ": queries are ", queries.scalar_type(),
+              " but keys are ", keys.scalar_type());
+  TORCH_CHECK(queries.size(1) == keys.size(1), kOp, ": queries have ", queries.size(1), " features but keys have ",
+              keys.size(1));
+  TORCH_CHECK(metric == "euclidean" || metric == "cosine", kOp, ": metric must be 'euclidean' or 'cosine', got '",
+              std::string(metric), "'");
+  TORCH_CHECK(k >= 1, kOp, ": k must be at least 1, got ", k);
+  TORCH_CHECK(k <= keys.size(0), kOp, ": k (", k, ") is larger than the number of keys (", keys.size(0), ")");
+  check_finite(queries, kOp, "queries");
+  check_finite(keys, kOp, "keys");
+
+  const at::OptionalDeviceGuard guard(at::device_of(queries));
+  const bool cosine = metric == "cosine";
+  const at::ScalarType value_type = acc_type(queries.scalar_type());
+  const int64_t num_queries = queries.size(0), num_keys = keys.size(0);
+  const auto value_options = queries.options().dtype(value_type);
+  if (num_queries == 0) {
+    return {at::empty({0, k}, value_options), at::empty({0, k}, queries.options().dtype(at::kLong))};
+  }
+
+  // Ranking value per (query, key): offset[key] + scale[key] * <query, key>,
+  // which orders keys like the true distance for a fixed query.
+  const at::Tensor key_norms = at::linalg_vector_norm(keys, 2, {1}, false, value_type);
+  const at::Tensor key_offset = cosine ? at::zeros_like(key_norms) : key_norms.square();
+  const at::Tensor key_scale = cosine ? -key_norms.clamp_min(1e-12).reciprocal() : at::full_like(key_norms, -2.0);
+
+  const int64_t candidates = std::min(num_keys, k + kExtraCandidates);
+  at::Tensor values = at::full({num_queries, candidates}, std::numeric_limits<double>::infinity(), value_options);
+  at::Tensor indices =
+      at::full({num_queries, candidates}, std::numeric_limits<int64_t>::max(), queries.options().dtype(at::kLong));
+  const Tiles tiles = tile_sizes(queries);
+  for (int64_t q_begin = 0; q_begin < num_queries; q_begin += tiles.queries) {
+    const int64_t q_len = std::min(tiles.queries, num_queries - q_begin);
+    const at::Tensor query_tile = queries.narrow(0, q_begin, q_len).to(value_type);
+    at::Tensor tile_values = values.narrow(0, q_begin, q_len);
+    at::Tensor tile_indices = indices.narrow(0, q_begin, q_len);
+    for (int64_t k_begin = 0; k_begin < num_keys; k_begin += tiles.keys) {
+      const int64_t k_len = std::min(tiles.keys, num_keys - k_begin);
+      const at::Tensor dots = at::mm(query_tile, keys.narrow(0, k_begin, k_len).to(value_type).t()).contiguous();
+      const at::Tensor offset = key_offset.narrow(0, k_begin, k_len);
+      const at::Tensor scale = key_scale.narrow(0, k_begin, k_len);
+      if (candidates <= kMaxCandidates) {
+        SelectParams params{};
+        params.dtype = kernel_dtype(value_type);
+        params.dots = dots.data_ptr();
+        params.tile_rows = q_len;
+        params.tile_cols = k_len;
+        params.key_offset = offset.data_ptr();
+        params.key_scale = scale.data_ptr();
+        params.key_begin = k_begin;
+        params.values = tile_values.data_ptr();
+        params.indices = tile_indices.data_ptr<int64_t>();
+        params.candidates = static_cast<int>(candidates);
+        run_kernel(queries, &cpu::knn_select, ALPHANET_CUDA_KERNEL(knn_select), params);
+      } else {
+        // Large k: library top-k over [running candidates | this tile].
+        const at::Tensor merged_values = at::cat({tile_values, offset + scale * dots}, 1);
+        const at::Tensor merged_indices =
+            at::cat({tile_indices, at::arange(k_begin, k_begin + k_len, tile_indices.options()).expand({q_len, k_len})}, 1);
+        auto [best, position] = merged_values.topk(candidates, 1, /*largest=*/false, /*sorted=*/true);
+        tile_values.copy_(best);
+        tile_indices.copy_(merged_indices.gather(1, position));
+      }
+    }
+  }
+
+  // Exact recheck, then order by (distance, index).
+  const at::Tensor distances = exact_distances(queries, keys, indices, cosine);
+  auto [by_index, index_order] = indices.sort(1);
+  auto [sorted_distances, distance_order] = distances.gather(1, index_order).sort(/*stable=*/true, 1, false);
+  const at::Tensor result_indices = by_index.gather(1, distance_order).narrow(1, 0, k).contiguous();
+  return {sorted_distances.narrow(1, 0, k).to(value_type).contiguous(), result_indices};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(alphanet, m) {
+  m.def("knn(Tensor queries, Tensor keys, int k, str metric=\"euclidean\") -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(alphanet, CPU, m) { m.impl("knn", &knn); }
+
+#ifdef ALPHANET_WITH_CUDA
+TORCH_LIBRARY_IMPL(alphanet, CUDA, m) { m.impl("knn", &knn); }
+#endif
+
+}  // namespace alphanet

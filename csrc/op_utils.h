@@ -1,0 +1,91 @@
+// Validation and backend selection shared by the op drivers.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+
+#include "kernel_params.h"
+
+namespace alphanet {
+
+inline DType kernel_dtype(at::ScalarType type) {
+  switch (type) {
+    case at::kHalf: return DType::Half;
+    case at::kBFloat16: return DType::BFloat16;
+    case at::kFloat: return DType::Float;
+    case at::kDouble: return DType::Double;
+    default: TORCH_CHECK(false, "unsupported dtype ", type);
+  }
+}
+
+inline at::ScalarType acc_type(at::ScalarType type) {
+  return type == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_float_matrix(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got shape ", t.sizes());
+  const auto type = t.scalar_type();
+  TORCH_CHECK(type == at::kHalf || type == at::kBFloat16 || type == at::kFloat || type == at::kDouble, op,
+              ": ", name, " must be float16, bfloat16, float32 or float64, got ", type);
+}
+
+inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op, const char* name_a,
+                              const char* name_b) {
+  TORCH_CHECK(a.device() == b.device(), op, ": ", name_a, " is on ", a.device(), " but ", name_b, " is on ",
+              b.device());
+}
+
+inline void check_backend(const at::Tensor& t, const char* op) {
+  TORCH_CHECK(t.device().is_cpu() || t.device().is_cuda(), op, ": unsupported device ", t.device());
+#ifndef ALPHANET_WITH_CUDA
+  TORCH_CHECK(t.device().is_cpu(), op, ": alphanet_ext was built without CUDA support (rebuild with ALPHANET_CUDA=1)");
+#endif
+}
+
+// Integer index tensor as contiguous int64, every value checked to lie in [0, limit).
+inline at::Tensor checked_indices(const at::Tensor& t, int64_t limit, const char* op, const char* name,
+                                  const char* limit_name) {
+  TORCH_CHECK(!at::isFloatingType(t.scalar_type()) && !at::isComplexType(t.scalar_type()) &&
+                  t.scalar_type() != at::kBool,
+              op, ": ", name, " must be an integer tensor, got ", t.scalar_type());
+  at::Tensor indices = t.to(at::kLong).contiguous();
+  if (indices.numel() > 0) {
+    auto [lowest, highest] = at::aminmax(indices);
+    const int64_t low = lowest.item<int64_t>(), high = highest.item<int64_t>();
+    TORCH_CHECK(low >= 0 && high < limit, op, ": ", name, " must lie in [0, ", limit, ") (", limit_name,
+                "), found ", low < 0 ? low : high);
+  }
+  return indices;
+}
+
+inline void check_finite(const at::Tensor& t, const char* op, const char* name) {
+  if (t.numel() > 0) {
+    TORCH_CHECK(at::isfinite(t).all().item<bool>(), op, ": ", name, " contains NaN or inf");
+  }
+}
+
+#ifdef ALPHANET_WITH_CUDA
+#define ALPHANET_CUDA_KERNEL(name) (&::alphanet::cuda::name)
+#else
+#define ALPHANET_CUDA_KERNEL(name) nullptr
+#endif
+
+template <typename T>
+struct NonDeduced {
+  using type = T;
+};
+
+// Runs the CPU or the CUDA kernel (nullptr in a CPU-only build) for the tensor's device.
+template <typename Params>
+void run_kernel(const at::Tensor& on, void (*cpu_kernel)(const Params&),
+                typename NonDeduced<void (*)(const Params&)>::type cuda_kernel, const Params& params) {
+  if (on.device().is_cpu()) {
+    cpu_kernel(params);
+  } else {
+    TORCH_CHECK(cuda_kernel != nullptr, "alphanet_ext was built without CUDA support");
+    cuda_kernel(params);
+  }
+}
+
+}  // namespace alphanet
