@@ -38,7 +38,7 @@ def want_cuda() -> bool:
 
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+    cxx = ["-O3", "-fvisibility=hidden"]
     if platform.machine() in ("x86_64", "AMD64") and os.environ.get("ALPHANET_NATIVE", "1") == "1":
         cxx.append("-march=native")
     if os.environ.get("ALPHANET_OPENMP", "1") == "1":
@@ -47,7 +47,7 @@ def extension():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         return CUDAExtension(
             "alphanet_ext._C", sources, define_macros=[("ALPHANET_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr",
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr",
                                                        "-lineinfo"]})
     return CppExtension("alphanet_ext._C", sources, extra_compile_args={"cxx": cxx},
                         extra_link_args=["-fopenmp"] if "-fopenmp" in cxx else [])

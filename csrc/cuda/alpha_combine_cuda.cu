@@ -1,0 +1,136 @@
+#include <limits>
+
+#include "../device_functions.h"
+#include "../kernel_params.h"
+#include "launch.cuh"
+
+namespace alphanet::cuda {
+namespace {
+
+// Reads source(line, j), or NaN for a line outside the source: the Python
+// wrapper validates indices, and the kernel must never read out of bounds.
+template <typename A, typename T>
+__device__ __forceinline__ A load_line(const CombineParams& p, const T* source, int64_t line, int64_t j) {
+  if (line < 0 || line >= p.num_lines) return std::numeric_limits<A>::quiet_NaN();
+  return static_cast<A>(source[line * p.line_stride + j * p.elem_stride]);
+}
+
+// Output item -> (class c, element j), in the output's memory order.
+__device__ __forceinline__ void split_item(int64_t item, int64_t num_out, int64_t elems, bool lines_fastest,
+                                           int64_t* c, int64_t* j) {
+  if (lines_fastest) {
+    *c = item % num_out;
+    *j = item / num_out;
+  } else {
+    *c = item / elems;
+    *j = item % elems;
+  }
+}
+
+template <typename T, typename A>
+__global__ void forward_kernel(CombineParams p, bool lines_fastest) {
+  const T* source = static_cast<const T*>(p.source);
+  const A* alphas = static_cast<const A*>(p.alphas);
+  T* out = static_cast<T*>(p.out);
+  for (int64_t item = global_thread(); item < p.num_out * p.elems; item += grid_threads()) {
+    int64_t c, j;
+    split_item(item, p.num_out, p.elems, lines_fastest, &c, &j);
+    const A* row_alphas = alphas + c * p.k;
+    const A norm = l1_norm<A>(row_alphas, 1, static_cast<int>(p.k));
+    A acc = load_line<A>(p, source, p.targets[c], j);
+    for (int64_t i = 0; i < p.k; ++i) acc += row_alphas[i] / norm * load_line<A>(p, source, p.neighbors[c * p.k + i], j);
+    out[c * p.out_line_stride + j * p.out_elem_stride] = static_cast<T>(acc);
+  }
+}
+
+// One block per class: the k dot products <grad_out[c], source[n_ci]> by a
+// fixed-shape block reduction (deterministic), then the L1-normalisation gradient.
+template <typename T, typename A>
+__global__ void grad_alphas_kernel(CombineBackwardParams b) {
+  const CombineParams& p = b.forward;
+  extern __shared__ unsigned char shared_bytes[];
+  A* partial = reinterpret_cast<A*>(shared_bytes);  // [blockDim.x]
+  A* grad_normalized = partial + blockDim.x;         // [k]
+  const T* source = static_cast<const T*>(p.source);
+  const T* grad_out = static_cast<const T*>(b.grad_out);
+  const A* alphas = static_cast<const A*>(p.alphas);
+  for (int64_t c = blockIdx.x; c < p.num_out; c += gridDim.x) {
+    for (int64_t i = 0; i < p.k; ++i) {
+      const int64_t line = p.neighbors[c * p.k + i];
+      A dot = A(0);
+      for (int64_t j = threadIdx.x; j < p.elems; j += blockDim.x) {
+        dot += static_cast<A>(grad_out[c * p.out_line_stride + j * p.out_elem_stride]) * load_line<A>(p, source, line, j);
+      }
+      partial[threadIdx.x] = dot;
+      __syncthreads();
+      for (int half = blockDim.x / 2; half > 0; half /= 2) {
+        if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
+        __syncthreads();
+      }
+      if (threadIdx.x == 0) grad_normalized[i] = partial[0];
+      __syncthreads();
+    }
+    const A* row_alphas = alphas + c * p.k;
+    const A norm = l1_norm<A>(row_alphas, 1, static_cast<int>(p.k));
+    for (int64_t i = threadIdx.x; i < p.k; i += blockDim.x) {
+      static_cast<A*>(b.grad_alphas)[c * p.k + i] =
+          l1_normalized_grad<A>(row_alphas, 1, grad_normalized, static_cast<int>(p.k), static_cast<int>(i), norm);
+    }
+    __syncthreads();
+  }
+}
+
+// Gradient of the source as a gather: every (line, j) sums, in a fixed order,
+// the output gradients of the classes that read that line. No atomics.
+template <typename T, typename A>
+__global__ void grad_source_kernel(CombineBackwardParams b, bool lines_fastest) {
+  const CombineParams& p = b.forward;
+  const T* grad_out = static_cast<const T*>(b.grad_out);
+  const A* alphas = static_cast<const A*>(p.alphas);
+  A* grad_source = static_cast<A*>(b.grad_source);
+  for (int64_t item = global_thread(); item < p.num_lines * p.elems; item += grid_threads()) {
+    int64_t line, j;
+    split_item(item, p.num_lines, p.elems, lines_fastest, &line, &j);
+    A acc = A(0);
+    for (int64_t e = b.line_offsets[line]; e < b.line_offsets[line + 1]; ++e) {
+      const int64_t entry = b.line_entries[e];
+      const int64_t c = entry / (p.k + 1), slot = entry % (p.k + 1);
+      A weight = A(1);
+      if (slot > 0) weight = alphas[c * p.k + slot - 1] / l1_norm<A>(alphas + c * p.k, 1, static_cast<int>(p.k));
+      acc += weight * static_cast<A>(grad_out[c * p.out_line_stride + j * p.out_elem_stride]);
+    }
+    grad_source[line * b.grad_line_stride + j * b.grad_elem_stride] = acc;
+  }
+}
+
+}  // namespace
+
+void alpha_combine(const CombineParams& p) {
+  dispatch_input_types(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    forward_kernel<T, acc_t<T>><<<blocks_for(p.num_out * p.elems), kThreads, 0, current_stream()>>>(
+        p, p.out_line_stride == 1);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void alpha_combine_backward(const CombineBackwardParams& b) {
+  const CombineParams& p = b.forward;
+  dispatch_input_types(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    if (b.grad_alphas != nullptr && p.num_out > 0) {
+      const size_t shared = (kThreads + p.k) * sizeof(A);
+      const auto blocks = static_cast<unsigned int>(std::min<int64_t>(p.num_out, 65535));
+      grad_alphas_kernel<T, A><<<blocks, kThreads, shared, current_stream()>>>(b);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (b.grad_source != nullptr && p.num_lines > 0) {
+      grad_source_kernel<T, A><<<blocks_for(p.num_lines * p.elems), kThreads, 0, current_stream()>>>(
+          b, b.grad_line_stride == 1);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+}
+
+}  // namespace alphanet::cuda

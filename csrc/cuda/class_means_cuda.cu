@@ -1,0 +1,39 @@
+#include "../device_functions.h"
+#include "../kernel_params.h"
+#include "launch.cuh"
+
+namespace alphanet::cuda {
+namespace {
+
+// One thread per (class, column): it sums the class's rows in their original
+// order (rows were stably sorted by label), so there are no atomics and the
+// result is bit-identical run to run, and to the CPU kernel.
+template <typename T, typename A>
+__global__ void class_sums_kernel(const T* __restrict__ x, int64_t cols, int64_t row_stride,
+                                  const int64_t* __restrict__ sorted_rows, const int64_t* __restrict__ offsets,
+                                  int64_t num_classes, A* __restrict__ sums) {
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (col >= cols) return;
+  for (int64_t c = blockIdx.y; c < num_classes; c += gridDim.y) {
+    const int64_t begin = offsets[c], end = offsets[c + 1];
+    if (begin != end) sums[c * cols + col] += segment_sum<A>(x, row_stride, sorted_rows, begin, end, col);
+  }
+}
+
+}  // namespace
+
+void class_sums(const ClassSumsParams& p) {
+  if (p.num_classes == 0 || p.cols == 0 || p.rows == 0) return;
+  dispatch_input_types(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    const dim3 grid(static_cast<unsigned int>((p.cols + kThreads - 1) / kThreads),
+                    static_cast<unsigned int>(std::min<int64_t>(p.num_classes, 65535)));
+    class_sums_kernel<T, A><<<grid, kThreads, 0, current_stream()>>>(
+        static_cast<const T*>(p.x), p.cols, p.row_stride, p.sorted_rows, p.segment_offsets, p.num_classes,
+        static_cast<A*>(p.sums));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace alphanet::cuda

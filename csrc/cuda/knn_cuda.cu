@@ -1,0 +1,83 @@
+#include <limits>
+
+#include "../device_functions.h"
+#include "../kernel_params.h"
+#include "launch.cuh"
+
+namespace alphanet::cuda {
+namespace {
+
+constexpr int kWarp = 32;
+
+// One warp per query row: each lane keeps the best candidates of its strided
+// share of the tile's columns, the 32 lists are merged pairwise in shared
+// memory, and lane 0 merges the result into the row's running list.
+template <typename V, int kMax>
+__global__ void select_kernel(const V* __restrict__ dots, int64_t tile_cols, const V* __restrict__ offset,
+                              const V* __restrict__ scale, int64_t key_begin, V* __restrict__ values,
+                              int64_t* __restrict__ indices, int candidates) {
+  __shared__ V shared_values[kWarp * kMax];
+  __shared__ int64_t shared_indices[kWarp * kMax];
+  const int lane = threadIdx.x;
+  const int64_t row = blockIdx.x;
+  V* my_values = shared_values + lane * kMax;
+  int64_t* my_indices = shared_indices + lane * kMax;
+  for (int i = 0; i < candidates; ++i) {
+    my_values[i] = std::numeric_limits<V>::infinity();
+    my_indices[i] = std::numeric_limits<int64_t>::max();
+  }
+  const V* dot_row = dots + row * tile_cols;
+  for (int64_t col = lane; col < tile_cols; col += kWarp) {
+    topk_insert(my_values, my_indices, candidates, offset[col] + scale[col] * dot_row[col], key_begin + col);
+  }
+  __syncwarp();
+  V merged_values[kMax];
+  int64_t merged_indices[kMax];
+  for (int stride = 1; stride < kWarp; stride *= 2) {
+    if (lane % (2 * stride) == 0) {
+      topk_merge(my_values, my_indices, my_values + stride * kMax, my_indices + stride * kMax, candidates,
+                 merged_values, merged_indices);
+      for (int i = 0; i < candidates; ++i) {
+        my_values[i] = merged_values[i];
+        my_indices[i] = merged_indices[i];
+      }
+    }
+    __syncwarp();
+  }
+  if (lane == 0) {
+    V* row_values = values + row * candidates;
+    int64_t* row_indices = indices + row * candidates;
+    topk_merge(row_values, row_indices, my_values, my_indices, candidates, merged_values, merged_indices);
+    for (int i = 0; i < candidates; ++i) {
+      row_values[i] = merged_values[i];
+      row_indices[i] = merged_indices[i];
+    }
+  }
+}
+
+template <typename V, int kMax>
+void launch_select(const SelectParams& p) {
+  select_kernel<V, kMax><<<static_cast<unsigned int>(p.tile_rows), kWarp, 0, current_stream()>>>(
+      static_cast<const V*>(p.dots), p.tile_cols, static_cast<const V*>(p.key_offset),
+      static_cast<const V*>(p.key_scale), p.key_begin, static_cast<V*>(p.values), p.indices, p.candidates);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+void knn_select(const SelectParams& p) {
+  if (p.tile_rows == 0 || p.tile_cols == 0) return;
+  dispatch_acc_types(p.dtype, [&](auto tag) {
+    using V = decltype(tag);
+    if (p.candidates <= 16) {
+      launch_select<V, 16>(p);
+    } else if (p.candidates <= 32) {
+      launch_select<V, 32>(p);
+    } else {
+      static_assert(kMaxCandidates == 64, "update the kernel instantiations");
+      launch_select<V, 64>(p);
+    }
+  });
+}
+
+}  // namespace alphanet::cuda
