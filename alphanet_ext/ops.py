@@ -41,6 +41,19 @@ def compiled_with_cuda() -> bool:
     return HAS_EXTENSION and _C.compiled_with_cuda()
 
 
+OP_NAMES = ("class_means", "class_sums_", "knn", "alpha_combine", "alpha_combine_backward")
+
+
+def check_registered(dispatch_key: str = "CPU") -> None:
+    """Raises if some ``torch.ops.alphanet`` op lacks a kernel for ``dispatch_key`` ("CPU" or "CUDA")."""
+    if not HAS_EXTENSION:
+        raise RuntimeError(f"alphanet_ext: compiled module missing ({_IMPORT_ERROR})")
+    missing = [name for name in OP_NAMES
+               if not torch._C._dispatch_has_kernel_for_dispatch_key(f"alphanet::{name}", dispatch_key)]
+    if missing:
+        raise RuntimeError(f"alphanet_ext: no {dispatch_key} kernel registered for {', '.join(missing)}")
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -122,6 +135,9 @@ def knn(queries: Tensor, keys: Tensor, k: int, metric: str = "euclidean") -> tup
     Returns:
         ``(distances [q, k], indices [q, k])``, ascending, equal distances
         ordered by lower key index. Distances are float32 (float64 for float64).
+        The fast ranking keeps ``k + 8`` candidates for the exact recheck, so the
+        lower-index rule can only fail when more than 8 keys beyond the k-th tie
+        with it to within float32 rounding (degenerate data such as 1-d cosine).
     """
     if not HAS_EXTENSION:
         _fallback("knn")
@@ -165,13 +181,23 @@ def alpha_combine(source: Tensor, targets: Tensor, neighbors: Tensor, alphas: Te
 
 # --------------------------------------------------------------------------- torch.compile and autograd
 
+def _check_one_device(op: str, **tensors: Tensor) -> None:
+    """Mixed-device calls can dispatch to the fake kernels below; refuse them there too."""
+    (first_name, first), *rest = tensors.items()
+    for name, tensor in rest:
+        if tensor.device != first.device:
+            raise RuntimeError(f"{op}: {first_name} is on {first.device} but {name} is on {tensor.device}")
+
+
 if HAS_EXTENSION:
     @torch.library.register_fake("alphanet::class_sums_")
     def _class_sums_fake(sums, counts, x, labels):
+        _check_one_device("class_means", x=x, labels=labels, sums=sums, counts=counts)
         return None
 
     @torch.library.register_fake("alphanet::class_means")
     def _class_means_fake(x, labels, num_classes):
+        _check_one_device("class_means", x=x, labels=labels)
         return (x.new_empty(num_classes, x.shape[1], dtype=_acc_dtype(x.dtype)),
                 x.new_empty(num_classes, dtype=torch.long))
 
@@ -190,11 +216,13 @@ if HAS_EXTENSION:
 
     @torch.library.register_fake("alphanet::knn")
     def _knn_fake(queries, keys, k, metric="euclidean"):
+        _check_one_device("knn", queries=queries, keys=keys)
         return (queries.new_empty(queries.shape[0], k, dtype=_acc_dtype(queries.dtype)),
                 queries.new_empty(queries.shape[0], k, dtype=torch.long))
 
     @torch.library.register_fake("alphanet::alpha_combine")
     def _alpha_combine_fake(source, targets, neighbors, alphas, dim=0):
+        _check_one_device("alpha_combine", source=source, targets=targets, neighbors=neighbors, alphas=alphas)
         n = targets.shape[0]
         shape = (n, source.shape[1]) if dim in (0, -2) else (source.shape[0], n)
         return source.new_empty(shape)

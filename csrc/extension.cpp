@@ -1,6 +1,58 @@
 // The Python module alphanet_ext._C. The ops themselves live in the
 // torch.ops.alphanet namespace (csrc/<op>.cpp); importing this module loads them.
+// It also exposes the host build of the per-element device functions that only
+// the CUDA kernels call, so the CPU test suite can check them.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include "device_functions.h"
+
+namespace py = pybind11;
+
+namespace {
+
+using Candidates = std::pair<std::vector<double>, std::vector<int64_t>>;
+
+Candidates topk_merge(const Candidates& a, const Candidates& b) {
+  const int k = static_cast<int>(a.first.size());
+  if (a.second.size() != a.first.size() || b.first.size() != a.first.size() || b.second.size() != a.first.size()) {
+    throw py::value_error("topk_merge: both lists need the same length k");
+  }
+  Candidates out{std::vector<double>(k), std::vector<int64_t>(k)};
+  alphanet::topk_merge(a.first.data(), a.second.data(), b.first.data(), b.second.data(), k, out.first.data(),
+                       out.second.data());
+  return out;
+}
+
+Candidates topk_insert_all(int k, const std::vector<double>& values) {
+  Candidates out{std::vector<double>(k, std::numeric_limits<double>::infinity()),
+                 std::vector<int64_t>(k, std::numeric_limits<int64_t>::max())};
+  for (size_t i = 0; i < values.size(); ++i) {
+    alphanet::topk_insert(out.first.data(), out.second.data(), k, values[i], static_cast<int64_t>(i));
+  }
+  return out;
+}
+
+double segment_sum(const std::vector<double>& x, int64_t row_stride, const std::vector<int64_t>& rows, int64_t begin,
+                   int64_t end, int64_t col) {
+  return alphanet::segment_sum<double>(x.data(), row_stride, rows.data(), begin, end, col);
+}
+
+std::vector<double> l1_normalized_grad(const std::vector<double>& alphas, const std::vector<double>& grad_normalized) {
+  const int k = static_cast<int>(alphas.size());
+  const double norm = alphanet::l1_norm<double>(alphas.data(), 1, k);
+  std::vector<double> grad(k);
+  for (int j = 0; j < k; ++j) {
+    grad[j] = alphanet::l1_normalized_grad<double>(alphas.data(), 1, grad_normalized.data(), k, j, norm);
+  }
+  return grad;
+}
+
+}  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "alphanet_ext compiled kernels (ops are under torch.ops.alphanet)";
@@ -11,4 +63,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return false;
 #endif
   });
+  m.def("_topk_merge", &topk_merge);
+  m.def("_topk_insert_all", &topk_insert_all);
+  m.def("_segment_sum", &segment_sum);
+  m.def("_l1_normalized_grad", &l1_normalized_grad);
 }

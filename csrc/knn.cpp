@@ -37,8 +37,9 @@ at::Tensor exact_distances(const at::Tensor& queries, const at::Tensor& keys, co
     at::Tensor d;
     if (cosine) {
       const double eps = 1e-12;
-      d = 1.0 - (q * k).sum(-1) / (at::linalg_vector_norm(q, 2, {-1}).clamp_min(eps) *
-                                   at::linalg_vector_norm(k, 2, {-1}).clamp_min(eps));
+      const at::Tensor q_unit = q / at::linalg_vector_norm(q, 2, {-1}, true).clamp_min(eps);
+      const at::Tensor k_unit = k / at::linalg_vector_norm(k, 2, {-1}, true).clamp_min(eps);
+      d = 1.0 - (q_unit * k_unit).sum(-1);
     } else {
       d = (k - q).pow(2).sum(-1).sqrt();
     }

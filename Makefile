@@ -1,0 +1,42 @@
+# Set-up, demo and tests on a fresh machine. `make demo` and `make test` each
+# create the virtual environment and build the extension first if needed.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+CUDA_VENV ?= .venv-cuda
+CUDA_TORCH ?= torch==2.14.1
+PACKAGES := numpy pytest ninja pybind11 tqdm matplotlib safetensors
+SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+export CUDA_HOME ?= /usr/local/cuda
+
+.PHONY: setup demo test cuda-check bench clean
+
+setup: $(VENV)/.built
+
+$(VENV)/.built: $(SOURCES)
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q $(TORCH) $(PACKAGES)
+	$(VENV)/bin/pip install -q --no-build-isolation -e .
+	touch $@
+
+demo: setup
+	$(VENV)/bin/alphanet demo
+
+test: setup
+	$(VENV)/bin/python -m pytest python_tests -q
+
+# Compiles the CUDA kernels against a CUDA build of torch (no GPU needed) and
+# checks that every op has a CUDA kernel registered.
+cuda-check:
+	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/pip install -q $(CUDA_TORCH) numpy ninja pybind11
+	rm -rf build/cuda-check && mkdir -p build/cuda-check
+	cp -r setup.py csrc alphanet_ext build/cuda-check/
+	cd build/cuda-check && ALPHANET_CUDA=1 MAX_JOBS=2 ../../$(CUDA_VENV)/bin/python setup.py -q build_ext --inplace
+	cd build/cuda-check && ../../$(CUDA_VENV)/bin/python -c "import alphanet_ext.ops as o; o.check_registered('CUDA'); print('CUDA kernels registered for every op')"
+
+bench: setup
+	$(VENV)/bin/python benchmarks/bench_ops.py
+
+clean:
+	rm -rf build $(VENV) $(CUDA_VENV) alphanet_ext/_C*.so

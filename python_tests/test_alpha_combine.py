@@ -1,0 +1,126 @@
+import pytest
+import torch
+
+import alphanet_ext
+from alphanet_ext import reference
+from conftest import FLOAT_DTYPES, TOLERANCE, rand
+
+
+def make_case(lines, elems, n, k, dim, dtype=torch.float32, device="cpu", generator=None):
+    shape = (lines, elems) if dim == 0 else (elems, lines)
+    source = rand(*shape, dtype=dtype, device=device, generator=generator)
+    targets = torch.randint(0, lines, (n,), generator=generator).to(device)
+    neighbors = torch.randint(0, lines, (n, k), generator=generator).to(device)
+    alphas = rand(n, k, device=device, generator=generator)
+    return source, targets, neighbors, alphas
+
+
+SHAPES = [  # lines, elems, n, k
+    (1, 1, 1, 1), (5, 1, 3, 2), (9, 33, 4, 5), (100, 257, 30, 5), (40, 2, 40, 10), (13, 64, 0, 3), (6, 0, 4, 2),
+]
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("lines,elems,n,k", SHAPES)
+def test_matches_reference(device, generator, dim, dtype, lines, elems, n, k):
+    source, targets, neighbors, alphas = make_case(lines, elems, n, k, dim, dtype, device, generator)
+    out = alphanet_ext.alpha_combine(source, targets, neighbors, alphas, dim=dim)
+    expected = reference.alpha_combine(source.cpu(), targets.cpu(), neighbors.cpu(), alphas.cpu(), dim)
+    assert out.dtype == dtype and out.shape == expected.shape
+    torch.testing.assert_close(out.cpu().double(), expected, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_non_contiguous_source_and_indices(device, generator, dim):
+    wide = rand(60, 80, device=device, generator=generator)
+    source = wide.T[::2]  # [40, 60] with strides (2, 80)
+    targets = torch.randint(0, source.shape[dim], (20,), generator=generator).to(device)[::2]
+    neighbors = torch.randint(0, source.shape[dim], (3, 10), generator=generator).to(device).T
+    alphas = rand(3, 10, device=device, generator=generator).T
+    out = alphanet_ext.alpha_combine(source, targets, neighbors, alphas, dim=dim)
+    expected = reference.alpha_combine(source.cpu(), targets.cpu(), neighbors.cpu(), alphas.cpu(), dim)
+    torch.testing.assert_close(out.cpu().double(), expected, **TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_gradcheck(device, generator, dim):
+    source, targets, neighbors, alphas = make_case(7, 5, 4, 3, dim, torch.float64, device, generator)
+    # Repeat a line so the source gradient must add several contributions.
+    neighbors[0, 0] = targets[1]
+    source.requires_grad_()
+    alphas = alphas.double().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda s, a: alphanet_ext.alpha_combine(s, targets, neighbors, a, dim=dim), (source, alphas))
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_gradients_match_reference(device, generator, dim, dtype):
+    source, targets, neighbors, alphas = make_case(50, 70, 20, 5, dim, dtype, device, generator)
+    grad_out = rand(*((20, 70) if dim == 0 else (70, 20)), dtype=dtype, device=device, generator=generator)
+    s, a = source.clone().requires_grad_(), alphas.clone().requires_grad_()
+    alphanet_ext.alpha_combine(s, targets, neighbors, a, dim=dim).backward(grad_out)
+    s_ref, a_ref = source.cpu().double().requires_grad_(), alphas.cpu().double().requires_grad_()
+    reference.alpha_combine(s_ref, targets.cpu(), neighbors.cpu(), a_ref, dim).backward(grad_out.cpu().double())
+    tol = {torch.float16: dict(rtol=1e-2, atol=1e-2), torch.bfloat16: dict(rtol=5e-2, atol=5e-2),
+           torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-10, atol=1e-10)}[dtype]
+    alpha_tol = tol if dtype in (torch.float16, torch.bfloat16) else dict(rtol=1e-5, atol=1e-5)  # alphas are float32
+    torch.testing.assert_close(a.grad.cpu().double(), a_ref.grad, **alpha_tol)
+    torch.testing.assert_close(s.grad.cpu().double(), s_ref.grad, **tol)
+
+
+def test_only_alpha_gradient_when_source_is_fixed(generator):
+    source, targets, neighbors, alphas = make_case(10, 6, 4, 2, 0, torch.float64, generator=generator)
+    alphas.requires_grad_()
+    alphanet_ext.alpha_combine(source, targets, neighbors, alphas).sum().backward()
+    assert source.grad is None and alphas.grad is not None
+
+
+def test_deterministic(device, generator):
+    source, targets, neighbors, alphas = make_case(300, 200, 120, 5, 1, device=device, generator=generator)
+    results = []
+    for _ in range(2):
+        s, a = source.clone().requires_grad_(), alphas.clone().requires_grad_()
+        out = alphanet_ext.alpha_combine(s, targets, neighbors, a, dim=1)
+        out.pow(2).sum().backward()
+        results.append((out, s.grad, a.grad))
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
+
+
+def test_inputs_are_not_modified(device, generator):
+    case = make_case(10, 6, 4, 2, 0, device=device, generator=generator)
+    before = [t.clone() for t in case]
+    alphanet_ext.alpha_combine(*case)
+    assert all(torch.equal(a, b) for a, b in zip(case, before))
+
+
+def test_bad_input(device):
+    source = torch.ones(5, 4, device=device)
+    targets = torch.tensor([0, 1], device=device)
+    neighbors = torch.tensor([[2, 3], [3, 4]], device=device)
+    alphas = torch.ones(2, 2, device=device)
+    error = (RuntimeError, ValueError)
+    with pytest.raises(error, match=r"neighbors must lie in \[0, 5\)"):
+        alphanet_ext.alpha_combine(source, targets, neighbors + 1, alphas)
+    with pytest.raises(error, match=r"targets must lie in \[0, 4\)"):
+        alphanet_ext.alpha_combine(source, targets + 3, neighbors - 2, alphas, dim=1)
+    with pytest.raises(error, match="alphas contains NaN or inf"):
+        alphanet_ext.alpha_combine(source, targets, neighbors, torch.tensor([[1.0, float("nan")], [1.0, 1.0]], device=device))
+    with pytest.raises(error, match="a row of alphas is all zeros"):
+        alphanet_ext.alpha_combine(source, targets, neighbors, torch.tensor([[0.0, 0.0], [1.0, 1.0]], device=device))
+    with pytest.raises(RuntimeError, match="alphas must have the shape of neighbors"):
+        alphanet_ext.alpha_combine(source, targets, neighbors, torch.ones(2, 3, device=device))
+    with pytest.raises(RuntimeError, match=r"neighbors must be \[len\(targets\), k\]"):
+        alphanet_ext.alpha_combine(source, targets, neighbors[:1], alphas)
+    with pytest.raises(RuntimeError, match="dim must be 0"):
+        alphanet_ext.alpha_combine(source, targets, neighbors, alphas, dim=2)
+    with pytest.raises(RuntimeError, match="at least one neighbour"):
+        alphanet_ext.alpha_combine(source, targets, neighbors[:, :0], alphas[:, :0])
+    with pytest.raises(RuntimeError, match="source must be 2-D"):
+        alphanet_ext.alpha_combine(source[0], targets, neighbors, alphas)
+    with pytest.raises(RuntimeError, match="must be an integer tensor"):
+        alphanet_ext.alpha_combine(source, targets.float(), neighbors, alphas)
+    with pytest.raises(RuntimeError, match="is on"):
+        alphanet_ext.alpha_combine(source, targets, neighbors, alphas.to("meta"))

@@ -1,0 +1,108 @@
+import pytest
+import torch
+
+import alphanet_ext
+from alphanet_ext import reference
+from conftest import FLOAT_DTYPES, TOLERANCE, rand
+
+SHAPES = [(0, 5, 3), (1, 1, 1), (1, 7, 4), (257, 1, 5), (1000, 67, 13), (333, 300, 40)]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("rows,dims,classes", SHAPES)
+def test_matches_reference(device, generator, dtype, rows, dims, classes):
+    x = rand(rows, dims, dtype=dtype, device=device, generator=generator)
+    labels = torch.randint(0, classes, (rows,), generator=generator).to(device)
+    means, counts = alphanet_ext.class_means(x, labels, classes)
+    expected_means, expected_counts = reference.class_means(x.cpu(), labels.cpu(), classes)
+    assert means.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert means.shape == (classes, dims) and counts.dtype == torch.long
+    torch.testing.assert_close(counts.cpu(), expected_counts)
+    tol = TOLERANCE[torch.float64 if dtype == torch.float64 else torch.float32]
+    torch.testing.assert_close(means.cpu().double(), expected_means, **tol)
+
+
+def test_empty_classes_get_zero_mean(device):
+    x = torch.ones(4, 3, device=device)
+    means, counts = alphanet_ext.class_means(x, torch.tensor([0, 0, 2, 2], device=device), 4)
+    assert counts.tolist() == [2, 0, 2, 0]
+    assert means[1].abs().sum() == 0 and means[3].abs().sum() == 0 and torch.isfinite(means).all()
+
+
+@pytest.mark.parametrize("label_dtype", [torch.int32, torch.int64, torch.int16])
+def test_label_dtypes(device, generator, label_dtype):
+    x = rand(50, 6, device=device, generator=generator)
+    labels = torch.randint(0, 5, (50,), generator=generator)
+    means, _ = alphanet_ext.class_means(x, labels.to(label_dtype).to(device), 5)
+    torch.testing.assert_close(means.cpu().double(), reference.class_means(x.cpu(), labels, 5)[0], **TOLERANCE[torch.float32])
+
+
+def test_non_contiguous_inputs(device, generator):
+    base = rand(40, 90, device=device, generator=generator)
+    labels = torch.randint(0, 7, (90,), generator=generator).to(device)
+    for x, y in [(base.T, labels), (base[:, ::3], labels[:40]), (base[::2], labels[:20])]:
+        means, _ = alphanet_ext.class_means(x, y, 7)
+        torch.testing.assert_close(means.cpu().double(), reference.class_means(x.cpu(), y.cpu(), 7)[0],
+                                   **TOLERANCE[torch.float32])
+
+
+def test_streaming_equals_one_pass(device, generator):
+    x = rand(1001, 33, device=device, generator=generator)
+    labels = torch.randint(0, 9, (1001,), generator=generator).to(device)
+    accumulator = alphanet_ext.ClassMeanAccumulator(9, 33, device=device)
+    for begin in range(0, 1001, 128):
+        accumulator.add(x[begin:begin + 128], labels[begin:begin + 128])
+    means, counts = accumulator.means()
+    one_pass_means, one_pass_counts = alphanet_ext.class_means(x, labels, 9)
+    assert torch.equal(counts, one_pass_counts)
+    assert torch.equal(means, one_pass_means)  # same summation order: bit-identical
+
+
+def test_inputs_are_not_modified(device, generator):
+    x = rand(30, 4, device=device, generator=generator)
+    labels = torch.randint(0, 3, (30,), generator=generator).to(device)
+    x_before, labels_before = x.clone(), labels.clone()
+    alphanet_ext.class_means(x, labels, 3)
+    assert torch.equal(x, x_before) and torch.equal(labels, labels_before)
+
+
+def test_gradcheck(generator):
+    x = rand(25, 4, dtype=torch.float64, generator=generator).requires_grad_()
+    labels = torch.randint(0, 6, (25,), generator=generator)
+    assert torch.autograd.gradcheck(lambda t: alphanet_ext.class_means(t, labels, 6)[0], (x,))
+
+
+@pytest.mark.parametrize("bad,message", [
+    (float("nan"), "NaN or inf"),
+    (float("inf"), "NaN or inf"),
+])
+def test_non_finite_features(device, bad, message):
+    x = torch.ones(5, 3, device=device)
+    x[3, 1] = bad
+    with pytest.raises(RuntimeError, match=message):
+        alphanet_ext.class_means(x, torch.zeros(5, dtype=torch.long, device=device), 2)
+
+
+@pytest.mark.parametrize("labels,message", [
+    (torch.tensor([0, 1, 5]), r"labels must lie in \[0, 3\).*found 5"),
+    (torch.tensor([0, -1, 2]), r"labels must lie in \[0, 3\).*found -1"),
+    (torch.tensor([0.0, 1.0, 2.0]), "labels must be an integer tensor"),
+    (torch.tensor([0, 1]), "one entry per row"),
+    (torch.tensor([[0, 1, 2]]), "one entry per row"),
+])
+def test_bad_labels(device, labels, message):
+    with pytest.raises(RuntimeError, match=message):
+        alphanet_ext.class_means(torch.ones(3, 2, device=device), labels.to(device), 3)
+
+
+def test_bad_features_and_arguments():
+    with pytest.raises(RuntimeError, match="x must be 2-D"):
+        alphanet_ext.class_means(torch.ones(3), torch.zeros(3, dtype=torch.long), 2)
+    with pytest.raises(RuntimeError, match="x must be float16, bfloat16, float32 or float64"):
+        alphanet_ext.class_means(torch.ones(3, 2, dtype=torch.long), torch.zeros(3, dtype=torch.long), 2)
+    with pytest.raises(RuntimeError, match="num_classes must be at least 1"):
+        alphanet_ext.class_means(torch.ones(3, 2), torch.zeros(3, dtype=torch.long), 0)
+    with pytest.raises(RuntimeError, match="x is on cpu but labels is on meta"):
+        alphanet_ext.class_means(torch.ones(3, 2), torch.zeros(3, dtype=torch.long, device="meta"), 2)
+    with pytest.raises(RuntimeError, match="sums must be"):
+        alphanet_ext.ClassMeanAccumulator(3, 5).add(torch.ones(2, 4), torch.zeros(2, dtype=torch.long))

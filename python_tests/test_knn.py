@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+import alphanet_ext
+from alphanet_ext import reference
+from conftest import FLOAT_DTYPES, rand
+
+SHAPES = [  # queries, keys, dims, k
+    (0, 5, 3, 2), (1, 1, 1, 1), (1, 10, 4, 10), (7, 3, 2, 3), (33, 97, 1, 5), (100, 300, 64, 5),
+    (600, 4100, 3, 7),   # crosses the CPU tiles (512 queries, 4096 keys)
+    (20, 150, 16, 70),   # more candidates than the fused selection keeps: the library top-k path
+]
+
+
+def check_against_reference(queries, keys, k, metric, distances, indices, dtype):
+    expected_distances, expected_indices = reference.knn(queries.cpu(), keys.cpu(), k, metric)
+    assert distances.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert indices.dtype == torch.long and indices.shape == (queries.shape[0], k)
+    # Exact recheck: the distances are the float64 distances, rounded once.
+    torch.testing.assert_close(distances.cpu().double(), expected_distances, rtol=1e-6, atol=1e-6)
+    assert torch.equal(indices.cpu(), expected_indices)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("queries_n,keys_n,dims,k", SHAPES)
+def test_matches_reference(device, generator, metric, queries_n, keys_n, dims, k):
+    queries = rand(queries_n, dims, device=device, generator=generator)
+    keys = rand(keys_n, dims, device=device, generator=generator)
+    if dims == 1 and metric == "cosine":
+        pytest.skip("every 1-d cosine distance is 0 or 2: dozens of exact ties (see knn's docstring)")
+    distances, indices = alphanet_ext.knn(queries, keys, k, metric)
+    check_against_reference(queries, keys, k, metric, distances, indices, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_dtypes(device, generator, dtype):
+    queries = rand(40, 24, dtype=dtype, device=device, generator=generator)
+    keys = rand(90, 24, dtype=dtype, device=device, generator=generator)
+    distances, indices = alphanet_ext.knn(queries, keys, 6)
+    check_against_reference(queries, keys, 6, "euclidean", distances, indices, dtype)
+
+
+def test_ties_go_to_the_lower_index(device):
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]], device=device)
+    distances, indices = alphanet_ext.knn(torch.zeros(1, 2, device=device), keys, 5)
+    assert indices.tolist() == [[0, 1, 2, 3, 4]]
+    assert torch.allclose(distances.cpu(), torch.ones(1, 5))
+    _, indices = alphanet_ext.knn(torch.tensor([[2.0, 0.0]], device=device), keys, 3)
+    assert indices.tolist() == [[0, 2, 1]]
+
+
+def test_non_contiguous(device, generator):
+    queries = rand(30, 50, device=device, generator=generator)[:, ::2]
+    keys = rand(25, 80, device=device, generator=generator).T
+    assert not queries.is_contiguous() and not keys.is_contiguous()
+    distances, indices = alphanet_ext.knn(queries, keys, 4)
+    check_against_reference(queries, keys, 4, "euclidean", distances, indices, torch.float32)
+
+
+def test_deterministic(device, generator):
+    queries = rand(200, 32, device=device, generator=generator)
+    keys = rand(500, 32, device=device, generator=generator)
+    first = alphanet_ext.knn(queries, keys, 5)
+    second = alphanet_ext.knn(queries, keys, 5)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+@pytest.mark.parametrize("queries,keys,k,metric,message", [
+    (torch.ones(2, 3), torch.ones(4, 3), 5, "euclidean", r"k \(5\) is larger than the number of keys \(4\)"),
+    (torch.ones(2, 3), torch.ones(4, 3), 0, "euclidean", "k must be at least 1"),
+    (torch.ones(2, 3), torch.ones(4, 2), 1, "euclidean", "queries have 3 features but keys have 2"),
+    (torch.ones(2, 3), torch.ones(4, 3, dtype=torch.float64), 1, "euclidean", "queries are Float but keys are Double"),
+    (torch.ones(2, 3), torch.ones(4, 3), 1, "manhattan", "metric must be 'euclidean' or 'cosine'"),
+    (torch.tensor([[0.0, float("nan")]]), torch.ones(4, 2), 1, "euclidean", "queries contains NaN or inf"),
+    (torch.ones(1, 2), torch.tensor([[0.0, float("inf")]]), 1, "euclidean", "keys contains NaN or inf"),
+    (torch.ones(3), torch.ones(4, 3), 1, "euclidean", "queries must be 2-D"),
+    (torch.ones(2, 3, dtype=torch.int32), torch.ones(4, 3, dtype=torch.int32), 1, "euclidean", "must be float16"),
+    (torch.ones(2, 3), torch.ones(4, 3, device="meta"), 1, "euclidean", "queries is on cpu but keys is on meta"),
+])
+def test_bad_input(queries, keys, k, metric, message):
+    with pytest.raises(RuntimeError, match=message):
+        alphanet_ext.knn(queries, keys, k, metric)
