@@ -3,6 +3,7 @@
 // GPU runs; only launch configuration and memory movement differ per backend.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -82,6 +83,44 @@ ALPHANET_HD A segment_sum(const T* x, int64_t row_stride, const int64_t* rows, i
   A sum = A(0);
   for (int64_t r = begin; r < end; ++r) sum += static_cast<A>(x[rows[r] * row_stride + col]);
   return sum;
+}
+
+// Float64 terms of an exact distance between two rows, over columns
+// begin, begin + step, ... < end (a GPU lane takes a strided share).
+ALPHANET_HD double to_double(double v) { return v; }
+ALPHANET_HD double to_double(float v) { return v; }
+template <typename T>  // c10::Half, c10::BFloat16: through float
+ALPHANET_HD double to_double(T v) { return static_cast<float>(v); }
+
+struct DistanceTerms {
+  double squared_difference = 0, dot = 0, a_squared = 0, b_squared = 0;
+};
+
+template <typename T>
+ALPHANET_HD void add_distance_terms(const T* a, const T* b, int64_t begin, int64_t end, int64_t step, bool cosine,
+                                    DistanceTerms& terms) {
+  if (cosine) {
+    for (int64_t j = begin; j < end; j += step) {
+      const double x = to_double(a[j]);
+      const double y = to_double(b[j]);
+      terms.dot += x * y;
+      terms.a_squared += x * x;
+      terms.b_squared += y * y;
+    }
+  } else {
+    for (int64_t j = begin; j < end; j += step) {
+      const double diff = to_double(a[j]) - to_double(b[j]);
+      terms.squared_difference += diff * diff;
+    }
+  }
+}
+
+// Euclidean ||a - b|| or cosine 1 - cos(a, b) (norms clamped at 1e-12).
+ALPHANET_HD double finish_distance(const DistanceTerms& terms, bool cosine) {
+  if (!cosine) return sqrt(terms.squared_difference);
+  const double eps = 1e-12;
+  const double a_norm = sqrt(terms.a_squared), b_norm = sqrt(terms.b_squared);
+  return 1.0 - terms.dot / ((a_norm > eps ? a_norm : eps) * (b_norm > eps ? b_norm : eps));
 }
 
 }  // namespace alphanet

@@ -60,6 +60,18 @@ struct SelectParams {
 };
 constexpr int kMaxCandidates = 64;
 
+// knn: exact float64 distance from every query to each of its candidate keys.
+struct RecheckParams {
+  DType dtype;                 // of queries and keys (unit column stride)
+  const void* queries;
+  const void* keys;
+  int64_t query_stride, key_stride, dims;
+  const int64_t* indices;      // [num_queries, candidates]
+  int64_t num_queries, candidates;
+  bool cosine;
+  double* distances;           // [num_queries, candidates]
+};
+
 // out(c, j) = source(t_c, j) + sum_i alphas[c, i] / ||alphas[c]||_1 * source(n_ci, j)
 // where source(line, j) = source[line * line_stride + j * elem_stride].
 struct CombineParams {
@@ -89,6 +101,7 @@ struct CombineBackwardParams {
 namespace cpu {
 void class_sums(const ClassSumsParams& p);
 void knn_select(const SelectParams& p);
+void knn_recheck(const RecheckParams& p);
 void alpha_combine(const CombineParams& p);
 void alpha_combine_backward(const CombineBackwardParams& p);
 }  // namespace cpu
@@ -96,6 +109,7 @@ void alpha_combine_backward(const CombineBackwardParams& p);
 namespace cuda {
 void class_sums(const ClassSumsParams& p);
 void knn_select(const SelectParams& p);
+void knn_recheck(const RecheckParams& p);
 void alpha_combine(const CombineParams& p);
 void alpha_combine_backward(const CombineBackwardParams& p);
 }  // namespace cuda

@@ -22,30 +22,26 @@ Tiles tile_sizes(const at::Tensor& t) {
   return {512, 4096};
 }
 
-// Exact float64 distances from each query to its candidate keys, computed a
-// chunk of queries at a time so the gathered keys stay small.
+// Exact float64 distances from each query to its candidate keys.
 at::Tensor exact_distances(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& indices,
                            bool cosine) {
-  const int64_t dims = queries.size(1), candidates = indices.size(1);
-  const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 24) / std::max<int64_t>(1, candidates * dims));
-  at::Tensor out = at::empty(indices.sizes(), indices.options().dtype(at::kDouble));
-  for (int64_t begin = 0; begin < queries.size(0); begin += chunk) {
-    const int64_t len = std::min(chunk, queries.size(0) - begin);
-    const at::Tensor q = queries.narrow(0, begin, len).to(at::kDouble).unsqueeze(1);
-    const at::Tensor k =
-        keys.index_select(0, indices.narrow(0, begin, len).reshape(-1)).to(at::kDouble).view({len, candidates, dims});
-    at::Tensor d;
-    if (cosine) {
-      const double eps = 1e-12;
-      const at::Tensor q_unit = q / at::linalg_vector_norm(q, 2, {-1}, true).clamp_min(eps);
-      const at::Tensor k_unit = k / at::linalg_vector_norm(k, 2, {-1}, true).clamp_min(eps);
-      d = 1.0 - (q_unit * k_unit).sum(-1);
-    } else {
-      d = (k - q).pow(2).sum(-1).sqrt();
-    }
-    out.narrow(0, begin, len).copy_(d);
-  }
-  return out;
+  const at::Tensor q = queries.stride(1) == 1 ? queries : queries.contiguous();
+  const at::Tensor k = keys.stride(1) == 1 ? keys : keys.contiguous();
+  at::Tensor distances = at::empty(indices.sizes(), indices.options().dtype(at::kDouble));
+  RecheckParams params{};
+  params.dtype = kernel_dtype(q.scalar_type());
+  params.queries = q.data_ptr();
+  params.keys = k.data_ptr();
+  params.query_stride = q.stride(0);
+  params.key_stride = k.stride(0);
+  params.dims = q.size(1);
+  params.indices = indices.data_ptr<int64_t>();
+  params.num_queries = indices.size(0);
+  params.candidates = indices.size(1);
+  params.cosine = cosine;
+  params.distances = distances.data_ptr<double>();
+  run_kernel(queries, &cpu::knn_recheck, ALPHANET_CUDA_KERNEL(knn_recheck), params);
+  return distances;
 }
 
 std::tuple<at::Tensor, at::Tensor> knn(const at::Tensor& queries, const at::Tensor& keys, int64_t k,

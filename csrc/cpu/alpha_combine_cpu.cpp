@@ -83,8 +83,15 @@ void backward(const CombineBackwardParams& b) {
       for (int64_t c = c_begin; c < c_end; ++c) {
         for (int64_t i = 0; i < p.k; ++i) {
           const T* src = source + p.neighbors[c * p.k + i] * p.line_stride;
+          const T* grad_row = grad_out + c * p.out_line_stride;
           A dot = A(0);
-          for (int64_t j = 0; j < p.elems; ++j) dot += grad_at(c, j) * static_cast<A>(src[j * p.elem_stride]);
+          if (p.elem_stride == 1 && p.out_elem_stride == 1) {  // rows: unit strides, vectorisable
+            for (int64_t j = 0; j < p.elems; ++j) dot += static_cast<A>(grad_row[j]) * static_cast<A>(src[j]);
+          } else {
+            for (int64_t j = 0; j < p.elems; ++j) {
+              dot += static_cast<A>(grad_row[j * p.out_elem_stride]) * static_cast<A>(src[j * p.elem_stride]);
+            }
+          }
           grad_normalized[i] = dot;
         }
         const A norm = l1_norm<A>(alphas + c * p.k, 1, p.k);

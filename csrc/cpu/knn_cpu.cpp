@@ -26,4 +26,22 @@ void knn_select(const SelectParams& p) {
   });
 }
 
+void knn_recheck(const RecheckParams& p) {
+  dispatch_input_types(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* queries = static_cast<const T*>(p.queries);
+    const T* keys = static_cast<const T*>(p.keys);
+    at::parallel_for(0, p.num_queries, 4, [&](int64_t query_begin, int64_t query_end) {
+      for (int64_t q = query_begin; q < query_end; ++q) {
+        for (int64_t c = 0; c < p.candidates; ++c) {
+          DistanceTerms terms;
+          add_distance_terms(queries + q * p.query_stride, keys + p.indices[q * p.candidates + c] * p.key_stride, 0,
+                             p.dims, 1, p.cosine, terms);
+          p.distances[q * p.candidates + c] = finish_distance(terms, p.cosine);
+        }
+      }
+    });
+  });
+}
+
 }  // namespace alphanet::cpu

@@ -63,7 +63,40 @@ void launch_select(const SelectParams& p) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// One warp per (query, candidate): lanes take strided columns, then a
+// fixed butterfly reduction (deterministic) of the float64 terms.
+template <typename T>
+__global__ void recheck_kernel(RecheckParams p) {
+  const int64_t pair = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (pair >= p.num_queries * p.candidates) return;
+  const int64_t q = pair / p.candidates;
+  const T* query = static_cast<const T*>(p.queries) + q * p.query_stride;
+  const T* key = static_cast<const T*>(p.keys) + p.indices[pair] * p.key_stride;
+  DistanceTerms terms;
+  add_distance_terms(query, key, lane, p.dims, kWarp, p.cosine, terms);
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    terms.squared_difference += __shfl_xor_sync(0xffffffffu, terms.squared_difference, offset);
+    terms.dot += __shfl_xor_sync(0xffffffffu, terms.dot, offset);
+    terms.a_squared += __shfl_xor_sync(0xffffffffu, terms.a_squared, offset);
+    terms.b_squared += __shfl_xor_sync(0xffffffffu, terms.b_squared, offset);
+  }
+  if (lane == 0) p.distances[pair] = finish_distance(terms, p.cosine);
+}
+
 }  // namespace
+
+void knn_recheck(const RecheckParams& p) {
+  const int64_t pairs = p.num_queries * p.candidates;
+  if (pairs == 0) return;
+  dispatch_input_types(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const int64_t threads = pairs * kWarp;
+    recheck_kernel<T><<<static_cast<unsigned int>((threads + kThreads - 1) / kThreads), kThreads, 0,
+                        current_stream()>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
 
 void knn_select(const SelectParams& p) {
   if (p.tile_rows == 0 || p.tile_cols == 0) return;

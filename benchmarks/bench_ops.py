@@ -1,0 +1,125 @@
+"""Each op against its torch-native equivalent, same process, three sizes.
+
+    python benchmarks/bench_ops.py [--threads N] [--device cpu|cuda] [--sizes small,medium,large]
+
+Peers: class means -> index_add_ + bincount; kNN -> cdist + topk and mm
+expansion + topk (the faster of the two is the ratio's denominator);
+alpha combine -> index_select + einsum (rows of W) and advanced indexing +
+einsum (columns of a logits matrix).
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import alphanet_ext
+from common import compare, machine, mib, peak_extra_memory, setup_threads
+
+SIZES = {
+    # class means: rows, dims, classes | knn: queries, keys, dims, k | combine: lines, dims, few, k, logit rows
+    "small": dict(means=(20_000, 64, 100), knn=(30, 70, 64, 5), combine=(100, 64, 30, 5, 10_000)),
+    "medium": dict(means=(115_846, 2048, 1000), knn=(136, 864, 2048, 5), combine=(1000, 2048, 136, 5, 20_000)),
+    "large": dict(means=(353_237, 2048, 8142), knn=(4515, 3627, 2048, 5), combine=(8142, 2048, 4515, 5, 24_426)),
+}
+
+
+def peer_class_means(x, labels, classes):
+    sums = torch.zeros(classes, x.shape[1], dtype=torch.float32, device=x.device)
+    sums.index_add_(0, labels, x if x.dtype == torch.float32 else x.float())
+    counts = torch.bincount(labels, minlength=classes)
+    return sums / counts.clamp_min(1).unsqueeze(1), counts
+
+
+def peer_knn_cdist(queries, keys, k):
+    return torch.cdist(queries, keys).topk(k, dim=1, largest=False)
+
+
+def peer_knn_mm(queries, keys, k):
+    squared = (queries * queries).sum(1, keepdim=True) - 2 * queries @ keys.T + (keys * keys).sum(1)
+    values, indices = squared.topk(k, dim=1, largest=False)
+    return values.clamp_min(0).sqrt(), indices
+
+
+def peer_combine_rows(source, targets, neighbors, alphas):
+    weights = alphas / alphas.abs().sum(1, keepdim=True)
+    gathered = source.index_select(0, neighbors.reshape(-1)).view(*neighbors.shape, source.shape[1])
+    return source.index_select(0, targets) + torch.einsum("ck,ckd->cd", weights, gathered)
+
+
+def peer_combine_columns(logits, targets, neighbors, alphas):
+    weights = alphas / alphas.abs().sum(1, keepdim=True)
+    return logits[:, targets] + torch.einsum("ck,nck->nc", weights, logits[:, neighbors])
+
+
+def row(name, size, ours, peer, device, repeats, peer_name):
+    t_ours, t_peer = compare(ours, peer, device, repeats)
+    mem_ours, mem_peer = peak_extra_memory(ours, device), peak_extra_memory(peer, device)
+    print(f"| {name} | {size} | {t_ours * 1e3:.1f} | {peer_name} {t_peer * 1e3:.1f} | {t_peer / t_ours:.2f}x "
+          f"| {mib(mem_ours)} | {mib(mem_peer)} |", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sizes", default="small,medium,large")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--ops", default="class_means,knn,alpha_combine")
+    args = parser.parse_args()
+    threads = setup_threads(args.threads)
+    device = args.device
+    print(f"machine: {machine()}; device {device}; torch {torch.__version__}; threads {threads}")
+    print("| op | size | ours ms | peer ms | speed-up | our peak extra mem | peer peak extra mem |")
+    print("|---|---|---|---|---|---|---|")
+    generator = torch.Generator().manual_seed(0)
+    ops = args.ops.split(",")
+    for size_name in args.sizes.split(","):
+        size = SIZES[size_name]
+        if "class_means" in ops:
+            rows, dims, classes = size["means"]
+            x = torch.randn(rows, dims, generator=generator).to(device)
+            labels = torch.randint(0, classes, (rows,), generator=generator).to(device)
+            row("class_means fp32", f"{rows}x{dims}, C={classes}", lambda: alphanet_ext.class_means(x, labels, classes),
+                lambda: peer_class_means(x, labels, classes), device, args.repeats, "index_add_")
+            half = x.to(torch.bfloat16)
+            row("class_means bf16", f"{rows}x{dims}, C={classes}", lambda: alphanet_ext.class_means(half, labels, classes),
+                lambda: peer_class_means(half, labels, classes), device, args.repeats, "index_add_")
+            del x, half
+        if "knn" in ops:
+            q, m, dims, k = size["knn"]
+            queries = torch.randn(q, dims, generator=generator).to(device)
+            keys = torch.randn(m, dims, generator=generator).to(device)
+            t_cdist = compare(lambda: peer_knn_cdist(queries, keys, k), lambda: peer_knn_mm(queries, keys, k), device,
+                              args.repeats)
+            best_peer = (lambda: peer_knn_cdist(queries, keys, k)) if t_cdist[0] <= t_cdist[1] else \
+                (lambda: peer_knn_mm(queries, keys, k))
+            row("knn euclidean", f"{q}x{m}x{dims}, k={k}", lambda: alphanet_ext.knn(queries, keys, k), best_peer,
+                device, args.repeats, "cdist+topk" if t_cdist[0] <= t_cdist[1] else "mm+topk")
+        if "alpha_combine" in ops:
+            lines, dims, few, k, logit_rows = size["combine"]
+            source = torch.randn(lines, dims, generator=generator).to(device)
+            targets = torch.randint(0, lines, (few,), generator=generator).to(device)
+            neighbors = torch.randint(0, lines, (few, k), generator=generator).to(device)
+            alphas = torch.randn(few, k, generator=generator).to(device)
+            row("alpha_combine rows", f"W {lines}x{dims}, n={few}, k={k}",
+                lambda: torch.ops.alphanet.alpha_combine(source, targets, neighbors, alphas, 0),
+                lambda: peer_combine_rows(source, targets, neighbors, alphas), device, args.repeats, "index_select+einsum")
+            logits = torch.randn(logit_rows, lines, generator=generator).to(device)
+            row("alpha_combine columns", f"L {logit_rows}x{lines}, n={few}, k={k}",
+                lambda: torch.ops.alphanet.alpha_combine(logits, targets, neighbors, alphas, 1),
+                lambda: peer_combine_columns(logits, targets, neighbors, alphas), device, args.repeats, "indexing+einsum")
+            alphas_grad = alphas.clone().requires_grad_()
+            grad_rows = torch.randn(few, dims, generator=generator).to(device)
+            def ours_backward():
+                return torch.autograd.grad(torch.ops.alphanet.alpha_combine(source, targets, neighbors, alphas_grad, 0),
+                                           alphas_grad, grad_rows)
+            def peer_backward():
+                return torch.autograd.grad(peer_combine_rows(source, targets, neighbors, alphas_grad), alphas_grad,
+                                           grad_rows)
+            row("alpha_combine rows fwd+bwd", f"W {lines}x{dims}, n={few}, k={k}", ours_backward, peer_backward,
+                device, args.repeats, "autograd of peer")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Timing and memory helpers shared by the benchmarks.
+
+Every benchmark runs our op and its peer in the same process, alternating, and
+reports medians; the thread count is fixed and printed because this kind of
+machine is shared and noisy.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def setup_threads(threads: int | None) -> int:
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def peak_extra_memory(fn: Callable[[], object], device: str) -> int:
+    """Peak memory above the starting point while ``fn`` runs (GPU allocator or process RSS)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        result = fn()
+        torch.cuda.synchronize()
+        del result
+        return torch.cuda.max_memory_allocated() - start
+    if not _reset_peak_rss():
+        return -1
+    start = _rss_bytes()
+    result = fn()
+    peak = _peak_rss_bytes()
+    del result
+    return max(0, peak - start)
+
+
+def compare(ours: Callable[[], object], peer: Callable[[], object], device: str, repeats: int = 5,
+            warmup: int = 1) -> tuple[float, float]:
+    """Median seconds of ``ours`` and ``peer``, run alternately."""
+    for _ in range(warmup):
+        ours(); peer()
+    times_ours, times_peer = [], []
+    for _ in range(repeats):
+        for fn, times in ((ours, times_ours), (peer, times_peer)):
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times_ours), statistics.median(times_peer)
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def mib(n: int) -> str:
+    return "n/a" if n < 0 else f"{n / 2**20:.0f} MiB"
