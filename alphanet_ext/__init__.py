@@ -1,8 +1,11 @@
 """alphanet_ext: fast AlphaNet post-hoc correction of long-tailed classifiers."""
-from .ops import (ClassMeanAccumulator, HAS_EXTENSION, alpha_combine, class_means, compiled_with_cuda,
-                  knn)
-
 __version__ = "0.1.0"
 
-__all__ = ["ClassMeanAccumulator", "HAS_EXTENSION", "alpha_combine", "class_means", "compiled_with_cuda", "knn",
-           "__version__"]
+from .ops import (ClassMeanAccumulator, HAS_EXTENSION, alpha_combine, class_means, compiled_with_cuda,  # noqa: E402
+                  knn)
+from .metrics import evaluate, make_splits  # noqa: E402
+from .fit import FitResult, combine_experts, fit, load  # noqa: E402
+from . import synthetic  # noqa: E402
+
+__all__ = ["ClassMeanAccumulator", "FitResult", "HAS_EXTENSION", "alpha_combine", "class_means", "combine_experts",
+           "compiled_with_cuda", "evaluate", "fit", "knn", "load", "make_splits", "synthetic", "__version__"]

@@ -1,0 +1,106 @@
+"""Turning user inputs (torch, numpy incl. memory-mapped, cupy) into tensors,
+and the checks every entry point applies to them."""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+ArrayLike = Any  # torch.Tensor | numpy.ndarray | numpy.memmap | cupy.ndarray
+
+CHUNK_ROWS = 65536
+
+
+def as_tensor(array: ArrayLike, name: str, device: torch.device | None = None) -> Tensor:
+    """A tensor view of ``array`` (no copy for torch, numpy and cupy via DLPack), on ``device`` if given."""
+    if isinstance(array, Tensor):
+        tensor = array
+    elif isinstance(array, np.ndarray):
+        tensor = torch.from_numpy(np.asarray(array)) if array.flags.writeable else torch.from_numpy(np.array(array))
+    elif hasattr(array, "__dlpack__"):
+        tensor = torch.from_dlpack(array)
+    else:
+        try:
+            tensor = torch.as_tensor(array)
+        except Exception as error:  # noqa: BLE001
+            raise TypeError(f"{name}: expected a torch tensor, numpy array or cupy array, got {type(array).__name__}") from error
+    return tensor if device is None else tensor.to(device)
+
+
+def num_rows(array: ArrayLike) -> int:
+    return int(array.shape[0])
+
+
+def iter_row_chunks(array: ArrayLike, name: str, device: torch.device,
+                    chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple[int, Tensor]]:
+    """Yields ``(first_row, rows)`` chunks as tensors on ``device``; memory-mapped arrays are read chunk by chunk."""
+    for begin in range(0, num_rows(array), chunk_rows):
+        yield begin, as_tensor(array[begin:begin + chunk_rows], name, device)
+
+
+def gather_rows(array: ArrayLike, rows: Tensor, name: str, device: torch.device) -> Tensor:
+    """``array[rows]`` on ``device``, reading a memory-mapped array in ascending row order."""
+    if isinstance(array, Tensor):
+        return array[rows.to(array.device)].to(device)
+    if isinstance(array, np.ndarray):
+        rows_np = rows.cpu().numpy()
+        order = np.argsort(rows_np, kind="stable")
+        gathered = np.empty((len(rows_np),) + tuple(array.shape[1:]), dtype=array.dtype)
+        gathered[order] = array[rows_np[order]]
+        return torch.from_numpy(gathered).to(device)
+    return as_tensor(array, name)[rows.to(as_tensor(array, name).device)].to(device)
+
+
+def check_features(x: ArrayLike, name: str, dim: int | None = None) -> None:
+    if len(x.shape) != 2:
+        raise ValueError(f"{name} must be a 2-D array [samples, features], got shape {tuple(x.shape)}")
+    if dim is not None and x.shape[1] != dim:
+        raise ValueError(f"{name} has {x.shape[1]} features but the classifier expects {dim}")
+    dtype = as_tensor(x[:0], name).dtype
+    if not dtype.is_floating_point:
+        raise ValueError(f"{name} must hold floating-point features, got {dtype}")
+
+
+def check_labels(y: ArrayLike, name: str, rows: int, num_classes: int, device: torch.device) -> Tensor:
+    labels = as_tensor(y, name)
+    if labels.dim() != 1 or labels.shape[0] != rows:
+        raise ValueError(f"{name} must be 1-D with one label per sample ({rows}), got shape {tuple(labels.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+        raise ValueError(f"{name} must hold integer class ids, got {labels.dtype}")
+    labels = labels.to(device=device, dtype=torch.long)
+    if labels.numel():
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= num_classes:
+            bad = low if low < 0 else high
+            raise ValueError(f"{name} has label {bad} outside the classifier's {num_classes} classes [0, {num_classes})")
+    return labels
+
+
+def check_classifier(weight: ArrayLike, bias: ArrayLike | None, device: torch.device) -> tuple[Tensor, Tensor]:
+    w = as_tensor(weight, "weight")
+    if w.dim() != 2 or not w.dtype.is_floating_point:
+        raise ValueError(f"weight must be a floating-point [classes, features] matrix, got {w.dtype} {tuple(w.shape)}")
+    if bias is None:
+        b = torch.zeros(w.shape[0], dtype=w.dtype)
+    else:
+        b = as_tensor(bias, "bias")
+        if b.shape != (w.shape[0],):
+            raise ValueError(f"bias must have shape [{w.shape[0]}] to match weight, got {tuple(b.shape)}")
+    w = w.to(device=device, dtype=torch.float32)
+    b = b.to(device=device, dtype=torch.float32)
+    if not bool(torch.isfinite(w).all()) or not bool(torch.isfinite(b).all()):
+        raise ValueError("the classifier (weight or bias) contains NaN or inf")
+    return w, b
+
+
+def logits(x: ArrayLike, weight: Tensor, name: str, device: torch.device) -> Tensor:
+    """``x @ weight.T`` (no bias) in float32, computed chunk by chunk; checks ``x`` is finite."""
+    out = torch.empty(num_rows(x), weight.shape[0], dtype=torch.float32, device=device)
+    for begin, chunk in iter_row_chunks(x, name, device, chunk_rows=16384):
+        chunk = chunk.float()
+        if not bool(torch.isfinite(chunk).all()):
+            raise ValueError(f"{name} contains NaN or inf (in rows {begin}..{begin + chunk.shape[0] - 1})")
+        torch.mm(chunk, weight.T, out=out[begin:begin + chunk.shape[0]])
+    return out

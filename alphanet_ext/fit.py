@@ -1,0 +1,426 @@
+"""AlphaNet post-hoc correction, trained in logit space.
+
+Scores are linear in the corrected classifier, so for a sample with base
+logits ``L = x W^T`` a few class ``c`` scores
+``L[c] + sum_i a_ci / ||a_c||_1 * L[n_ci] + b_c``: training and validation only
+gather and combine columns of ``L`` (``alpha_combine(..., dim=1)``) and never
+build the corrected matrix, which is materialised once at the end.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import __version__, ops
+from .data import (ArrayLike, as_tensor, check_classifier, check_features, check_labels, gather_rows, iter_row_chunks,
+                   logits)
+from .metrics import SPLIT_NAMES, accuracy_by_split, make_splits
+
+__all__ = ["fit", "FitResult", "load", "combine_experts"]
+
+METRICS = ("euclidean", "cosine", "random")
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns. Tensors are on the CPU."""
+
+    weight: Tensor                  # [C, d] corrected classifier; base rows bit-identical to the input
+    bias: Tensor                    # [C]
+    splits: dict[str, Tensor]       # class ids of many / medium / few
+    neighbors: Tensor               # [C_few, k] neighbour class ids of each few class (order of splits["few"])
+    alphas: Tensor                  # [C_few, k] L1-normalised coefficients of the chosen trial
+    history: list[dict]             # per epoch: loss and val top-1 per split, per trial
+    best_epochs: list[int]          # chosen epoch of every trial (1-based)
+    best_trial: int
+    trial_val_top1: list[dict]      # val top-1 per split of every trial at its chosen epoch (empty without val)
+    config: dict
+    timings: dict[str, float]
+    mlp_state: dict[str, Tensor] = field(default_factory=dict)
+    version: str = __version__
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Mean and standard deviation over trials of the val top-1 per split."""
+        out = {}
+        for name in SPLIT_NAMES + ("overall",):
+            values = torch.tensor([trial[name] for trial in self.trial_val_top1], dtype=torch.float64)
+            if values.numel():
+                out[name] = {"mean": float(values.mean()),
+                             "std": float(values.std(unbiased=False)) if values.numel() > 1 else 0.0}
+        return out
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the result atomically (a temporary file renamed into place)."""
+        save_atomic(asdict(self), path)
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(obj, stream)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def load(path: str | os.PathLike) -> FitResult:
+    """Reads a result written by :meth:`FitResult.save`."""
+    data = torch.load(path, map_location="cpu", weights_only=False)
+    return FitResult(**data)
+
+
+def combine_experts(weights: Sequence[ArrayLike], biases: Sequence[ArrayLike] | None = None) -> tuple[Tensor, Tensor]:
+    """One linear classifier ``[C, E*d]`` equivalent to averaging E expert classifiers.
+
+    Expert ``e`` scores ``x_e W_e^T + b_e``; the average over experts equals
+    ``[x_1 .. x_E] [W_1 .. W_E]^T / E + mean(b)``, so concatenate the experts'
+    features along the feature axis (``torch.cat(features, dim=1)``) and use the
+    returned ``(weight, bias)``.
+    """
+    ws = [as_tensor(w, f"weights[{i}]").float() for i, w in enumerate(weights)]
+    if not ws or any(w.dim() != 2 or w.shape[0] != ws[0].shape[0] for w in ws):
+        raise ValueError("combine_experts: need one or more [C, d_e] matrices with the same number of classes")
+    experts = len(ws)
+    weight = torch.cat(ws, dim=1) / experts
+    if biases is None:
+        return weight, torch.zeros(weight.shape[0])
+    bs = [as_tensor(b, f"biases[{i}]").float() for i, b in enumerate(biases)]
+    if len(bs) != experts or any(b.shape != (weight.shape[0],) for b in bs):
+        raise ValueError("combine_experts: need one bias [C] per expert")
+    return weight, torch.stack(bs).mean(dim=0)
+
+
+class _CoefficientNets:
+    """``trials`` independent MLPs ``[w_c, v_1..v_k] -> alpha [k]`` as stacked parameters.
+
+    AdamW and weight decay act elementwise, so one optimiser over the stacked
+    tensors trains every trial exactly as if it had its own.
+    """
+
+    def __init__(self, sizes: Sequence[int], generators: Sequence[torch.Generator], device: torch.device):
+        self.weights: list[Tensor] = []
+        self.biases: list[Tensor] = []
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+            bound = 1.0 / math.sqrt(fan_in)  # torch.nn.Linear's default initialisation
+            w = torch.stack([(torch.rand(fan_out, fan_in, generator=g) * 2 - 1) * bound for g in generators])
+            b = torch.stack([(torch.rand(fan_out, generator=g) * 2 - 1) * bound for g in generators])
+            self.weights.append(w.to(device).requires_grad_())
+            self.biases.append(b.to(device).requires_grad_())
+
+    def parameters(self) -> list[Tensor]:
+        return self.weights + self.biases
+
+    def __call__(self, inputs: Tensor) -> Tensor:
+        """``inputs [C_f, (k+1)d]`` (shared by all trials) -> ``alphas [T, C_f, k]``."""
+        trials, hidden, fan_in = self.weights[0].shape
+        # First layer of every trial in one matmul against the shared input.
+        h = (inputs @ self.weights[0].reshape(trials * hidden, fan_in).T).view(-1, trials, hidden).transpose(0, 1)
+        h = h + self.biases[0][:, None, :]
+        for w, b in zip(self.weights[1:], self.biases[1:]):
+            h = torch.baddbmm(b[:, None, :], F.leaky_relu(h, 0.01), w.transpose(1, 2))
+        return h
+
+    def state(self, trial: int) -> dict[str, Tensor]:
+        out = {}
+        for layer, (w, b) in enumerate(zip(self.weights, self.biases)):
+            out[f"{layer}.weight"] = w[trial].detach().cpu().clone()
+            out[f"{layer}.bias"] = b[trial].detach().cpu().clone()
+        return out
+
+
+def _pick_device(device: torch.device | str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _progress(iterable, enabled: bool, **kwargs):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, **kwargs)
+
+
+def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLike | None = None,
+        val_x: ArrayLike | None = None, val_y: ArrayLike | None = None, *,
+        k: int = 5, rho: float = 1.0, metric: str = "euclidean",
+        epochs: int | None = None, min_epochs: int = 5, batch_size: int = 64, lr: float = 1e-3,
+        weight_decay: float = 0.01, lr_step: int = 10, lr_gamma: float = 0.1,
+        hidden: Sequence[int] = (32, 32, 32), few_threshold: int = 20, many_threshold: int = 100,
+        pred_scale: float = 1.0, trials: int = 1, seed: int = 0,
+        device: torch.device | str | None = None, progress: bool = True) -> FitResult:
+    """Corrects the few-split rows of a linear classifier with AlphaNet.
+
+    Args:
+        train_x, train_y: training features ``[N, d]`` and labels ``[N]`` (torch,
+            numpy — memory-mapped arrays are read in chunks — or cupy arrays).
+        weight, bias: the trained classifier ``[C, d]`` and ``[C]`` (bias may be None).
+        val_x, val_y: optional validation set; selects the epoch (best overall
+            top-1 among epochs ``>= min_epochs``) and the best trial.
+        k: neighbours per few class. rho: base samples drawn per few sample each epoch.
+        metric: ``"euclidean"``, ``"cosine"`` or ``"random"`` (random base
+            classes: the method's control).
+        epochs: default 25 with a val set, 10 without (then the last epoch is kept).
+        hidden: widths of the coefficient network's hidden layers.
+        few_threshold, many_threshold: split limits on per-class train counts.
+        pred_scale: multiplies every score (softmax temperature 1/pred_scale).
+        trials: independently seeded models trained together in one pass.
+        seed: trial ``t`` uses seed ``seed + t``; results are deterministic per device.
+        device: defaults to CUDA when available.
+        progress: show progress bars (tqdm) when on a terminal.
+
+    Returns:
+        A :class:`FitResult` with the corrected classifier of the best trial.
+    """
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    device = _pick_device(device)
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    if rho < 0 or not math.isfinite(rho):
+        raise ValueError(f"rho must be a finite number >= 0, got {rho}")
+    if trials < 1 or batch_size < 1:
+        raise ValueError(f"trials and batch_size must be at least 1, got {trials}, {batch_size}")
+    if (val_x is None) != (val_y is None):
+        raise ValueError("give both val_x and val_y, or neither")
+    has_val = val_x is not None
+    epochs = (25 if has_val else 10) if epochs is None else epochs
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    progress = progress and os.isatty(2)
+
+    w, b = check_classifier(weight, bias, device)
+    num_classes, dim = w.shape
+    check_features(train_x, "train_x", dim)
+    labels = check_labels(train_y, "train_y", train_x.shape[0], num_classes, device)
+    if has_val:
+        check_features(val_x, "val_x", dim)
+        val_labels = check_labels(val_y, "val_y", val_x.shape[0], num_classes, device)
+
+    # Splits and class means (streamed, so memory-mapped features are read once, in chunks).
+    tic = time.perf_counter()
+    accumulator = ops.ClassMeanAccumulator(num_classes, dim, device=device)
+    for begin, chunk in iter_row_chunks(train_x, "train_x", device):
+        try:
+            accumulator.add(chunk, labels[begin:begin + chunk.shape[0]])
+        except RuntimeError as error:
+            if "NaN or inf" in str(error):
+                raise ValueError(f"train_x contains NaN or inf (in rows {begin}..{begin + chunk.shape[0] - 1})") from None
+            raise
+    means, counts = accumulator.means()
+    splits = make_splits(counts, few_threshold, many_threshold)
+    few, base = splits["few"].to(device), torch.cat([splits["many"], splits["medium"]]).sort().values.to(device)
+    empty = torch.nonzero(counts == 0).flatten().tolist()
+    if empty:
+        shown = ", ".join(map(str, empty[:10])) + (" ..." if len(empty) > 10 else "")
+        raise ValueError(f"{len(empty)} class(es) have no training samples ({shown}); AlphaNet needs at least one "
+                         "sample per class for its class mean")
+    if few.numel() == 0:
+        raise ValueError(f"no few-split class (fewer than {few_threshold} training samples): nothing to correct")
+    if k > base.numel():
+        raise ValueError(f"k={k} is larger than the base split ({base.numel()} classes)")
+    timings["class_means"] = time.perf_counter() - tic
+
+    generators = [torch.Generator().manual_seed(seed + t) for t in range(trials)]
+    tic = time.perf_counter()
+    if metric == "random":
+        control = torch.Generator().manual_seed(seed)
+        picks = torch.stack([torch.randperm(base.numel(), generator=control)[:k] for _ in range(few.numel())])
+        neighbors = base[picks.to(device)]
+    else:
+        _, nearest = ops.knn(means[few], means[base], k, metric)
+        neighbors = base[nearest]
+    timings["neighbors"] = time.perf_counter() - tic
+
+    # Fixed inputs of the coefficient network: [w_c, v_1 .. v_k] per few class.
+    net_inputs = torch.cat([w[few], w[neighbors].reshape(few.numel(), k * dim)], dim=1)
+    sizes = [(k + 1) * dim, *hidden, k]
+    nets = _CoefficientNets(sizes, generators, device)
+    few_bias = b[few].repeat(trials, 1).requires_grad_()  # [T, C_f]
+    optimizer = torch.optim.AdamW(nets.parameters() + [few_bias], lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=lr_step, gamma=lr_gamma)
+
+    # Column ids of every trial's few classes and neighbours in a [B, T*C] view of the batch logits.
+    trial_offsets = (torch.arange(trials, device=device) * num_classes)[:, None]
+    trial_targets = (trial_offsets + few[None]).reshape(-1)
+    trial_neighbors = (trial_offsets[:, :, None] + neighbors[None]).reshape(-1, k)
+    few_position = torch.full((num_classes,), -1, dtype=torch.long, device=device)
+    few_position[few] = torch.arange(few.numel(), device=device)
+    is_few_class = few_position >= 0
+
+    # Samples: every few-split sample each epoch (their logits computed once), plus
+    # rho * F base samples drawn with weight 1 / n_class: a uniform base class, then a uniform member.
+    tic = time.perf_counter()
+    few_rows = torch.nonzero(is_few_class[labels]).flatten()
+    few_logits = torch.empty(few_rows.numel(), num_classes, device=device)
+    for begin in range(0, few_rows.numel(), 16384):
+        rows = few_rows[begin:begin + 16384]
+        few_logits[begin:begin + rows.numel()] = gather_rows(train_x, rows, "train_x", device).float() @ w.T
+    base_order = torch.argsort(labels, stable=True)
+    class_offsets = torch.zeros(num_classes + 1, dtype=torch.long, device=device)
+    class_offsets[1:] = counts.to(device).cumsum(0)
+    num_few, num_base = few_rows.numel(), int(round(rho * few_rows.numel()))
+    epoch_size = num_few + num_base
+    timings["few_logits"] = time.perf_counter() - tic
+
+    if has_val:
+        tic = time.perf_counter()
+        val_logits = logits(val_x, w, "val_x", device)
+        val_base_scores = pred_scale * (val_logits + b)
+        val_base_scores[:, few] = -math.inf
+        val_base_best, val_base_class = val_base_scores.max(dim=1)
+        del val_base_scores
+        timings["val_logits"] = time.perf_counter() - tic
+
+    def draw_epoch(generator: torch.Generator) -> Tensor:
+        """Train rows of one epoch, shuffled; few rows encoded as -(position + 1)."""
+        picked_classes = base[torch.randint(base.numel(), (num_base,), generator=generator).to(device)]
+        within = (torch.rand(num_base, generator=generator).to(device) * counts.to(device)[picked_classes]).long()
+        base_rows = base_order[class_offsets[picked_classes] + within]
+        entries = torch.cat([-(torch.arange(num_few, device=device) + 1), base_rows])
+        return entries[torch.randperm(epoch_size, generator=generator).to(device)]
+
+    def chunk_logits(entries: Tensor) -> tuple[Tensor, Tensor]:
+        """Logits without bias ``[S, T, C]`` and train labels ``[S, T]`` of a chunk of epoch entries ``[T, S]``."""
+        flat = entries.T.reshape(-1)  # sample-major: row s*T + t
+        out = torch.empty(flat.numel(), num_classes, device=device)
+        is_few = flat < 0
+        few_at, base_at = torch.nonzero(is_few).flatten(), torch.nonzero(~is_few).flatten()
+        out[few_at] = few_logits[-flat[few_at] - 1]
+        rows = torch.where(is_few, few_rows[(-flat - 1).clamp_min(0)], flat.clamp_min(0))
+        if base_at.numel():
+            out[base_at] = gather_rows(train_x, flat[base_at], "train_x", device).float() @ w.T
+        return out.view(entries.shape[1], trials, num_classes), labels[rows].view(entries.shape[1], trials)
+
+    def val_top1(alphas: Tensor) -> list[dict[str, float]]:
+        """Val top-1 per split for every trial, from the cached logits: O(N_val * T * C_f * k)."""
+        correct = torch.empty(trials, val_logits.shape[0], dtype=torch.bool, device=device)
+        flat_alphas = alphas.reshape(-1, k)
+        for begin in range(0, val_logits.shape[0], 4096):
+            block = val_logits[begin:begin + 4096]
+            few_scores = torch.ops.alphanet.alpha_combine(
+                block, few.repeat(trials), neighbors.repeat(trials, 1), flat_alphas, 1)
+            few_scores = pred_scale * (few_scores.view(-1, trials, few.numel()) + few_bias.detach())
+            few_best, few_index = few_scores.max(dim=2)
+            few_class = few[few_index]
+            base_best, base_class = val_base_best[begin:begin + 4096, None], val_base_class[begin:begin + 4096, None]
+            # argmax over all classes, ties to the lower class id
+            take_few = (few_best > base_best) | ((few_best == base_best) & (few_class < base_class))
+            predicted = torch.where(take_few, few_class, base_class)
+            correct[:, begin:begin + block.shape[0]] = (predicted == val_labels[begin:begin + 4096, None]).T
+        return [accuracy_by_split(correct[t], val_labels, splits, num_classes) for t in range(trials)]
+
+    chunk_samples = max(batch_size, ((1 << 26) // (trials * num_classes)) // batch_size * batch_size)
+    history: list[dict] = []
+    best_score = [-math.inf] * trials
+    best_epochs = [epochs] * trials
+    best_alphas = torch.zeros(trials, few.numel(), k, device=device)
+    best_bias = few_bias.detach().clone()
+    best_states: list[dict[str, Tensor]] = [{} for _ in range(trials)]
+    train_time = val_time = 0.0
+
+    for epoch in _progress(range(1, epochs + 1), progress, desc="alphanet fit", unit="epoch"):
+        tic = time.perf_counter()
+        entries = torch.stack([draw_epoch(g) for g in generators])  # [T, epoch_size]
+        loss_sum = torch.zeros(trials, device=device)
+        for chunk_begin in range(0, epoch_size, chunk_samples):
+            chunk_entries = entries[:, chunk_begin:chunk_begin + chunk_samples]
+            chunk_raw, chunk_labels = chunk_logits(chunk_entries)
+            with torch.no_grad():
+                scores = pred_scale * (chunk_raw + b)
+                target_base_score = scores.gather(2, chunk_labels[..., None]).squeeze(2)
+                scores[..., few] = -math.inf
+                base_lse = torch.logsumexp(scores, dim=2)  # [S, T]
+                del scores
+            target_few = few_position[chunk_labels]  # [S, T], -1 for base targets
+            for begin in range(0, chunk_raw.shape[0], batch_size):
+                raw = chunk_raw[begin:begin + batch_size]
+                rows = raw.shape[0]
+                alphas = nets(net_inputs)  # [T, C_f, k]
+                combined = torch.ops.alphanet.alpha_combine(raw.view(rows, trials * num_classes), trial_targets,
+                                                            trial_neighbors, alphas.reshape(-1, k), 1)
+                few_scores = pred_scale * (combined.view(rows, trials, -1) + few_bias)
+                log_total = torch.logaddexp(base_lse[begin:begin + rows], torch.logsumexp(few_scores, dim=2))
+                batch_few = target_few[begin:begin + rows]
+                target_score = torch.where(
+                    batch_few >= 0, few_scores.gather(2, batch_few.clamp_min(0)[..., None]).squeeze(2),
+                    target_base_score[begin:begin + rows])
+                losses = (log_total - target_score).mean(dim=0)  # [T]
+                optimizer.zero_grad(set_to_none=True)
+                losses.sum().backward()
+                optimizer.step()
+                loss_sum += losses.detach() * rows
+        scheduler.step()
+        train_time += time.perf_counter() - tic
+
+        record: dict[str, Any] = {"epoch": epoch, "loss": (loss_sum / epoch_size).tolist()}
+        with torch.no_grad():
+            alphas = nets(net_inputs)
+            if has_val:
+                tic = time.perf_counter()
+                record["val_top1"] = val_top1(alphas)
+                val_time += time.perf_counter() - tic
+            for t in range(trials):
+                eligible = epoch >= min(min_epochs, epochs)
+                score = record["val_top1"][t]["overall"] if has_val else float(epoch)
+                if eligible and score > best_score[t]:
+                    best_score[t], best_epochs[t] = score, epoch
+                    best_alphas[t] = alphas[t]
+                    best_bias[t] = few_bias[t]
+                    best_states[t] = nets.state(t)
+        history.append(record)
+
+    for record in history:
+        record["chosen"] = [record["epoch"] == e for e in best_epochs]
+    trial_val = [history[best_epochs[t] - 1]["val_top1"][t] for t in range(trials)] if has_val else []
+    best_trial = max(range(trials), key=lambda t: trial_val[t]["overall"]) if has_val else 0
+
+    tic = time.perf_counter()
+    chosen = best_alphas[best_trial]
+    normalized = chosen / chosen.abs().sum(dim=1, keepdim=True)
+    corrected = w.clone()
+    corrected[few] = torch.ops.alphanet.alpha_combine(w, few, neighbors, chosen, 0)
+    new_bias = b.clone()
+    new_bias[few] = best_bias[best_trial]
+    # Base rows keep the caller's exact values (and dtype), not a float32 round trip.
+    original_w = as_tensor(weight, "weight").detach().cpu()
+    out_weight = original_w.clone()
+    out_weight[few.cpu()] = corrected[few].cpu().to(original_w.dtype)
+    if bias is None:
+        out_bias = new_bias.cpu()
+    else:
+        original_b = as_tensor(bias, "bias").detach().cpu()
+        out_bias = original_b.clone()
+        out_bias[few.cpu()] = new_bias[few].cpu().to(original_b.dtype)
+    timings["export"] = time.perf_counter() - tic
+    timings["train"] = train_time
+    timings["validation"] = val_time
+    timings["total"] = time.perf_counter() - started
+
+    config = dict(k=k, rho=rho, metric=metric, epochs=epochs, min_epochs=min_epochs, batch_size=batch_size, lr=lr,
+                  weight_decay=weight_decay, lr_step=lr_step, lr_gamma=lr_gamma, hidden=list(hidden),
+                  few_threshold=few_threshold, many_threshold=many_threshold, pred_scale=pred_scale, trials=trials,
+                  seed=seed, device=str(device))
+    return FitResult(
+        weight=out_weight, bias=out_bias, splits={name: ids.cpu() for name, ids in splits.items()},
+        neighbors=neighbors.cpu(), alphas=normalized.detach().cpu(), history=history, best_epochs=best_epochs,
+        best_trial=best_trial, trial_val_top1=trial_val, config=config, timings=timings,
+        mlp_state=best_states[best_trial])

@@ -1,0 +1,71 @@
+"""Splits by training frequency, and top-1 / top-5 accuracy per split."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+from .data import ArrayLike, as_tensor, check_classifier, check_features, check_labels, logits
+
+SPLIT_NAMES = ("many", "medium", "few")
+
+
+def make_splits(counts: Tensor, few_threshold: int = 20, many_threshold: int = 100) -> dict[str, Tensor]:
+    """Class ids per split from per-class train counts: few ``n < few_threshold``,
+    many ``n > many_threshold``, medium in between (inclusive)."""
+    if not 0 < few_threshold <= many_threshold + 1:
+        raise ValueError(f"need 0 < few_threshold <= many_threshold + 1, got {few_threshold}, {many_threshold}")
+    counts = counts.cpu()
+    return {
+        "many": torch.nonzero(counts > many_threshold).flatten(),
+        "medium": torch.nonzero((counts >= few_threshold) & (counts <= many_threshold)).flatten(),
+        "few": torch.nonzero(counts < few_threshold).flatten(),
+    }
+
+
+def split_of_classes(splits: Mapping[str, Tensor], num_classes: int) -> Tensor:
+    """Split index (0 many, 1 medium, 2 few, -1 none) of every class."""
+    which = torch.full((num_classes,), -1, dtype=torch.long)
+    for index, name in enumerate(SPLIT_NAMES):
+        ids = torch.as_tensor(splits.get(name, []), dtype=torch.long)
+        which[ids] = index
+    return which
+
+
+def accuracy_by_split(correct: Tensor, labels: Tensor, splits: Mapping[str, Tensor], num_classes: int) -> dict[str, float]:
+    """Percent of correct samples per split (by true class) and overall."""
+    which = split_of_classes(splits, num_classes).to(labels.device)[labels]
+    result = {}
+    for index, name in enumerate(SPLIT_NAMES):
+        mask = which == index
+        result[name] = float(correct[mask].float().mean() * 100) if bool(mask.any()) else float("nan")
+    result["overall"] = float(correct.float().mean() * 100) if correct.numel() else float("nan")
+    return result
+
+
+def evaluate(weight: ArrayLike, bias: ArrayLike | None, x: ArrayLike, y: ArrayLike,
+             splits: Mapping[str, Tensor], device: torch.device | str | None = None) -> dict:
+    """Top-1 and top-5 accuracy (percent) of the linear classifier on ``(x, y)``.
+
+    Returns ``{"top1": {many, medium, few, overall}, "top5": {...},
+    "per_class_top1": Tensor [C] (NaN for classes without samples), "samples": N}``.
+    ``splits`` is a mapping with ``many`` / ``medium`` / ``few`` class ids
+    (for instance ``FitResult.splits``).
+    """
+    device = torch.device(device or "cpu")
+    w, b = check_classifier(weight, bias, device)
+    check_features(x, "x", w.shape[1])
+    labels = check_labels(y, "y", x.shape[0], w.shape[0], device)
+    scores = logits(x, w, "x", device) + b
+    top = scores.topk(min(5, w.shape[0]), dim=1).indices
+    correct1 = top[:, 0] == labels
+    correct5 = (top == labels[:, None]).any(dim=1)
+    per_class_total = torch.bincount(labels, minlength=w.shape[0]).float()
+    per_class_hits = torch.bincount(labels, weights=correct1.float(), minlength=w.shape[0])
+    return {
+        "top1": accuracy_by_split(correct1, labels, splits, w.shape[0]),
+        "top5": accuracy_by_split(correct5, labels, splits, w.shape[0]),
+        "per_class_top1": (per_class_hits / per_class_total * 100).cpu(),
+        "samples": int(labels.numel()),
+    }

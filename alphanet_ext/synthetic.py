@@ -1,0 +1,103 @@
+"""Synthetic long-tailed problems with a known class hierarchy.
+
+Classes come in groups (siblings share a group centre, so a rare class has
+close frequent neighbours, like dog breeds); per-class train counts decay
+exponentially from ``max_count`` to ``min_count`` and are dealt to classes at
+random; val and test sets are balanced. The base classifier is fitted on the
+imbalanced train set as an ordinary (instance-balanced) model would be, so its
+rare classes are weak — the situation AlphaNet corrects.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["LongTailedProblem", "make_long_tailed", "long_tail_counts", "train_softmax_classifier",
+           "gaussian_classifier"]
+
+
+@dataclass
+class LongTailedProblem:
+    train_x: Tensor
+    train_y: Tensor
+    val_x: Tensor
+    val_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    weight: Tensor        # [C, d] base classifier
+    bias: Tensor          # [C]
+    groups: Tensor        # [C] group (parent) id of every class
+    class_centers: Tensor  # [C, d] true class means
+
+
+def long_tail_counts(num_classes: int, max_count: int, min_count: int) -> Tensor:
+    """Exponentially decaying per-class counts from ``max_count`` to ``min_count``."""
+    if num_classes == 1:
+        return torch.tensor([max_count])
+    ratio = torch.arange(num_classes, dtype=torch.float64) / (num_classes - 1)
+    return (max_count * (min_count / max_count) ** ratio).round().long().clamp_min(1)
+
+
+def train_softmax_classifier(x: Tensor, y: Tensor, num_classes: int, steps: int = 300, lr: float = 0.05,
+                             weight_decay: float = 5e-4, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Multinomial logistic regression by full-batch Adam on the (imbalanced) data."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(num_classes, x.shape[1], generator=generator) * 0.01).requires_grad_()
+    bias = torch.zeros(num_classes, requires_grad=True)
+    optimizer = torch.optim.Adam([weight, bias], lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x @ weight.T + bias, y) + weight_decay * weight.pow(2).sum()
+        loss.backward()
+        optimizer.step()
+    return weight.detach(), bias.detach()
+
+
+def gaussian_classifier(means: Tensor, counts: Tensor, noise: float) -> tuple[Tensor, Tensor]:
+    """Closed-form classifier of isotropic Gaussians with the train prior
+    (what instance-balanced training converges to, at a cost of O(C d))."""
+    weight = means / noise**2
+    bias = -(means * means).sum(dim=1) / (2 * noise**2) + torch.log(counts.double() / counts.sum()).float()
+    return weight, bias
+
+
+def make_long_tailed(num_classes: int = 100, dim: int = 64, max_count: int = 500, min_count: int = 5,
+                     group_size: int = 5, val_per_class: int = 20, test_per_class: int = 50,
+                     group_scale: float = 1.0, class_scale: float = 0.35, noise: float = 1.0,
+                     classifier: str = "auto", seed: int = 0, dtype: torch.dtype = torch.float32) -> LongTailedProblem:
+    """A synthetic long-tailed classification problem (see the module docstring).
+
+    ``classifier``: ``"softmax"`` (trained logistic regression), ``"gaussian"``
+    (closed form, for presets too large to train here) or ``"auto"``
+    (softmax when the train set times classes is small).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    counts = long_tail_counts(num_classes, max_count, min_count)[torch.randperm(num_classes, generator=generator)]
+    num_groups = max(1, math.ceil(num_classes / group_size))
+    groups = torch.randperm(num_classes, generator=generator) % num_groups
+    scale = 1.0 / math.sqrt(dim)  # keeps distances O(1) whatever the dimension
+    group_centers = torch.randn(num_groups, dim, generator=generator) * group_scale * math.sqrt(dim) * scale
+    centers = group_centers[groups] + torch.randn(num_classes, dim, generator=generator) * class_scale
+
+    def sample(per_class: Tensor) -> tuple[Tensor, Tensor]:
+        labels = torch.repeat_interleave(torch.arange(num_classes), per_class)
+        labels = labels[torch.randperm(labels.numel(), generator=generator)]
+        features = centers[labels] + torch.randn(labels.numel(), dim, generator=generator) * noise
+        return features.to(dtype), labels
+
+    train_x, train_y = sample(counts)
+    val_x, val_y = sample(torch.full((num_classes,), val_per_class))
+    test_x, test_y = sample(torch.full((num_classes,), test_per_class))
+    if classifier == "auto":
+        classifier = "softmax" if train_y.numel() * num_classes * dim <= 2e9 else "gaussian"
+    if classifier == "softmax":
+        weight, bias = train_softmax_classifier(train_x.float(), train_y, num_classes, seed=seed)
+    elif classifier == "gaussian":
+        sums = torch.zeros(num_classes, dim).index_add_(0, train_y, train_x.float())
+        weight, bias = gaussian_classifier(sums / counts[:, None], counts, noise)
+    else:
+        raise ValueError(f"classifier must be 'softmax', 'gaussian' or 'auto', got {classifier!r}")
+    return LongTailedProblem(train_x, train_y, val_x, val_y, test_x, test_y, weight, bias, groups, centers)
