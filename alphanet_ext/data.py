@@ -2,6 +2,7 @@
 and the checks every entry point applies to them."""
 from __future__ import annotations
 
+import math
 from typing import Any, Iterator
 
 import numpy as np
@@ -90,9 +91,17 @@ def check_classifier(weight: ArrayLike, bias: ArrayLike | None, device: torch.de
             raise ValueError(f"bias must have shape [{w.shape[0]}] to match weight, got {tuple(b.shape)}")
     w = w.to(device=device, dtype=torch.float32)
     b = b.to(device=device, dtype=torch.float32)
-    if not bool(torch.isfinite(w).all()) or not bool(torch.isfinite(b).all()):
+    if not all_finite(w) or not all_finite(b):
         raise ValueError("the classifier (weight or bias) contains NaN or inf")
     return w, b
+
+
+def all_finite(tensor: Tensor) -> bool:
+    """True if no NaN or inf: one vectorised sum answers for nearly all data; only
+    a non-finite sum (NaN/inf present, or an overflowing sum) pays for the exact test."""
+    accumulate = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    return tensor.numel() == 0 or math.isfinite(float(tensor.sum(dtype=accumulate))) or \
+        bool(torch.isfinite(tensor).all())
 
 
 def logits(x: ArrayLike, weight: Tensor, name: str, device: torch.device) -> Tensor:
@@ -100,7 +109,7 @@ def logits(x: ArrayLike, weight: Tensor, name: str, device: torch.device) -> Ten
     out = torch.empty(num_rows(x), weight.shape[0], dtype=torch.float32, device=device)
     for begin, chunk in iter_row_chunks(x, name, device, chunk_rows=16384):
         chunk = chunk.float()
-        if not bool(torch.isfinite(chunk).all()):
+        if not all_finite(chunk):
             raise ValueError(f"{name} contains NaN or inf (in rows {begin}..{begin + chunk.shape[0] - 1})")
         torch.mm(chunk, weight.T, out=out[begin:begin + chunk.shape[0]])
     return out

@@ -103,42 +103,74 @@ def combine_experts(weights: Sequence[ArrayLike], biases: Sequence[ArrayLike] | 
     return weight, torch.stack(bs).mean(dim=0)
 
 
+class _SharedInputLinear(torch.autograd.Function):
+    """``inputs @ weight`` for a fixed ``inputs [n, D]`` given as its transpose
+    ``inputs_t [D, n]`` and a weight stored as ``[D, out]``: with n << D this is
+    the GEMM layout that runs fastest, and the weight gradient
+    ``inputs_t @ grad`` comes out contiguous, with no copy."""
+
+    @staticmethod
+    def forward(ctx, inputs_t: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(inputs_t)
+        return (weight.T @ inputs_t).T
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (inputs_t,) = ctx.saved_tensors
+        return None, inputs_t @ grad
+
+
 class _CoefficientNets:
     """``trials`` independent MLPs ``[w_c, v_1..v_k] -> alpha [k]`` as stacked parameters.
 
     AdamW and weight decay act elementwise, so one optimiser over the stacked
-    tensors trains every trial exactly as if it had its own.
+    tensors trains every trial exactly as if it had its own. The first layer of
+    all trials is one ``[D, T * hidden]`` matrix (trial t's ``Linear.weight.T``
+    in columns ``t*hidden:(t+1)*hidden``) so it runs as one GEMM.
     """
 
     def __init__(self, sizes: Sequence[int], generators: Sequence[torch.Generator], device: torch.device):
-        self.weights: list[Tensor] = []
-        self.biases: list[Tensor] = []
+        weights, self.biases = [], []
         for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
             bound = 1.0 / math.sqrt(fan_in)  # torch.nn.Linear's default initialisation
-            w = torch.stack([(torch.rand(fan_out, fan_in, generator=g) * 2 - 1) * bound for g in generators])
-            b = torch.stack([(torch.rand(fan_out, generator=g) * 2 - 1) * bound for g in generators])
-            self.weights.append(w.to(device).requires_grad_())
-            self.biases.append(b.to(device).requires_grad_())
+            weights.append(torch.stack([(torch.rand(fan_out, fan_in, generator=g) * 2 - 1) * bound for g in generators]))
+            self.biases.append(torch.stack([(torch.rand(fan_out, generator=g) * 2 - 1) * bound
+                                            for g in generators]).to(device).requires_grad_())
+        self.trials, self.hidden = weights[0].shape[0], weights[0].shape[1]
+        self.first = weights[0].permute(2, 0, 1).reshape(sizes[0], -1).contiguous().to(device).requires_grad_()
+        self.rest = [w.to(device).requires_grad_() for w in weights[1:]]
 
     def parameters(self) -> list[Tensor]:
-        return self.weights + self.biases
+        return [self.first] + self.rest + self.biases
 
-    def __call__(self, inputs: Tensor) -> Tensor:
-        """``inputs [C_f, (k+1)d]`` (shared by all trials) -> ``alphas [T, C_f, k]``."""
-        trials, hidden, fan_in = self.weights[0].shape
-        # First layer of every trial in one matmul against the shared input.
-        h = (inputs @ self.weights[0].reshape(trials * hidden, fan_in).T).view(-1, trials, hidden).transpose(0, 1)
+    def __call__(self, inputs_t: Tensor) -> Tensor:
+        """``inputs_t [(k+1)d, C_f]`` (the transposed input, shared by all trials) -> ``alphas [T, C_f, k]``."""
+        h = _SharedInputLinear.apply(inputs_t, self.first).reshape(-1, self.trials, self.hidden).transpose(0, 1)
         h = h + self.biases[0][:, None, :]
-        for w, b in zip(self.weights[1:], self.biases[1:]):
+        for w, b in zip(self.rest, self.biases[1:]):
             h = torch.baddbmm(b[:, None, :], F.leaky_relu(h, 0.01), w.transpose(1, 2))
         return h
 
     def state(self, trial: int) -> dict[str, Tensor]:
+        """Trial ``trial``'s network as a ``torch.nn.Sequential`` state dict (Linear layers at 0, 2, 4, ...)."""
+        columns = slice(trial * self.hidden, (trial + 1) * self.hidden)
+        weights = [self.first[:, columns].T] + [w[trial] for w in self.rest]
         out = {}
-        for layer, (w, b) in enumerate(zip(self.weights, self.biases)):
-            out[f"{layer}.weight"] = w[trial].detach().cpu().clone()
-            out[f"{layer}.bias"] = b[trial].detach().cpu().clone()
+        for layer, (w, b) in enumerate(zip(weights, self.biases)):
+            out[f"{2 * layer}.weight"] = w.detach().cpu().clone()
+            out[f"{2 * layer}.bias"] = b[trial].detach().cpu().clone()
         return out
+
+
+@torch.no_grad()
+def _base_logsumexp(raw: Tensor, bias: Tensor, few: Tensor, pred_scale: float,
+                    labels: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """Per row of raw logits: log-sum-exp of the base-class scores and, given labels,
+    the score of each row's label (few columns excluded from the sum)."""
+    scores = torch.add(raw, bias).mul_(pred_scale)
+    target = None if labels is None else scores.gather(1, labels[:, None]).squeeze(1)
+    scores[:, few] = -math.inf
+    return torch.logsumexp(scores, dim=1), target
 
 
 def _pick_device(device: torch.device | str | None) -> torch.device:
@@ -213,6 +245,8 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
     labels = check_labels(train_y, "train_y", train_x.shape[0], num_classes, device)
     if has_val:
         check_features(val_x, "val_x", dim)
+        if val_x.shape[0] == 0:
+            raise ValueError("val_x has no samples; pass val_x=None to train without a validation set")
         val_labels = check_labels(val_y, "val_y", val_x.shape[0], num_classes, device)
 
     # Splits and class means (streamed, so memory-mapped features are read once, in chunks).
@@ -251,11 +285,12 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
     timings["neighbors"] = time.perf_counter() - tic
 
     # Fixed inputs of the coefficient network: [w_c, v_1 .. v_k] per few class.
-    net_inputs = torch.cat([w[few], w[neighbors].reshape(few.numel(), k * dim)], dim=1)
+    net_inputs = torch.cat([w[few], w[neighbors].reshape(few.numel(), k * dim)], dim=1).T.contiguous()
     sizes = [(k + 1) * dim, *hidden, k]
     nets = _CoefficientNets(sizes, generators, device)
     few_bias = b[few].repeat(trials, 1).requires_grad_()  # [T, C_f]
-    optimizer = torch.optim.AdamW(nets.parameters() + [few_bias], lr=lr, weight_decay=weight_decay)
+    # The fused kernel computes the same update as the reference loop, in one pass over the parameters.
+    optimizer = torch.optim.AdamW(nets.parameters() + [few_bias], lr=lr, weight_decay=weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=lr_step, gamma=lr_gamma)
 
     # Column ids of every trial's few classes and neighbours in a [B, T*C] view of the batch logits.
@@ -274,6 +309,9 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
     for begin in range(0, few_rows.numel(), 16384):
         rows = few_rows[begin:begin + 16384]
         few_logits[begin:begin + rows.numel()] = gather_rows(train_x, rows, "train_x", device).float() @ w.T
+    few_base_lse = torch.empty(few_rows.numel(), device=device)
+    for begin in range(0, few_rows.numel(), 16384):
+        few_base_lse[begin:begin + 16384] = _base_logsumexp(few_logits[begin:begin + 16384], b, few, pred_scale)[0]
     base_order = torch.argsort(labels, stable=True)
     class_offsets = torch.zeros(num_classes + 1, dtype=torch.long, device=device)
     class_offsets[1:] = counts.to(device).cumsum(0)
@@ -298,17 +336,28 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
         entries = torch.cat([-(torch.arange(num_few, device=device) + 1), base_rows])
         return entries[torch.randperm(epoch_size, generator=generator).to(device)]
 
-    def chunk_logits(entries: Tensor) -> tuple[Tensor, Tensor]:
-        """Logits without bias ``[S, T, C]`` and train labels ``[S, T]`` of a chunk of epoch entries ``[T, S]``."""
+    def chunk_logits(entries: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """For a chunk of epoch entries ``[T, S]``: logits without bias ``[S, T, C]``, train
+        labels ``[S, T]``, the log-sum-exp of the base-class scores ``[S, T]`` and the
+        score of the true class when it is a base class ``[S, T]`` (0 otherwise)."""
         flat = entries.T.reshape(-1)  # sample-major: row s*T + t
         out = torch.empty(flat.numel(), num_classes, device=device)
+        base_lse = torch.empty(flat.numel(), device=device)
+        target_score = torch.zeros(flat.numel(), device=device)
         is_few = flat < 0
         few_at, base_at = torch.nonzero(is_few).flatten(), torch.nonzero(~is_few).flatten()
-        out[few_at] = few_logits[-flat[few_at] - 1]
+        few_index = -flat[few_at] - 1
+        out[few_at] = few_logits[few_index]
+        base_lse[few_at] = few_base_lse[few_index]
         rows = torch.where(is_few, few_rows[(-flat - 1).clamp_min(0)], flat.clamp_min(0))
+        chunk_labels = labels[rows]
         if base_at.numel():
-            out[base_at] = gather_rows(train_x, flat[base_at], "train_x", device).float() @ w.T
-        return out.view(entries.shape[1], trials, num_classes), labels[rows].view(entries.shape[1], trials)
+            base_logits = gather_rows(train_x, flat[base_at], "train_x", device).float() @ w.T
+            out[base_at] = base_logits
+            base_lse[base_at], target_score[base_at] = _base_logsumexp(base_logits, b, few, pred_scale,
+                                                                       chunk_labels[base_at])
+        shape = (entries.shape[1], trials)
+        return out.view(*shape, num_classes), chunk_labels.view(shape), base_lse.view(shape), target_score.view(shape)
 
     def val_top1(alphas: Tensor) -> list[dict[str, float]]:
         """Val top-1 per split for every trial, from the cached logits: O(N_val * T * C_f * k)."""
@@ -343,13 +392,7 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
         loss_sum = torch.zeros(trials, device=device)
         for chunk_begin in range(0, epoch_size, chunk_samples):
             chunk_entries = entries[:, chunk_begin:chunk_begin + chunk_samples]
-            chunk_raw, chunk_labels = chunk_logits(chunk_entries)
-            with torch.no_grad():
-                scores = pred_scale * (chunk_raw + b)
-                target_base_score = scores.gather(2, chunk_labels[..., None]).squeeze(2)
-                scores[..., few] = -math.inf
-                base_lse = torch.logsumexp(scores, dim=2)  # [S, T]
-                del scores
+            chunk_raw, chunk_labels, base_lse, target_base_score = chunk_logits(chunk_entries)
             target_few = few_position[chunk_labels]  # [S, T], -1 for base targets
             for begin in range(0, chunk_raw.shape[0], batch_size):
                 raw = chunk_raw[begin:begin + batch_size]

@@ -60,10 +60,10 @@ inline at::Tensor checked_indices(const at::Tensor& t, int64_t limit, const char
   return indices;
 }
 
-// One vectorised float64 sum answers for almost every tensor (finite values
-// cannot overflow it); only a non-finite sum pays for the exact elementwise test.
+// One vectorised sum answers for nearly every tensor; only a non-finite sum
+// (NaN/inf present, or an overflowing sum) pays for the exact elementwise test.
 inline void check_finite(const at::Tensor& t, const char* op, const char* name) {
-  if (t.numel() == 0 || std::isfinite(t.sum(at::kDouble).item<double>())) return;
+  if (t.numel() == 0 || std::isfinite(t.sum(acc_type(t.scalar_type())).item<double>())) return;
   TORCH_CHECK(at::isfinite(t).all().item<bool>(), op, ": ", name, " contains NaN or inf");
 }
 

@@ -1,0 +1,74 @@
+"""Full AlphaNet fits on synthetic data shaped like CIFAR-100-LT and ImageNet-LT.
+
+    python benchmarks/bench_fit.py [--threads 2] [--sizes cifar100-lt,imagenet-lt-512,imagenet-lt-2048]
+                                   [--peer-epochs 1] [--device cpu]
+
+Each size: our fit (25 epochs, rho=1, val selection; 10 epochs and no val for
+CIFAR-100-LT) with its time split by stage, then the naive per-class-loop peer
+(benchmarks/naive_peer.py) for --peer-epochs epochs in the same process, its
+total extrapolated to the same number of epochs (stated as such).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import alphanet_ext
+from alphanet_ext import synthetic
+from common import machine, setup_threads
+from naive_peer import naive_epochs
+
+SIZES = {"cifar100-lt": ("cifar100-lt", None), "imagenet-lt-512": ("imagenet-lt", 512),
+         "imagenet-lt-2048": ("imagenet-lt", 2048)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sizes", default=",".join(SIZES))
+    parser.add_argument("--peer-epochs", type=int, default=1, help="0 skips the peer")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    threads = setup_threads(args.threads)
+    print(f"machine: {machine()}; device {args.device}; torch {torch.__version__}; threads {threads}")
+    print("| problem | ours total s | class means | neighbours | few logits | val logits | train | validation "
+          "| peer s (extrapolated) | speed-up | few top-1 before -> after |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for size in args.sizes.split(","):
+        name, dim = SIZES[size]
+        problem = synthetic.make_preset(name, dim=dim, seed=0)
+        has_val = problem.val_x.shape[0] > 0
+        val = (problem.val_x, problem.val_y) if has_val else (None, None)
+        epochs = 25 if has_val else 10
+        if args.device != "cpu":
+            torch.cuda.synchronize()
+        tic = time.perf_counter()
+        result = alphanet_ext.fit(problem.train_x, problem.train_y, problem.weight, problem.bias, *val, rho=1.0,
+                                  epochs=epochs, device=args.device, progress=False)
+        if args.device != "cpu":
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - tic
+        t = result.timings
+        before = alphanet_ext.evaluate(problem.weight, problem.bias, problem.test_x, problem.test_y, result.splits)
+        after = alphanet_ext.evaluate(result.weight, result.bias, problem.test_x, problem.test_y, result.splits)
+        peer, ratio = "skipped", ""
+        if args.peer_epochs > 0:
+            few = result.splits["few"]
+            base = torch.cat([result.splits["many"], result.splits["medium"]]).sort().values
+            peer_times = naive_epochs(problem.train_x, problem.train_y, problem.weight, problem.bias,
+                                      problem.val_x if has_val else problem.test_x[:0],
+                                      problem.val_y if has_val else problem.test_y[:0], few, base,
+                                      epochs=args.peer_epochs, mean_loop_rows=20000)
+            peer_total = (peer_times["class_means"] + peer_times["neighbors"] +
+                          epochs * (peer_times["train_per_epoch"] + peer_times["val_per_epoch"]))
+            peer, ratio = f"{peer_total:.1f}", f"{peer_total / wall:.0f}x"
+        print(f"| {size} ({problem.train_x.shape[0]} train, d={problem.train_x.shape[1]}, {epochs} epochs) "
+              f"| {wall:.2f} | {t['class_means']:.2f} | {t['neighbors']:.2f} | {t['few_logits']:.2f} "
+              f"| {t.get('val_logits', 0):.2f} | {t['train']:.2f} | {t['validation']:.2f} | {peer} | {ratio} "
+              f"| {before['top1']['few']:.1f} -> {after['top1']['few']:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
