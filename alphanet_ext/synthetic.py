@@ -123,12 +123,15 @@ def gaussian_classifier(means: Tensor, counts: Tensor, noise: float) -> tuple[Te
 def make_long_tailed(num_classes: int = 100, dim: int = 64, max_count: int = 500, min_count: int = 5,
                      counts: Tensor | None = None, group_size: int = 5, val_per_class: int = 20, test_per_class: int = 50,
                      group_scale: float = 1.0, class_scale: float = 0.35, noise: float = 1.0,
-                     classifier: str = "auto", seed: int = 0, dtype: torch.dtype = torch.float32) -> LongTailedProblem:
+                     intrinsic_dim: int = 64, classifier: str = "auto", seed: int = 0,
+                     dtype: torch.dtype = torch.float32) -> LongTailedProblem:
     """A synthetic long-tailed classification problem (see the module docstring).
 
     ``counts`` (per-class train counts) overrides the exponential profile of
-    ``max_count``..``min_count``. Offsets scale with ``8 / sqrt(dim)`` so the
-    difficulty does not depend on the dimension. ``classifier``: ``"softmax"``
+    ``max_count``..``min_count``. Like real backbone features, the data lives
+    near an ``intrinsic_dim``-dimensional subspace (a random orthonormal
+    embedding plus small isotropic noise), so the difficulty does not grow with
+    ``dim``. ``classifier``: ``"softmax"``
     (trained logistic regression), ``"gaussian"``
     (closed form, for presets too large to train here) or ``"auto"``
     (softmax when the train set times classes is small).
@@ -141,9 +144,13 @@ def make_long_tailed(num_classes: int = 100, dim: int = 64, max_count: int = 500
     counts = counts[torch.randperm(num_classes, generator=generator)]
     num_groups = max(1, math.ceil(num_classes / group_size))
     groups = torch.randperm(num_classes, generator=generator) % num_groups
-    scale = 8.0 / math.sqrt(dim)
-    group_centers = torch.randn(num_groups, dim, generator=generator) * group_scale * scale
-    centers = group_centers[groups] + torch.randn(num_classes, dim, generator=generator) * class_scale * scale
+    latent = min(dim, intrinsic_dim)
+    scale = 8.0 / math.sqrt(latent)
+    group_centers = torch.randn(num_groups, latent, generator=generator) * group_scale * scale
+    latent_centers = group_centers[groups] + torch.randn(num_classes, latent, generator=generator) * class_scale * scale
+    embedding = None if latent == dim else torch.linalg.qr(torch.randn(dim, latent, generator=generator))[0].T
+    ambient_noise = 0.05 if embedding is not None else 0.0
+    centers = latent_centers if embedding is None else latent_centers @ embedding
 
     def sample(per_class: Tensor) -> tuple[Tensor, Tensor]:
         labels = torch.repeat_interleave(torch.arange(num_classes), per_class)
@@ -151,8 +158,10 @@ def make_long_tailed(num_classes: int = 100, dim: int = 64, max_count: int = 500
         features = torch.empty(labels.numel(), dim, dtype=dtype)
         for begin in range(0, labels.numel(), 65536):  # bounded temporaries for large presets
             block = labels[begin:begin + 65536]
-            features[begin:begin + block.numel()] = (
-                centers[block] + torch.randn(block.numel(), dim, generator=generator) * noise).to(dtype)
+            points = latent_centers[block] + torch.randn(block.numel(), latent, generator=generator) * noise
+            if embedding is not None:
+                points = points @ embedding + torch.randn(block.numel(), dim, generator=generator) * ambient_noise
+            features[begin:begin + block.numel()] = points.to(dtype)
         return features, labels
 
     train_x, train_y = sample(counts)
