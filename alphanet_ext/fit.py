@@ -44,8 +44,21 @@ class FitResult:
     trial_val_top1: list[dict]      # val top-1 per split of every trial at its chosen epoch (empty without val)
     config: dict
     timings: dict[str, float]
+    neighbor_distances: Tensor | None = None  # [C_few, k] distance between the class means
+    trial_alphas: Tensor | None = None        # [T, C_few, k] raw coefficients of every trial's chosen epoch
+    trial_few_bias: Tensor | None = None      # [T, C_few]
     mlp_state: dict[str, Tensor] = field(default_factory=dict)
     version: str = __version__
+
+    def trial_classifier(self, trial: int, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+        """The corrected ``(weight, bias)`` of any trial, rebuilt from the input classifier."""
+        few = self.splits["few"]
+        w, b = torch.as_tensor(weight).clone(), torch.as_tensor(bias).clone()
+        alphas = self.trial_alphas[trial]
+        normalized = alphas / alphas.abs().sum(dim=1, keepdim=True)
+        w[few] = (w[few].double() + torch.einsum("ck,ckd->cd", normalized.double(), w[self.neighbors].double())).to(w.dtype)
+        b[few] = self.trial_few_bias[trial].to(b.dtype)
+        return w, b
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Mean and standard deviation over trials of the val top-1 per split."""
@@ -279,8 +292,9 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
         control = torch.Generator().manual_seed(seed)
         picks = torch.stack([torch.randperm(base.numel(), generator=control)[:k] for _ in range(few.numel())])
         neighbors = base[picks.to(device)]
+        neighbor_distances = (means[few][:, None, :] - means[neighbors]).norm(dim=2)
     else:
-        _, nearest = ops.knn(means[few], means[base], k, metric)
+        neighbor_distances, nearest = ops.knn(means[few], means[base], k, metric)
         neighbors = base[nearest]
     timings["neighbors"] = time.perf_counter() - tic
 
@@ -466,4 +480,5 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
         weight=out_weight, bias=out_bias, splits={name: ids.cpu() for name, ids in splits.items()},
         neighbors=neighbors.cpu(), alphas=normalized.detach().cpu(), history=history, best_epochs=best_epochs,
         best_trial=best_trial, trial_val_top1=trial_val, config=config, timings=timings,
-        mlp_state=best_states[best_trial])
+        neighbor_distances=neighbor_distances.float().cpu(), trial_alphas=best_alphas.detach().cpu(),
+        trial_few_bias=best_bias.detach().cpu(), mlp_state=best_states[best_trial])

@@ -1,0 +1,256 @@
+"""The ``alphanet`` command: fit, eval, synth and demo.
+
+Exit codes: 0 success, 1 failure (one-line error on stderr), 2 usage error.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import __version__
+from .fit import FitResult, fit
+from .io import (InputError, load_author_splits, load_classifier, load_features, read_metadata, save_classifier,
+                 write_atomic)
+from .metrics import SPLIT_NAMES, evaluate, make_splits
+from .report import COLUMNS, mean_std, pearson, write_report
+from .synthetic import PRESETS, make_preset
+
+
+def _say(args: argparse.Namespace, message: str) -> None:
+    if not args.quiet:
+        print(message, flush=True)
+
+
+def _table(rows: list[tuple[str, dict]]) -> str:
+    out = ["| model | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for name, accuracy in rows:
+        out.append(f"| {name} | " + " | ".join(f"{accuracy[c]:.1f}" for c in COLUMNS) + " |")
+    return "\n".join(out)
+
+
+def _splits_from_labels(labels: np.ndarray, num_classes: int, few: int, many: int) -> dict[str, torch.Tensor]:
+    return make_splits(torch.bincount(torch.as_tensor(np.asarray(labels), dtype=torch.long), minlength=num_classes),
+                       few, many)
+
+
+def _metadata(result: FitResult, rho: float) -> dict:
+    return {"alphanet_ext_version": __version__, "k": result.config["k"], "rho": rho,
+            "metric": result.config["metric"], "seed": result.config["seed"], "trials": result.config["trials"],
+            "best_trial": result.best_trial, "best_epochs": result.best_epochs,
+            "pred_scale": result.config["pred_scale"], "few_classes": result.splits["few"].tolist(),
+            "splits": {name: ids.tolist() for name, ids in result.splits.items()},
+            "neighbors": result.neighbors.tolist(), "alphas": result.alphas.tolist()}
+
+
+def _accuracy_summary(results: list[dict]) -> dict:
+    return {top: {column: mean_std([r[top][column] for r in results]) for column in COLUMNS}
+            for top in ("top1", "top5")}
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    train = load_features(args.train, "train")
+    weight, bias = load_classifier(args.classifier)
+    if bias is None:
+        bias = torch.zeros(weight.shape[0], dtype=weight.dtype)
+    val = load_features(args.val, "val") if args.val else None
+    test = load_features(args.test, "test") if args.test else None
+    if os.path.isdir(args.train) and args.val is None and glob_exists(args.train, "val"):
+        val = load_features(args.train, "val")
+    if os.path.isdir(args.train) and args.test is None and glob_exists(args.train, "test"):
+        test = load_features(args.train, "test")
+    evaluated = test or val or train
+    evaluated_on = "test" if test else ("val" if val else "train")
+
+    runs: list[tuple[float, FitResult]] = []
+    for rho in args.rho:
+        _say(args, f"fitting rho={rho} ({args.trials} trial(s), k={args.k}, metric={args.metric}) ...")
+        tic = time.perf_counter()
+        result = fit(train.x, train.y, weight, bias, val.x if val else None, val.y if val else None,
+                     k=args.k, rho=rho, metric=args.metric, epochs=args.epochs, batch_size=args.batch_size,
+                     trials=args.trials, seed=args.seed, device=args.device, pred_scale=args.pred_scale,
+                     few_threshold=args.few_threshold, many_threshold=args.many_threshold,
+                     progress=not args.quiet)
+        _say(args, f"  done in {time.perf_counter() - tic:.1f}s")
+        runs.append((rho, result))
+    best_index = max(range(len(runs)), key=lambda i: runs[i][1].summary()["overall"]["mean"]) if val else 0
+    best_rho, best = runs[best_index]
+
+    save_classifier(args.out, best.weight, best.bias, _metadata(best, best_rho))
+    if not getattr(args, "demo", False):
+        _say(args, f"wrote {args.out} (rho={best_rho})")
+
+    splits = best.splits
+    baseline = evaluate(weight, bias, evaluated.x, evaluated.y, splits, device=args.device)
+    rows = [("baseline", baseline["top1"])]
+    report_runs = []
+    for index, (rho, result) in enumerate(runs):
+        per_trial = [evaluate(*result.trial_classifier(t, weight, bias), evaluated.x, evaluated.y, splits,
+                              device=args.device) for t in range(args.trials)]
+        summary = _accuracy_summary(per_trial)
+        rows.append((f"AlphaNet rho={rho}" + (" (best)" if index == best_index and len(runs) > 1 else ""),
+                     {c: summary["top1"][c]["mean"] for c in COLUMNS}))
+        report_runs.append({"rho": rho, "best": index == best_index, "best_on_val": bool(val) and len(runs) > 1,
+                            **summary,
+                            "val_top1": result.summary(), "best_epochs": result.best_epochs,
+                            "timings": result.timings})
+        if index == best_index:
+            chosen = per_trial[result.best_trial]
+    _say(args, f"top-1 on the {evaluated_on} set (%):\n" + _table(rows))
+
+    if args.report:
+        few = splits["few"]
+        change = chosen["per_class_top1"][few] - baseline["per_class_top1"][few]
+        distance = best.neighbor_distances.mean(dim=1)
+        keep = ~torch.isnan(change)
+        report = {"config": best.config, "evaluated_on": evaluated_on, "samples": baseline["samples"],
+                  "baseline": {top: {c: {"mean": baseline[top][c], "std": 0.0} for c in COLUMNS}
+                               for top in ("top1", "top5")},
+                  "runs": report_runs, "distance_correlation": pearson(distance[keep], change[keep]),
+                  "split_sizes": {name: int(ids.numel()) for name, ids in splits.items()}}
+        files = write_report(report, {"distance": distance[keep], "change": change[keep]}, args.report)
+        _say(args, f"report: {', '.join(os.path.join(args.report, f) for f in files)}")
+    return 0
+
+
+def glob_exists(folder: str, prefix: str) -> bool:
+    return any(name.startswith(prefix) and name.endswith(".pkl") for name in os.listdir(folder))
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    weight, bias = load_classifier(args.classifier)
+    data = load_features(args.data, "test")
+    if args.splits_from:
+        splits = _splits_from_labels(load_features(args.splits_from, "train").y, weight.shape[0],
+                                     args.few_threshold, args.many_threshold)
+    elif os.path.isdir(args.data) and load_author_splits(args.data) is not None:
+        splits = load_author_splits(args.data)
+    else:
+        metadata = read_metadata(args.classifier)
+        if metadata is None or "splits" not in metadata:
+            raise InputError("no class splits known: pass --splits-from TRAIN (the training labels)")
+        splits = {name: torch.tensor(ids, dtype=torch.long) for name, ids in metadata["splits"].items()}
+    result = evaluate(weight, bias, data.x, data.y, splits, device=args.device)
+    print(_table([("top-1", result["top1"]), ("top-5", result["top5"])]).replace("| model |", "| metric |"))
+    return 0
+
+
+def _write_npy(path: str, array: np.ndarray) -> None:
+    write_atomic(path, lambda temporary: np.save(open(temporary, "wb"), array))
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    tic = time.perf_counter()
+    problem = make_preset(args.preset, scale=args.scale, seed=args.seed, dim=args.dim)
+    os.makedirs(args.out, exist_ok=True)
+    for role in ("train", "val", "test"):
+        x, y = getattr(problem, f"{role}_x"), getattr(problem, f"{role}_y")
+        if x.shape[0] == 0:
+            continue
+        _write_npy(os.path.join(args.out, f"{role}_x.npy"), x.numpy())
+        _write_npy(os.path.join(args.out, f"{role}_y.npy"), y.numpy())
+    save_classifier(os.path.join(args.out, "classifier.pt"), problem.weight, problem.bias,
+                    {"preset": args.preset, "scale": args.scale, "seed": args.seed})
+    _say(args, f"wrote {args.preset} (scale {args.scale}: {problem.weight.shape[0]} classes, "
+               f"{problem.train_x.shape[0]} train samples, d={problem.train_x.shape[1]}) to {args.out} "
+               f"in {time.perf_counter() - tic:.1f}s")
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    _say(args, "AlphaNet demo: a synthetic CIFAR-100-LT-shaped problem (100 classes, 35 many / 35 medium / 30 few, "
+               "d=64), corrected with rho=0.5 and 3 trials.")
+    problem = make_preset("cifar100-lt", seed=args.seed)
+    with tempfile.TemporaryDirectory() as folder:
+        paths = {}
+        for role in ("train", "test"):
+            paths[role] = os.path.join(folder, f"{role}.npz")
+            np.savez(paths[role], x=getattr(problem, f"{role}_x").numpy(), y=getattr(problem, f"{role}_y").numpy())
+        paths["classifier"] = os.path.join(folder, "classifier.pt")
+        save_classifier(paths["classifier"], problem.weight, problem.bias, {})
+        fit_args = build_parser().parse_args(
+            ["fit", "--train", paths["train"], "--test", paths["test"], "--classifier", paths["classifier"],
+             "--out", args.out or os.path.join(folder, "corrected.pt"), "--rho", "0.5", "--trials", "3",
+             "--seed", str(args.seed)] + (["--report", args.report] if args.report else []) +
+            (["--quiet"] if args.quiet else []) + (["--device", args.device] if args.device else []))
+        fit_args.demo = True
+        return run_fit(fit_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alphanet", description="AlphaNet post-hoc correction of long-tailed "
+                                     "classifiers (alphanet_ext " + __version__ + ").")
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def common(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+        sub.add_argument("--quiet", action="store_true", help="no progress output")
+        sub.add_argument("--few-threshold", type=int, default=20, help="few split: fewer train samples than this")
+        sub.add_argument("--many-threshold", type=int, default=100, help="many split: more train samples than this")
+
+    fit_parser = commands.add_parser("fit", help="correct a classifier from feature files")
+    fit_parser.add_argument("--train", required=True, help="train features (.npz, NAME_x.npy, .pt, .safetensors, "
+                            "or an authors'-layout folder)")
+    fit_parser.add_argument("--classifier", required=True, help="classifier (.pt/.pth, .npz, .safetensors)")
+    fit_parser.add_argument("--val", help="validation features (selects epoch, trial and rho)")
+    fit_parser.add_argument("--test", help="test features (for the printed table and the report)")
+    fit_parser.add_argument("--out", required=True, help="corrected classifier (.pt, .pth, .npz or .safetensors)")
+    fit_parser.add_argument("--report", help="folder for report.json, report.md and plots")
+    fit_parser.add_argument("--k", type=int, default=5)
+    fit_parser.add_argument("--rho", type=float, nargs="+", default=[1.0], help="one value, or several to sweep")
+    fit_parser.add_argument("--metric", choices=("euclidean", "cosine", "random"), default="euclidean")
+    fit_parser.add_argument("--epochs", type=int, default=None, help="default 25 with --val, else 10")
+    fit_parser.add_argument("--batch-size", type=int, default=64)
+    fit_parser.add_argument("--trials", type=int, default=1)
+    fit_parser.add_argument("--seed", type=int, default=0)
+    fit_parser.add_argument("--pred-scale", type=float, default=1.0)
+    common(fit_parser)
+    fit_parser.set_defaults(handler=run_fit)
+
+    eval_parser = commands.add_parser("eval", help="top-1/top-5 per split of a classifier")
+    eval_parser.add_argument("--classifier", required=True)
+    eval_parser.add_argument("--data", required=True)
+    eval_parser.add_argument("--splits-from", help="train features whose labels define the splits")
+    common(eval_parser)
+    eval_parser.set_defaults(handler=run_eval)
+
+    synth_parser = commands.add_parser("synth", help="write a synthetic long-tailed problem")
+    synth_parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    synth_parser.add_argument("--out", required=True)
+    synth_parser.add_argument("--scale", type=float, default=1.0, help="fraction of the preset's classes (0, 1]")
+    synth_parser.add_argument("--seed", type=int, default=0)
+    synth_parser.add_argument("--dim", type=int, default=None, help="feature dimension (default: the preset's)")
+    common(synth_parser)
+    synth_parser.set_defaults(handler=run_synth)
+
+    demo_parser = commands.add_parser("demo", help="generate, correct and report a small problem (< 1 minute)")
+    demo_parser.add_argument("--out", help="also write the corrected classifier here")
+    demo_parser.add_argument("--report", help="also write a report folder")
+    demo_parser.add_argument("--seed", type=int, default=0)
+    common(demo_parser)
+    demo_parser.set_defaults(handler=run_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print("alphanet: interrupted", file=sys.stderr)
+        return 130
+    except (InputError, ValueError, RuntimeError, OSError, KeyError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"alphanet: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

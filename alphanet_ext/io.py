@@ -1,0 +1,243 @@
+"""Reading features and classifiers from files, and writing results atomically.
+
+Features: ``.npz`` (keys ``x``/``y`` or ``features``/``labels``), ``.npy`` pairs
+(``NAME_x.npy`` + ``NAME_y.npy`` or ``features.npy`` + ``labels.npy``, opened
+memory-mapped), ``.pt`` / ``.pth`` and ``.safetensors`` (same keys), or a folder
+in the authors' layout (``splits/{many,medium,few}.txt``, ``train*.pkl``,
+``val*.pkl``, ``test*.pkl`` with ``feats`` / ``labels``; a pickled list of such
+dicts is an ensemble whose features are concatenated).
+Classifiers: ``.pt`` / ``.pth`` state dict or dict with ``weight`` / ``bias``
+(a list of them is an ensemble), ``.npz``, ``.safetensors``.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import pickle
+import tempfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .fit import combine_experts
+
+FEATURE_KEYS = (("x", "y"), ("features", "labels"), ("feats", "labels"))
+
+
+class InputError(ValueError):
+    """A file that cannot be used, with a one-line reason."""
+
+
+@dataclass
+class Features:
+    x: Any           # numpy array (possibly memory-mapped) or tensor, [N, d]
+    y: np.ndarray    # [N]
+    source: str
+
+
+def _pick_keys(data: Any, path: str) -> tuple[Any, Any]:
+    keys = set(data.keys()) if hasattr(data, "keys") else set()
+    for feature_key, label_key in FEATURE_KEYS:
+        if feature_key in keys and label_key in keys:
+            return data[feature_key], data[label_key]
+    raise InputError(f"{path}: expected keys x/y or features/labels, found {sorted(keys) or 'none'}")
+
+
+def _labels(values: Any, path: str) -> np.ndarray:
+    labels = np.asarray(values.numpy() if isinstance(values, torch.Tensor) else values)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise InputError(f"{path}: labels must be a 1-D integer array, got {labels.dtype} {labels.shape}")
+    return labels
+
+
+def _check_pair(x: Any, y: np.ndarray, path: str) -> Features:
+    if len(x.shape) != 2:
+        raise InputError(f"{path}: features must be 2-D [samples, dims], got shape {tuple(x.shape)}")
+    if x.shape[0] != y.shape[0]:
+        raise InputError(f"{path}: {x.shape[0]} feature rows but {y.shape[0]} labels")
+    return Features(x, y, path)
+
+
+def _authors_pickle(path: str) -> Features:
+    with open(path, "rb") as stream:
+        data = pickle.load(stream)
+    entries = data if isinstance(data, list) else [data]
+    xs, labels = [], None
+    for entry in entries:
+        x, y = _pick_keys(entry, path)
+        xs.append(torch.as_tensor(x).float())
+        y = _labels(np.asarray(y), path)
+        if labels is not None and not np.array_equal(labels, y):
+            raise InputError(f"{path}: the ensemble members have different labels")
+        labels = y
+    return _check_pair(torch.cat(xs, dim=1) if len(xs) > 1 else xs[0], labels, path)
+
+
+def _find_one(folder: str, prefix: str) -> str:
+    matches = sorted(glob.glob(os.path.join(folder, f"{prefix}*.pkl")))
+    if len(matches) != 1:
+        raise InputError(f"{folder}: expected one {prefix}*.pkl in the authors' layout, found {len(matches)}")
+    return matches[0]
+
+
+def load_features(path: str, role: str = "train") -> Features:
+    """Features and labels from a file or an authors'-layout folder (``role`` picks ``train*/val*/test*.pkl``)."""
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such file or folder")
+    try:
+        if os.path.isdir(path):
+            return _authors_pickle(_find_one(path, role))
+        lower = path.lower()
+        if lower.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as data:
+                x, y = _pick_keys(data, path)
+                return _check_pair(np.asarray(x), _labels(y, path), path)
+        if lower.endswith(".npy"):
+            folder, name = os.path.split(path)
+            if name.endswith("_x.npy"):
+                label_path = os.path.join(folder, name[:-len("_x.npy")] + "_y.npy")
+            elif name == "features.npy":
+                label_path = os.path.join(folder, "labels.npy")
+            else:
+                raise InputError(f"{path}: a .npy feature file must be NAME_x.npy (labels in NAME_y.npy) "
+                                 "or features.npy (labels in labels.npy)")
+            if not os.path.exists(label_path):
+                raise InputError(f"{path}: labels file {label_path} is missing")
+            return _check_pair(np.load(path, mmap_mode="r"), _labels(np.load(label_path), label_path), path)
+        if lower.endswith((".pt", ".pth")):
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            x, y = _pick_keys(data, path)
+            return _check_pair(x, _labels(y, path), path)
+        if lower.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            data = load_file(path)
+            x, y = _pick_keys(data, path)
+            return _check_pair(x, _labels(y, path), path)
+        if lower.endswith(".pkl"):
+            return _authors_pickle(path)
+    except InputError:
+        raise
+    except Exception as error:  # noqa: BLE001  (truncated or corrupt files surface here)
+        raise InputError(f"{path}: cannot read features ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'corrupt'})") from None
+    raise InputError(f"{path}: unknown feature format (use .npz, .npy, .pt, .safetensors or an authors' folder)")
+
+
+def _classifier_from_mapping(data: Any, path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    keys = list(data.keys())
+    weight_keys = [key for key in keys if key == "weight" or key.endswith(".weight")]
+    if len(weight_keys) != 1:
+        raise InputError(f"{path}: expected one 'weight' entry (a [classes, dims] matrix), found {weight_keys or 'none'}")
+    weight = torch.as_tensor(np.asarray(data[weight_keys[0]]) if not isinstance(data[weight_keys[0]], torch.Tensor)
+                             else data[weight_keys[0]])
+    bias_key = weight_keys[0][:-len("weight")] + "bias"
+    bias = data[bias_key] if bias_key in keys else None
+    bias = None if bias is None else torch.as_tensor(np.asarray(bias) if not isinstance(bias, torch.Tensor) else bias)
+    if weight.dim() != 2:
+        raise InputError(f"{path}: weight must be 2-D [classes, dims], got shape {tuple(weight.shape)}")
+    return weight, bias
+
+
+def load_classifier(path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight [C, d], bias [C] or None)``; an ensemble (list) becomes one ``[C, E*d]`` classifier."""
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such file")
+    lower = path.lower()
+    try:
+        if lower.endswith((".pt", ".pth")):
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        elif lower.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as archive:
+                data = {key: archive[key] for key in archive.files}
+        elif lower.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            data = load_file(path)
+        else:
+            raise InputError(f"{path}: unknown classifier format (use .pt/.pth, .npz or .safetensors)")
+    except InputError:
+        raise
+    except Exception as error:  # noqa: BLE001
+        raise InputError(f"{path}: cannot read classifier ({type(error).__name__})") from None
+    if isinstance(data, (list, tuple)):
+        parts = [_classifier_from_mapping(entry, path) for entry in data]
+        biases = None if any(b is None for _, b in parts) else [b for _, b in parts]
+        return combine_experts([w for w, _ in parts], biases)
+    if not hasattr(data, "keys"):
+        raise InputError(f"{path}: expected a dict with weight/bias or a list of them")
+    return _classifier_from_mapping(data, path)
+
+
+def load_author_splits(folder: str) -> dict[str, torch.Tensor] | None:
+    """``splits/{many,medium,few}.txt`` of an authors'-layout folder, if present."""
+    if not os.path.isdir(os.path.join(folder, "splits")):
+        return None
+    splits = {}
+    for name in ("many", "medium", "few"):
+        with open(os.path.join(folder, "splits", f"{name}.txt")) as stream:
+            splits[name] = torch.tensor([int(line) for line in stream if line.strip()], dtype=torch.long)
+    return splits
+
+
+def write_atomic(path: str, write: Callable[[str], None]) -> None:
+    """Calls ``write(temporary_path)`` then renames it onto ``path``: readers never see half a file."""
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(directory, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def save_classifier(path: str, weight: torch.Tensor, bias: torch.Tensor, metadata: dict) -> None:
+    """Writes ``{weight, bias}`` in the format ``path``'s extension names, with ``metadata``.
+
+    ``.pt``/``.pth`` files load straight into ``torch.nn.Linear.load_state_dict``
+    (metadata rides in the state dict's ``_metadata``); ``.npz`` adds a
+    ``metadata`` JSON string; ``.safetensors`` keeps it in the header.
+    """
+    lower = path.lower()
+    text = json.dumps(metadata)
+    if lower.endswith((".pt", ".pth")):
+        state = OrderedDict(weight=weight.contiguous(), bias=bias.contiguous())
+        state._metadata = OrderedDict({"": {"version": 1}, "alphanet": {"json": text}})
+        write_atomic(path, lambda temporary: torch.save(state, temporary))
+    elif lower.endswith(".npz"):
+        def write(temporary: str) -> None:
+            with open(temporary, "wb") as stream:
+                np.savez(stream, weight=weight.numpy(), bias=bias.numpy(), metadata=np.array(text))
+        write_atomic(path, write)
+    elif lower.endswith(".safetensors"):
+        from safetensors.torch import save_file
+        write_atomic(path, lambda temporary: save_file({"weight": weight.contiguous(), "bias": bias.contiguous()},
+                                                       temporary, metadata={"alphanet": text}))
+    else:
+        raise InputError(f"{path}: unknown output format (use .pt, .pth, .npz or .safetensors)")
+
+
+def read_metadata(path: str) -> dict | None:
+    """The metadata :func:`save_classifier` wrote, or None."""
+    lower = path.lower()
+    try:
+        if lower.endswith((".pt", ".pth")):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            meta = getattr(state, "_metadata", None) or {}
+            return json.loads(meta["alphanet"]["json"]) if "alphanet" in meta else None
+        if lower.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as archive:
+                return json.loads(str(archive["metadata"])) if "metadata" in archive.files else None
+        if lower.endswith(".safetensors"):
+            from safetensors import safe_open
+            with safe_open(path, "pt") as handle:
+                meta = handle.metadata() or {}
+            return json.loads(meta["alphanet"]) if "alphanet" in meta else None
+    except Exception:  # noqa: BLE001
+        return None
+    return None

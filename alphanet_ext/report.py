@@ -1,0 +1,121 @@
+"""Reports of a correction: JSON, Markdown tables and PNG plots."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import torch
+
+from .io import write_atomic
+from .metrics import SPLIT_NAMES
+
+COLUMNS = SPLIT_NAMES + ("overall",)
+
+
+def mean_std(values: Sequence[float]) -> dict[str, float]:
+    tensor = torch.tensor(list(values), dtype=torch.float64)
+    return {"mean": float(tensor.mean()), "std": float(tensor.std(unbiased=False)) if tensor.numel() > 1 else 0.0}
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    denominator = float(x.norm() * y.norm())
+    return float((x * y).sum()) / denominator if denominator > 0 else float("nan")
+
+
+def _cell(entry: dict) -> str:
+    if "mean" in entry:
+        return f"{entry['mean']:.1f} ± {entry['std']:.1f}" if entry["std"] else f"{entry['mean']:.1f}"
+    return f"{entry:.1f}"
+
+
+def markdown(report: dict) -> str:
+    lines = ["# AlphaNet correction report", ""]
+    config = report["config"]
+    lines.append(f"k={config['k']}, metric={config['metric']}, epochs={config['epochs']}, trials={config['trials']}, "
+                 f"seed={config['seed']}, evaluated on the {report['evaluated_on']} set "
+                 f"({report['samples']} samples). Accuracies in percent; mean ± std over trials.")
+    for top in ("top1", "top5"):
+        lines += ["", f"## {top.replace('top', 'Top-')}", "",
+                  "| model | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+        lines.append("| baseline | " + " | ".join(_cell(report["baseline"][top][c]) for c in COLUMNS) + " |")
+        for run in report["runs"]:
+            marker = " (best on val)" if run.get("best") and run.get("best_on_val") else ""
+            lines.append(f"| AlphaNet ρ={run['rho']}{marker} | " +
+                         " | ".join(_cell(run[top][c]) for c in COLUMNS) + " |")
+    if report.get("distance_correlation") is not None:
+        lines += ["", f"Few-class accuracy change vs mean distance to the {config['k']} neighbours: "
+                      f"Pearson r = {report['distance_correlation']:.3f} (plot: per_class_change.png)."]
+    return "\n".join(lines) + "\n"
+
+
+def _save_figure(figure, path: str) -> None:
+    write_atomic(path, lambda temporary: figure.savefig(temporary, dpi=110, bbox_inches="tight", format="png"))
+
+
+def plots(report: dict, per_class: dict, folder: str) -> list[str]:
+    """Split accuracies before/after, per-class change vs neighbour distance, accuracy vs rho."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    best = next(run for run in report["runs"] if run.get("best"))
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    positions = torch.arange(len(COLUMNS)).float()
+    before = [report["baseline"]["top1"][c]["mean"] for c in COLUMNS]
+    after = [best["top1"][c]["mean"] for c in COLUMNS]
+    axis.bar(positions - 0.2, before, 0.4, label="baseline")
+    axis.bar(positions + 0.2, after, 0.4, yerr=[best["top1"][c]["std"] for c in COLUMNS], label=f"AlphaNet ρ={best['rho']}")
+    axis.set_xticks(positions.tolist(), COLUMNS)
+    axis.set_ylabel(f"top-1 accuracy (%), {report['evaluated_on']}")
+    axis.legend()
+    _save_figure(figure, os.path.join(folder, "split_accuracy.png"))
+    plt.close(figure)
+    written.append("split_accuracy.png")
+
+    figure, axis = plt.subplots(figsize=(5, 4))
+    distance, change = per_class["distance"], per_class["change"]
+    axis.scatter(distance.numpy(), change.numpy(), s=12, alpha=0.7)
+    if distance.numel() > 1 and float(distance.std()) > 0:
+        slope, intercept = torch.linalg.lstsq(torch.stack([distance, torch.ones_like(distance)], 1).double(),
+                                              change.double()[:, None]).solution.flatten().tolist()
+        xs = torch.linspace(float(distance.min()), float(distance.max()), 50)
+        axis.plot(xs.numpy(), (slope * xs + intercept).numpy(), color="C1")
+    axis.set_xlabel(f"mean distance to the {report['config']['k']} neighbours")
+    axis.set_ylabel("few-class top-1 change (points)")
+    axis.set_title(f"Pearson r = {report['distance_correlation']:.2f}")
+    _save_figure(figure, os.path.join(folder, "per_class_change.png"))
+    plt.close(figure)
+    written.append("per_class_change.png")
+
+    if len(report["runs"]) > 1:
+        figure, axis = plt.subplots(figsize=(5, 3.5))
+        rhos = [run["rho"] for run in report["runs"]]
+        for column in COLUMNS:
+            axis.errorbar(rhos, [run["top1"][column]["mean"] for run in report["runs"]],
+                          yerr=[run["top1"][column]["std"] for run in report["runs"]], marker="o", label=column)
+            axis.axhline(report["baseline"]["top1"][column]["mean"], linestyle=":", linewidth=0.8,
+                         color=axis.lines[-1].get_color())
+        axis.set_xlabel("ρ")
+        axis.set_ylabel("top-1 accuracy (%)")
+        axis.legend(fontsize=8)
+        _save_figure(figure, os.path.join(folder, "rho_sweep.png"))
+        plt.close(figure)
+        written.append("rho_sweep.png")
+    return written
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as stream:
+        stream.write(text)
+
+
+def write_report(report: dict, per_class: dict, folder: str) -> list[str]:
+    os.makedirs(folder, exist_ok=True)
+    text = json.dumps(report, indent=2, allow_nan=True)
+    write_atomic(os.path.join(folder, "report.json"), lambda t: _write_text(t, text))
+    write_atomic(os.path.join(folder, "report.md"), lambda t: _write_text(t, markdown(report)))
+    return ["report.json", "report.md"] + plots(report, per_class, folder)
+

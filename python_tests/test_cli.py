@@ -1,0 +1,167 @@
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from alphanet_ext import cli, synthetic
+from alphanet_ext.io import read_metadata
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return synthetic.make_long_tailed(num_classes=30, dim=16, max_count=200, min_count=4, val_per_class=5,
+                                      test_per_class=10, seed=2)
+
+
+def write_features(folder, name, x, y, fmt):
+    if fmt == "npz":
+        path = os.path.join(folder, f"{name}.npz")
+        np.savez(path, x=x.numpy(), y=y.numpy())
+    elif fmt == "npy":
+        path = os.path.join(folder, f"{name}_x.npy")
+        np.save(path, x.numpy())
+        np.save(os.path.join(folder, f"{name}_y.npy"), y.numpy())
+    elif fmt == "pt":
+        path = os.path.join(folder, f"{name}.pt")
+        torch.save({"features": x, "labels": y}, path)
+    elif fmt == "safetensors":
+        from safetensors.torch import save_file
+        path = os.path.join(folder, f"{name}.safetensors")
+        save_file({"x": x.contiguous(), "y": y.contiguous()}, path)
+    return path
+
+
+def run(*argv):
+    return cli.main([str(a) for a in argv])
+
+
+@pytest.mark.parametrize("fmt", ["npz", "npy", "pt", "safetensors"])
+def test_fit_every_feature_format(problem, tmp_path, fmt, capsys):
+    train = write_features(tmp_path, "train", problem.train_x, problem.train_y, fmt)
+    val = write_features(tmp_path, "val", problem.val_x, problem.val_y, fmt)
+    classifier = tmp_path / "classifier.pt"
+    torch.save({"weight": problem.weight, "bias": problem.bias}, classifier)
+    out = tmp_path / "corrected.pt"
+    assert run("fit", "--train", train, "--val", val, "--classifier", classifier, "--out", out, "--epochs", 2,
+               "--quiet") == 0
+    layer = torch.nn.Linear(16, 30)
+    layer.load_state_dict(torch.load(out, weights_only=True))
+    metadata = read_metadata(str(out))
+    assert metadata["k"] == 5 and len(metadata["neighbors"]) == len(metadata["splits"]["few"])
+
+
+def test_rho_sweep_report_and_eval(problem, tmp_path, capsys):
+    paths = {role: write_features(tmp_path, role, getattr(problem, f"{role}_x"), getattr(problem, f"{role}_y"), "npz")
+             for role in ("train", "val", "test")}
+    classifier = tmp_path / "classifier.npz"
+    np.savez(classifier, weight=problem.weight.numpy(), bias=problem.bias.numpy())
+    out, report = tmp_path / "corrected.safetensors", tmp_path / "report"
+    code = run("fit", "--train", paths["train"], "--val", paths["val"], "--test", paths["test"], "--classifier",
+               classifier, "--out", out, "--report", report, "--rho", 0.5, 1.0, "--trials", 2, "--epochs", 6,
+               "--quiet")
+    assert code == 0
+    data = json.loads((report / "report.json").read_text())
+    assert [r["rho"] for r in data["runs"]] == [0.5, 1.0] and sum(r["best"] for r in data["runs"]) == 1
+    assert set(data["runs"][0]["top1"]) == {"many", "medium", "few", "overall"}
+    assert "std" in data["runs"][0]["top1"]["few"]
+    for name in ("report.md", "split_accuracy.png", "per_class_change.png", "rho_sweep.png"):
+        assert (report / name).stat().st_size > 0
+    assert "(best on val)" in (report / "report.md").read_text()
+    capsys.readouterr()
+    assert run("eval", "--classifier", out, "--data", paths["test"]) == 0  # splits from the file's metadata
+    assert "top-1" in capsys.readouterr().out
+    assert run("eval", "--classifier", classifier, "--data", paths["test"], "--splits-from", paths["train"]) == 0
+
+
+def test_authors_layout_and_ensemble_classifier(problem, tmp_path):
+    folder = tmp_path / "authors"
+    (folder / "splits").mkdir(parents=True)
+    counts = torch.bincount(problem.train_y, minlength=30)
+    for name, ids in (("many", counts > 100), ("medium", (counts >= 20) & (counts <= 100)), ("few", counts < 20)):
+        (folder / "splits" / f"{name}.txt").write_text("\n".join(map(str, torch.nonzero(ids).flatten().tolist())))
+    half = 8
+    for role in ("train", "val", "test"):
+        x, y = getattr(problem, f"{role}_x"), getattr(problem, f"{role}_y")
+        experts = [{"feats": x[:, :half], "labels": y.tolist(), "idxs": list(range(len(y)))},
+                   {"feats": x[:, half:], "labels": y.tolist(), "idxs": list(range(len(y)))}]
+        with open(folder / f"{role}_feats.pkl", "wb") as stream:
+            pickle.dump(experts, stream)
+    # Two experts whose average equals the original classifier on the concatenated features.
+    classifier = folder / "classifier.pth"
+    torch.save([{"weight": 2 * problem.weight[:, :half], "bias": problem.bias},
+                {"weight": 2 * problem.weight[:, half:], "bias": problem.bias}], classifier)
+    out = tmp_path / "out.npz"
+    assert run("fit", "--train", folder, "--classifier", classifier, "--out", out, "--epochs", 2, "--quiet") == 0
+    with np.load(out) as archive:
+        assert archive["weight"].shape == (30, 16) and "metadata" in archive.files
+    assert run("eval", "--classifier", classifier, "--data", folder) == 0
+
+
+def test_synth_then_fit(tmp_path):
+    data = tmp_path / "data"
+    assert run("synth", "--preset", "places-lt", "--scale", 0.05, "--dim", 32, "--out", data, "--quiet") == 0
+    assert {"train_x.npy", "train_y.npy", "val_x.npy", "test_x.npy", "classifier.pt"} <= set(os.listdir(data))
+    assert run("fit", "--train", data / "train_x.npy", "--val", data / "val_x.npy", "--classifier",
+               data / "classifier.pt", "--out", tmp_path / "c.pt", "--epochs", 1, "--quiet") == 0
+
+
+@pytest.mark.parametrize("breakage,message", [
+    ("missing_keys", "expected keys x/y or features/labels"),
+    ("dims", "train_x has 7 features but the classifier expects 16"),
+    ("labels", "train_y has label 30 outside the classifier's 30 classes"),
+    ("truncated", "cannot read features"),
+    ("missing_file", "no such file"),
+    ("classifier_keys", "expected one 'weight' entry"),
+])
+def test_bad_files_fail_cleanly(problem, tmp_path, breakage, message, capsys):
+    train = write_features(tmp_path, "train", problem.train_x, problem.train_y, "npz")
+    classifier = tmp_path / "classifier.pt"
+    torch.save({"weight": problem.weight, "bias": problem.bias}, classifier)
+    if breakage == "missing_keys":
+        np.savez(train, features=problem.train_x.numpy())
+    elif breakage == "dims":
+        np.savez(train, x=problem.train_x[:, :7].numpy(), y=problem.train_y.numpy())
+    elif breakage == "labels":
+        labels = problem.train_y.clone()
+        labels[0] = 30
+        np.savez(train, x=problem.train_x.numpy(), y=labels.numpy())
+    elif breakage == "truncated":
+        content = open(train, "rb").read()
+        open(train, "wb").write(content[: len(content) // 2])
+    elif breakage == "missing_file":
+        train = tmp_path / "absent.npz"
+    elif breakage == "classifier_keys":
+        torch.save({"matrix": problem.weight}, classifier)
+    out = tmp_path / "out" / "corrected.pt"
+    capsys.readouterr()
+    assert run("fit", "--train", train, "--classifier", classifier, "--out", out, "--quiet") == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("alphanet: error:") and message in error and "\n" not in error
+    assert not out.exists() and not (out.parent.exists() and os.listdir(out.parent))
+
+
+def test_usage_errors_exit_2():
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["fit", "--train", "x.npz"])
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["synth", "--preset", "nope", "--out", "x"])
+    assert exit_info.value.code == 2
+
+
+def test_module_entry_point_and_help():
+    for command in ([], ["fit"], ["eval"], ["synth"], ["demo"]):
+        completed = subprocess.run([sys.executable, "-m", "alphanet_ext", *command, "--help"], capture_output=True,
+                                   text=True)
+        assert completed.returncode == 0 and "usage:" in completed.stdout
+
+
+def test_demo(capsys):
+    assert run("demo") == 0
+    out = capsys.readouterr().out
+    assert "| baseline |" in out and "| AlphaNet rho=0.5 |" in out
