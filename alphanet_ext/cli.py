@@ -142,7 +142,10 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _write_npy(path: str, array: np.ndarray) -> None:
-    write_atomic(path, lambda temporary: np.save(open(temporary, "wb"), array))
+    def write(temporary: str) -> None:
+        with open(temporary, "wb") as stream:
+            np.save(stream, array)
+    write_atomic(path, write)
 
 
 def run_synth(args: argparse.Namespace) -> int:

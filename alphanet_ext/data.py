@@ -3,6 +3,7 @@ and the checks every entry point applies to them."""
 from __future__ import annotations
 
 import math
+import mmap
 from typing import Any, Iterator
 
 import numpy as np
@@ -30,6 +31,16 @@ def as_tensor(array: ArrayLike, name: str, device: torch.device | None = None) -
     return tensor if device is None else tensor.to(device)
 
 
+def _unmapped_after_use(array: ArrayLike) -> ArrayLike:
+    """For a memory-mapped array, a fresh mapping of the same file: once the rows
+    read through it are copied out it is dropped, so pages read from disk do not
+    stay in this process's resident memory (the OS page cache still has them)."""
+    if isinstance(array, np.memmap) and isinstance(array.filename, str) and isinstance(array.base, mmap.mmap):
+        return np.memmap(array.filename, dtype=array.dtype, mode="r", offset=array.offset, shape=array.shape,
+                         order="F" if array.flags.f_contiguous and not array.flags.c_contiguous else "C")
+    return array
+
+
 def num_rows(array: ArrayLike) -> int:
     return int(array.shape[0])
 
@@ -38,7 +49,7 @@ def iter_row_chunks(array: ArrayLike, name: str, device: torch.device,
                     chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple[int, Tensor]]:
     """Yields ``(first_row, rows)`` chunks as tensors on ``device``; memory-mapped arrays are read chunk by chunk."""
     for begin in range(0, num_rows(array), chunk_rows):
-        yield begin, as_tensor(array[begin:begin + chunk_rows], name, device)
+        yield begin, as_tensor(_unmapped_after_use(array)[begin:begin + chunk_rows], name, device)
 
 
 def gather_rows(array: ArrayLike, rows: Tensor, name: str, device: torch.device) -> Tensor:
@@ -49,7 +60,7 @@ def gather_rows(array: ArrayLike, rows: Tensor, name: str, device: torch.device)
         rows_np = rows.cpu().numpy()
         order = np.argsort(rows_np, kind="stable")
         gathered = np.empty((len(rows_np),) + tuple(array.shape[1:]), dtype=array.dtype)
-        gathered[order] = array[rows_np[order]]
+        gathered[order] = _unmapped_after_use(array)[rows_np[order]]
         return torch.from_numpy(gathered).to(device)
     return as_tensor(array, name)[rows.to(as_tensor(array, name).device)].to(device)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -72,21 +71,9 @@ class FitResult:
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the result atomically (a temporary file renamed into place)."""
-        save_atomic(asdict(self), path)
-
-
-def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(obj, stream)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+        from .io import write_atomic
+        data = asdict(self)
+        write_atomic(os.fspath(path), lambda temporary: torch.save(data, temporary))
 
 
 def load(path: str | os.PathLike) -> FitResult:

@@ -189,6 +189,9 @@ def write_atomic(path: str, write: Callable[[str], None]) -> None:
     os.close(handle)
     try:
         write(temporary)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):

@@ -21,6 +21,7 @@ SIZES = {
     "small": dict(means=(20_000, 64, 100), knn=(30, 70, 64, 5), combine=(100, 64, 30, 5, 10_000)),
     "medium": dict(means=(115_846, 2048, 1000), knn=(136, 864, 2048, 5), combine=(1000, 2048, 136, 5, 20_000)),
     "large": dict(means=(353_237, 2048, 8142), knn=(4515, 3627, 2048, 5), combine=(8142, 2048, 4515, 5, 24_426)),
+    "huge": dict(knn=(100_000, 100_000, 512, 5)),  # GPU only: kNN at scale
 }
 
 
@@ -52,11 +53,40 @@ def peer_combine_columns(logits, targets, neighbors, alphas):
     return logits[:, targets] + torch.einsum("ck,nck->nc", weights, logits[:, neighbors])
 
 
-def row(name, size, ours, peer, device, repeats, peer_name):
+def card_rates(device):
+    """Measured copy bandwidth (bytes/s, read + write) and fp32 matmul rate (FLOP/s) of a GPU."""
+    if not device.startswith("cuda"):
+        return None
+    source = torch.empty(1 << 28, dtype=torch.float32, device=device)
+    target = torch.empty_like(source)
+    t_copy, _ = compare(lambda: target.copy_(source), lambda: None, device, 10)
+    a = torch.randn(8192, 8192, device=device)
+    t_mm, _ = compare(lambda: a @ a, lambda: None, device, 5)
+    rates = {"bandwidth": 2 * source.numel() * 4 / t_copy, "matmul": 2 * 8192**3 / t_mm}
+    print(f"card: copy bandwidth {rates['bandwidth'] / 1e9:.0f} GB/s, fp32 matmul "
+          f"{rates['matmul'] / 1e12:.1f} TFLOP/s (tf32 {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'})")
+    return rates
+
+
+def row(name, size, ours, peer, device, repeats, peer_name, rates=None, moved_bytes=None, flops=None):
     t_ours, t_peer = compare(ours, peer, device, repeats)
     mem_ours, mem_peer = peak_extra_memory(ours, device), peak_extra_memory(peer, device)
-    print(f"| {name} | {size} | {t_ours * 1e3:.1f} | {peer_name} {t_peer * 1e3:.1f} | {t_peer / t_ours:.2f}x "
-          f"| {mib(mem_ours)} | {mib(mem_peer)} |", flush=True)
+    fraction = ""
+    if rates and moved_bytes:
+        fraction = f"{moved_bytes / t_ours / 1e9:.0f} GB/s = {moved_bytes / t_ours / rates['bandwidth']:.0%} of copy"
+    elif rates and flops:
+        fraction = f"{flops / t_ours / 1e12:.1f} TFLOP/s = {flops / t_ours / rates['matmul']:.0%} of matmul"
+    print(f"| {name} | {size} | {t_ours * 1e3:.2f} | {peer_name} {t_peer * 1e3:.2f} | {t_peer / t_ours:.2f}x "
+          f"| {mib(mem_ours)} | {mib(mem_peer)} | {fraction} |", flush=True)
+
+
+def cupy_peers():
+    try:
+        import cupy
+        import cupyx
+    except ImportError:
+        return None
+    return cupy, cupyx
 
 
 def main():
@@ -70,21 +100,34 @@ def main():
     threads = setup_threads(args.threads)
     device = args.device
     print(f"machine: {machine()}; device {device}; torch {torch.__version__}; threads {threads}")
-    print("| op | size | ours ms | peer ms | speed-up | our peak extra mem | peer peak extra mem |")
-    print("|---|---|---|---|---|---|---|")
+    rates = card_rates(device)
+    cupy_modules = cupy_peers() if device.startswith("cuda") else None
+    print("| op | size | ours ms | peer ms | speed-up | our peak extra mem | peer peak extra mem | hardware fraction |")
+    print("|---|---|---|---|---|---|---|---|")
     generator = torch.Generator().manual_seed(0)
     ops = args.ops.split(",")
     for size_name in args.sizes.split(","):
         size = SIZES[size_name]
-        if "class_means" in ops:
+        if "class_means" in ops and "means" in size:
             rows, dims, classes = size["means"]
             x = torch.randn(rows, dims, generator=generator).to(device)
             labels = torch.randint(0, classes, (rows,), generator=generator).to(device)
+            moved = x.numel() * 4 + classes * dims * 4
             row("class_means fp32", f"{rows}x{dims}, C={classes}", lambda: alphanet_ext.class_means(x, labels, classes),
-                lambda: peer_class_means(x, labels, classes), device, args.repeats, "index_add_")
+                lambda: peer_class_means(x, labels, classes), device, args.repeats, "index_add_", rates, moved)
+            if cupy_modules:
+                cupy, cupyx = cupy_modules
+                x_cp, labels_cp = cupy.from_dlpack(x), cupy.from_dlpack(labels)
+                def cupy_means():
+                    sums = cupy.zeros((classes, dims), dtype=cupy.float32)
+                    cupyx.scatter_add(sums, labels_cp, x_cp)
+                    return sums / cupy.maximum(cupy.bincount(labels_cp, minlength=classes), 1)[:, None]
+                row("class_means fp32", f"{rows}x{dims}, C={classes}", lambda: alphanet_ext.class_means(x, labels, classes),
+                    cupy_means, device, args.repeats, "cupyx.scatter_add", rates, moved)
             half = x.to(torch.bfloat16)
             row("class_means bf16", f"{rows}x{dims}, C={classes}", lambda: alphanet_ext.class_means(half, labels, classes),
-                lambda: peer_class_means(half, labels, classes), device, args.repeats, "index_add_")
+                lambda: peer_class_means(half, labels, classes), device, args.repeats, "index_add_", rates,
+                x.numel() * 2 + classes * dims * 4)
             del x, half
         if "knn" in ops:
             q, m, dims, k = size["knn"]
@@ -95,8 +138,17 @@ def main():
             best_peer = (lambda: peer_knn_cdist(queries, keys, k)) if t_cdist[0] <= t_cdist[1] else \
                 (lambda: peer_knn_mm(queries, keys, k))
             row("knn euclidean", f"{q}x{m}x{dims}, k={k}", lambda: alphanet_ext.knn(queries, keys, k), best_peer,
-                device, args.repeats, "cdist+topk" if t_cdist[0] <= t_cdist[1] else "mm+topk")
-        if "alpha_combine" in ops:
+                device, args.repeats, "cdist+topk" if t_cdist[0] <= t_cdist[1] else "mm+topk", rates,
+                flops=2 * q * m * dims)
+            if cupy_modules:
+                cupy, _ = cupy_modules
+                q_cp, k_cp = cupy.from_dlpack(queries), cupy.from_dlpack(keys)
+                def cupy_knn():
+                    squared = (q_cp * q_cp).sum(1)[:, None] - 2 * q_cp @ k_cp.T + (k_cp * k_cp).sum(1)[None]
+                    return cupy.argpartition(squared, k, axis=1)[:, :k]
+                row("knn euclidean", f"{q}x{m}x{dims}, k={k}", lambda: alphanet_ext.knn(queries, keys, k), cupy_knn,
+                    device, args.repeats, "cupy mm+argpartition", rates, flops=2 * q * m * dims)
+        if "alpha_combine" in ops and "combine" in size:
             lines, dims, few, k, logit_rows = size["combine"]
             source = torch.randn(lines, dims, generator=generator).to(device)
             targets = torch.randint(0, lines, (few,), generator=generator).to(device)
@@ -104,11 +156,13 @@ def main():
             alphas = torch.randn(few, k, generator=generator).to(device)
             row("alpha_combine rows", f"W {lines}x{dims}, n={few}, k={k}",
                 lambda: torch.ops.alphanet.alpha_combine(source, targets, neighbors, alphas, 0),
-                lambda: peer_combine_rows(source, targets, neighbors, alphas), device, args.repeats, "index_select+einsum")
+                lambda: peer_combine_rows(source, targets, neighbors, alphas), device, args.repeats, "index_select+einsum",
+                rates, few * (k + 2) * dims * 4)
             logits = torch.randn(logit_rows, lines, generator=generator).to(device)
             row("alpha_combine columns", f"L {logit_rows}x{lines}, n={few}, k={k}",
                 lambda: torch.ops.alphanet.alpha_combine(logits, targets, neighbors, alphas, 1),
-                lambda: peer_combine_columns(logits, targets, neighbors, alphas), device, args.repeats, "indexing+einsum")
+                lambda: peer_combine_columns(logits, targets, neighbors, alphas), device, args.repeats, "indexing+einsum",
+                rates, logit_rows * few * (k + 2) * 4)
             alphas_grad = alphas.clone().requires_grad_()
             grad_rows = torch.randn(few, dims, generator=generator).to(device)
             def ours_backward():
@@ -118,7 +172,7 @@ def main():
                 return torch.autograd.grad(peer_combine_rows(source, targets, neighbors, alphas_grad), alphas_grad,
                                            grad_rows)
             row("alpha_combine rows fwd+bwd", f"W {lines}x{dims}, n={few}, k={k}", ours_backward, peer_backward,
-                device, args.repeats, "autograd of peer")
+                device, args.repeats, "autograd of peer", rates, 2 * few * (k + 2) * dims * 4)
 
 
 if __name__ == "__main__":

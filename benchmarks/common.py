@@ -34,18 +34,11 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _peak_rss_bytes() -> int:
+def _status_bytes(field: str) -> int:
+    """A memory line of /proc/self/status (VmHWM: peak resident, VmRSS: resident) in bytes."""
     with open("/proc/self/status") as handle:
         for line in handle:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
 
@@ -62,9 +55,9 @@ def peak_extra_memory(fn: Callable[[], object], device: str) -> int:
         return torch.cuda.max_memory_allocated() - start
     if not _reset_peak_rss():
         return -1
-    start = _rss_bytes()
+    start = _status_bytes("VmRSS")
     result = fn()
-    peak = _peak_rss_bytes()
+    peak = _status_bytes("VmHWM")
     del result
     return max(0, peak - start)
 
