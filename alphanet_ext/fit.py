@@ -103,6 +103,29 @@ def combine_experts(weights: Sequence[ArrayLike], biases: Sequence[ArrayLike] | 
     return weight, torch.stack(bs).mean(dim=0)
 
 
+class _FusedAdamW:
+    """AdamW (betas 0.9/0.999, eps 1e-8: torch's defaults) through torch's fused
+    kernel: the update of ``torch.optim.AdamW(fused=True)``, without the
+    optimiser's per-step Python machinery or its one-time import of
+    ``torch._dynamo`` (seconds on a small machine)."""
+
+    def __init__(self, params: list[Tensor], lr: float, weight_decay: float):
+        self.params, self.lr, self.weight_decay = params, lr, weight_decay
+        self.exp_avgs = [torch.zeros_like(p) for p in params]
+        self.exp_avg_sqs = [torch.zeros_like(p) for p in params]
+        self.steps = [torch.zeros((), dtype=torch.float32, device=p.device) for p in params]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def step(self) -> None:
+        torch._foreach_add_(self.steps, 1)
+        torch._fused_adamw_(self.params, [p.grad for p in self.params], self.exp_avgs, self.exp_avg_sqs, [],
+                            self.steps, lr=self.lr, beta1=0.9, beta2=0.999, weight_decay=self.weight_decay,
+                            eps=1e-8, amsgrad=False, maximize=False)
+
+
 class _SharedInputLinear(torch.autograd.Function):
     """``inputs @ weight`` for a fixed ``inputs [n, D]`` given as its transpose
     ``inputs_t [D, n]`` and a weight stored as ``[D, out]``: with n << D this is
@@ -290,9 +313,7 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
     sizes = [(k + 1) * dim, *hidden, k]
     nets = _CoefficientNets(sizes, generators, device)
     few_bias = b[few].repeat(trials, 1).requires_grad_()  # [T, C_f]
-    # The fused kernel computes the same update as the reference loop, in one pass over the parameters.
-    optimizer = torch.optim.AdamW(nets.parameters() + [few_bias], lr=lr, weight_decay=weight_decay, fused=True)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=lr_step, gamma=lr_gamma)
+    optimizer = _FusedAdamW(nets.parameters() + [few_bias], lr=lr, weight_decay=weight_decay)
 
     # Column ids of every trial's few classes and neighbours in a [B, T*C] view of the batch logits.
     trial_offsets = (torch.arange(trials, device=device) * num_classes)[:, None]
@@ -378,7 +399,7 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
             correct[:, begin:begin + block.shape[0]] = (predicted == val_labels[begin:begin + 4096, None]).T
         return [accuracy_by_split(correct[t], val_labels, splits, num_classes) for t in range(trials)]
 
-    chunk_samples = max(batch_size, ((1 << 26) // (trials * num_classes)) // batch_size * batch_size)
+    chunk_samples = max(batch_size, ((1 << 25) // (trials * num_classes)) // batch_size * batch_size)
     history: list[dict] = []
     best_score = [-math.inf] * trials
     best_epochs = [epochs] * trials
@@ -389,6 +410,7 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
 
     for epoch in _progress(range(1, epochs + 1), progress, desc="alphanet fit", unit="epoch"):
         tic = time.perf_counter()
+        optimizer.lr = lr * lr_gamma ** ((epoch - 1) // lr_step)  # StepLR
         entries = torch.stack([draw_epoch(g) for g in generators])  # [T, epoch_size]
         loss_sum = torch.zeros(trials, device=device)
         for chunk_begin in range(0, epoch_size, chunk_samples):
@@ -408,11 +430,10 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
                     batch_few >= 0, few_scores.gather(2, batch_few.clamp_min(0)[..., None]).squeeze(2),
                     target_base_score[begin:begin + rows])
                 losses = (log_total - target_score).mean(dim=0)  # [T]
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad()
                 losses.sum().backward()
                 optimizer.step()
                 loss_sum += losses.detach() * rows
-        scheduler.step()
         train_time += time.perf_counter() - tic
 
         record: dict[str, Any] = {"epoch": epoch, "loss": (loss_sum / epoch_size).tolist()}

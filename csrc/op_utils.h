@@ -51,12 +51,22 @@ inline at::Tensor checked_indices(const at::Tensor& t, int64_t limit, const char
                   t.scalar_type() != at::kBool,
               op, ": ", name, " must be an integer tensor, got ", t.scalar_type());
   at::Tensor indices = t.to(at::kLong).contiguous();
-  if (indices.numel() > 0) {
+  if (indices.numel() == 0) return indices;
+  int64_t bad = 0;
+  bool ok = true;
+  if (indices.is_cpu()) {  // a plain loop: no tensor ops, so small calls stay cheap
+    const int64_t* values = indices.data_ptr<int64_t>();
+    for (int64_t i = 0; i < indices.numel() && ok; ++i) {
+      ok = values[i] >= 0 && values[i] < limit;
+      bad = values[i];
+    }
+  } else {
     auto [lowest, highest] = at::aminmax(indices);
     const int64_t low = lowest.item<int64_t>(), high = highest.item<int64_t>();
-    TORCH_CHECK(low >= 0 && high < limit, op, ": ", name, " must lie in [0, ", limit, ") (", limit_name,
-                "), found ", low < 0 ? low : high);
+    ok = low >= 0 && high < limit;
+    bad = low < 0 ? low : high;
   }
+  TORCH_CHECK(ok, op, ": ", name, " must lie in [0, ", limit, ") (", limit_name, "), found ", bad);
   return indices;
 }
 

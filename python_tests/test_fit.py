@@ -181,3 +181,20 @@ def test_bad_input(problem, change, message):
         args["train_x"], args["train_y"] = problem.train_x[keep], problem.train_y[keep]
     with pytest.raises(ValueError, match=message):
         alphanet_ext.fit(**args)
+
+
+def test_fused_adamw_matches_torch_optim():
+    from alphanet_ext.fit import _FusedAdamW
+    generator = torch.Generator().manual_seed(0)
+    ours = [torch.randn(5, 3, generator=generator).requires_grad_(), torch.randn(4, generator=generator).requires_grad_()]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    optimizer = _FusedAdamW(ours, lr=1e-2, weight_decay=0.01)
+    reference = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.01)
+    for step in range(4):
+        grads = [torch.randn(p.shape, generator=generator) for p in ours]
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        optimizer.step()
+        reference.step()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
