@@ -18,7 +18,7 @@ from . import __version__
 from .fit import FitResult, fit
 from .io import (InputError, load_author_splits, load_classifier, load_features, read_metadata, save_classifier,
                  write_atomic)
-from .metrics import SPLIT_NAMES, evaluate, make_splits
+from .metrics import evaluate, make_splits
 from .report import COLUMNS, mean_std, pearson, write_report
 from .synthetic import PRESETS, make_preset
 

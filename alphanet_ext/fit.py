@@ -252,8 +252,8 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
         raise ValueError(f"k must be at least 1, got {k}")
     if rho < 0 or not math.isfinite(rho):
         raise ValueError(f"rho must be a finite number >= 0, got {rho}")
-    if trials < 1 or batch_size < 1:
-        raise ValueError(f"trials and batch_size must be at least 1, got {trials}, {batch_size}")
+    if trials < 1 or batch_size < 1 or lr_step < 1:
+        raise ValueError(f"trials, batch_size and lr_step must be at least 1, got {trials}, {batch_size}, {lr_step}")
     if (val_x is None) != (val_y is None):
         raise ValueError("give both val_x and val_y, or neither")
     has_val = val_x is not None

@@ -6,7 +6,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from .data import ArrayLike, as_tensor, check_classifier, check_features, check_labels, logits
+from .data import ArrayLike, check_classifier, check_features, check_labels, logits
 
 SPLIT_NAMES = ("many", "medium", "few")
 

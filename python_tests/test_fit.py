@@ -48,8 +48,7 @@ def test_logit_space_scores_equal_materialised_classifier(problem):
     """The training/validation path (combine logit columns) gives the scores of the exported W-hat."""
     result = quick_fit(problem, k=3, epochs=2)
     few = result.splits["few"]
-    w, b = problem.weight, problem.bias
-    logits = problem.val_x @ w.T
+    logits = problem.val_x @ problem.weight.T
     few_scores = alphanet_ext.alpha_combine(logits, few, result.neighbors, result.alphas, dim=1) + result.bias[few]
     materialised = problem.val_x @ result.weight.T + result.bias
     torch.testing.assert_close(few_scores, materialised[:, few], rtol=1e-4, atol=1e-4)
@@ -198,3 +197,15 @@ def test_fused_adamw_matches_torch_optim():
         reference.step()
     for p, q in zip(ours, theirs):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_memmap_rows_and_slices_read_correctly(tmp_path):
+    from alphanet_ext.data import gather_rows, iter_row_chunks
+    array = np.arange(60, dtype=np.float32).reshape(20, 3)
+    np.save(tmp_path / "a.npy", array)
+    mapped = np.load(tmp_path / "a.npy", mmap_mode="r")
+    for source, expected in ((mapped, array), (mapped[5:], array[5:])):
+        chunks = torch.cat([chunk for _, chunk in iter_row_chunks(source, "x", torch.device("cpu"), chunk_rows=4)])
+        assert torch.equal(chunks, torch.from_numpy(expected))
+        rows = torch.tensor([7, 0, 7, 3])
+        assert torch.equal(gather_rows(source, rows, "x", torch.device("cpu")), torch.from_numpy(expected[rows.numpy()]))
