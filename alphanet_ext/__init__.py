@@ -5,7 +5,7 @@ from .ops import (ClassMeanAccumulator, HAS_EXTENSION, alpha_combine, class_mean
                   knn)
 from .metrics import evaluate, make_splits  # noqa: E402
 from .fit import FitResult, combine_experts, fit, load  # noqa: E402
-from . import synthetic  # noqa: E402
+from . import baselines, synthetic  # noqa: E402
 
-__all__ = ["ClassMeanAccumulator", "FitResult", "HAS_EXTENSION", "alpha_combine", "class_means", "combine_experts",
+__all__ = ["ClassMeanAccumulator", "baselines", "FitResult", "HAS_EXTENSION", "alpha_combine", "class_means", "combine_experts",
            "compiled_with_cuda", "evaluate", "fit", "knn", "load", "make_splits", "synthetic", "__version__"]

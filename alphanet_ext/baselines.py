@@ -1,0 +1,104 @@
+"""Post-hoc peers of AlphaNet on the same features and classifier.
+
+Each returns a ``(weight, bias)`` pair that :func:`alphanet_ext.evaluate`
+accepts, so every method is scored the same way.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .data import ArrayLike, as_tensor, check_labels
+from .metrics import evaluate
+from .ops import class_means
+
+__all__ = ["ncm", "tau_normalize", "choose_tau", "logit_adjust", "choose_logit_adjustment", "lws"]
+
+DEFAULT_GRID = tuple(round(0.1 * i, 1) for i in range(21))  # 0.0, 0.1, ..., 2.0
+
+
+def ncm(train_x: ArrayLike, train_y: ArrayLike, num_classes: int, metric: str = "cosine") -> tuple[Tensor, Tensor]:
+    """Nearest class mean as a linear classifier. ``cosine``: unit-norm means, no
+    bias (ranks like cosine similarity); ``euclidean``: ``2 mu_c`` and ``-||mu_c||^2``
+    (ranks like ``-||x - mu_c||^2``)."""
+    x = as_tensor(train_x, "train_x")
+    labels = check_labels(train_y, "train_y", x.shape[0], num_classes, x.device)
+    means, counts = class_means(x, labels, num_classes)
+    if bool((counts == 0).any()):
+        raise ValueError("ncm: every class needs at least one training sample")
+    if metric == "cosine":
+        return means / means.norm(dim=1, keepdim=True).clamp_min(1e-12), torch.zeros(num_classes)
+    if metric == "euclidean":
+        return 2 * means, -(means * means).sum(dim=1)
+    raise ValueError(f"ncm: metric must be 'cosine' or 'euclidean', got {metric!r}")
+
+
+def tau_normalize(weight: ArrayLike, bias: ArrayLike | None, tau: float) -> tuple[Tensor, Tensor]:
+    """``w_c / ||w_c||^tau`` (tau=0: unchanged, tau=1: unit-norm rows); the bias is kept."""
+    w = as_tensor(weight, "weight").float()
+    b = torch.zeros(w.shape[0]) if bias is None else as_tensor(bias, "bias").float()
+    return w / w.norm(dim=1, keepdim=True).clamp_min(1e-12).pow(tau), b.clone()
+
+
+def logit_adjust(weight: ArrayLike, bias: ArrayLike | None, counts: Tensor, tau: float) -> tuple[Tensor, Tensor]:
+    """Subtracts ``tau * log prior_c`` (prior from train counts) from every class's score."""
+    w = as_tensor(weight, "weight").float()
+    b = torch.zeros(w.shape[0]) if bias is None else as_tensor(bias, "bias").float()
+    prior = counts.double() / counts.sum()
+    if bool((prior <= 0).any()):
+        raise ValueError("logit_adjust: every class needs a positive train count")
+    return w.clone(), (b.double() - tau * prior.log()).float()
+
+
+def _best_on_val(candidates, val_x, val_y, splits) -> tuple[float, tuple[Tensor, Tensor]]:
+    scored = [(evaluate(w, b, val_x, val_y, splits)["top1"]["overall"], tau, (w, b)) for tau, (w, b) in candidates]
+    best = max(scored, key=lambda item: (item[0], -item[1]))  # ties: the smaller tau
+    return best[1], best[2]
+
+
+def choose_tau(weight: ArrayLike, bias: ArrayLike | None, val_x: ArrayLike | None, val_y: ArrayLike | None,
+               splits: dict, grid: Sequence[float] = DEFAULT_GRID) -> tuple[float, tuple[Tensor, Tensor]]:
+    """tau-normalisation with tau chosen on val (overall top-1); tau=1 without a val set."""
+    if val_x is None:
+        return 1.0, tau_normalize(weight, bias, 1.0)
+    return _best_on_val([(tau, tau_normalize(weight, bias, tau)) for tau in grid], val_x, val_y, splits)
+
+
+def choose_logit_adjustment(weight: ArrayLike, bias: ArrayLike | None, counts: Tensor, val_x: ArrayLike | None,
+                            val_y: ArrayLike | None, splits: dict,
+                            grid: Sequence[float] = DEFAULT_GRID) -> tuple[float, tuple[Tensor, Tensor]]:
+    """Logit adjustment with tau chosen on val; tau=1 without a val set."""
+    if val_x is None:
+        return 1.0, logit_adjust(weight, bias, counts, 1.0)
+    return _best_on_val([(tau, logit_adjust(weight, bias, counts, tau)) for tau in grid], val_x, val_y, splits)
+
+
+def lws(weight: ArrayLike, bias: ArrayLike | None, train_x: ArrayLike, train_y: ArrayLike, epochs: int = 10,
+        batch_size: int = 512, lr: float = 0.01, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Learnable weight scaling: one scale per class (``s_c w_c``, ``s_c b_c``), the
+    classifier itself fixed, trained with class-balanced sampling (each class
+    equally likely, then a uniform member)."""
+    w = as_tensor(weight, "weight").float()
+    b = torch.zeros(w.shape[0]) if bias is None else as_tensor(bias, "bias").float()
+    x = as_tensor(train_x, "train_x").float()
+    labels = check_labels(train_y, "train_y", x.shape[0], w.shape[0], x.device)
+    logits = x @ w.T
+    counts = torch.bincount(labels, minlength=w.shape[0])
+    present = torch.nonzero(counts).flatten()
+    order = torch.argsort(labels, stable=True)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    generator = torch.Generator().manual_seed(seed)
+    scales = torch.ones(w.shape[0], requires_grad=True)
+    optimizer = torch.optim.SGD([scales], lr=lr, momentum=0.9)
+    for _ in range(epochs):
+        for _ in range(max(1, x.shape[0] // batch_size)):
+            picked = present[torch.randint(present.numel(), (batch_size,), generator=generator)]
+            rows = order[offsets[picked] + (torch.rand(batch_size, generator=generator) * counts[picked]).long()]
+            loss = torch.nn.functional.cross_entropy(scales * (logits[rows] + b), labels[rows])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    scales = scales.detach()
+    return w * scales[:, None], b * scales

@@ -1,0 +1,48 @@
+import torch
+
+import alphanet_ext
+from alphanet_ext import baselines, synthetic
+
+
+def test_ncm_hand_computed():
+    x = torch.tensor([[2.0, 0.0], [4.0, 0.0], [0.0, 3.0]])
+    y = torch.tensor([0, 0, 1])
+    weight, bias = baselines.ncm(x, y, 2, "cosine")
+    torch.testing.assert_close(weight, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    weight, bias = baselines.ncm(x, y, 2, "euclidean")
+    torch.testing.assert_close(weight, torch.tensor([[6.0, 0.0], [0.0, 6.0]]))
+    torch.testing.assert_close(bias, torch.tensor([-9.0, -9.0]))
+    # (2.9, 2.9) is equally far from both means (3, 0) and (0, 3): equal scores.
+    scores = torch.tensor([[2.9, 2.9]]) @ weight.T + bias
+    assert scores[0, 0] == scores[0, 1]
+
+
+def test_tau_normalize():
+    weight = torch.tensor([[3.0, 4.0], [0.0, 2.0]])
+    same, _ = baselines.tau_normalize(weight, None, 0.0)
+    unit, _ = baselines.tau_normalize(weight, None, 1.0)
+    half, _ = baselines.tau_normalize(weight, torch.ones(2), 0.5)
+    torch.testing.assert_close(same, weight)
+    torch.testing.assert_close(unit, torch.tensor([[0.6, 0.8], [0.0, 1.0]]))
+    torch.testing.assert_close(half[0], weight[0] / 5**0.5)
+
+
+def test_logit_adjust_hand_computed():
+    weight, bias = baselines.logit_adjust(torch.eye(2), torch.zeros(2), torch.tensor([3, 1]), 1.0)
+    torch.testing.assert_close(bias, -torch.log(torch.tensor([0.75, 0.25])))
+
+
+def test_peers_help_the_few_split_and_choose_tau_on_val():
+    problem = synthetic.make_long_tailed(num_classes=40, dim=24, max_count=300, min_count=4, seed=3)
+    counts = torch.bincount(problem.train_y, minlength=40)
+    splits = alphanet_ext.make_splits(counts)
+    base = alphanet_ext.evaluate(problem.weight, problem.bias, problem.test_x, problem.test_y, splits)["top1"]["few"]
+    tau, (w, b) = baselines.choose_logit_adjustment(problem.weight, problem.bias, counts, problem.val_x,
+                                                    problem.val_y, splits)
+    assert tau in baselines.DEFAULT_GRID and tau > 0
+    adjusted = alphanet_ext.evaluate(w, b, problem.test_x, problem.test_y, splits)["top1"]["few"]
+    assert adjusted > base
+    w, b = baselines.lws(problem.weight, problem.bias, problem.train_x, problem.train_y)
+    assert alphanet_ext.evaluate(w, b, problem.test_x, problem.test_y, splits)["top1"]["few"] > base
+    tau, _ = baselines.choose_tau(problem.weight, problem.bias, None, None, splits)
+    assert tau == 1.0
