@@ -19,7 +19,8 @@ from .fit import FitResult, fit
 from .io import (InputError, load_author_splits, load_classifier, load_features, read_metadata, save_classifier,
                  write_atomic)
 from .metrics import evaluate, make_splits
-from .report import COLUMNS, mean_std, pearson, write_report
+from .analysis import pearson_with_interval, prediction_changes
+from .report import COLUMNS, mean_std, write_report
 from .synthetic import PRESETS, make_preset
 
 
@@ -109,10 +110,15 @@ def run_fit(args: argparse.Namespace) -> int:
         change = chosen["per_class_top1"][few] - baseline["per_class_top1"][few]
         distance = best.neighbor_distances.mean(dim=1)
         keep = ~torch.isnan(change)
+        correlation = (pearson_with_interval(distance[keep], change[keep]) if int(keep.sum()) >= 3
+                       else {"r": float("nan"), "low": float("nan"), "high": float("nan")})
         report = {"config": best.config, "evaluated_on": evaluated_on, "samples": baseline["samples"],
                   "baseline": {top: {c: {"mean": baseline[top][c], "std": 0.0} for c in COLUMNS}
                                for top in ("top1", "top5")},
-                  "runs": report_runs, "distance_correlation": pearson(distance[keep], change[keep]),
+                  "runs": report_runs, "distance_correlation": correlation["r"],
+                  "distance_correlation_95": [correlation["low"], correlation["high"]],
+                  "prediction_changes_few": prediction_changes((weight, bias), (best.weight, best.bias), evaluated.x,
+                                                               evaluated.y, few, best.neighbors),
                   "split_sizes": {name: int(ids.numel()) for name, ids in splits.items()}}
         files = write_report(report, {"distance": distance[keep], "change": change[keep]}, args.report)
         _say(args, f"report: {', '.join(os.path.join(args.report, f) for f in files)}")

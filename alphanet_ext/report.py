@@ -18,12 +18,6 @@ def mean_std(values: Sequence[float]) -> dict[str, float]:
     return {"mean": float(tensor.mean()), "std": float(tensor.std(unbiased=False)) if tensor.numel() > 1 else 0.0}
 
 
-def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
-    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
-    denominator = float(x.norm() * y.norm())
-    return float((x * y).sum()) / denominator if denominator > 0 else float("nan")
-
-
 def _cell(entry: dict) -> str:
     if "mean" in entry:
         return f"{entry['mean']:.1f} ± {entry['std']:.1f}" if entry["std"] else f"{entry['mean']:.1f}"
@@ -45,8 +39,15 @@ def markdown(report: dict) -> str:
             lines.append(f"| AlphaNet ρ={run['rho']}{marker} | " +
                          " | ".join(_cell(run[top][c]) for c in COLUMNS) + " |")
     if report.get("distance_correlation") is not None:
+        low, high = report.get("distance_correlation_95", [float("nan")] * 2)
         lines += ["", f"Few-class accuracy change vs mean distance to the {config['k']} neighbours: "
-                      f"Pearson r = {report['distance_correlation']:.3f} (plot: per_class_change.png)."]
+                      f"Pearson r = {report['distance_correlation']:.3f} (bootstrap 95% interval {low:.3f} to "
+                      f"{high:.3f}; plot: per_class_change.png)."]
+    if report.get("prediction_changes_few"):
+        changes = report["prediction_changes_few"]
+        lines += ["", "## Predictions on few-split samples", "", "| | correct | as one of its neighbours | elsewhere |",
+                  "|---|---|---|---|"]
+        lines += [f"| {name} | {c['correct']} | {c['as_neighbor']} | {c['elsewhere']} |" for name, c in changes.items()]
     return "\n".join(lines) + "\n"
 
 
