@@ -16,7 +16,7 @@ import torch
 
 from . import __version__
 from .fit import FitResult, fit
-from .io import (InputError, load_author_splits, load_classifier, load_features, read_metadata, save_classifier,
+from .io import (Features, InputError, load_author_splits, load_classifier, load_features, read_metadata, save_classifier,
                  write_atomic)
 from .metrics import evaluate, make_splits
 from .analysis import pearson_with_interval, prediction_changes
@@ -55,6 +55,28 @@ def _accuracy_summary(results: list[dict]) -> dict:
             for top in ("top1", "top5")}
 
 
+def _fit_each_rho(args: argparse.Namespace, train: Features, weight: torch.Tensor, bias: torch.Tensor,
+                  val: Features | None, metric: str) -> list[tuple[float, FitResult]]:
+    runs = []
+    for rho in args.rho:
+        _say(args, f"fitting rho={rho} ({args.trials} trial(s), k={args.k}, metric={metric}) ...")
+        tic = time.perf_counter()
+        result = fit(train.x, train.y, weight, bias, val.x if val else None, val.y if val else None,
+                     k=args.k, rho=rho, metric=metric, epochs=args.epochs, batch_size=args.batch_size,
+                     trials=args.trials, seed=args.seed, device=args.device, pred_scale=args.pred_scale,
+                     few_threshold=args.few_threshold, many_threshold=args.many_threshold,
+                     progress=not args.quiet)
+        _say(args, f"  done in {time.perf_counter() - tic:.1f}s")
+        runs.append((rho, result))
+    return runs
+
+
+def _per_trial(result: FitResult, trials: int, weight: torch.Tensor, bias: torch.Tensor, data: Features,
+               splits: dict, device: str | None) -> list[dict]:
+    return [evaluate(*result.trial_classifier(t, weight, bias), data.x, data.y, splits, device=device)
+            for t in range(trials)]
+
+
 def run_fit(args: argparse.Namespace) -> int:
     train = load_features(args.train, "train")
     weight, bias = load_classifier(args.classifier)
@@ -69,17 +91,7 @@ def run_fit(args: argparse.Namespace) -> int:
     evaluated = test or val or train
     evaluated_on = "test" if test else ("val" if val else "train")
 
-    runs: list[tuple[float, FitResult]] = []
-    for rho in args.rho:
-        _say(args, f"fitting rho={rho} ({args.trials} trial(s), k={args.k}, metric={args.metric}) ...")
-        tic = time.perf_counter()
-        result = fit(train.x, train.y, weight, bias, val.x if val else None, val.y if val else None,
-                     k=args.k, rho=rho, metric=args.metric, epochs=args.epochs, batch_size=args.batch_size,
-                     trials=args.trials, seed=args.seed, device=args.device, pred_scale=args.pred_scale,
-                     few_threshold=args.few_threshold, many_threshold=args.many_threshold,
-                     progress=not args.quiet)
-        _say(args, f"  done in {time.perf_counter() - tic:.1f}s")
-        runs.append((rho, result))
+    runs = _fit_each_rho(args, train, weight, bias, val, args.metric)
     best_index = max(range(len(runs)), key=lambda i: runs[i][1].summary()["overall"]["mean"]) if val else 0
     best_rho, best = runs[best_index]
 
@@ -92,8 +104,7 @@ def run_fit(args: argparse.Namespace) -> int:
     rows = [("baseline", baseline["top1"])]
     report_runs = []
     for index, (rho, result) in enumerate(runs):
-        per_trial = [evaluate(*result.trial_classifier(t, weight, bias), evaluated.x, evaluated.y, splits,
-                              device=args.device) for t in range(args.trials)]
+        per_trial = _per_trial(result, args.trials, weight, bias, evaluated, splits, args.device)
         summary = _accuracy_summary(per_trial)
         rows.append((f"AlphaNet rho={rho}" + (" (best)" if index == best_index and len(runs) > 1 else ""),
                      {c: summary["top1"][c]["mean"] for c in COLUMNS}))
@@ -127,6 +138,78 @@ def run_fit(args: argparse.Namespace) -> int:
 
 def glob_exists(folder: str, prefix: str) -> bool:
     return any(name.startswith(prefix) and name.endswith(".pkl") for name in os.listdir(folder))
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from . import baselines
+    train = load_features(args.train, "train")
+    weight, bias = load_classifier(args.classifier)
+    bias = torch.zeros(weight.shape[0], dtype=weight.dtype) if bias is None else bias
+    val = load_features(args.val, "val") if args.val else None
+    test = load_features(args.test, "test") if args.test else None
+    evaluated, evaluated_on = (test, "test") if test else ((val, "val") if val else (train, "train"))
+    counts = torch.bincount(torch.as_tensor(np.asarray(train.y), dtype=torch.long), minlength=weight.shape[0])
+    splits = make_splits(counts, args.few_threshold, args.many_threshold)
+    val_x, val_y = (val.x, val.y) if val else (None, None)
+
+    def score(w: torch.Tensor, b: torch.Tensor) -> dict:
+        return evaluate(w, b, evaluated.x, evaluated.y, splits, device=args.device)
+
+    methods: list[tuple[str, list[dict]]] = [("baseline", [score(weight, bias)])]
+    _say(args, "peers: NCM, tau-normalisation, logit adjustment, LWS ...")
+    for metric in ("cosine", "euclidean"):
+        methods.append((f"NCM ({metric})", [score(*baselines.ncm(train.x, train.y, weight.shape[0], metric))]))
+    tau, classifier = baselines.choose_tau(weight, bias, val_x, val_y, splits)
+    methods.append((f"tau-normalised (tau={tau})", [score(*classifier)]))
+    tau, classifier = baselines.choose_logit_adjustment(weight, bias, counts, val_x, val_y, splits)
+    methods.append((f"logit adjustment (tau={tau})", [score(*classifier)]))
+    methods.append(("LWS", [score(*baselines.lws(weight, bias, train.x, train.y, seed=args.seed))]))
+    for metric, label in ((args.metric, "AlphaNet"), ("random", "AlphaNet, random neighbours")):
+        for rho, result in _fit_each_rho(args, train, weight, bias, val, metric):
+            methods.append((f"{label} rho={rho}", _per_trial(result, args.trials, weight, bias, evaluated, splits,
+                                                              args.device)))
+
+    rows = []
+    for name, results in methods:
+        summary = _accuracy_summary(results)
+        rows.append({"method": name, **summary})
+    header = "| method | " + " | ".join(f"top-1 {c}" for c in COLUMNS) + " | top-5 overall |"
+    lines = [f"Accuracy (%) on the {evaluated_on} set, mean ± std over trials", "", header,
+             "|---" * (len(COLUMNS) + 2) + "|"]
+    for row in rows:
+        cells = [f"{row['top1'][c]['mean']:.1f} ± {row['top1'][c]['std']:.1f}" for c in COLUMNS]
+        lines.append(f"| {row['method']} | " + " | ".join(cells) + f" | {row['top5']['overall']['mean']:.1f} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.report:
+        import json
+        os.makedirs(args.report, exist_ok=True)
+        write_atomic(os.path.join(args.report, "compare.json"),
+                     lambda t: _write_text(t, json.dumps({"evaluated_on": evaluated_on, "methods": rows}, indent=2)))
+        write_atomic(os.path.join(args.report, "compare.md"), lambda t: _write_text(t, table))
+        _frontier_plot(rows, os.path.join(args.report, "frontier.png"))
+        _say(args, f"report: {args.report}/compare.json, compare.md, frontier.png")
+    return 0
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as stream:
+        stream.write(text)
+
+
+def _frontier_plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axis = plt.subplots(figsize=(6.5, 4.5))
+    for row in rows:
+        few, overall = row["top1"]["few"], row["top1"]["overall"]
+        axis.errorbar(few["mean"], overall["mean"], xerr=few["std"], yerr=overall["std"], marker="o", label=row["method"])
+    axis.set_xlabel("few-split top-1 (%)")
+    axis.set_ylabel("overall top-1 (%)")
+    axis.legend(fontsize=7, loc="best")
+    write_atomic(path, lambda temporary: figure.savefig(temporary, dpi=110, bbox_inches="tight", format="png"))
+    plt.close(figure)
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -222,6 +305,23 @@ def build_parser() -> argparse.ArgumentParser:
     fit_parser.add_argument("--pred-scale", type=float, default=1.0)
     common(fit_parser)
     fit_parser.set_defaults(handler=run_fit)
+
+    compare_parser = commands.add_parser("compare", help="AlphaNet against post-hoc peers, in one table")
+    compare_parser.add_argument("--train", required=True)
+    compare_parser.add_argument("--classifier", required=True)
+    compare_parser.add_argument("--val", help="validation features (choose tau, epochs and trials)")
+    compare_parser.add_argument("--test", help="test features (the table's data; else val, else train)")
+    compare_parser.add_argument("--report", help="folder for compare.json, compare.md and frontier.png")
+    compare_parser.add_argument("--k", type=int, default=5)
+    compare_parser.add_argument("--rho", type=float, nargs="+", default=[0.5, 1.0, 1.5])
+    compare_parser.add_argument("--metric", choices=("euclidean", "cosine"), default="euclidean")
+    compare_parser.add_argument("--epochs", type=int, default=None)
+    compare_parser.add_argument("--batch-size", type=int, default=64)
+    compare_parser.add_argument("--trials", type=int, default=1)
+    compare_parser.add_argument("--seed", type=int, default=0)
+    compare_parser.add_argument("--pred-scale", type=float, default=1.0)
+    common(compare_parser)
+    compare_parser.set_defaults(handler=run_compare)
 
     eval_parser = commands.add_parser("eval", help="top-1/top-5 per split of a classifier")
     eval_parser.add_argument("--classifier", required=True)

@@ -165,3 +165,20 @@ def test_demo(capsys):
     assert run("demo") == 0
     out = capsys.readouterr().out
     assert "| baseline |" in out and "| AlphaNet rho=0.5 |" in out
+
+
+def test_compare(problem, tmp_path, capsys):
+    paths = {role: write_features(tmp_path, role, getattr(problem, f"{role}_x"), getattr(problem, f"{role}_y"), "npz")
+             for role in ("train", "val", "test")}
+    classifier = tmp_path / "classifier.pt"
+    torch.save({"weight": problem.weight, "bias": problem.bias}, classifier)
+    report = tmp_path / "report"
+    capsys.readouterr()
+    assert run("compare", "--train", paths["train"], "--val", paths["val"], "--test", paths["test"], "--classifier",
+               classifier, "--rho", 0.5, "--epochs", 2, "--report", report, "--quiet") == 0
+    out = capsys.readouterr().out
+    for method in ("baseline", "NCM (cosine)", "NCM (euclidean)", "tau-normalised", "logit adjustment", "LWS",
+                   "AlphaNet rho=0.5", "AlphaNet, random neighbours rho=0.5"):
+        assert f"| {method}" in out
+    data = json.loads((report / "compare.json").read_text())
+    assert len(data["methods"]) == 8 and (report / "frontier.png").stat().st_size > 0
