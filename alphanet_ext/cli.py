@@ -77,6 +77,24 @@ def _per_trial(result: FitResult, trials: int, weight: torch.Tensor, bias: torch
             for t in range(trials)]
 
 
+AUTO_RHOS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+
+
+def _auto_rho_index(runs: list[tuple[float, FitResult]], weight: torch.Tensor, bias: torch.Tensor, val: Features,
+                    args: argparse.Namespace) -> int:
+    """The rho with the best val few-split top-1 among those whose overall val top-1
+    stays within --max-overall-drop points of the uncorrected classifier's."""
+    baseline = evaluate(weight, bias, val.x, val.y, runs[0][1].splits, device=args.device)["top1"]["overall"]
+    summaries = [result.summary() for _, result in runs]
+    allowed = [i for i, summary in enumerate(summaries)
+               if summary["overall"]["mean"] >= baseline - args.max_overall_drop]
+    if not allowed:
+        _say(args, f"no rho keeps overall val top-1 within {args.max_overall_drop} points of {baseline:.1f}; "
+                   "taking the one with the best overall accuracy")
+        return max(range(len(runs)), key=lambda i: summaries[i]["overall"]["mean"])
+    return max(allowed, key=lambda i: summaries[i]["few"]["mean"])
+
+
 def run_fit(args: argparse.Namespace) -> int:
     train = load_features(args.train, "train")
     weight, bias = load_classifier(args.classifier)
@@ -91,8 +109,18 @@ def run_fit(args: argparse.Namespace) -> int:
     evaluated = test or val or train
     evaluated_on = "test" if test else ("val" if val else "train")
 
+    auto = args.rho == ["auto"]
+    if "auto" in args.rho and not auto:
+        raise InputError("--rho auto cannot be mixed with numbers")
+    if auto and val is None:
+        raise InputError("--rho auto needs --val (it picks rho on the validation set)")
+    if auto:
+        args.rho = list(AUTO_RHOS)
     runs = _fit_each_rho(args, train, weight, bias, val, args.metric)
-    best_index = max(range(len(runs)), key=lambda i: runs[i][1].summary()["overall"]["mean"]) if val else 0
+    if auto:
+        best_index = _auto_rho_index(runs, weight, bias, val, args)
+    else:
+        best_index = max(range(len(runs)), key=lambda i: runs[i][1].summary()["overall"]["mean"]) if val else 0
     best_rho, best = runs[best_index]
 
     save_classifier(args.out, best.weight, best.bias, _metadata(best, best_rho))
@@ -275,6 +303,15 @@ def run_demo(args: argparse.Namespace) -> int:
         return run_fit(fit_args)
 
 
+def _rho_value(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"rho must be a number or 'auto', got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alphanet", description="AlphaNet post-hoc correction of long-tailed "
                                      "classifiers (alphanet_ext " + __version__ + ").")
@@ -296,7 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit_parser.add_argument("--out", required=True, help="corrected classifier (.pt, .pth, .npz or .safetensors)")
     fit_parser.add_argument("--report", help="folder for report.json, report.md and plots")
     fit_parser.add_argument("--k", type=int, default=5)
-    fit_parser.add_argument("--rho", type=float, nargs="+", default=[1.0], help="one value, or several to sweep")
+    fit_parser.add_argument("--rho", type=_rho_value, nargs="+", default=[1.0],
+                            help="one value, several to sweep, or 'auto' (sweep %s on val)" % (AUTO_RHOS,))
+    fit_parser.add_argument("--max-overall-drop", type=float, default=1.0,
+                            help="with --rho auto: the most overall val top-1 (points) to give up for the few split")
     fit_parser.add_argument("--metric", choices=("euclidean", "cosine", "random"), default="euclidean")
     fit_parser.add_argument("--epochs", type=int, default=None, help="default 25 with --val, else 10")
     fit_parser.add_argument("--batch-size", type=int, default=64)

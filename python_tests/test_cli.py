@@ -182,3 +182,21 @@ def test_compare(problem, tmp_path, capsys):
         assert f"| {method}" in out
     data = json.loads((report / "compare.json").read_text())
     assert len(data["methods"]) == 8 and (report / "frontier.png").stat().st_size > 0
+
+
+def test_rho_auto_respects_the_overall_drop(problem, tmp_path):
+    paths = {role: write_features(tmp_path, role, getattr(problem, f"{role}_x"), getattr(problem, f"{role}_y"), "npz")
+             for role in ("train", "val")}
+    classifier = tmp_path / "classifier.pt"
+    torch.save({"weight": problem.weight, "bias": problem.bias}, classifier)
+    out, report = tmp_path / "c.pt", tmp_path / "report"
+    assert run("fit", "--train", paths["train"], "--val", paths["val"], "--classifier", classifier, "--out", out,
+               "--rho", "auto", "--max-overall-drop", 100, "--epochs", 2, "--report", report, "--quiet") == 0
+    data = json.loads((report / "report.json").read_text())
+    assert [r["rho"] for r in data["runs"]] == list(cli.AUTO_RHOS)
+    chosen = next(r for r in data["runs"] if r["best"])
+    # With a 100-point allowance every rho qualifies: the pick is the best few-split val accuracy.
+    assert chosen["val_top1"]["few"]["mean"] == max(r["val_top1"]["few"]["mean"] for r in data["runs"])
+    assert read_metadata(str(out))["rho"] == chosen["rho"]
+    assert run("fit", "--train", paths["train"], "--classifier", classifier, "--out", out, "--rho", "auto",
+               "--quiet") == 1
