@@ -20,7 +20,7 @@ from .io import (Features, InputError, load_author_splits, load_classifier, load
                  write_atomic)
 from .metrics import evaluate, make_splits
 from .analysis import pearson_with_interval, prediction_changes
-from .report import COLUMNS, mean_std, write_report
+from .report import COLUMNS, write_text, mean_std, write_report
 from .synthetic import PRESETS, make_preset
 
 
@@ -213,16 +213,11 @@ def run_compare(args: argparse.Namespace) -> int:
         import json
         os.makedirs(args.report, exist_ok=True)
         write_atomic(os.path.join(args.report, "compare.json"),
-                     lambda t: _write_text(t, json.dumps({"evaluated_on": evaluated_on, "methods": rows}, indent=2)))
-        write_atomic(os.path.join(args.report, "compare.md"), lambda t: _write_text(t, table))
+                     lambda t: write_text(t, json.dumps({"evaluated_on": evaluated_on, "methods": rows}, indent=2)))
+        write_atomic(os.path.join(args.report, "compare.md"), lambda t: write_text(t, table))
         _frontier_plot(rows, os.path.join(args.report, "frontier.png"))
         _say(args, f"report: {args.report}/compare.json, compare.md, frontier.png")
     return 0
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w") as stream:
-        stream.write(text)
 
 
 def _frontier_plot(rows: list[dict], path: str) -> None:
@@ -324,6 +319,17 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--few-threshold", type=int, default=20, help="few split: fewer train samples than this")
         sub.add_argument("--many-threshold", type=int, default=100, help="many split: more train samples than this")
 
+    def training_options(sub: argparse.ArgumentParser, metrics: tuple[str, ...], rho_default: list,
+                         rho_type, rho_help: str) -> None:
+        sub.add_argument("--k", type=int, default=5)
+        sub.add_argument("--rho", type=rho_type, nargs="+", default=rho_default, help=rho_help)
+        sub.add_argument("--metric", choices=metrics, default="euclidean")
+        sub.add_argument("--epochs", type=int, default=None, help="default 25 with --val, else 10")
+        sub.add_argument("--batch-size", type=int, default=64)
+        sub.add_argument("--trials", type=int, default=1)
+        sub.add_argument("--seed", type=int, default=0)
+        sub.add_argument("--pred-scale", type=float, default=1.0)
+
     fit_parser = commands.add_parser("fit", help="correct a classifier from feature files")
     fit_parser.add_argument("--train", required=True, help="train features (.npz, NAME_x.npy, .pt, .safetensors, "
                             "or an authors'-layout folder)")
@@ -332,17 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit_parser.add_argument("--test", help="test features (for the printed table and the report)")
     fit_parser.add_argument("--out", required=True, help="corrected classifier (.pt, .pth, .npz or .safetensors)")
     fit_parser.add_argument("--report", help="folder for report.json, report.md and plots")
-    fit_parser.add_argument("--k", type=int, default=5)
-    fit_parser.add_argument("--rho", type=_rho_value, nargs="+", default=[1.0],
-                            help="one value, several to sweep, or 'auto' (sweep %s on val)" % (AUTO_RHOS,))
+    training_options(fit_parser, ("euclidean", "cosine", "random"), [1.0], _rho_value,
+                     "one value, several to sweep, or 'auto' (sweep %s on val)" % (AUTO_RHOS,))
     fit_parser.add_argument("--max-overall-drop", type=float, default=1.0,
                             help="with --rho auto: the most overall val top-1 (points) to give up for the few split")
-    fit_parser.add_argument("--metric", choices=("euclidean", "cosine", "random"), default="euclidean")
-    fit_parser.add_argument("--epochs", type=int, default=None, help="default 25 with --val, else 10")
-    fit_parser.add_argument("--batch-size", type=int, default=64)
-    fit_parser.add_argument("--trials", type=int, default=1)
-    fit_parser.add_argument("--seed", type=int, default=0)
-    fit_parser.add_argument("--pred-scale", type=float, default=1.0)
     common(fit_parser)
     fit_parser.set_defaults(handler=run_fit)
 
@@ -352,14 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare_parser.add_argument("--val", help="validation features (choose tau, epochs and trials)")
     compare_parser.add_argument("--test", help="test features (the table's data; else val, else train)")
     compare_parser.add_argument("--report", help="folder for compare.json, compare.md and frontier.png")
-    compare_parser.add_argument("--k", type=int, default=5)
-    compare_parser.add_argument("--rho", type=float, nargs="+", default=[0.5, 1.0, 1.5])
-    compare_parser.add_argument("--metric", choices=("euclidean", "cosine"), default="euclidean")
-    compare_parser.add_argument("--epochs", type=int, default=None)
-    compare_parser.add_argument("--batch-size", type=int, default=64)
-    compare_parser.add_argument("--trials", type=int, default=1)
-    compare_parser.add_argument("--seed", type=int, default=0)
-    compare_parser.add_argument("--pred-scale", type=float, default=1.0)
+    training_options(compare_parser, ("euclidean", "cosine"), [0.5, 1.0, 1.5], float, "values of rho to compare")
     common(compare_parser)
     compare_parser.set_defaults(handler=run_compare)
 

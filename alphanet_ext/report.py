@@ -108,7 +108,7 @@ def plots(report: dict, per_class: dict, folder: str) -> list[str]:
     return written
 
 
-def _write_text(path: str, text: str) -> None:
+def write_text(path: str, text: str) -> None:
     with open(path, "w") as stream:
         stream.write(text)
 
@@ -116,7 +116,7 @@ def _write_text(path: str, text: str) -> None:
 def write_report(report: dict, per_class: dict, folder: str) -> list[str]:
     os.makedirs(folder, exist_ok=True)
     text = json.dumps(report, indent=2, allow_nan=True)
-    write_atomic(os.path.join(folder, "report.json"), lambda t: _write_text(t, text))
-    write_atomic(os.path.join(folder, "report.md"), lambda t: _write_text(t, markdown(report)))
+    write_atomic(os.path.join(folder, "report.json"), lambda t: write_text(t, text))
+    write_atomic(os.path.join(folder, "report.md"), lambda t: write_text(t, markdown(report)))
     return ["report.json", "report.md"] + plots(report, per_class, folder)
 
