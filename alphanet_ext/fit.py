@@ -49,15 +49,11 @@ class FitResult:
     mlp_state: dict[str, Tensor] = field(default_factory=dict)
     version: str = __version__
 
-    def trial_classifier(self, trial: int, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    def trial_classifier(self, trial: int, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
         """The corrected ``(weight, bias)`` of any trial, rebuilt from the input classifier."""
-        few = self.splits["few"]
-        w, b = torch.as_tensor(weight).clone(), torch.as_tensor(bias).clone()
-        alphas = self.trial_alphas[trial]
-        normalized = alphas / alphas.abs().sum(dim=1, keepdim=True)
-        w[few] = (w[few].double() + torch.einsum("ck,ckd->cd", normalized.double(), w[self.neighbors].double())).to(w.dtype)
-        b[few] = self.trial_few_bias[trial].to(b.dtype)
-        return w, b
+        return _apply_correction(weight, bias, self.splits["few"], self.neighbors, self.trial_alphas[trial],
+                                 self.trial_few_bias[trial])
+
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Mean and standard deviation over trials of the val top-1 per split."""
@@ -74,6 +70,18 @@ class FitResult:
         from .io import write_atomic
         data = asdict(self)
         write_atomic(os.fspath(path), lambda temporary: torch.save(data, temporary))
+
+
+def _apply_correction(weight: ArrayLike, bias: ArrayLike | None, few: Tensor, neighbors: Tensor, alphas: Tensor,
+                      few_bias: Tensor) -> tuple[Tensor, Tensor]:
+    """The input classifier (on the CPU) with its few rows corrected: base rows keep
+    the caller's exact values and dtype."""
+    w = as_tensor(weight, "weight").detach().cpu().clone()
+    b = torch.zeros(w.shape[0]) if bias is None else as_tensor(bias, "bias").detach().cpu().clone()
+    few, neighbors = few.cpu(), neighbors.cpu()
+    w[few] = ops.alpha_combine(w, few, neighbors, alphas.detach().cpu())
+    b[few] = few_bias.detach().cpu().to(b.dtype)
+    return w, b
 
 
 def load(path: str | os.PathLike) -> FitResult:
@@ -461,20 +469,7 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
     tic = time.perf_counter()
     chosen = best_alphas[best_trial]
     normalized = chosen / chosen.abs().sum(dim=1, keepdim=True)
-    corrected = w.clone()
-    corrected[few] = torch.ops.alphanet.alpha_combine(w, few, neighbors, chosen, 0)
-    new_bias = b.clone()
-    new_bias[few] = best_bias[best_trial]
-    # Base rows keep the caller's exact values (and dtype), not a float32 round trip.
-    original_w = as_tensor(weight, "weight").detach().cpu()
-    out_weight = original_w.clone()
-    out_weight[few.cpu()] = corrected[few].cpu().to(original_w.dtype)
-    if bias is None:
-        out_bias = new_bias.cpu()
-    else:
-        original_b = as_tensor(bias, "bias").detach().cpu()
-        out_bias = original_b.clone()
-        out_bias[few.cpu()] = new_bias[few].cpu().to(original_b.dtype)
+    out_weight, out_bias = _apply_correction(weight, bias, few, neighbors, chosen, best_bias[best_trial])
     timings["export"] = time.perf_counter() - tic
     timings["train"] = train_time
     timings["validation"] = val_time
