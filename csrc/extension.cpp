@@ -39,7 +39,7 @@ Candidates topk_insert_all(int k, const std::vector<double>& values) {
 
 double segment_sum(const std::vector<double>& x, int64_t row_stride, const std::vector<int64_t>& rows, int64_t begin,
                    int64_t end, int64_t col) {
-  return alphanet::segment_sum<double>(x.data(), row_stride, rows.data(), begin, end, col);
+  return alphanet::segment_sum<double>(0.0, x.data(), row_stride, rows.data(), begin, end, col);
 }
 
 std::vector<double> l1_normalized_grad(const std::vector<double>& alphas, const std::vector<double>& grad_normalized) {

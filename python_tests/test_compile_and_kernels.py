@@ -71,6 +71,17 @@ def test_segment_sum_follows_row_order():
     assert alphanet_ext.ops._C._segment_sum(x, 3, rows, 2, 2, 0) == 0.0
 
 
+def test_segment_sum_adds_groups_of_four_pairwise():
+    # 1e16 + 1 rounds back to 1e16 in float64, so the order of the additions shows
+    big = 1e16
+    x = [big, 1.0, -big, 1.0, 1.0]  # one column
+    rows = [0, 1, 2, 3, 4]
+    pairwise = ((big + 1.0) + (-big + 1.0)) + 1.0
+    in_row_order = (((big + 1.0) - big) + 1.0) + 1.0
+    assert pairwise != in_row_order
+    assert alphanet_ext.ops._C._segment_sum(x, 1, rows, 0, 5, 0) == pairwise
+
+
 def test_l1_normalized_grad_matches_autograd():
     alphas = torch.tensor([0.5, -1.5, 2.0, 0.0], dtype=torch.float64, requires_grad=True)
     grad_normalized = torch.tensor([0.3, -0.2, 1.1, 0.7], dtype=torch.float64)

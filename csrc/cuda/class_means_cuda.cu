@@ -5,7 +5,7 @@
 namespace alphanet::cuda {
 namespace {
 
-// One thread per (class, column): it sums the class's rows in their original
+// One thread per (class, column): it sums the class's rows in segment_sum's
 // order (rows were stably sorted by label), so there are no atomics and the
 // result is bit-identical run to run, and to the CPU kernel.
 template <typename T, typename A>
@@ -16,7 +16,7 @@ __global__ void class_sums_kernel(const T* __restrict__ x, int64_t cols, int64_t
   if (col >= cols) return;
   for (int64_t c = blockIdx.y; c < num_classes; c += gridDim.y) {
     const int64_t begin = offsets[c], end = offsets[c + 1];
-    if (begin != end) sums[c * cols + col] += segment_sum<A>(x, row_stride, sorted_rows, begin, end, col);
+    if (begin != end) sums[c * cols + col] = segment_sum<A>(sums[c * cols + col], x, row_stride, sorted_rows, begin, end, col);
   }
 }
 
