@@ -1,43 +1,208 @@
-"""Why a correction helps: prediction changes and the distance correlation."""
+"""Why a correction helps: prediction changes, neighbour views, semantic
+closeness over a class hierarchy, and the distance correlation."""
 from __future__ import annotations
+
+import os
+from typing import Mapping, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from .data import ArrayLike, check_classifier, check_features, check_labels, logits
+from . import ops
+from .data import ArrayLike, check_classifier, check_features, logits
+from .metrics import accuracy_by_split
 
-__all__ = ["prediction_changes", "pearson_with_interval"]
+__all__ = ["Hierarchy", "predictions", "neighbor_views", "prediction_changes", "semantic_accuracy",
+           "pearson_with_interval"]
+
+Node = Union[int, str]
 
 
-def _predictions(weight: ArrayLike, bias: ArrayLike | None, x: ArrayLike, y: ArrayLike) -> tuple[Tensor, Tensor]:
-    w, b = check_classifier(weight, bias, torch.device("cpu"))
+class Hierarchy:
+    """A tree over the classes: class ``c`` is the leaf named ``c`` (or ``"c"``),
+    every other node has any other name. Build it from parent links
+    (:meth:`from_parents`, :meth:`read`).
+
+    Class ``p`` is *within h levels* of class ``t`` when they share an ancestor
+    at most ``h`` levels above ``t`` (h=1: same parent; the paper's WordNet
+    analysis used 4).
+    """
+
+    def __init__(self, chains: list[list[str]], num_classes: int):
+        # chains[c]: the names of c's ancestors, parent first, root last
+        names = sorted({name for chain in chains for name in chain})
+        node_id = {name: num_classes + i for i, name in enumerate(names)}
+        children: dict[int, list[int]] = {}
+        linked: set[int] = set()
+        roots: dict[int, None] = {}  # ordered set
+        for c, chain in enumerate(chains):
+            path = [c] + [node_id[name] for name in chain]
+            for child, parent in zip(path, path[1:]):
+                if child not in linked:
+                    linked.add(child)
+                    children.setdefault(parent, []).append(child)
+            roots[path[-1]] = None
+        total = num_classes + len(names)
+        enter, leave = torch.zeros(total, dtype=torch.long), torch.zeros(total, dtype=torch.long)
+        clock = 0
+        for root in roots:  # iterative depth-first walk: [enter, leave) holds exactly the descendants
+            stack = [(root, False)]
+            while stack:
+                node, done = stack.pop()
+                if done:
+                    leave[node] = clock
+                    continue
+                enter[node] = clock
+                clock += 1
+                stack.append((node, True))
+                stack.extend((child, False) for child in reversed(children.get(node, [])))
+        self.num_classes = num_classes
+        self._enter, self._leave = enter, leave
+        self._ancestors = [[c] + [node_id[name] for name in chain] for c, chain in enumerate(chains)]
+
+    @classmethod
+    def from_parents(cls, parents: Mapping[Node, Node] | Sequence[Node] | Tensor, num_classes: int) -> "Hierarchy":
+        """``parents``: a mapping child -> parent over node names (classes by their
+        index), or a sequence with one parent id per class (a one-level tree;
+        those ids are their own namespace, not class ids)."""
+        if not isinstance(parents, Mapping):
+            values = parents.tolist() if isinstance(parents, Tensor) else list(parents)
+            if len(values) != num_classes:
+                raise ValueError(f"hierarchy: got {len(values)} parent ids for {num_classes} classes")
+            parents = {c: f"parent {value}" for c, value in enumerate(values)}
+        links = {str(child): str(parent) for child, parent in parents.items()}
+        class_names = {str(c) for c in range(num_classes)}
+        for parent in links.values():
+            if parent in class_names:
+                raise ValueError(f"hierarchy: node {parent!r} is used as a parent but names class {parent}; classes "
+                                 "are leaves, so give inner nodes names that are not class indices (e.g. 'g" +
+                                 parent + "')")
+        chains = []
+        for c in range(num_classes):
+            chain, node = [], str(c)
+            while node in links:
+                node = links[node]
+                if node in chain:
+                    raise ValueError(f"hierarchy: the parent links of class {c} form a cycle through {node!r}")
+                chain.append(node)
+            chains.append(chain)
+        return cls(chains, num_classes)
+
+    @classmethod
+    def read(cls, path: str | os.PathLike, num_classes: int) -> "Hierarchy":
+        """A text file of parent links, one ``CHILD PARENT`` pair a line
+        (whitespace or comma separated; ``#`` starts a comment)."""
+        links = {}
+        with open(path) as stream:
+            for number, line in enumerate(stream, 1):
+                fields = line.split("#", 1)[0].replace(",", " ").split()
+                if not fields:
+                    continue
+                if len(fields) != 2:
+                    raise ValueError(f"{path}:{number}: expected 'CHILD PARENT', got {line.strip()!r}")
+                if fields[0] in links and links[fields[0]] != fields[1]:
+                    raise ValueError(f"{path}:{number}: {fields[0]!r} already has parent {links[fields[0]]!r}")
+                links[fields[0]] = fields[1]
+        return cls.from_parents(links, num_classes)
+
+    def close(self, truth: Tensor, predicted: Tensor, levels: int) -> Tensor:
+        """Whether each ``predicted`` class is within ``levels`` levels of its
+        ``truth`` class (a class is always within any number of levels of itself)."""
+        if levels < 0:
+            raise ValueError(f"hierarchy: levels must be at least 0, got {levels}")
+        # the ancestor `levels` above each class (its root if the tree is shallower there)
+        top = torch.tensor([chain[min(levels, len(chain) - 1)] for chain in self._ancestors], dtype=torch.long)
+        anchor = top[truth.cpu()]
+        position = self._enter[predicted.cpu()]
+        return (self._enter[anchor] <= position) & (position < self._leave[anchor])
+
+
+def predictions(weight: ArrayLike, bias: ArrayLike | None, x: ArrayLike,
+                device: torch.device | str | None = None) -> Tensor:
+    """Top-1 class of every row of ``x`` under the linear classifier (on the CPU)."""
+    device = torch.device(device or "cpu")
+    w, b = check_classifier(weight, bias, device)
     check_features(x, "x", w.shape[1])
-    labels = check_labels(y, "y", x.shape[0], w.shape[0], torch.device("cpu"))
-    return (logits(x, w, "x", torch.device("cpu")) + b).argmax(dim=1), labels
+    return (logits(x, w, "x", device) + b).argmax(dim=1).cpu()
 
 
-def prediction_changes(before: tuple[ArrayLike, ArrayLike | None], after: tuple[ArrayLike, ArrayLike | None],
-                       x: ArrayLike, y: ArrayLike, classes: Tensor, neighbors: Tensor) -> dict[str, dict[str, int]]:
-    """For test samples of ``classes`` (e.g. the few split), how many are correct,
-    misclassified as one of their class's neighbours (``neighbors[i]`` belongs to
-    ``classes[i]``), or misclassified elsewhere — before and after (paper Fig. 5).
-    Pass base classes with neighbours from the few split for the reverse view."""
+def neighbor_views(class_means: Tensor, splits: Mapping[str, Tensor], k: int = 5,
+                   metric: str = "euclidean") -> dict[str, tuple[Tensor, Tensor]]:
+    """The paper's three groupings (Fig. 5 and its appendix): ``"few"`` (each few
+    class with its k nearest base classes), ``"base"`` (each base class with its
+    k nearest few classes) and ``"all"`` (every class with its k nearest other
+    classes). Each value is ``(classes [n], neighbors [n, k])``."""
+    few = torch.as_tensor(splits["few"], dtype=torch.long)
+    base = torch.cat([torch.as_tensor(splits[name], dtype=torch.long) for name in ("many", "medium")]).sort().values
+    every = torch.cat([few, base]).sort().values
+    views = {}
+    for name, classes, candidates in (("few", few, base), ("base", base, few), ("all", every, every)):
+        if classes.numel() == 0 or candidates.numel() <= (name == "all"):
+            views[name] = (classes, torch.empty(classes.numel(), 0, dtype=torch.long))
+            continue
+        extra = 1 if name == "all" else 0  # the class itself comes back among its own neighbours
+        count = min(k + extra, candidates.numel())
+        _, nearest = ops.knn(class_means[classes], class_means[candidates], count, metric)
+        neighbors = candidates[nearest]
+        if extra:
+            keep = neighbors != classes[:, None]
+            keep &= keep.cumsum(1) <= count - 1
+            neighbors = neighbors[keep].view(classes.numel(), count - 1)
+        views[name] = (classes, neighbors)
+    return views
+
+
+def prediction_changes(before: Tensor, after: Tensor, labels: Tensor, classes: Tensor,
+                       neighbors: Tensor | Hierarchy, levels: int = 4,
+                       candidates: Tensor | None = None) -> dict[str, dict[str, int]]:
+    """For samples whose true class is in ``classes``, how many predictions are
+    correct, on one of the class's neighbours, or elsewhere — ``before`` and
+    ``after`` a correction (predicted labels, as from :func:`predictions`).
+
+    ``neighbors`` is ``[len(classes), k]`` (row i belongs to ``classes[i]``,
+    e.g. from :func:`neighbor_views`), or a :class:`Hierarchy`: then the
+    neighbours of a class are the ``candidates`` classes (default: all) within
+    ``levels`` levels of it (paper Fig. 6)."""
+    labels = torch.as_tensor(labels, dtype=torch.long).cpu()
+    classes = torch.as_tensor(classes, dtype=torch.long).cpu()
+    before = torch.as_tensor(before, dtype=torch.long).cpu()
+    after = torch.as_tensor(after, dtype=torch.long).cpu()
+    if not before.shape == after.shape == labels.shape:
+        raise ValueError(f"prediction_changes: before {tuple(before.shape)}, after {tuple(after.shape)} and labels "
+                         f"{tuple(labels.shape)} must have the same shape")
+    num_classes = 1 + max([int(t.max()) for t in (labels, before, after, classes) if t.numel()], default=0)
+    if isinstance(neighbors, Hierarchy):
+        num_classes = max(num_classes, neighbors.num_classes)
+    in_view = torch.zeros(num_classes, dtype=torch.bool)
+    in_view[classes] = True
+    selected = in_view[labels]
+    truth = labels[selected]
     table = {}
-    neighbor_of = {int(c): set(n.tolist()) for c, n in zip(classes, neighbors)}
-    for name, (weight, bias) in (("before", before), ("after", after)):
-        predicted, labels = _predictions(weight, bias, x, y)
-        counts = {"correct": 0, "as_neighbor": 0, "elsewhere": 0}
-        for truth, guess in zip(labels.tolist(), predicted.tolist()):
-            if truth not in neighbor_of:
-                continue
-            if guess == truth:
-                counts["correct"] += 1
-            elif guess in neighbor_of[truth]:
-                counts["as_neighbor"] += 1
-            else:
-                counts["elsewhere"] += 1
-        table[name] = counts
+    for name, predicted in (("before", before), ("after", after)):
+        guess = predicted[selected]
+        if isinstance(neighbors, Hierarchy):
+            is_neighbor = neighbors.close(truth, guess, levels)
+            if candidates is not None:
+                allowed = torch.zeros(num_classes, dtype=torch.bool)
+                allowed[torch.as_tensor(candidates, dtype=torch.long)] = True
+                is_neighbor &= allowed[guess]
+        else:
+            row_of = torch.full((num_classes,), -1, dtype=torch.long)
+            row_of[classes] = torch.arange(classes.numel())
+            is_neighbor = (neighbors.cpu()[row_of[truth]] == guess[:, None]).any(dim=1)
+        correct = guess == truth
+        table[name] = {"correct": int(correct.sum()), "as_neighbor": int((is_neighbor & ~correct).sum()),
+                       "elsewhere": int((~is_neighbor & ~correct).sum())}
     return table
+
+
+def semantic_accuracy(predicted: Tensor, labels: Tensor, splits: Mapping[str, Tensor], hierarchy: Hierarchy,
+                      levels: int = 4) -> dict[str, float]:
+    """Top-1 per split (percent) counting a prediction within ``levels`` levels of
+    the true class as correct (the paper's WordNet accuracy, Table C3)."""
+    labels = torch.as_tensor(labels, dtype=torch.long).cpu()
+    correct = hierarchy.close(labels, torch.as_tensor(predicted, dtype=torch.long).cpu(), levels)
+    return accuracy_by_split(correct, labels, splits, hierarchy.num_classes)
 
 
 def pearson_with_interval(x: Tensor, y: Tensor, resamples: int = 10_000, seed: int = 0) -> dict[str, float]:

@@ -9,6 +9,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -19,8 +20,9 @@ from .fit import FitResult, fit
 from .io import (Features, InputError, load_author_splits, load_classifier, load_features, read_metadata, save_classifier,
                  write_atomic)
 from .metrics import evaluate, make_splits
-from .analysis import pearson_with_interval, prediction_changes
-from .report import COLUMNS, write_text, mean_std, write_report
+from .analysis import (Hierarchy, neighbor_views, pearson_with_interval, prediction_changes, predictions,
+                       semantic_accuracy)
+from .report import COLUMNS, run_label, write_text, mean_std, write_report
 from .synthetic import PRESETS, make_preset
 
 
@@ -55,19 +57,34 @@ def _accuracy_summary(results: list[dict]) -> dict:
             for top in ("top1", "top5")}
 
 
-def _fit_each_rho(args: argparse.Namespace, train: Features, weight: torch.Tensor, bias: torch.Tensor,
-                  val: Features | None, metric: str) -> list[tuple[float, FitResult]]:
+@dataclass
+class Run:
+    """One fit of a sweep: its k, rho and neighbour metric."""
+    k: int
+    rho: float
+    metric: str
+    result: FitResult
+
+    def describe(self, show_k: bool) -> dict:
+        return {"k": self.k, "rho": self.rho, "metric": self.metric, "show_k": show_k}
+
+
+def _fit_grid(args: argparse.Namespace, train: Features, weight: torch.Tensor, bias: torch.Tensor,
+              val: Features | None, metrics: Sequence[str]) -> list[Run]:
+    """One fit per (metric, k, rho), in that order."""
     runs = []
-    for rho in args.rho:
-        _say(args, f"fitting rho={rho} ({args.trials} trial(s), k={args.k}, metric={metric}) ...")
-        tic = time.perf_counter()
-        result = fit(train.x, train.y, weight, bias, val.x if val else None, val.y if val else None,
-                     k=args.k, rho=rho, metric=metric, epochs=args.epochs, batch_size=args.batch_size,
-                     trials=args.trials, seed=args.seed, device=args.device, pred_scale=args.pred_scale,
-                     few_threshold=args.few_threshold, many_threshold=args.many_threshold,
-                     progress=not args.quiet)
-        _say(args, f"  done in {time.perf_counter() - tic:.1f}s")
-        runs.append((rho, result))
+    for metric in metrics:
+        for k in args.k:
+            for rho in args.rho:
+                _say(args, f"fitting rho={rho} ({args.trials} trial(s), k={k}, metric={metric}) ...")
+                tic = time.perf_counter()
+                result = fit(train.x, train.y, weight, bias, val.x if val else None, val.y if val else None,
+                             k=k, rho=rho, metric=metric, epochs=args.epochs, batch_size=args.batch_size,
+                             trials=args.trials, seed=args.seed, device=args.device, pred_scale=args.pred_scale,
+                             few_threshold=args.few_threshold, many_threshold=args.many_threshold,
+                             progress=not args.quiet)
+                _say(args, f"  done in {time.perf_counter() - tic:.1f}s")
+                runs.append(Run(k, rho, metric, result))
     return runs
 
 
@@ -80,19 +97,41 @@ def _per_trial(result: FitResult, trials: int, weight: torch.Tensor, bias: torch
 AUTO_RHOS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 
 
-def _auto_rho_index(runs: list[tuple[float, FitResult]], weight: torch.Tensor, bias: torch.Tensor, val: Features,
-                    args: argparse.Namespace) -> int:
-    """The rho with the best val few-split top-1 among those whose overall val top-1
+def _auto_index(candidates: list[Run], weight: torch.Tensor, bias: torch.Tensor, val: Features,
+                args: argparse.Namespace) -> int:
+    """The run with the best val few-split top-1 among those whose overall val top-1
     stays within --max-overall-drop points of the uncorrected classifier's."""
-    baseline = evaluate(weight, bias, val.x, val.y, runs[0][1].splits, device=args.device)["top1"]["overall"]
-    summaries = [result.summary() for _, result in runs]
+    baseline = evaluate(weight, bias, val.x, val.y, candidates[0].result.splits, device=args.device)["top1"]["overall"]
+    summaries = [run.result.summary() for run in candidates]
     allowed = [i for i, summary in enumerate(summaries)
                if summary["overall"]["mean"] >= baseline - args.max_overall_drop]
     if not allowed:
         _say(args, f"no rho keeps overall val top-1 within {args.max_overall_drop} points of {baseline:.1f}; "
                    "taking the one with the best overall accuracy")
-        return max(range(len(runs)), key=lambda i: summaries[i]["overall"]["mean"])
+        return max(range(len(candidates)), key=lambda i: summaries[i]["overall"]["mean"])
     return max(allowed, key=lambda i: summaries[i]["few"]["mean"])
+
+
+def _analyses(args: argparse.Namespace, weight: torch.Tensor, bias: torch.Tensor, best: Run, evaluated: Features,
+              hierarchy: Hierarchy | None) -> dict:
+    """Prediction changes in the paper's three neighbour views, and semantic closeness."""
+    splits = best.result.splits
+    labels = torch.as_tensor(np.asarray(evaluated.y), dtype=torch.long)
+    before = predictions(weight, bias, evaluated.x, args.device)
+    after = predictions(best.result.weight, best.result.bias, evaluated.x, args.device)
+    views = neighbor_views(best.result.class_means, splits, best.k, "euclidean" if best.metric == "random" else best.metric)
+    out = {"prediction_changes": {name: prediction_changes(before, after, labels, classes, neighbors)
+                                  for name, (classes, neighbors) in views.items()}}
+    if hierarchy is not None:
+        few, base, every = views["few"][0], views["base"][0], views["all"][0]
+        out["semantic"] = {
+            "levels": args.levels,
+            "top1": {"baseline": semantic_accuracy(before, labels, splits, hierarchy, args.levels),
+                     "corrected": semantic_accuracy(after, labels, splits, hierarchy, args.levels)},
+            "prediction_changes": {
+                name: prediction_changes(before, after, labels, classes, hierarchy, args.levels, candidates)
+                for name, classes, candidates in (("few", few, base), ("base", base, few), ("all", every, None))}}
+    return out
 
 
 def run_fit(args: argparse.Namespace) -> int:
@@ -108,6 +147,11 @@ def run_fit(args: argparse.Namespace) -> int:
         test = load_features(args.train, "test")
     evaluated = test or val or train
     evaluated_on = "test" if test else ("val" if val else "train")
+    if args.levels < 0:
+        raise InputError(f"--levels must be at least 0, got {args.levels}")
+    hierarchy = Hierarchy.read(args.hierarchy, weight.shape[0]) if args.hierarchy else None
+    if hierarchy is not None and not args.report:
+        raise InputError("--hierarchy is used by the report: add --report DIR")
 
     auto = args.rho == ["auto"]
     if "auto" in args.rho and not auto:
@@ -116,48 +160,51 @@ def run_fit(args: argparse.Namespace) -> int:
         raise InputError("--rho auto needs --val (it picks rho on the validation set)")
     if auto:
         args.rho = list(AUTO_RHOS)
-    runs = _fit_each_rho(args, train, weight, bias, val, args.metric)
+    metrics = [args.metric] + (["random"] if args.control and args.metric != "random" else [])
+    runs = _fit_grid(args, train, weight, bias, val, metrics)
+    candidates = [run for run in runs if run.metric == args.metric]
     if auto:
-        best_index = _auto_rho_index(runs, weight, bias, val, args)
+        best = candidates[_auto_index(candidates, weight, bias, val, args)]
+    elif val:
+        best = max(candidates, key=lambda run: run.result.summary()["overall"]["mean"])
     else:
-        best_index = max(range(len(runs)), key=lambda i: runs[i][1].summary()["overall"]["mean"]) if val else 0
-    best_rho, best = runs[best_index]
+        best = candidates[0]
 
-    save_classifier(args.out, best.weight, best.bias, _metadata(best, best_rho))
+    save_classifier(args.out, best.result.weight, best.result.bias, _metadata(best.result, best.rho))
     if not getattr(args, "demo", False):
-        _say(args, f"wrote {args.out} (rho={best_rho})")
+        _say(args, f"wrote {args.out} (k={best.k}, rho={best.rho})")
 
-    splits = best.splits
+    splits = best.result.splits
     baseline = evaluate(weight, bias, evaluated.x, evaluated.y, splits, device=args.device)
     rows = [("baseline", baseline["top1"])]
     report_runs = []
-    for index, (rho, result) in enumerate(runs):
-        per_trial = _per_trial(result, args.trials, weight, bias, evaluated, splits, args.device)
+    show_k = len(args.k) > 1
+    several = len(runs) > 1
+    for run in runs:
+        per_trial = _per_trial(run.result, args.trials, weight, bias, evaluated, splits, args.device)
         summary = _accuracy_summary(per_trial)
-        rows.append((f"AlphaNet rho={rho}" + (" (best)" if index == best_index and len(runs) > 1 else ""),
+        entry = {**run.describe(show_k), "best": run is best, "best_on_val": bool(val) and len(candidates) > 1}
+        rows.append((run_label(entry) + (" (best)" if run is best and several else ""),
                      {c: summary["top1"][c]["mean"] for c in COLUMNS}))
-        report_runs.append({"rho": rho, "best": index == best_index, "best_on_val": bool(val) and len(runs) > 1,
-                            **summary,
-                            "val_top1": result.summary(), "best_epochs": result.best_epochs,
-                            "timings": result.timings})
-        if index == best_index:
-            chosen = per_trial[result.best_trial]
+        report_runs.append({**entry, **summary, "val_top1": run.result.summary(),
+                            "best_epochs": run.result.best_epochs, "timings": run.result.timings})
+        if run is best:
+            chosen = per_trial[run.result.best_trial]
     _say(args, f"top-1 on the {evaluated_on} set (%):\n" + _table(rows))
 
     if args.report:
         few = splits["few"]
         change = chosen["per_class_top1"][few] - baseline["per_class_top1"][few]
-        distance = best.neighbor_distances.mean(dim=1)
+        distance = best.result.neighbor_distances.mean(dim=1)
         keep = ~torch.isnan(change)
         correlation = (pearson_with_interval(distance[keep], change[keep]) if int(keep.sum()) >= 3
                        else {"r": float("nan"), "low": float("nan"), "high": float("nan")})
-        report = {"config": best.config, "evaluated_on": evaluated_on, "samples": baseline["samples"],
+        report = {"config": best.result.config, "evaluated_on": evaluated_on, "samples": baseline["samples"],
                   "baseline": {top: {c: {"mean": baseline[top][c], "std": 0.0} for c in COLUMNS}
                                for top in ("top1", "top5")},
                   "runs": report_runs, "distance_correlation": correlation["r"],
                   "distance_correlation_95": [correlation["low"], correlation["high"]],
-                  "prediction_changes_few": prediction_changes((weight, bias), (best.weight, best.bias), evaluated.x,
-                                                               evaluated.y, few, best.neighbors),
+                  **_analyses(args, weight, bias, best, evaluated, hierarchy),
                   "split_sizes": {name: int(ids.numel()) for name, ids in splits.items()}}
         files = write_report(report, {"distance": distance[keep], "change": change[keep]}, args.report)
         _say(args, f"report: {', '.join(os.path.join(args.report, f) for f in files)}")
@@ -192,10 +239,9 @@ def run_compare(args: argparse.Namespace) -> int:
     tau, classifier = baselines.choose_logit_adjustment(weight, bias, counts, val_x, val_y, splits)
     methods.append((f"logit adjustment (tau={tau})", [score(*classifier)]))
     methods.append(("LWS", [score(*baselines.lws(weight, bias, train.x, train.y, seed=args.seed))]))
-    for metric, label in ((args.metric, "AlphaNet"), ("random", "AlphaNet, random neighbours")):
-        for rho, result in _fit_each_rho(args, train, weight, bias, val, metric):
-            methods.append((f"{label} rho={rho}", _per_trial(result, args.trials, weight, bias, evaluated, splits,
-                                                              args.device)))
+    for run in _fit_grid(args, train, weight, bias, val, (args.metric, "random")):
+        methods.append((run_label(run.describe(len(args.k) > 1)),
+                        _per_trial(run.result, args.trials, weight, bias, evaluated, splits, args.device)))
 
     rows = []
     for name, results in methods:
@@ -272,6 +318,9 @@ def run_synth(args: argparse.Namespace) -> int:
         _write_npy(os.path.join(args.out, f"{role}_y.npy"), y.numpy())
     save_classifier(os.path.join(args.out, "classifier.pt"), problem.weight, problem.bias,
                     {"preset": args.preset, "scale": args.scale, "seed": args.seed})
+    links = "".join(f"{c} group{int(g)}\n" for c, g in enumerate(problem.groups.tolist()))
+    write_atomic(os.path.join(args.out, "hierarchy.txt"),
+                 lambda t: write_text(t, "# class group: sibling classes share a group centre\n" + links))
     _say(args, f"wrote {args.preset} (scale {args.scale}: {problem.weight.shape[0]} classes, "
                f"{problem.train_x.shape[0]} train samples, d={problem.train_x.shape[1]}) to {args.out} "
                f"in {time.perf_counter() - tic:.1f}s")
@@ -321,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def training_options(sub: argparse.ArgumentParser, metrics: tuple[str, ...], rho_default: list,
                          rho_type, rho_help: str) -> None:
-        sub.add_argument("--k", type=int, default=5)
+        sub.add_argument("--k", type=int, nargs="+", default=[5],
+                         help="neighbours per few class; several values sweep k (default 5)")
         sub.add_argument("--rho", type=rho_type, nargs="+", default=rho_default, help=rho_help)
         sub.add_argument("--metric", choices=metrics, default="euclidean")
         sub.add_argument("--epochs", type=int, default=None, help="default 25 with --val, else 10")
@@ -342,6 +392,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "one value, several to sweep, or 'auto' (sweep %s on val)" % (AUTO_RHOS,))
     fit_parser.add_argument("--max-overall-drop", type=float, default=1.0,
                             help="with --rho auto: the most overall val top-1 (points) to give up for the few split")
+    fit_parser.add_argument("--control", action="store_true",
+                            help="also fit the random-neighbour control for every k and rho (report tables only)")
+    fit_parser.add_argument("--hierarchy", help="class hierarchy for the report: a text file of 'CHILD PARENT' lines, "
+                            "classes named by their index, inner nodes by any other name")
+    fit_parser.add_argument("--levels", type=int, default=4,
+                            help="with --hierarchy: a prediction sharing an ancestor at most this many levels above "
+                            "the true class counts as semantically close (default 4)")
     common(fit_parser)
     fit_parser.set_defaults(handler=run_fit)
 

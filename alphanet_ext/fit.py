@@ -46,6 +46,7 @@ class FitResult:
     neighbor_distances: Tensor | None = None  # [C_few, k] distance between the class means
     trial_alphas: Tensor | None = None        # [T, C_few, k] raw coefficients of every trial's chosen epoch
     trial_few_bias: Tensor | None = None      # [T, C_few]
+    class_means: Tensor | None = None         # [C, d] train-feature mean of every class (for the analyses)
     mlp_state: dict[str, Tensor] = field(default_factory=dict)
     version: str = __version__
 
@@ -484,4 +485,4 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
         neighbors=neighbors.cpu(), alphas=normalized.detach().cpu(), history=history, best_epochs=best_epochs,
         best_trial=best_trial, trial_val_top1=trial_val, config=config, timings=timings,
         neighbor_distances=neighbor_distances.float().cpu(), trial_alphas=best_alphas.detach().cpu(),
-        trial_few_bias=best_bias.detach().cpu(), mlp_state=best_states[best_trial])
+        trial_few_bias=best_bias.detach().cpu(), class_means=means.float().cpu(), mlp_state=best_states[best_trial])

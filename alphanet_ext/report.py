@@ -24,6 +24,27 @@ def _cell(entry: dict) -> str:
     return f"{entry:.1f}"
 
 
+def run_label(run: dict) -> str:
+    """"AlphaNet rho=1.0", "AlphaNet k=10 rho=1.0", "AlphaNet, random neighbours rho=0.5" ..."""
+    name = "AlphaNet, random neighbours" if run["metric"] == "random" else "AlphaNet"
+    return name + (f" k={run['k']}" if run.get("show_k") else "") + f" rho={run['rho']}"
+
+
+VIEW_TITLES = {
+    "few": "few-split samples; neighbours: the k nearest base classes",
+    "base": "base-split samples; neighbours: the k nearest few classes",
+    "all": "all samples; neighbours: the k nearest other classes",
+}
+
+
+def _changes_table(changes: dict, neighbour_words: str) -> list[str]:
+    lines = ["| samples | model | correct | " + neighbour_words + " | elsewhere |", "|---|---|---|---|---|"]
+    for view, table in changes.items():
+        for model, counts in table.items():
+            lines.append(f"| {view} | {model} | {counts['correct']} | {counts['as_neighbor']} | {counts['elsewhere']} |")
+    return lines
+
+
 def markdown(report: dict) -> str:
     lines = ["# AlphaNet correction report", ""]
     config = report["config"]
@@ -36,18 +57,29 @@ def markdown(report: dict) -> str:
         lines.append("| baseline | " + " | ".join(_cell(report["baseline"][top][c]) for c in COLUMNS) + " |")
         for run in report["runs"]:
             marker = " (best on val)" if run.get("best") and run.get("best_on_val") else ""
-            lines.append(f"| AlphaNet ρ={run['rho']}{marker} | " +
+            lines.append(f"| {run_label(run).replace('rho=', 'ρ=')}{marker} | " +
                          " | ".join(_cell(run[top][c]) for c in COLUMNS) + " |")
     if report.get("distance_correlation") is not None:
         low, high = report.get("distance_correlation_95", [float("nan")] * 2)
         lines += ["", f"Few-class accuracy change vs mean distance to the {config['k']} neighbours: "
                       f"Pearson r = {report['distance_correlation']:.3f} (bootstrap 95% interval {low:.3f} to "
                       f"{high:.3f}; plot: per_class_change.png)."]
-    if report.get("prediction_changes_few"):
-        changes = report["prediction_changes_few"]
-        lines += ["", "## Predictions on few-split samples", "", "| | correct | as one of its neighbours | elsewhere |",
-                  "|---|---|---|---|"]
-        lines += [f"| {name} | {c['correct']} | {c['as_neighbor']} | {c['elsewhere']} |" for name, c in changes.items()]
+    if report.get("prediction_changes"):
+        lines += ["", "## Prediction changes (best run)", "",
+                  "Where the predictions of each group of samples land, before and after the correction:"]
+        lines += [f"* {view}: {VIEW_TITLES[view]}" for view in report["prediction_changes"]]
+        lines += [""] + _changes_table(report["prediction_changes"], "as one of its neighbours")
+    semantic = report.get("semantic")
+    if semantic:
+        levels = semantic["levels"]
+        lines += ["", f"## Semantic closeness (within {levels} levels of the class hierarchy)", "",
+                  f"Top-1 counting a prediction that shares an ancestor at most {levels} levels above the true "
+                  "class as correct:", "", "| model | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+        for model, accuracy in semantic["top1"].items():
+            lines.append(f"| {model} | " + " | ".join(f"{accuracy[c]:.1f}" for c in COLUMNS) + " |")
+        lines += ["", "Prediction changes with semantically close classes (of the other split; any class for "
+                  "'all') as the neighbours:", ""]
+        lines += _changes_table(semantic["prediction_changes"], "semantically close")
     return "\n".join(lines) + "\n"
 
 
@@ -55,8 +87,30 @@ def _save_figure(figure, path: str) -> None:
     write_atomic(path, lambda temporary: figure.savefig(temporary, dpi=110, bbox_inches="tight", format="png"))
 
 
+def _changes_plot(plt, changes: dict, path: str) -> None:
+    """Stacked bars per sample group: share correct / on a neighbour / elsewhere, before and after."""
+    figure, axes = plt.subplots(1, len(changes), figsize=(3.2 * len(changes), 3.5), squeeze=False)
+    for axis, (view, table) in zip(axes[0], changes.items()):
+        bottom = [0.0, 0.0]
+        for outcome, label, color in (("correct", "correct", "C2"), ("as_neighbor", "on a neighbour", "C3"),
+                                      ("elsewhere", "elsewhere", "C7")):
+            shares = []
+            for model in ("before", "after"):
+                total = sum(table[model].values())
+                shares.append(100 * table[model][outcome] / total if total else 0.0)
+            axis.bar(["before", "after"], shares, bottom=bottom, color=color, label=label)
+            bottom = [b + v for b, v in zip(bottom, shares)]
+        axis.set_title(f"{view} samples", fontsize=9)
+        axis.set_ylim(0, 100)
+    axes[0][0].set_ylabel("share of samples (%)")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    _save_figure(figure, path)
+    plt.close(figure)
+
+
 def plots(report: dict, per_class: dict, folder: str) -> list[str]:
-    """Split accuracies before/after, per-class change vs neighbour distance, accuracy vs rho."""
+    """Split accuracies before/after, per-class change vs neighbour distance, prediction
+    changes, accuracy vs rho."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -91,14 +145,23 @@ def plots(report: dict, per_class: dict, folder: str) -> list[str]:
     plt.close(figure)
     written.append("per_class_change.png")
 
-    if len(report["runs"]) > 1:
+    if report.get("prediction_changes"):
+        _changes_plot(plt, report["prediction_changes"], os.path.join(folder, "prediction_changes.png"))
+        written.append("prediction_changes.png")
+
+    sweep = [run for run in report["runs"] if run["k"] == best["k"] and run["metric"] == best["metric"]]
+    control = [run for run in report["runs"] if run["k"] == best["k"] and run["metric"] == "random" != best["metric"]]
+    if len(sweep) > 1:
         figure, axis = plt.subplots(figsize=(5, 3.5))
-        rhos = [run["rho"] for run in report["runs"]]
+        rhos = [run["rho"] for run in sweep]
         for column in COLUMNS:
-            axis.errorbar(rhos, [run["top1"][column]["mean"] for run in report["runs"]],
-                          yerr=[run["top1"][column]["std"] for run in report["runs"]], marker="o", label=column)
-            axis.axhline(report["baseline"]["top1"][column]["mean"], linestyle=":", linewidth=0.8,
-                         color=axis.lines[-1].get_color())
+            axis.errorbar(rhos, [run["top1"][column]["mean"] for run in sweep],
+                          yerr=[run["top1"][column]["std"] for run in sweep], marker="o", label=column)
+            color = axis.lines[-1].get_color()
+            axis.axhline(report["baseline"]["top1"][column]["mean"], linestyle=":", linewidth=0.8, color=color)
+            if control and column == "few":
+                axis.plot([run["rho"] for run in control], [run["top1"]["few"]["mean"] for run in control],
+                          linestyle="--", marker="x", color=color, label="few, random neighbours")
         axis.set_xlabel("ρ")
         axis.set_ylabel("top-1 accuracy (%)")
         axis.legend(fontsize=8)

@@ -9,12 +9,100 @@ def test_prediction_changes_by_construction():
     x = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 1.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
     y = torch.tensor([2, 2, 2, 0])
     before_weight = torch.tensor([[0.0, 0.0, 2.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # class 0 wins on class 2 samples
-    before_bias = torch.tensor([0.0, 0.0, 0.0])
-    after_weight = torch.eye(3)
-    table = analysis.prediction_changes((before_weight, before_bias), (after_weight, None), x, y,
-                                        torch.tensor([2]), torch.tensor([[0]]))
+    before = analysis.predictions(before_weight, torch.zeros(3), x)
+    after = analysis.predictions(torch.eye(3), None, x)
+    assert before.tolist() == [0, 0, 0, 0] and after.tolist() == [2, 2, 2, 0]
+    table = analysis.prediction_changes(before, after, y, torch.tensor([2]), torch.tensor([[0]]))
     assert table["before"] == {"correct": 0, "as_neighbor": 3, "elsewhere": 0}
     assert table["after"] == {"correct": 3, "as_neighbor": 0, "elsewhere": 0}
+    # class 1 is not class 2's neighbour: those errors land "elsewhere"
+    table = analysis.prediction_changes(torch.tensor([1, 1, 2, 0]), after, y, torch.tensor([2]), torch.tensor([[0]]))
+    assert table["before"] == {"correct": 1, "as_neighbor": 0, "elsewhere": 2}
+    with pytest.raises(ValueError, match="same shape"):
+        analysis.prediction_changes(before[:2], after, y, torch.tensor([2]), torch.tensor([[0]]))
+
+
+def test_neighbor_views():
+    # classes on a line at 0, 1, 2, ..., 5; few = {1, 4}, base = the rest
+    means = torch.arange(6, dtype=torch.float32)[:, None]
+    splits = {"many": torch.tensor([0, 5]), "medium": torch.tensor([2, 3]), "few": torch.tensor([1, 4])}
+    views = analysis.neighbor_views(means, splits, k=2)
+    few_classes, few_neighbors = views["few"]
+    assert few_classes.tolist() == [1, 4] and few_neighbors.tolist() == [[0, 2], [3, 5]]
+    base_classes, base_neighbors = views["base"]
+    assert base_classes.tolist() == [0, 2, 3, 5]
+    assert base_neighbors.tolist() == [[1, 4], [1, 4], [4, 1], [4, 1]]
+    all_classes, all_neighbors = views["all"]
+    assert all_classes.tolist() == list(range(6))
+    assert all_neighbors.tolist() == [[1, 2], [0, 2], [1, 3], [2, 4], [3, 5], [4, 3]]
+    assert all(c not in row for c, row in zip(all_classes.tolist(), all_neighbors.tolist()))
+
+
+def test_neighbor_views_with_duplicate_means_never_list_the_class_itself():
+    means = torch.zeros(4, 3)  # every class at the same point
+    splits = {"many": torch.tensor([0, 1, 2]), "medium": torch.tensor([], dtype=torch.long), "few": torch.tensor([3])}
+    classes, neighbors = analysis.neighbor_views(means, splits, k=2)["all"]
+    assert neighbors.shape == (4, 2)
+    assert all(c not in row for c, row in zip(classes.tolist(), neighbors.tolist()))
+
+
+# A small tree: animals -> {dogs -> {0, 1}, cats -> {2}}, plants -> {3}; class 4 has no parent.
+LINKS = {0: "dogs", 1: "dogs", 2: "cats", "dogs": "animals", "cats": "animals", 3: "plants",
+         "animals": "life", "plants": "life"}
+
+
+def test_hierarchy_levels():
+    tree = analysis.Hierarchy.from_parents(LINKS, 5)
+    truth = torch.tensor([0, 0, 0, 0, 0, 4, 4])
+    guess = torch.tensor([0, 1, 2, 3, 4, 4, 0])
+    assert tree.close(truth, guess, 0).tolist() == [True, False, False, False, False, True, False]
+    assert tree.close(truth, guess, 1).tolist() == [True, True, False, False, False, True, False]
+    assert tree.close(truth, guess, 2).tolist() == [True, True, True, False, False, True, False]
+    assert tree.close(truth, guess, 3).tolist() == [True, True, True, True, False, True, False]
+    assert tree.close(truth, guess, 10).tolist() == tree.close(truth, guess, 3).tolist()  # above the root
+    # levels count from the true class: class 3 reaches class 0 at its 2nd level
+    assert tree.close(torch.tensor([3]), torch.tensor([0]), 1).tolist() == [False]
+    assert tree.close(torch.tensor([3]), torch.tensor([0]), 2).tolist() == [True]
+
+
+def test_hierarchy_from_a_file_and_from_parent_ids(tmp_path):
+    path = tmp_path / "tree.txt"
+    path.write_text("# child parent\n0 dogs\n1, dogs\n2 cats\n\ndogs animals  # comment\ncats animals\n")
+    tree = analysis.Hierarchy.read(path, 4)
+    assert tree.close(torch.tensor([0, 0, 0]), torch.tensor([1, 2, 3]), 2).tolist() == [True, True, False]
+    flat = analysis.Hierarchy.from_parents(torch.tensor([7, 7, 0, 1]), 4)  # parent ids are not class ids
+    assert flat.close(torch.tensor([0, 0, 2, 3]), torch.tensor([1, 2, 0, 0]), 1).tolist() == [True, False, False, False]
+
+
+@pytest.mark.parametrize("text,message", [
+    ("0 a\na b\nb a\n", "cycle"),
+    ("0 1\n", "names class 1"),
+    ("0 a b\n", "expected 'CHILD PARENT'"),
+    ("0 a\n0 b\n", "already has parent"),
+])
+def test_bad_hierarchy_files(tmp_path, text, message):
+    path = tmp_path / "tree.txt"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        analysis.Hierarchy.read(path, 3)
+
+
+def test_semantic_accuracy_and_changes_by_construction():
+    tree = analysis.Hierarchy.from_parents(LINKS, 5)
+    labels = torch.tensor([0, 0, 1, 2, 3])
+    predicted = torch.tensor([0, 1, 2, 0, 0])
+    splits = {"many": torch.tensor([0, 1]), "medium": torch.tensor([2]), "few": torch.tensor([3, 4])}
+    at_one = analysis.semantic_accuracy(predicted, labels, splits, tree, 1)
+    assert at_one["many"] == pytest.approx(200 / 3) and at_one["medium"] == 0 and at_one["few"] == 0
+    at_two = analysis.semantic_accuracy(predicted, labels, splits, tree, 2)
+    assert at_two["many"] == 100 and at_two["medium"] == 100 and at_two["few"] == 100  # 3 -> 0 meet at 'life'
+    assert analysis.semantic_accuracy(predicted, labels, splits, tree, 0)["overall"] == 20
+    # samples of classes 0 and 1; only class 2 may count as a neighbour: 0 -> 1 is close but not
+    # allowed (elsewhere), 1 -> 2 is close at 2 levels and allowed
+    changes = analysis.prediction_changes(predicted, labels, labels, torch.tensor([0, 1]), tree, 2,
+                                          candidates=torch.tensor([2]))
+    assert changes["before"] == {"correct": 1, "as_neighbor": 1, "elsewhere": 1}
+    assert changes["after"] == {"correct": 3, "as_neighbor": 0, "elsewhere": 0}
 
 
 def test_pearson_with_interval():

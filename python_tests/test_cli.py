@@ -105,7 +105,8 @@ def test_authors_layout_and_ensemble_classifier(problem, tmp_path):
 def test_synth_then_fit(tmp_path):
     data = tmp_path / "data"
     assert run("synth", "--preset", "places-lt", "--scale", 0.05, "--dim", 32, "--out", data, "--quiet") == 0
-    assert {"train_x.npy", "train_y.npy", "val_x.npy", "test_x.npy", "classifier.pt"} <= set(os.listdir(data))
+    assert {"train_x.npy", "train_y.npy", "val_x.npy", "test_x.npy", "classifier.pt", "hierarchy.txt"} <= \
+        set(os.listdir(data))
     assert run("fit", "--train", data / "train_x.npy", "--val", data / "val_x.npy", "--classifier",
                data / "classifier.pt", "--out", tmp_path / "c.pt", "--epochs", 1, "--quiet") == 0
 
@@ -182,6 +183,47 @@ def test_compare(problem, tmp_path, capsys):
         assert f"| {method}" in out
     data = json.loads((report / "compare.json").read_text())
     assert len(data["methods"]) == 8 and (report / "frontier.png").stat().st_size > 0
+
+
+def test_k_sweep_control_and_analyses_in_the_report(problem, tmp_path):
+    paths = {role: write_features(tmp_path, role, getattr(problem, f"{role}_x"), getattr(problem, f"{role}_y"), "npz")
+             for role in ("train", "val", "test")}
+    classifier = tmp_path / "classifier.pt"
+    torch.save({"weight": problem.weight, "bias": problem.bias}, classifier)
+    tree = tmp_path / "tree.txt"
+    tree.write_text("".join(f"{c} group{g}\n" for c, g in enumerate(problem.groups.tolist())))
+    report = tmp_path / "report"
+    assert run("fit", "--train", paths["train"], "--val", paths["val"], "--test", paths["test"], "--classifier",
+               classifier, "--out", tmp_path / "c.pt", "--k", 2, 4, "--rho", 0.5, 1.0, "--control", "--epochs", 2,
+               "--hierarchy", tree, "--levels", 1, "--report", report, "--quiet") == 0
+    data = json.loads((report / "report.json").read_text())
+    grid = [(r["metric"], r["k"], r["rho"]) for r in data["runs"]]
+    assert grid == [(m, k, rho) for m in ("euclidean", "random") for k in (2, 4) for rho in (0.5, 1.0)]
+    best = next(r for r in data["runs"] if r["best"])
+    assert best["metric"] == "euclidean"  # the control is never the exported model
+    text = (report / "report.md").read_text()
+    assert "AlphaNet k=4 ρ=1.0" in text and "AlphaNet, random neighbours k=2 ρ=0.5" in text
+
+    few_classes = set(read_metadata(str(tmp_path / "c.pt"))["splits"]["few"])
+    samples = {"few": sum(int(c) in few_classes for c in problem.test_y), "all": len(problem.test_y)}
+    samples["base"] = samples["all"] - samples["few"]
+    for view in ("few", "base", "all"):
+        for model in ("before", "after"):
+            assert sum(data["prediction_changes"][view][model].values()) == samples[view]
+            assert sum(data["semantic"]["prediction_changes"][view][model].values()) == samples[view]
+    # correct counts agree with the plain accuracy; siblings make the semantic accuracy at least as high
+    assert data["prediction_changes"]["all"]["before"]["correct"] == \
+        pytest.approx(data["baseline"]["top1"]["overall"]["mean"] * samples["all"] / 100)
+    for name in ("many", "medium", "few", "overall"):
+        assert data["semantic"]["top1"]["baseline"][name] >= data["baseline"]["top1"][name]["mean"]
+    # on this generator most baseline errors on few classes go to a sibling (same group)
+    semantic_few = data["semantic"]["prediction_changes"]["few"]["before"]
+    assert semantic_few["as_neighbor"] > semantic_few["elsewhere"]
+    assert "Semantic closeness (within 1 levels" in text
+    assert (report / "prediction_changes.png").stat().st_size > 0
+
+    assert run("fit", "--train", paths["train"], "--classifier", classifier, "--out", tmp_path / "d.pt",
+               "--hierarchy", tree, "--quiet") == 1  # the hierarchy is for the report
 
 
 def test_rho_auto_respects_the_overall_drop(problem, tmp_path):
