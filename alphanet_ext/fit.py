@@ -195,14 +195,17 @@ class _CoefficientNets:
 
 
 @torch.no_grad()
-def _base_logsumexp(raw: Tensor, bias: Tensor, few: Tensor, pred_scale: float,
-                    labels: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+def _base_logsumexp_(scratch: Tensor, bias: Tensor, few: Tensor, pred_scale: float,
+                     labels: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """Per row of raw logits: log-sum-exp of the base-class scores and, given labels,
-    the score of each row's label (few columns excluded from the sum)."""
-    scores = torch.add(raw, bias).mul_(pred_scale)
+    the score of each row's label (few columns excluded from the sum). Works in
+    place: ``scratch`` (the raw logits) is overwritten, so no logits-sized
+    temporary is allocated."""
+    scores = scratch.add_(bias).mul_(pred_scale)
     target = None if labels is None else scores.gather(1, labels[:, None]).squeeze(1)
-    scores[:, few] = -math.inf
-    return torch.logsumexp(scores, dim=1), target
+    scores.index_fill_(1, few, -math.inf)
+    top = scores.amax(dim=1, keepdim=True)
+    return scores.sub_(top).exp_().sum(dim=1).log_().add_(top.squeeze(1)), target
 
 
 def _pick_device(device: torch.device | str | None) -> torch.device:
@@ -337,12 +340,12 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
     tic = time.perf_counter()
     few_rows = torch.nonzero(is_few_class[labels]).flatten()
     few_logits = torch.empty(few_rows.numel(), num_classes, device=device)
-    for begin in range(0, few_rows.numel(), 16384):
-        rows = few_rows[begin:begin + 16384]
-        few_logits[begin:begin + rows.numel()] = gather_rows(train_x, rows, "train_x", device).float() @ w.T
     few_base_lse = torch.empty(few_rows.numel(), device=device)
-    for begin in range(0, few_rows.numel(), 16384):
-        few_base_lse[begin:begin + 16384] = _base_logsumexp(few_logits[begin:begin + 16384], b, few, pred_scale)[0]
+    for begin in range(0, few_rows.numel(), 4096):
+        rows = few_rows[begin:begin + 4096]
+        block = few_logits[begin:begin + rows.numel()]
+        torch.mm(gather_rows(train_x, rows, "train_x", device).float(), w.T, out=block)
+        few_base_lse[begin:begin + rows.numel()] = _base_logsumexp_(block.clone(), b, few, pred_scale)[0]
     base_order = torch.argsort(labels, stable=True)
     class_offsets = torch.zeros(num_classes + 1, dtype=torch.long, device=device)
     class_offsets[1:] = counts.to(device).cumsum(0)
@@ -353,10 +356,12 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
     if has_val:
         tic = time.perf_counter()
         val_logits = logits(val_x, w, "val_x", device)
-        val_base_scores = pred_scale * (val_logits + b)
-        val_base_scores[:, few] = -math.inf
-        val_base_best, val_base_class = val_base_scores.max(dim=1)
-        del val_base_scores
+        # best base class of every val sample, which no correction changes
+        val_base_best = torch.empty(val_logits.shape[0], device=device)
+        val_base_class = torch.empty(val_logits.shape[0], dtype=torch.long, device=device)
+        for begin in range(0, val_logits.shape[0], 4096):
+            scores = val_logits[begin:begin + 4096].add(b).mul_(pred_scale).index_fill_(1, few, -math.inf)
+            torch.max(scores, dim=1, out=(val_base_best[begin:begin + 4096], val_base_class[begin:begin + 4096]))
         timings["val_logits"] = time.perf_counter() - tic
 
     def draw_epoch(generator: torch.Generator) -> Tensor:
@@ -367,26 +372,33 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
         entries = torch.cat([-(torch.arange(num_few, device=device) + 1), base_rows])
         return entries[torch.randperm(epoch_size, generator=generator).to(device)]
 
+    chunk_samples = max(batch_size, ((1 << 25) // (trials * num_classes)) // batch_size * batch_size)
+    # Buffers reused by every chunk: allocating them per chunk costs page faults on every step.
+    chunk_buffer = torch.empty(chunk_samples * trials, num_classes, device=device)
+    base_buffer = torch.empty_like(chunk_buffer)
+
     def chunk_logits(entries: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """For a chunk of epoch entries ``[T, S]``: logits without bias ``[S, T, C]``, train
         labels ``[S, T]``, the log-sum-exp of the base-class scores ``[S, T]`` and the
         score of the true class when it is a base class ``[S, T]`` (0 otherwise)."""
         flat = entries.T.reshape(-1)  # sample-major: row s*T + t
-        out = torch.empty(flat.numel(), num_classes, device=device)
+        out = chunk_buffer[:flat.numel()]
         base_lse = torch.empty(flat.numel(), device=device)
         target_score = torch.zeros(flat.numel(), device=device)
         is_few = flat < 0
         few_at, base_at = torch.nonzero(is_few).flatten(), torch.nonzero(~is_few).flatten()
         few_index = -flat[few_at] - 1
-        out[few_at] = few_logits[few_index]
+        few_part = base_buffer[:few_at.numel()]  # free until the base rows are computed
+        out.index_copy_(0, few_at, torch.index_select(few_logits, 0, few_index, out=few_part))
         base_lse[few_at] = few_base_lse[few_index]
         rows = torch.where(is_few, few_rows[(-flat - 1).clamp_min(0)], flat.clamp_min(0))
         chunk_labels = labels[rows]
         if base_at.numel():
-            base_logits = gather_rows(train_x, flat[base_at], "train_x", device).float() @ w.T
-            out[base_at] = base_logits
-            base_lse[base_at], target_score[base_at] = _base_logsumexp(base_logits, b, few, pred_scale,
-                                                                       chunk_labels[base_at])
+            base_logits = base_buffer[:base_at.numel()]
+            torch.mm(gather_rows(train_x, flat[base_at], "train_x", device).float(), w.T, out=base_logits)
+            out.index_copy_(0, base_at, base_logits)
+            base_lse[base_at], target_score[base_at] = _base_logsumexp_(base_logits, b, few, pred_scale,
+                                                                        chunk_labels[base_at])
         shape = (entries.shape[1], trials)
         return out.view(*shape, num_classes), chunk_labels.view(shape), base_lse.view(shape), target_score.view(shape)
 
@@ -408,7 +420,6 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
             correct[:, begin:begin + block.shape[0]] = (predicted == val_labels[begin:begin + 4096, None]).T
         return [accuracy_by_split(correct[t], val_labels, splits, num_classes) for t in range(trials)]
 
-    chunk_samples = max(batch_size, ((1 << 25) // (trials * num_classes)) // batch_size * batch_size)
     history: list[dict] = []
     best_score = [-math.inf] * trials
     best_epochs = [epochs] * trials
