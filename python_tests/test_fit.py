@@ -204,7 +204,9 @@ def test_memmap_rows_and_slices_read_correctly(tmp_path):
     array = np.arange(60, dtype=np.float32).reshape(20, 3)
     np.save(tmp_path / "a.npy", array)
     mapped = np.load(tmp_path / "a.npy", mmap_mode="r")
-    for source, expected in ((mapped, array), (mapped[5:], array[5:])):
+    np.save(tmp_path / "f.npy", np.asfortranarray(array))
+    fortran = np.load(tmp_path / "f.npy", mmap_mode="r")
+    for source, expected in ((mapped, array), (mapped[5:], array[5:]), (fortran, array)):
         chunks = torch.cat([chunk for _, chunk in iter_row_chunks(source, "x", torch.device("cpu"), chunk_rows=4)])
         assert torch.equal(chunks, torch.from_numpy(expected))
         rows = torch.tensor([7, 0, 7, 3])
