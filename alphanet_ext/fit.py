@@ -124,32 +124,12 @@ class _FusedAdamW:
         self.exp_avg_sqs = [torch.zeros_like(p) for p in params]
         self.steps = [torch.zeros((), dtype=torch.float32, device=p.device) for p in params]
 
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
-
-    def step(self) -> None:
+    def step(self, grads: list[Tensor]) -> None:
+        """One update with ``grads`` (one per parameter, in order)."""
         torch._foreach_add_(self.steps, 1)
-        torch._fused_adamw_(self.params, [p.grad for p in self.params], self.exp_avgs, self.exp_avg_sqs, [],
-                            self.steps, lr=self.lr, beta1=0.9, beta2=0.999, weight_decay=self.weight_decay,
-                            eps=1e-8, amsgrad=False, maximize=False)
-
-
-class _SharedInputLinear(torch.autograd.Function):
-    """``inputs @ weight`` for a fixed ``inputs [n, D]`` given as its transpose
-    ``inputs_t [D, n]`` and a weight stored as ``[D, out]``: with n << D this is
-    the GEMM layout that runs fastest, and the weight gradient
-    ``inputs_t @ grad`` comes out contiguous, with no copy."""
-
-    @staticmethod
-    def forward(ctx, inputs_t: Tensor, weight: Tensor) -> Tensor:
-        ctx.save_for_backward(inputs_t)
-        return (weight.T @ inputs_t).T
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (inputs_t,) = ctx.saved_tensors
-        return None, inputs_t @ grad
+        torch._fused_adamw_(self.params, grads, self.exp_avgs, self.exp_avg_sqs, [], self.steps, lr=self.lr,
+                            beta1=0.9, beta2=0.999, weight_decay=self.weight_decay, eps=1e-8, amsgrad=False,
+                            maximize=False)
 
 
 class _CoefficientNets:
@@ -158,7 +138,9 @@ class _CoefficientNets:
     AdamW and weight decay act elementwise, so one optimiser over the stacked
     tensors trains every trial exactly as if it had its own. The first layer of
     all trials is one ``[D, T * hidden]`` matrix (trial t's ``Linear.weight.T``
-    in columns ``t*hidden:(t+1)*hidden``) so it runs as one GEMM.
+    in columns ``t*hidden:(t+1)*hidden``) so it runs as one GEMM. Training steps
+    go through ``torch.ops.alphanet._coefficient_grads``, which runs this same
+    forward pass and its backward pass in C++.
     """
 
     def __init__(self, sizes: Sequence[int], generators: Sequence[torch.Generator], device: torch.device):
@@ -167,17 +149,17 @@ class _CoefficientNets:
             bound = 1.0 / math.sqrt(fan_in)  # torch.nn.Linear's default initialisation
             weights.append(torch.stack([(torch.rand(fan_out, fan_in, generator=g) * 2 - 1) * bound for g in generators]))
             self.biases.append(torch.stack([(torch.rand(fan_out, generator=g) * 2 - 1) * bound
-                                            for g in generators]).to(device).requires_grad_())
+                                            for g in generators]).to(device))
         self.trials, self.hidden = weights[0].shape[0], weights[0].shape[1]
-        self.first = weights[0].permute(2, 0, 1).reshape(sizes[0], -1).contiguous().to(device).requires_grad_()
-        self.rest = [w.to(device).requires_grad_() for w in weights[1:]]
+        self.first = weights[0].permute(2, 0, 1).reshape(sizes[0], -1).contiguous().to(device)
+        self.rest = [w.to(device) for w in weights[1:]]
 
     def parameters(self) -> list[Tensor]:
         return [self.first] + self.rest + self.biases
 
     def __call__(self, inputs_t: Tensor) -> Tensor:
         """``inputs_t [(k+1)d, C_f]`` (the transposed input, shared by all trials) -> ``alphas [T, C_f, k]``."""
-        h = _SharedInputLinear.apply(inputs_t, self.first).reshape(-1, self.trials, self.hidden).transpose(0, 1)
+        h = torch.mm(self.first.T, inputs_t).view(self.trials, self.hidden, -1).transpose(1, 2)
         h = h + self.biases[0][:, None, :]
         for w, b in zip(self.rest, self.biases[1:]):
             h = torch.baddbmm(b[:, None, :], F.leaky_relu(h, 0.01), w.transpose(1, 2))
@@ -324,7 +306,7 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
     net_inputs = torch.cat([w[few], w[neighbors].reshape(few.numel(), k * dim)], dim=1).T.contiguous()
     sizes = [(k + 1) * dim, *hidden, k]
     nets = _CoefficientNets(sizes, generators, device)
-    few_bias = b[few].repeat(trials, 1).requires_grad_()  # [T, C_f]
+    few_bias = b[few].repeat(trials, 1)  # [T, C_f]
     optimizer = _FusedAdamW(nets.parameters() + [few_bias], lr=lr, weight_decay=weight_decay)
 
     # Column ids of every trial's few classes and neighbours in a [B, T*C] view of the batch logits.
@@ -440,20 +422,12 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
             for begin in range(0, chunk_raw.shape[0], batch_size):
                 raw = chunk_raw[begin:begin + batch_size]
                 rows = raw.shape[0]
-                alphas = nets(net_inputs)  # [T, C_f, k]
-                combined = torch.ops.alphanet.alpha_combine(raw.view(rows, trials * num_classes), trial_targets,
-                                                            trial_neighbors, alphas.reshape(-1, k), 1)
-                few_scores = pred_scale * (combined.view(rows, trials, -1) + few_bias)
-                log_total = torch.logaddexp(base_lse[begin:begin + rows], torch.logsumexp(few_scores, dim=2))
-                batch_few = target_few[begin:begin + rows]
-                target_score = torch.where(
-                    batch_few >= 0, few_scores.gather(2, batch_few.clamp_min(0)[..., None]).squeeze(2),
-                    target_base_score[begin:begin + rows])
-                losses = (log_total - target_score).mean(dim=0)  # [T]
-                optimizer.zero_grad()
-                losses.sum().backward()
-                optimizer.step()
-                loss_sum += losses.detach() * rows
+                losses, grads = torch.ops.alphanet._coefficient_grads(
+                    net_inputs, nets.first, nets.rest, nets.biases, few_bias, raw.view(rows, trials * num_classes),
+                    trial_targets, trial_neighbors, base_lse[begin:begin + rows], target_few[begin:begin + rows],
+                    target_base_score[begin:begin + rows], pred_scale)
+                optimizer.step(grads)
+                loss_sum += losses * rows
         train_time += time.perf_counter() - tic
 
         record: dict[str, Any] = {"epoch": epoch, "loss": (loss_sum / epoch_size).tolist()}

@@ -41,7 +41,7 @@ def compiled_with_cuda() -> bool:
     return HAS_EXTENSION and _C.compiled_with_cuda()
 
 
-OP_NAMES = ("class_means", "class_sums_", "knn", "alpha_combine", "alpha_combine_backward")
+OP_NAMES = ("class_means", "class_sums_", "knn", "alpha_combine", "alpha_combine_backward", "_coefficient_grads")
 
 
 def check_registered(dispatch_key: str = "CPU") -> None:
@@ -231,6 +231,13 @@ if HAS_EXTENSION:
     def _alpha_combine_backward_fake(grad_out, source, targets, neighbors, alphas, dim, need_source, need_alphas):
         return (source.new_empty(source.shape if need_source else (0,)),
                 alphas.new_empty(alphas.shape if need_alphas else (0,)))
+
+    @torch.library.register_fake("alphanet::_coefficient_grads")
+    def _coefficient_grads_fake(inputs_t, first, rest, biases, few_bias, raw, targets, neighbors, base_lse, target_few,
+                                target_base, pred_scale):
+        grads = [first.new_empty(first.shape)] + [w.new_empty(w.shape) for w in rest]
+        grads += [b.new_empty(b.shape) for b in biases] + [few_bias.new_empty(few_bias.shape)]
+        return few_bias.new_empty(few_bias.shape[:1]), grads
 
     def _alpha_combine_setup(ctx, inputs, output):
         source, targets, neighbors, alphas, dim = inputs

@@ -191,9 +191,9 @@ def test_fused_adamw_matches_torch_optim():
     reference = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.01)
     for step in range(4):
         grads = [torch.randn(p.shape, generator=generator) for p in ours]
-        for p, q, g in zip(ours, theirs, grads):
-            p.grad, q.grad = g.clone(), g.clone()
-        optimizer.step()
+        for q, g in zip(theirs, grads):
+            q.grad = g.clone()
+        optimizer.step(grads)
         reference.step()
     for p, q in zip(ours, theirs):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
@@ -211,3 +211,55 @@ def test_memmap_rows_and_slices_read_correctly(tmp_path):
         assert torch.equal(chunks, torch.from_numpy(expected))
         rows = torch.tensor([7, 0, 7, 3])
         assert torch.equal(gather_rows(source, rows, "x", torch.device("cpu")), torch.from_numpy(expected[rows.numpy()]))
+
+
+def test_fused_step_gradients_match_autograd_of_the_full_softmax():
+    # the C++ training step against plain autograd through the networks and a
+    # cross-entropy over the corrected classifier's full scores
+    from alphanet_ext.fit import _CoefficientNets
+    generator = torch.Generator().manual_seed(3)
+    rows, trials, classes, k, dims, scale = 7, 2, 9, 3, 4, 1.5
+    few = torch.tensor([1, 4, 6])
+    is_base = torch.ones(classes, dtype=torch.bool)
+    is_base[few] = False
+    base = torch.nonzero(is_base).flatten()
+    neighbors = torch.stack([base[torch.randperm(base.numel(), generator=generator)[:k]] for _ in few])
+    raw = torch.randn(rows, trials, classes, dtype=torch.float64, generator=generator)
+    bias = torch.randn(classes, dtype=torch.float64, generator=generator)
+    labels = torch.tensor([1, 0, 4, 8, 6, 2, 4])[:, None].expand(rows, trials)
+    nets = _CoefficientNets([(k + 1) * dims, 5, 6, k], [torch.Generator().manual_seed(t) for t in range(trials)],
+                            torch.device("cpu"))
+    nets.first = nets.first.double()
+    nets.rest = [w.double() for w in nets.rest]
+    nets.biases = [b.double() for b in nets.biases]
+    inputs_t = torch.randn((k + 1) * dims, few.numel(), dtype=torch.float64, generator=generator)
+    few_bias = torch.randn(trials, few.numel(), dtype=torch.float64, generator=generator)
+
+    params = [p.clone().requires_grad_() for p in nets.parameters() + [few_bias]]
+    nets.first, *rest_and_biases, few_bias_leaf = params
+    nets.rest, nets.biases = rest_and_biases[:len(nets.rest)], rest_and_biases[len(nets.rest):]
+    alphas = nets(inputs_t)
+    weights = alphas / alphas.abs().sum(dim=2, keepdim=True)
+    few_columns = raw[:, :, few] + torch.einsum("tck,stck->stc", weights, raw[:, :, neighbors])
+    scores = scale * (raw + bias).clone()
+    scores[:, :, few] = scale * (few_columns + few_bias_leaf)
+    expected = torch.stack([torch.nn.functional.cross_entropy(scores[:, t], labels[:, t]) for t in range(trials)])
+    expected_grads = torch.autograd.grad(expected.sum(), params)
+
+    base_scores = scale * (raw + bias)
+    position = torch.full((classes,), -1, dtype=torch.long)
+    position[few] = torch.arange(few.numel())
+    target_few = position[labels]
+    offsets = (torch.arange(trials) * classes)[:, None]
+    detached = [p.detach() for p in params]
+    rest = detached[1:1 + len(nets.rest)]
+    biases = detached[1 + len(nets.rest):-1]
+    losses, grads = torch.ops.alphanet._coefficient_grads(
+        inputs_t, detached[0], rest, biases, detached[-1], raw.reshape(rows, -1), (offsets + few).reshape(-1),
+        (offsets[:, :, None] + neighbors).reshape(-1, k), base_scores[:, :, base].logsumexp(dim=2), target_few,
+        torch.where(target_few < 0, base_scores.gather(2, labels[..., None]).squeeze(2), 0.0), scale)
+    torch.testing.assert_close(losses, expected.detach(), rtol=1e-12, atol=1e-12)
+    assert len(grads) == len(expected_grads)
+    for ours, theirs in zip(grads, expected_grads):
+        assert theirs.abs().sum() > 0
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)

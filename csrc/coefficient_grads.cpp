@@ -1,0 +1,133 @@
+// One training step's loss and gradients for AlphaNet's coefficient networks,
+// in one op: the stacked MLPs' forward pass, the corrected few-class logits
+// (alpha_combine over raw logit columns), the softmax cross-entropy over all
+// classes, and the backward pass written out by hand. On small problems a step
+// is dominated by per-op overhead in Python and autograd (about 40 ops forward
+// and backward); here those ops run back to back in C++. Built from ATen ops and
+// the alphanet kernels, so the same code serves CPU and CUDA.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "op_utils.h"
+
+namespace alphanet {
+namespace {
+
+constexpr const char* kOp = "_coefficient_grads";
+constexpr double kLeakySlope = 0.01;
+
+at::Tensor combine(const at::Tensor& source, const at::Tensor& targets, const at::Tensor& neighbors,
+                   const at::Tensor& alphas) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("alphanet::alpha_combine", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         int64_t)>();
+  return op.call(source, targets, neighbors, alphas, 1);
+}
+
+at::Tensor combine_alphas_grad(const at::Tensor& grad, const at::Tensor& source, const at::Tensor& targets,
+                               const at::Tensor& neighbors, const at::Tensor& alphas) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("alphanet::alpha_combine_backward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                 const at::Tensor&, const at::Tensor&,
+                                                                 const at::Tensor&, int64_t, bool, bool)>();
+  return std::get<1>(op.call(grad, source, targets, neighbors, alphas, 1, false, true));
+}
+
+// inputs_t [D, C_f]: the networks' shared input, transposed. first [D, T*H]:
+// every trial's first layer (trial t in columns t*H .. t*H+H-1). rest[l]
+// [T, out, in]: the later layers. biases[l] [T, out]. few_bias [T, C_f].
+// raw [S, T*C]: the batch's logits without bias, trial-major columns.
+// targets [T*C_f], neighbors [T*C_f, k]: column ids in raw. base_lse,
+// target_few, target_base [S, T]: log-sum-exp of the base-class scores, the
+// target's few position (-1 for a base target), the target's score when it is
+// a base class. Returns the per-trial mean losses [T] and the gradients of
+// (first, rest..., biases..., few_bias), in that order.
+std::tuple<at::Tensor, std::vector<at::Tensor>> coefficient_grads(
+    const at::Tensor& inputs_t, const at::Tensor& first, at::TensorList rest, at::TensorList biases,
+    const at::Tensor& few_bias, const at::Tensor& raw, const at::Tensor& targets, const at::Tensor& neighbors,
+    const at::Tensor& base_lse, const at::Tensor& target_few, const at::Tensor& target_base, double pred_scale) {
+  TORCH_CHECK(biases.size() == rest.size() + 1, kOp, ": need one bias per layer, got ", biases.size(), " for ",
+              rest.size() + 1, " layers");
+  TORCH_CHECK(inputs_t.dim() == 2 && first.dim() == 2 && first.size(0) == inputs_t.size(0), kOp,
+              ": inputs_t [D, C_f] and first [D, T*H] do not match: ", inputs_t.sizes(), ", ", first.sizes());
+  TORCH_CHECK(few_bias.dim() == 2 && few_bias.size(1) == inputs_t.size(1), kOp, ": few_bias must be [T, ",
+              inputs_t.size(1), "], got ", few_bias.sizes());
+  TORCH_CHECK(base_lse.dim() == 2 && base_lse.size(1) == few_bias.size(0) && target_few.sizes() == base_lse.sizes() &&
+                  target_base.sizes() == base_lse.sizes(),
+              kOp, ": base_lse, target_few and target_base must all be [S, T]");
+  const int64_t trials = few_bias.size(0), num_few = few_bias.size(1), rows = base_lse.size(0);
+  TORCH_CHECK(first.size(1) % trials == 0, kOp, ": first has ", first.size(1), " columns, not a multiple of T=",
+              trials);
+  const int64_t hidden = first.size(1) / trials;
+
+  // Forward through the networks, keeping each layer's pre-activation.
+  std::vector<at::Tensor> pre_activations;
+  pre_activations.push_back(
+      at::mm(first.t(), inputs_t).view({trials, hidden, num_few}).transpose(1, 2).add(biases[0].unsqueeze(1)));
+  for (size_t layer = 0; layer < rest.size(); ++layer) {
+    const at::Tensor activation = at::leaky_relu(pre_activations.back(), kLeakySlope);
+    pre_activations.push_back(at::baddbmm(biases[layer + 1].unsqueeze(1), activation, rest[layer].transpose(1, 2)));
+  }
+  const at::Tensor alphas = pre_activations.back();  // [T, C_f, k]
+  const int64_t k = alphas.size(2);
+  const at::Tensor flat_alphas = alphas.reshape({trials * num_few, k});
+
+  // Loss: softmax over base classes (through base_lse) and the corrected few classes.
+  at::Tensor scores = combine(raw, targets, neighbors, flat_alphas).view({rows, trials, num_few});
+  scores.add_(few_bias).mul_(pred_scale);
+  const at::Tensor log_total = at::logaddexp(base_lse, at::logsumexp(scores, {2}));
+  const at::Tensor is_few = target_few.ge(0);
+  const at::Tensor few_index = target_few.clamp_min(0).unsqueeze(2);
+  const at::Tensor target_score = at::where(is_few, scores.gather(2, few_index).squeeze(2), target_base);
+  const at::Tensor losses = (log_total - target_score).mean(0);
+
+  // d loss / d score of each few class: softmax probability minus the target's one-hot, / rows.
+  at::Tensor grad_scores = scores.sub_(log_total.unsqueeze(2)).exp_();
+  grad_scores.scatter_add_(2, few_index, is_few.unsqueeze(2).to(grad_scores.scalar_type()).neg());
+  grad_scores.mul_(pred_scale / static_cast<double>(rows));
+  const at::Tensor grad_few_bias = grad_scores.sum(0);
+  at::Tensor grad = combine_alphas_grad(grad_scores.view({rows, trials * num_few}), raw, targets, neighbors,
+                                        flat_alphas)
+                        .view({trials, num_few, k})
+                        .to(alphas.scalar_type());
+
+  // Backward through the networks.
+  std::vector<at::Tensor> grad_rest(rest.size()), grad_biases(biases.size());
+  for (size_t layer = rest.size(); layer-- > 0;) {
+    const at::Tensor& below = pre_activations[layer];
+    grad_rest[layer] = at::bmm(grad.transpose(1, 2), at::leaky_relu(below, kLeakySlope));
+    grad_biases[layer + 1] = grad.sum(1);
+    grad = at::bmm(grad, rest[layer]);
+    grad = at::where(below.gt(0), grad, grad * kLeakySlope);
+  }
+  grad_biases[0] = grad.sum(1);
+  const at::Tensor grad_first = at::mm(inputs_t, grad.transpose(0, 1).reshape({num_few, trials * hidden}));
+
+  std::vector<at::Tensor> grads;
+  grads.push_back(grad_first);
+  grads.insert(grads.end(), grad_rest.begin(), grad_rest.end());
+  grads.insert(grads.end(), grad_biases.begin(), grad_biases.end());
+  grads.push_back(grad_few_bias);
+  return {losses, grads};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(alphanet, m) {
+  m.def(
+      "_coefficient_grads(Tensor inputs_t, Tensor first, Tensor[] rest, Tensor[] biases, Tensor few_bias, Tensor raw, "
+      "Tensor targets, Tensor neighbors, Tensor base_lse, Tensor target_few, Tensor target_base, float pred_scale) "
+      "-> (Tensor, Tensor[])");
+}
+
+TORCH_LIBRARY_IMPL(alphanet, CPU, m) { m.impl("_coefficient_grads", &coefficient_grads); }
+
+#ifdef ALPHANET_WITH_CUDA
+TORCH_LIBRARY_IMPL(alphanet, CUDA, m) { m.impl("_coefficient_grads", &coefficient_grads); }
+#endif
+
+}  // namespace alphanet
