@@ -196,14 +196,26 @@ def _pick_device(device: torch.device | str | None) -> torch.device:
     return torch.device(device)
 
 
-def _progress(iterable, enabled: bool, **kwargs):
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _bar(enabled: bool, **kwargs):
+    """A tqdm progress bar, or a silent stand-in when disabled or tqdm is missing."""
     if not enabled:
-        return iterable
+        return _NoBar()
     try:
         from tqdm.auto import tqdm
     except ImportError:
-        return iterable
-    return tqdm(iterable, **kwargs)
+        return _NoBar()
+    return tqdm(**kwargs)
 
 
 def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLike | None = None,
@@ -269,13 +281,16 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
     # Splits and class means (streamed, so memory-mapped features are read once, in chunks).
     tic = time.perf_counter()
     accumulator = ops.ClassMeanAccumulator(num_classes, dim, device=device)
+    bar = _bar(progress, total=labels.numel(), desc="class means", unit="row", leave=False)
     for begin, chunk in iter_row_chunks(train_x, "train_x", device):
+        bar.update(chunk.shape[0])
         try:
             accumulator.add(chunk, labels[begin:begin + chunk.shape[0]])
         except RuntimeError as error:
             if "NaN or inf" in str(error):
                 raise ValueError(f"train_x contains NaN or inf (in rows {begin}..{begin + chunk.shape[0] - 1})") from None
             raise
+    bar.close()
     means, counts = accumulator.means()
     splits = make_splits(counts, few_threshold, many_threshold)
     few, base = splits["few"].to(device), torch.cat([splits["many"], splits["medium"]]).sort().values.to(device)
@@ -323,11 +338,14 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
     few_rows = torch.nonzero(is_few_class[labels]).flatten()
     few_logits = torch.empty(few_rows.numel(), num_classes, device=device)
     few_base_lse = torch.empty(few_rows.numel(), device=device)
+    bar = _bar(progress, total=few_rows.numel(), desc="few-split logits", unit="row", leave=False)
     for begin in range(0, few_rows.numel(), 4096):
         rows = few_rows[begin:begin + 4096]
+        bar.update(rows.numel())
         block = few_logits[begin:begin + rows.numel()]
         torch.mm(gather_rows(train_x, rows, "train_x", device).float(), w.T, out=block)
         few_base_lse[begin:begin + rows.numel()] = _base_logsumexp_(block.clone(), b, few, pred_scale)[0]
+    bar.close()
     base_order = torch.argsort(labels, stable=True)
     class_offsets = torch.zeros(num_classes + 1, dtype=torch.long, device=device)
     class_offsets[1:] = counts.to(device).cumsum(0)
@@ -410,7 +428,8 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
     best_states: list[dict[str, Tensor]] = [{} for _ in range(trials)]
     train_time = val_time = 0.0
 
-    for epoch in _progress(range(1, epochs + 1), progress, desc="alphanet fit", unit="epoch"):
+    bar = _bar(progress, total=epochs * epoch_size, desc="alphanet fit", unit="sample")
+    for epoch in range(1, epochs + 1):
         tic = time.perf_counter()
         optimizer.lr = lr * lr_gamma ** ((epoch - 1) // lr_step)  # StepLR
         entries = torch.stack([draw_epoch(g) for g in generators])  # [T, epoch_size]
@@ -428,6 +447,7 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
                     target_base_score[begin:begin + rows], pred_scale)
                 optimizer.step(grads)
                 loss_sum += losses * rows
+                bar.update(rows)
         train_time += time.perf_counter() - tic
 
         record: dict[str, Any] = {"epoch": epoch, "loss": (loss_sum / epoch_size).tolist()}
@@ -446,6 +466,9 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
                     best_bias[t] = few_bias[t]
                     best_states[t] = nets.state(t)
         history.append(record)
+        val_text = f", val top-1 {max(r['overall'] for r in record['val_top1']):.1f}" if has_val else ""
+        bar.set_postfix_str(f"epoch {epoch}/{epochs}, loss {min(record['loss']):.3f}{val_text}")
+    bar.close()
 
     for record in history:
         record["chosen"] = [record["epoch"] == e for e in best_epochs]

@@ -263,3 +263,17 @@ def test_fused_step_gradients_match_autograd_of_the_full_softmax():
     for ours, theirs in zip(grads, expected_grads):
         assert theirs.abs().sum() > 0
         torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
+def test_progress_bars_only_on_a_terminal(problem, monkeypatch, capsys):
+    import importlib
+    fit_module = importlib.import_module("alphanet_ext.fit")
+    args = (problem.train_x, problem.train_y, problem.weight, problem.bias, problem.val_x, problem.val_y)
+    alphanet_ext.fit(*args, epochs=2, progress=True)  # stderr is not a terminal under pytest
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(fit_module.os, "isatty", lambda fd: True)
+    alphanet_ext.fit(*args, epochs=2, progress=True)
+    err = capsys.readouterr().err
+    assert "alphanet fit" in err and "epoch 2/2" in err and "val top-1" in err
+    alphanet_ext.fit(*args, epochs=2, progress=False)
+    assert capsys.readouterr().err == ""
