@@ -159,7 +159,7 @@ class _CoefficientNets:
 
     def __call__(self, inputs_t: Tensor) -> Tensor:
         """``inputs_t [(k+1)d, C_f]`` (the transposed input, shared by all trials) -> ``alphas [T, C_f, k]``."""
-        h = torch.mm(self.first.T, inputs_t).view(self.trials, self.hidden, -1).transpose(1, 2)
+        h = torch.mm(inputs_t.T, self.first).view(-1, self.trials, self.hidden).transpose(0, 1)
         h = h + self.biases[0][:, None, :]
         for w, b in zip(self.rest, self.biases[1:]):
             h = torch.baddbmm(b[:, None, :], F.leaky_relu(h, 0.01), w.transpose(1, 2))

@@ -66,8 +66,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> coefficient_grads(
 
   // Forward through the networks, keeping each layer's pre-activation.
   std::vector<at::Tensor> pre_activations;
+  // inputs_t.t() @ first: MKL takes the transposed operand in place, and this
+  // order measured faster than first.t() @ inputs_t at both 136 and 4,515 few classes.
   pre_activations.push_back(
-      at::mm(first.t(), inputs_t).view({trials, hidden, num_few}).transpose(1, 2).add(biases[0].unsqueeze(1)));
+      at::mm(inputs_t.t(), first).view({num_few, trials, hidden}).transpose(0, 1).add(biases[0].unsqueeze(1)));
   for (size_t layer = 0; layer < rest.size(); ++layer) {
     const at::Tensor activation = at::leaky_relu(pre_activations.back(), kLeakySlope);
     pre_activations.push_back(at::baddbmm(biases[layer + 1].unsqueeze(1), activation, rest[layer].transpose(1, 2)));
