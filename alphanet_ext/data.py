@@ -48,19 +48,17 @@ def _read_rows(array: np.memmap, rows: np.ndarray) -> np.ndarray:
     just the rows. Runs of consecutive rows are read in one call."""
     path, offset = _backing_file(array)
     out = np.empty((len(rows),) + tuple(array.shape[1:]), dtype=array.dtype)
+    if out.size == 0:
+        return out
     row_bytes = out[:1].nbytes
-    buffer = memoryview(out.reshape(-1).view(np.uint8)) if out.size else memoryview(b"")
+    buffer = memoryview(out.reshape(-1).view(np.uint8))
+    run_starts = np.flatnonzero(np.diff(rows) != 1) + 1
     with open(path, "rb", buffering=0) as stream:
-        begin = 0
-        while begin < len(rows):
-            end = begin + 1
-            while end < len(rows) and rows[end] == rows[end - 1] + 1:
-                end += 1
+        for begin, end in zip([0, *run_starts.tolist()], [*run_starts.tolist(), len(rows)]):
             wanted = buffer[begin * row_bytes:end * row_bytes]
             got = os.preadv(stream.fileno(), [wanted], offset + int(rows[begin]) * row_bytes)
             if got != len(wanted):
                 raise OSError(f"{path}: file ended early (truncated?) while reading row {int(rows[begin])}")
-            begin = end
     return out
 
 

@@ -374,7 +374,7 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
 
     chunk_samples = max(batch_size, ((1 << 25) // (trials * num_classes)) // batch_size * batch_size)
     # Buffers reused by every chunk: allocating them per chunk costs page faults on every step.
-    chunk_buffer = torch.empty(chunk_samples * trials, num_classes, device=device)
+    chunk_buffer = torch.empty(min(chunk_samples, epoch_size) * trials, num_classes, device=device)
     base_buffer = torch.empty_like(chunk_buffer)
 
     def chunk_logits(entries: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -209,8 +209,9 @@ def test_memmap_rows_and_slices_read_correctly(tmp_path):
     for source, expected in ((mapped, array), (mapped[5:], array[5:]), (fortran, array)):
         chunks = torch.cat([chunk for _, chunk in iter_row_chunks(source, "x", torch.device("cpu"), chunk_rows=4)])
         assert torch.equal(chunks, torch.from_numpy(expected))
-        rows = torch.tensor([7, 0, 7, 3])
-        assert torch.equal(gather_rows(source, rows, "x", torch.device("cpu")), torch.from_numpy(expected[rows.numpy()]))
+        for rows in (torch.tensor([7, 0, 7, 3, 4, 5, 14]), torch.tensor([], dtype=torch.long)):
+            assert torch.equal(gather_rows(source, rows, "x", torch.device("cpu")),
+                               torch.from_numpy(expected[rows.numpy()]))
 
 
 def test_fused_step_gradients_match_autograd_of_the_full_softmax():
