@@ -9,10 +9,9 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .data import ArrayLike, check_classifier, check_features, logits
 from .metrics import accuracy_by_split
 
-__all__ = ["Hierarchy", "predictions", "neighbor_views", "prediction_changes", "semantic_accuracy",
+__all__ = ["Hierarchy", "neighbor_views", "prediction_changes", "semantic_accuracy",
            "pearson_with_interval"]
 
 Node = Union[int, str]
@@ -117,15 +116,6 @@ class Hierarchy:
         return (self._enter[anchor] <= position) & (position < self._leave[anchor])
 
 
-def predictions(weight: ArrayLike, bias: ArrayLike | None, x: ArrayLike,
-                device: torch.device | str | None = None) -> Tensor:
-    """Top-1 class of every row of ``x`` under the linear classifier (on the CPU)."""
-    device = torch.device(device or "cpu")
-    w, b = check_classifier(weight, bias, device)
-    check_features(x, "x", w.shape[1])
-    return (logits(x, w, "x", device) + b).argmax(dim=1).cpu()
-
-
 def neighbor_views(class_means: Tensor, splits: Mapping[str, Tensor], k: int = 5,
                    metric: str = "euclidean") -> dict[str, tuple[Tensor, Tensor]]:
     """The paper's three groupings (Fig. 5 and its appendix): ``"few"`` (each few
@@ -157,7 +147,7 @@ def prediction_changes(before: Tensor, after: Tensor, labels: Tensor, classes: T
                        candidates: Tensor | None = None) -> dict[str, dict[str, int]]:
     """For samples whose true class is in ``classes``, how many predictions are
     correct, on one of the class's neighbours, or elsewhere — ``before`` and
-    ``after`` a correction (predicted labels, as from :func:`predictions`).
+    ``after`` a correction (predicted labels, e.g. ``evaluate(...)["predictions"]``).
 
     ``neighbors`` is ``[len(classes), k]`` (row i belongs to ``classes[i]``,
     e.g. from :func:`neighbor_views`), or a :class:`Hierarchy`: then the

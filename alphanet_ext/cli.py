@@ -20,8 +20,7 @@ from .fit import FitResult, fit
 from .io import (Features, InputError, load_author_splits, load_classifier, load_features, read_metadata, save_classifier,
                  write_atomic)
 from .metrics import evaluate, make_splits
-from .analysis import (Hierarchy, neighbor_views, pearson_with_interval, prediction_changes, predictions,
-                       semantic_accuracy)
+from .analysis import Hierarchy, neighbor_views, pearson_with_interval, prediction_changes, semantic_accuracy
 from .report import COLUMNS, run_label, write_text, mean_std, write_report
 from .synthetic import PRESETS, make_preset
 
@@ -112,13 +111,12 @@ def _auto_index(candidates: list[Run], weight: torch.Tensor, bias: torch.Tensor,
     return max(allowed, key=lambda i: summaries[i]["few"]["mean"])
 
 
-def _analyses(args: argparse.Namespace, weight: torch.Tensor, bias: torch.Tensor, best: Run, evaluated: Features,
+def _analyses(args: argparse.Namespace, best: Run, evaluated: Features, before: torch.Tensor, after: torch.Tensor,
               hierarchy: Hierarchy | None) -> dict:
-    """Prediction changes in the paper's three neighbour views, and semantic closeness."""
+    """Prediction changes in the paper's three neighbour views, and semantic closeness,
+    from the predictions ``before`` and ``after`` the correction."""
     splits = best.result.splits
     labels = torch.as_tensor(np.asarray(evaluated.y), dtype=torch.long)
-    before = predictions(weight, bias, evaluated.x, args.device)
-    after = predictions(best.result.weight, best.result.bias, evaluated.x, args.device)
     views = neighbor_views(best.result.class_means, splits, best.k, "euclidean" if best.metric == "random" else best.metric)
     out = {"prediction_changes": {name: prediction_changes(before, after, labels, classes, neighbors)
                                   for name, (classes, neighbors) in views.items()}}
@@ -204,7 +202,7 @@ def run_fit(args: argparse.Namespace) -> int:
                                for top in ("top1", "top5")},
                   "runs": report_runs, "distance_correlation": correlation["r"],
                   "distance_correlation_95": [correlation["low"], correlation["high"]],
-                  **_analyses(args, weight, bias, best, evaluated, hierarchy),
+                  **_analyses(args, best, evaluated, baseline["predictions"], chosen["predictions"], hierarchy),
                   "split_sizes": {name: int(ids.numel()) for name, ids in splits.items()}}
         files = write_report(report, {"distance": distance[keep], "change": change[keep]}, args.report)
         _say(args, f"report: {', '.join(os.path.join(args.report, f) for f in files)}")

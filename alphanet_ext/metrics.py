@@ -49,7 +49,8 @@ def evaluate(weight: ArrayLike, bias: ArrayLike | None, x: ArrayLike, y: ArrayLi
     """Top-1 and top-5 accuracy (percent) of the linear classifier on ``(x, y)``.
 
     Returns ``{"top1": {many, medium, few, overall}, "top5": {...},
-    "per_class_top1": Tensor [C] (NaN for classes without samples), "samples": N}``.
+    "per_class_top1": Tensor [C] (NaN for classes without samples), "samples": N,
+    "predictions": Tensor [N] (top-1 class of every sample, on the CPU)}``.
     ``splits`` is a mapping with ``many`` / ``medium`` / ``few`` class ids
     (for instance ``FitResult.splits``).
     """
@@ -68,4 +69,5 @@ def evaluate(weight: ArrayLike, bias: ArrayLike | None, x: ArrayLike, y: ArrayLi
         "top5": accuracy_by_split(correct5, labels, splits, w.shape[0]),
         "per_class_top1": (per_class_hits / per_class_total * 100).cpu(),
         "samples": int(labels.numel()),
+        "predictions": top[:, 0].cpu(),
     }

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+import alphanet_ext
 from alphanet_ext import analysis
 
 
@@ -9,8 +10,9 @@ def test_prediction_changes_by_construction():
     x = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 1.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
     y = torch.tensor([2, 2, 2, 0])
     before_weight = torch.tensor([[0.0, 0.0, 2.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # class 0 wins on class 2 samples
-    before = analysis.predictions(before_weight, torch.zeros(3), x)
-    after = analysis.predictions(torch.eye(3), None, x)
+    splits = {"many": torch.tensor([0, 1]), "medium": torch.tensor([], dtype=torch.long), "few": torch.tensor([2])}
+    before = alphanet_ext.evaluate(before_weight, torch.zeros(3), x, y, splits)["predictions"]
+    after = alphanet_ext.evaluate(torch.eye(3), None, x, y, splits)["predictions"]
     assert before.tolist() == [0, 0, 0, 0] and after.tolist() == [2, 2, 2, 0]
     table = analysis.prediction_changes(before, after, y, torch.tensor([2]), torch.tensor([[0]]))
     assert table["before"] == {"correct": 0, "as_neighbor": 3, "elsewhere": 0}

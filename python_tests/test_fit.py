@@ -149,6 +149,7 @@ def test_evaluate_hand_computed():
     assert result["top1"] == {"many": 100.0, "medium": 50.0, "few": 0.0, "overall": 50.0}
     assert result["top5"]["overall"] == 100.0
     assert result["per_class_top1"].tolist() == [100.0, 50.0, 0.0]
+    assert result["predictions"].tolist() == [0, 1, 2, 0]
 
 
 @pytest.mark.parametrize("change,message", [
