@@ -124,8 +124,13 @@ class ClassMeanAccumulator:
 def knn(queries: Tensor, keys: Tensor, k: int, metric: str = "euclidean") -> tuple[Tensor, Tensor]:
     """Exact ``k`` nearest keys of every query.
 
-    Distances are found in tiles (matmul-expanded, then the final candidates
-    rechecked in float64), so memory stays ``O(q*k + tile)`` however many keys.
+    On x86-64 CPUs with AVX2, rows are quantised to int16 and compared with an
+    integer matrix product whose error is bounded exactly (Cauchy-Schwarz on the
+    measured rounding error); every key the bound cannot rule out is rechecked
+    in float64, so the answer is exact at twice fp32 FMA throughput. Elsewhere
+    (CUDA, other CPUs, or ``ALPHANET_KNN_SCREENING=0``) matmul-expanded tiles
+    feed a fused top-k and ``k + 8`` candidates are rechecked in float64. Both
+    work in tiles: memory stays ``O(q*k + tile)`` however many keys.
 
     Args:
         queries: ``[q, d]``; keys: ``[m, d]``; same float dtype and device.
@@ -135,9 +140,10 @@ def knn(queries: Tensor, keys: Tensor, k: int, metric: str = "euclidean") -> tup
     Returns:
         ``(distances [q, k], indices [q, k])``, ascending, equal distances
         ordered by lower key index. Distances are float32 (float64 for float64).
-        The fast ranking keeps ``k + 8`` candidates for the exact recheck, so the
-        lower-index rule can only fail when more than 8 keys beyond the k-th tie
-        with it to within float32 rounding (degenerate data such as 1-d cosine).
+        The matmul-tile path keeps ``k + 8`` candidates for the recheck, so there
+        the lower-index rule can only fail when more than 8 keys beyond the k-th
+        tie with it to within float32 rounding (degenerate data such as 1-d
+        cosine); the screened CPU path has no such limit.
     """
     if not HAS_EXTENSION:
         _fallback("knn")

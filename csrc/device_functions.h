@@ -111,22 +111,45 @@ struct DistanceTerms {
   double squared_difference = 0, dot = 0, a_squared = 0, b_squared = 0;
 };
 
+// Four interleaved partial sums, combined pairwise: a single running sum would
+// make the loop wait on the latency of every addition.
 template <typename T>
 ALPHANET_HD void add_distance_terms(const T* a, const T* b, int64_t begin, int64_t end, int64_t step, bool cosine,
                                     DistanceTerms& terms) {
+  double first[4] = {0, 0, 0, 0}, second[4] = {0, 0, 0, 0}, third[4] = {0, 0, 0, 0};
+  int64_t j = begin;
   if (cosine) {
-    for (int64_t j = begin; j < end; j += step) {
+    for (; j + 3 * step < end; j += 4 * step) {
+      for (int u = 0; u < 4; ++u) {
+        const double x = to_double(a[j + u * step]);
+        const double y = to_double(b[j + u * step]);
+        first[u] += x * y;
+        second[u] += x * x;
+        third[u] += y * y;
+      }
+    }
+    for (; j < end; j += step) {
       const double x = to_double(a[j]);
       const double y = to_double(b[j]);
-      terms.dot += x * y;
-      terms.a_squared += x * x;
-      terms.b_squared += y * y;
+      first[0] += x * y;
+      second[0] += x * x;
+      third[0] += y * y;
     }
+    terms.dot += (first[0] + first[1]) + (first[2] + first[3]);
+    terms.a_squared += (second[0] + second[1]) + (second[2] + second[3]);
+    terms.b_squared += (third[0] + third[1]) + (third[2] + third[3]);
   } else {
-    for (int64_t j = begin; j < end; j += step) {
-      const double diff = to_double(a[j]) - to_double(b[j]);
-      terms.squared_difference += diff * diff;
+    for (; j + 3 * step < end; j += 4 * step) {
+      for (int u = 0; u < 4; ++u) {
+        const double diff = to_double(a[j + u * step]) - to_double(b[j + u * step]);
+        first[u] += diff * diff;
+      }
     }
+    for (; j < end; j += step) {
+      const double diff = to_double(a[j]) - to_double(b[j]);
+      first[0] += diff * diff;
+    }
+    terms.squared_difference += (first[0] + first[1]) + (first[2] + first[3]);
   }
 }
 

@@ -72,6 +72,19 @@ struct RecheckParams {
   double* distances;           // [num_queries, candidates]
 };
 
+// knn, whole on the CPU: int16 screening with a proven error bound, then the
+// float64 recheck of every key the bound cannot rule out.
+struct ScreenedKnnParams {
+  DType dtype;                 // of queries and keys (unit column stride)
+  const void* queries;
+  const void* keys;
+  int64_t query_stride, key_stride, num_queries, num_keys, dims;
+  int64_t k;                   // in [1, num_keys]
+  bool cosine;
+  void* distances;             // [num_queries, k] of acc_t, contiguous
+  int64_t* indices;            // [num_queries, k], contiguous
+};
+
 // out(c, j) = source(t_c, j) + sum_i alphas[c, i] / ||alphas[c]||_1 * source(n_ci, j)
 // where source(line, j) = source[line * line_stride + j * elem_stride].
 struct CombineParams {
@@ -102,6 +115,8 @@ namespace cpu {
 void class_sums(const ClassSumsParams& p);
 void knn_select(const SelectParams& p);
 void knn_recheck(const RecheckParams& p);
+bool knn_screening_supported();
+void knn_screened(const ScreenedKnnParams& p);
 void alpha_combine(const CombineParams& p);
 void alpha_combine_backward(const CombineBackwardParams& p);
 }  // namespace cpu

@@ -1,6 +1,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <limits>
 
 #include "op_utils.h"
@@ -16,6 +18,13 @@ constexpr int64_t kExtraCandidates = 8;
 struct Tiles {
   int64_t queries, keys;
 };
+
+// The CPU uses int16 screening where the hardware has it; ALPHANET_KNN_SCREENING=0
+// selects the matmul-tile path below instead (the one CUDA runs).
+bool use_screening() {
+  const char* setting = std::getenv("ALPHANET_KNN_SCREENING");
+  return cpu::knn_screening_supported() && !(setting && std::string(setting) == "0");
+}
 
 Tiles tile_sizes(const at::Tensor& t) {
   if (t.is_cuda()) return {4096, 16384};
@@ -75,6 +84,28 @@ std::tuple<at::Tensor, at::Tensor> knn(const at::Tensor& queries, const at::Tens
   const at::Tensor key_norms = at::linalg_vector_norm(keys, 2, {1}, false, value_type);
   const at::Tensor key_offset = cosine ? at::zeros_like(key_norms) : key_norms.square();
   const at::Tensor key_scale = cosine ? -key_norms.clamp_min(1e-12).reciprocal() : at::full_like(key_norms, -2.0);
+
+  if (queries.is_cpu() && use_screening()) {
+    const at::Tensor q = queries.stride(1) == 1 ? queries : queries.contiguous();
+    const at::Tensor x = keys.stride(1) == 1 ? keys : keys.contiguous();
+    at::Tensor distances = at::empty({num_queries, k}, value_options);
+    at::Tensor indices = at::empty({num_queries, k}, queries.options().dtype(at::kLong));
+    ScreenedKnnParams params{};
+    params.dtype = kernel_dtype(q.scalar_type());
+    params.queries = q.data_ptr();
+    params.keys = x.data_ptr();
+    params.query_stride = q.stride(0);
+    params.key_stride = x.stride(0);
+    params.num_queries = num_queries;
+    params.num_keys = num_keys;
+    params.dims = q.size(1);
+    params.k = k;
+    params.cosine = cosine;
+    params.distances = distances.data_ptr();
+    params.indices = indices.data_ptr<int64_t>();
+    cpu::knn_screened(params);
+    return {distances, indices};
+  }
 
   const int64_t candidates = std::min(num_keys, k + kExtraCandidates);
   at::Tensor values = at::full({num_queries, candidates}, std::numeric_limits<double>::infinity(), value_options);

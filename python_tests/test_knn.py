@@ -3,7 +3,18 @@ import torch
 
 import alphanet_ext
 from alphanet_ext import reference
-from conftest import FLOAT_DTYPES, rand
+from conftest import DEVICES, FLOAT_DTYPES, rand
+
+# The CPU has two exact paths: int16 screening with a proven bound (x86-64 with
+# AVX2) and the matmul-tile path CUDA also runs; every test below runs on both.
+PATHS = [(device, "1") for device in DEVICES] + [("cpu", "0")]
+
+
+@pytest.fixture(params=PATHS, ids=lambda path: f"{path[0]}-screening{path[1]}")
+def device(request, monkeypatch):
+    device, screening = request.param
+    monkeypatch.setenv("ALPHANET_KNN_SCREENING", screening)
+    return device
 
 SHAPES = [  # queries, keys, dims, k
     (0, 5, 3, 2), (1, 1, 1, 1), (1, 10, 4, 10), (7, 3, 2, 3), (33, 97, 1, 5), (100, 300, 64, 5),
@@ -63,6 +74,40 @@ def test_deterministic(device, generator):
     first = alphanet_ext.knn(queries, keys, 5)
     second = alphanet_ext.knn(queries, keys, 5)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_exact_when_keys_are_closer_than_the_quantisation_step(device, generator, metric):
+    # Keys differ by ~1e-9 of their norm, far below an int16 step: screening
+    # cannot separate them, so the float64 recheck must rank all of them.
+    base = rand(1, 40, dtype=torch.float64, generator=generator)
+    keys = base + 1e-9 * rand(300, 40, dtype=torch.float64, generator=generator)
+    queries = base + rand(5, 40, dtype=torch.float64, generator=generator)
+    distances, indices = alphanet_ext.knn(queries.to(device), keys.to(device), 7, metric)
+    check_against_reference(queries, keys, 7, metric, distances, indices, torch.float64)
+
+
+def test_exact_with_outlier_features(device, generator):
+    # One huge feature makes a row's quantisation step coarse for all the others.
+    queries = rand(30, 64, generator=generator)
+    keys = rand(400, 64, generator=generator)
+    keys[::7, 3] = 1e4
+    queries[::5, 10] = -1e4
+    distances, indices = alphanet_ext.knn(queries.to(device), keys.to(device), 6)
+    check_against_reference(queries, keys, 6, "euclidean", distances, indices, torch.float32)
+
+
+def test_same_result_for_any_thread_count(device, generator):
+    queries = rand(150, 40, device=device, generator=generator)
+    keys = rand(700, 40, device=device, generator=generator)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = alphanet_ext.knn(queries, keys, 5, "cosine")
+    finally:
+        torch.set_num_threads(threads)
+    several = alphanet_ext.knn(queries, keys, 5, "cosine")
+    assert torch.equal(one[0], several[0]) and torch.equal(one[1], several[1])
 
 
 @pytest.mark.parametrize("queries,keys,k,metric,message", [
