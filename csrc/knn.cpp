@@ -31,26 +31,49 @@ Tiles tile_sizes(const at::Tensor& t) {
   return {512, 4096};
 }
 
+at::Tensor unit_column_stride(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
+
+// The fields RecheckParams and ScreenedKnnParams share; q and x have unit column stride.
+template <typename Params>
+void set_rows(Params& params, const at::Tensor& q, const at::Tensor& x, bool cosine) {
+  params.dtype = kernel_dtype(q.scalar_type());
+  params.queries = q.data_ptr();
+  params.keys = x.data_ptr();
+  params.query_stride = q.stride(0);
+  params.key_stride = x.stride(0);
+  params.dims = q.size(1);
+  params.cosine = cosine;
+}
+
 // Exact float64 distances from each query to its candidate keys.
 at::Tensor exact_distances(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& indices,
                            bool cosine) {
-  const at::Tensor q = queries.stride(1) == 1 ? queries : queries.contiguous();
-  const at::Tensor k = keys.stride(1) == 1 ? keys : keys.contiguous();
   at::Tensor distances = at::empty(indices.sizes(), indices.options().dtype(at::kDouble));
   RecheckParams params{};
-  params.dtype = kernel_dtype(q.scalar_type());
-  params.queries = q.data_ptr();
-  params.keys = k.data_ptr();
-  params.query_stride = q.stride(0);
-  params.key_stride = k.stride(0);
-  params.dims = q.size(1);
+  const at::Tensor q = unit_column_stride(queries), x = unit_column_stride(keys);  // alive until the kernel ends
+  set_rows(params, q, x, cosine);
   params.indices = indices.data_ptr<int64_t>();
   params.num_queries = indices.size(0);
   params.candidates = indices.size(1);
-  params.cosine = cosine;
   params.distances = distances.data_ptr<double>();
   run_kernel(queries, &cpu::knn_recheck, ALPHANET_CUDA_KERNEL(knn_recheck), params);
   return distances;
+}
+
+std::tuple<at::Tensor, at::Tensor> screened_knn(const at::Tensor& queries, const at::Tensor& keys, int64_t k,
+                                                bool cosine) {
+  at::Tensor distances = at::empty({queries.size(0), k}, queries.options().dtype(acc_type(queries.scalar_type())));
+  at::Tensor indices = at::empty({queries.size(0), k}, queries.options().dtype(at::kLong));
+  ScreenedKnnParams params{};
+  const at::Tensor q = unit_column_stride(queries), x = unit_column_stride(keys);
+  set_rows(params, q, x, cosine);
+  params.num_queries = queries.size(0);
+  params.num_keys = keys.size(0);
+  params.k = k;
+  params.distances = distances.data_ptr();
+  params.indices = indices.data_ptr<int64_t>();
+  cpu::knn_screened(params);
+  return {distances, indices};
 }
 
 std::tuple<at::Tensor, at::Tensor> knn(const at::Tensor& queries, const at::Tensor& keys, int64_t k,
@@ -78,34 +101,13 @@ std::tuple<at::Tensor, at::Tensor> knn(const at::Tensor& queries, const at::Tens
   if (num_queries == 0) {
     return {at::empty({0, k}, value_options), at::empty({0, k}, queries.options().dtype(at::kLong))};
   }
+  if (queries.is_cpu() && use_screening()) return screened_knn(queries, keys, k, cosine);
 
   // Ranking value per (query, key): offset[key] + scale[key] * <query, key>,
   // which orders keys like the true distance for a fixed query.
   const at::Tensor key_norms = at::linalg_vector_norm(keys, 2, {1}, false, value_type);
   const at::Tensor key_offset = cosine ? at::zeros_like(key_norms) : key_norms.square();
   const at::Tensor key_scale = cosine ? -key_norms.clamp_min(1e-12).reciprocal() : at::full_like(key_norms, -2.0);
-
-  if (queries.is_cpu() && use_screening()) {
-    const at::Tensor q = queries.stride(1) == 1 ? queries : queries.contiguous();
-    const at::Tensor x = keys.stride(1) == 1 ? keys : keys.contiguous();
-    at::Tensor distances = at::empty({num_queries, k}, value_options);
-    at::Tensor indices = at::empty({num_queries, k}, queries.options().dtype(at::kLong));
-    ScreenedKnnParams params{};
-    params.dtype = kernel_dtype(q.scalar_type());
-    params.queries = q.data_ptr();
-    params.keys = x.data_ptr();
-    params.query_stride = q.stride(0);
-    params.key_stride = x.stride(0);
-    params.num_queries = num_queries;
-    params.num_keys = num_keys;
-    params.dims = q.size(1);
-    params.k = k;
-    params.cosine = cosine;
-    params.distances = distances.data_ptr();
-    params.indices = indices.data_ptr<int64_t>();
-    cpu::knn_screened(params);
-    return {distances, indices};
-  }
 
   const int64_t candidates = std::min(num_keys, k + kExtraCandidates);
   at::Tensor values = at::full({num_queries, candidates}, std::numeric_limits<double>::infinity(), value_options);
