@@ -1,3 +1,4 @@
+#include <cstdint>
 #include <limits>
 
 #include "../device_functions.h"
@@ -27,6 +28,68 @@ __device__ __forceinline__ void split_item(int64_t item, int64_t num_out, int64_
   }
 }
 
+// 16 bytes of consecutive elements of one line, moved with one vector load or
+// store. Used where a line's elements are contiguous and 16-byte aligned.
+template <typename T>
+struct alignas(16) Pack {
+  static constexpr int kSize = 16 / sizeof(T);
+  T values[kSize];
+};
+
+template <typename T>
+bool packable(const void* base, int64_t line_stride, int64_t elem_stride, int64_t elems) {
+  return elem_stride == 1 && line_stride % Pack<T>::kSize == 0 && elems % Pack<T>::kSize == 0 &&
+         reinterpret_cast<std::uintptr_t>(base) % 16 == 0;
+}
+
+template <typename A, typename T>
+__device__ __forceinline__ void load_pack(const T* at, A (&values)[Pack<T>::kSize]) {
+  Pack<T> pack;
+  *reinterpret_cast<uint4*>(&pack) = *reinterpret_cast<const uint4*>(at);
+#pragma unroll
+  for (int u = 0; u < Pack<T>::kSize; ++u) values[u] = static_cast<A>(pack.values[u]);
+}
+
+// Pack `pack` of source line `line`, or NaNs for a line outside the source (as load_line).
+template <typename A, typename T>
+__device__ __forceinline__ void load_line_pack(const CombineParams& p, const T* source, int64_t line, int64_t pack,
+                                               A (&values)[Pack<T>::kSize]) {
+  if (line < 0 || line >= p.num_lines) {
+#pragma unroll
+    for (int u = 0; u < Pack<T>::kSize; ++u) values[u] = std::numeric_limits<A>::quiet_NaN();
+    return;
+  }
+  load_pack(source + line * p.line_stride + pack * Pack<T>::kSize, values);
+}
+
+// forward_kernel for contiguous rows, a 16-byte pack per thread; the same
+// arithmetic per element, in the same order.
+template <typename T, typename A>
+__global__ void forward_packed_kernel(CombineParams p) {
+  constexpr int V = Pack<T>::kSize;
+  const T* source = static_cast<const T*>(p.source);
+  const A* alphas = static_cast<const A*>(p.alphas);
+  T* out = static_cast<T*>(p.out);
+  const int64_t packs = p.elems / V;
+  for (int64_t item = global_thread(); item < p.num_out * packs; item += grid_threads()) {
+    const int64_t c = item / packs, pack = item % packs;
+    const A* row_alphas = alphas + c * p.k;
+    const A norm = l1_norm<A>(row_alphas, 1, static_cast<int>(p.k));
+    A acc[V], neighbor[V];
+    load_line_pack(p, source, p.targets[c], pack, acc);
+    for (int64_t i = 0; i < p.k; ++i) {
+      load_line_pack(p, source, p.neighbors[c * p.k + i], pack, neighbor);
+      const A weight = row_alphas[i] / norm;
+#pragma unroll
+      for (int u = 0; u < V; ++u) acc[u] += weight * neighbor[u];
+    }
+    Pack<T> result;
+#pragma unroll
+    for (int u = 0; u < V; ++u) result.values[u] = static_cast<T>(acc[u]);
+    *reinterpret_cast<uint4*>(out + c * p.out_line_stride + pack * V) = *reinterpret_cast<const uint4*>(&result);
+  }
+}
+
 template <typename T, typename A>
 __global__ void forward_kernel(CombineParams p, bool lines_fastest) {
   const T* source = static_cast<const T*>(p.source);
@@ -45,8 +108,9 @@ __global__ void forward_kernel(CombineParams p, bool lines_fastest) {
 
 // One block per class: the k dot products <grad_out[c], source[n_ci]> by a
 // fixed-shape block reduction (deterministic), then the L1-normalisation gradient.
+// `packed`: grad_out and source rows are contiguous and aligned (see packable).
 template <typename T, typename A>
-__global__ void grad_alphas_kernel(CombineBackwardParams b) {
+__global__ void grad_alphas_kernel(CombineBackwardParams b, bool packed) {
   const CombineParams& p = b.forward;
   extern __shared__ unsigned char shared_bytes[];
   A* partial = reinterpret_cast<A*>(shared_bytes);  // [blockDim.x]
@@ -58,8 +122,20 @@ __global__ void grad_alphas_kernel(CombineBackwardParams b) {
     for (int64_t i = 0; i < p.k; ++i) {
       const int64_t line = p.neighbors[c * p.k + i];
       A dot = A(0);
-      for (int64_t j = threadIdx.x; j < p.elems; j += blockDim.x) {
-        dot += static_cast<A>(grad_out[c * p.out_line_stride + j * p.out_elem_stride]) * load_line<A>(p, source, line, j);
+      if (packed) {
+        constexpr int V = Pack<T>::kSize;
+        A gradient[V], values[V];
+        for (int64_t pack = threadIdx.x; pack < p.elems / V; pack += blockDim.x) {
+          load_pack(grad_out + c * p.out_line_stride + pack * V, gradient);
+          load_line_pack(p, source, line, pack, values);
+#pragma unroll
+          for (int u = 0; u < V; ++u) dot += gradient[u] * values[u];
+        }
+      } else {
+        for (int64_t j = threadIdx.x; j < p.elems; j += blockDim.x) {
+          dot += static_cast<A>(grad_out[c * p.out_line_stride + j * p.out_elem_stride]) *
+                 load_line<A>(p, source, line, j);
+        }
       }
       partial[threadIdx.x] = dot;
       __syncthreads();
@@ -103,13 +179,48 @@ __global__ void grad_source_kernel(CombineBackwardParams b, bool lines_fastest) 
   }
 }
 
+// grad_source_kernel for contiguous rows of grad_out, a 16-byte pack per thread;
+// the same arithmetic per element, in the same order.
+template <typename T, typename A>
+__global__ void grad_source_packed_kernel(CombineBackwardParams b) {
+  constexpr int V = Pack<T>::kSize;
+  const CombineParams& p = b.forward;
+  const T* grad_out = static_cast<const T*>(b.grad_out);
+  const A* alphas = static_cast<const A*>(p.alphas);
+  A* grad_source = static_cast<A*>(b.grad_source);
+  const int64_t packs = p.elems / V;
+  for (int64_t item = global_thread(); item < p.num_lines * packs; item += grid_threads()) {
+    const int64_t line = item / packs, pack = item % packs;
+    A acc[V], gradient[V];
+#pragma unroll
+    for (int u = 0; u < V; ++u) acc[u] = A(0);
+    for (int64_t e = b.line_offsets[line]; e < b.line_offsets[line + 1]; ++e) {
+      const int64_t entry = b.line_entries[e];
+      const int64_t c = entry / (p.k + 1), slot = entry % (p.k + 1);
+      A weight = A(1);
+      if (slot > 0) weight = alphas[c * p.k + slot - 1] / l1_norm<A>(alphas + c * p.k, 1, static_cast<int>(p.k));
+      load_pack(grad_out + c * p.out_line_stride + pack * V, gradient);
+#pragma unroll
+      for (int u = 0; u < V; ++u) acc[u] += weight * gradient[u];
+    }
+#pragma unroll
+    for (int u = 0; u < V; ++u) grad_source[line * b.grad_line_stride + (pack * V + u) * b.grad_elem_stride] = acc[u];
+  }
+}
+
 }  // namespace
 
 void alpha_combine(const CombineParams& p) {
   dispatch_input_types(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    forward_kernel<T, acc_t<T>><<<blocks_for(p.num_out * p.elems), kThreads, 0, current_stream()>>>(
-        p, p.out_line_stride == 1);
+    if (packable<T>(p.source, p.line_stride, p.elem_stride, p.elems) &&
+        packable<T>(p.out, p.out_line_stride, p.out_elem_stride, p.elems)) {
+      forward_packed_kernel<T, acc_t<T>>
+          <<<blocks_for(p.num_out * (p.elems / Pack<T>::kSize)), kThreads, 0, current_stream()>>>(p);
+    } else {
+      forward_kernel<T, acc_t<T>><<<blocks_for(p.num_out * p.elems), kThreads, 0, current_stream()>>>(
+          p, p.out_line_stride == 1);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -122,12 +233,19 @@ void alpha_combine_backward(const CombineBackwardParams& b) {
     if (b.grad_alphas != nullptr && p.num_out > 0) {
       const size_t shared = (kThreads + p.k) * sizeof(A);
       const auto blocks = static_cast<unsigned int>(std::min<int64_t>(p.num_out, 65535));
-      grad_alphas_kernel<T, A><<<blocks, kThreads, shared, current_stream()>>>(b);
+      const bool packed = packable<T>(p.source, p.line_stride, p.elem_stride, p.elems) &&
+                          packable<T>(b.grad_out, p.out_line_stride, p.out_elem_stride, p.elems);
+      grad_alphas_kernel<T, A><<<blocks, kThreads, shared, current_stream()>>>(b, packed);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (b.grad_source != nullptr && p.num_lines > 0) {
-      grad_source_kernel<T, A><<<blocks_for(p.num_lines * p.elems), kThreads, 0, current_stream()>>>(
-          b, b.grad_line_stride == 1);
+      if (packable<T>(b.grad_out, p.out_line_stride, p.out_elem_stride, p.elems)) {
+        grad_source_packed_kernel<T, A>
+            <<<blocks_for(p.num_lines * (p.elems / Pack<T>::kSize)), kThreads, 0, current_stream()>>>(b);
+      } else {
+        grad_source_kernel<T, A><<<blocks_for(p.num_lines * p.elems), kThreads, 0, current_stream()>>>(
+            b, b.grad_line_stride == 1);
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
