@@ -21,7 +21,7 @@ from .io import (Features, InputError, load_author_splits, load_classifier, load
                  write_atomic)
 from .metrics import evaluate, make_splits
 from .analysis import Hierarchy, neighbor_views, pearson_with_interval, prediction_changes, semantic_accuracy
-from .report import COLUMNS, run_label, write_text, mean_std, write_report
+from .report import COLUMNS, mean_std, pyplot, run_label, save_figure, write_report, write_text
 from .synthetic import PRESETS, make_preset
 
 
@@ -259,15 +259,15 @@ def run_compare(args: argparse.Namespace) -> int:
         write_atomic(os.path.join(args.report, "compare.json"),
                      lambda t: write_text(t, json.dumps({"evaluated_on": evaluated_on, "methods": rows}, indent=2)))
         write_atomic(os.path.join(args.report, "compare.md"), lambda t: write_text(t, table))
-        _frontier_plot(rows, os.path.join(args.report, "frontier.png"))
-        _say(args, f"report: {args.report}/compare.json, compare.md, frontier.png")
+        plotted = _frontier_plot(rows, os.path.join(args.report, "frontier.png"))
+        _say(args, f"report: {args.report}/compare.json, compare.md" + (", frontier.png" if plotted else ""))
     return 0
 
 
-def _frontier_plot(rows: list[dict], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _frontier_plot(rows: list[dict], path: str) -> bool:
+    plt = pyplot()
+    if plt is None:
+        return False
     figure, axis = plt.subplots(figsize=(6.5, 4.5))
     for row in rows:
         few, overall = row["top1"]["few"], row["top1"]["overall"]
@@ -275,8 +275,9 @@ def _frontier_plot(rows: list[dict], path: str) -> None:
     axis.set_xlabel("few-split top-1 (%)")
     axis.set_ylabel("overall top-1 (%)")
     axis.legend(fontsize=7, loc="best")
-    write_atomic(path, lambda temporary: figure.savefig(temporary, dpi=110, bbox_inches="tight", format="png"))
+    save_figure(figure, path)
     plt.close(figure)
+    return True
 
 
 def run_eval(args: argparse.Namespace) -> int:

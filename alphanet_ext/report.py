@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Sequence
 
 import torch
@@ -83,7 +84,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _save_figure(figure, path: str) -> None:
+def save_figure(figure, path: str) -> None:
     write_atomic(path, lambda temporary: figure.savefig(temporary, dpi=110, bbox_inches="tight", format="png"))
 
 
@@ -104,17 +105,29 @@ def _changes_plot(plt, changes: dict, path: str) -> None:
         axis.set_ylim(0, 100)
     axes[0][0].set_ylabel("share of samples (%)")
     axes[0][-1].legend(fontsize=7, loc="lower right")
-    _save_figure(figure, path)
+    save_figure(figure, path)
     plt.close(figure)
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, or None (with a warning) when matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        warnings.warn("matplotlib is not installed, so the report has no PNG plots (pip install matplotlib)",
+                      stacklevel=3)
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
 
 def plots(report: dict, per_class: dict, folder: str) -> list[str]:
     """Split accuracies before/after, per-class change vs neighbour distance, prediction
-    changes, accuracy vs rho."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    changes, accuracy vs rho. None without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return []
     written = []
     best = next(run for run in report["runs"] if run.get("best"))
     figure, axis = plt.subplots(figsize=(6, 3.5))
@@ -126,7 +139,7 @@ def plots(report: dict, per_class: dict, folder: str) -> list[str]:
     axis.set_xticks(positions.tolist(), COLUMNS)
     axis.set_ylabel(f"top-1 accuracy (%), {report['evaluated_on']}")
     axis.legend()
-    _save_figure(figure, os.path.join(folder, "split_accuracy.png"))
+    save_figure(figure, os.path.join(folder, "split_accuracy.png"))
     plt.close(figure)
     written.append("split_accuracy.png")
 
@@ -141,7 +154,7 @@ def plots(report: dict, per_class: dict, folder: str) -> list[str]:
     axis.set_xlabel(f"mean distance to the {report['config']['k']} neighbours")
     axis.set_ylabel("few-class top-1 change (points)")
     axis.set_title(f"Pearson r = {report['distance_correlation']:.2f}")
-    _save_figure(figure, os.path.join(folder, "per_class_change.png"))
+    save_figure(figure, os.path.join(folder, "per_class_change.png"))
     plt.close(figure)
     written.append("per_class_change.png")
 
@@ -165,7 +178,7 @@ def plots(report: dict, per_class: dict, folder: str) -> list[str]:
         axis.set_xlabel("ρ")
         axis.set_ylabel("top-1 accuracy (%)")
         axis.legend(fontsize=8)
-        _save_figure(figure, os.path.join(folder, "rho_sweep.png"))
+        save_figure(figure, os.path.join(folder, "rho_sweep.png"))
         plt.close(figure)
         written.append("rho_sweep.png")
     return written

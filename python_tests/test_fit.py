@@ -1,3 +1,5 @@
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -269,6 +271,7 @@ def test_fused_step_gradients_match_autograd_of_the_full_softmax():
 
 def test_progress_bars_only_on_a_terminal(problem, monkeypatch, capsys):
     import importlib
+    pytest.importorskip("tqdm")  # without it the bars are silent stand-ins
     fit_module = importlib.import_module("alphanet_ext.fit")
     args = (problem.train_x, problem.train_y, problem.weight, problem.bias, problem.val_x, problem.val_y)
     alphanet_ext.fit(*args, epochs=2, progress=True)  # stderr is not a terminal under pytest
@@ -279,3 +282,13 @@ def test_progress_bars_only_on_a_terminal(problem, monkeypatch, capsys):
     assert "alphanet fit" in err and "epoch 2/2" in err and "val top-1" in err
     alphanet_ext.fit(*args, epochs=2, progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_fit_without_tqdm_is_silent(problem, monkeypatch, capsys):
+    import importlib
+    fit_module = importlib.import_module("alphanet_ext.fit")
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # `import tqdm...` now raises ImportError
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    monkeypatch.setattr(fit_module.os, "isatty", lambda fd: True)
+    result = alphanet_ext.fit(problem.train_x, problem.train_y, problem.weight, problem.bias, epochs=1, progress=True)
+    assert capsys.readouterr().err == "" and result.weight.shape == problem.weight.shape
