@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -90,81 +91,118 @@ struct RowStats {
   double scale = 0, norm = 0, error_norm = 0;
 };
 
-// Quantise one row (already in float64) into `out`: features 2t, 2t + 1 at
-// out[t * pitch + {0, 1}].
-__attribute__((target("avx2,fma"))) RowStats quantize_row(const double* row, int64_t dims, bool cosine,
-                                                          int16_t* out, int64_t pitch) {
+template <typename T>
+__attribute__((target("avx2,fma"))) inline __m256d load4(const T* at) {
+  if constexpr (std::is_same_v<T, double>) {
+    return _mm256_loadu_pd(at);
+  } else if constexpr (std::is_same_v<T, float>) {
+    return _mm256_cvtps_pd(_mm_loadu_ps(at));
+  } else {
+    return _mm256_set_pd(to_double(at[3]), to_double(at[2]), to_double(at[1]), to_double(at[0]));
+  }
+}
+
+__attribute__((target("avx2"))) inline double lane_sum(__m256d v) {
+  alignas(32) double lanes[4];
+  _mm256_store_pd(lanes, v);
+  return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+}
+
+// A row's norm and quantisation scale (of the unit-normalised row for cosine).
+// Rounding in these is harmless: the error is measured afterwards, and the
+// norm's rounding is far inside kRoundingSlack.
+template <typename T>
+__attribute__((target("avx2,fma"))) RowStats row_scale(const T* row, int64_t dims, bool cosine, double* normalize) {
   const __m256d sign = _mm256_set1_pd(-0.0);
   __m256d norm2 = _mm256_setzero_pd(), max_abs = _mm256_setzero_pd();
   int64_t j = 0;
   for (; j + 4 <= dims; j += 4) {
-    const __m256d v = _mm256_loadu_pd(row + j);
+    const __m256d v = load4(row + j);
     norm2 = _mm256_fmadd_pd(v, v, norm2);
     max_abs = _mm256_max_pd(max_abs, _mm256_andnot_pd(sign, v));
   }
-  alignas(32) double lanes[4], highest[4];
-  _mm256_store_pd(lanes, norm2);
+  alignas(32) double highest[4];
   _mm256_store_pd(highest, max_abs);
-  double row_norm2 = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+  double row_norm2 = lane_sum(norm2);
   double row_max = std::max(std::max(highest[0], highest[1]), std::max(highest[2], highest[3]));
   for (; j < dims; ++j) {
-    row_norm2 += row[j] * row[j];
-    row_max = std::max(row_max, std::abs(row[j]));
+    const double v = to_double(row[j]);
+    row_norm2 += v * v;
+    row_max = std::max(row_max, std::abs(v));
   }
-  // Rounding in these factors is harmless: the error is measured afterwards, and
-  // the norm's rounding is far inside kRoundingSlack.
   const double row_norm = std::sqrt(row_norm2);
-  const double normalize = cosine ? 1.0 / std::max(row_norm, 1e-12) : 1.0;
+  *normalize = cosine ? 1.0 / std::max(row_norm, 1e-12) : 1.0;
   RowStats stats;
-  stats.norm = row_norm * normalize;
-  stats.scale = row_max > 0 ? row_max * normalize / kQuantMax : 1.0;
+  stats.norm = row_norm * *normalize;
+  stats.scale = row_max > 0 ? row_max * *normalize / kQuantMax : 1.0;
+  return stats;
+}
 
-  const __m256d to_unit = _mm256_set1_pd(normalize), inverse_scale = _mm256_set1_pd(1.0 / stats.scale);
-  const __m256d scale = _mm256_set1_pd(stats.scale), limit = _mm256_set1_pd(kQuantMax);
+// Quantise features [begin, end) of a row (begin even): feature j goes to
+// out[(j / 2) * pitch + j % 2]. Returns the sum of squared rounding errors.
+template <typename T>
+__attribute__((target("avx2,fma"))) double quantize_columns(const T* row, int64_t begin, int64_t end,
+                                                            double normalize, double scale, int16_t* out,
+                                                            int64_t pitch) {
+  const __m256d to_unit = _mm256_set1_pd(normalize), inverse_scale = _mm256_set1_pd(1.0 / scale);
+  const __m256d step = _mm256_set1_pd(scale), limit = _mm256_set1_pd(kQuantMax);
   const __m256d negative_limit = _mm256_set1_pd(-kQuantMax);
   __m256d error2 = _mm256_setzero_pd();
-  for (j = 0; j + 4 <= dims; j += 4) {
-    const __m256d v = _mm256_mul_pd(_mm256_loadu_pd(row + j), to_unit);
+  int64_t j = begin;
+  for (; j + 4 <= end; j += 4) {
+    const __m256d v = _mm256_mul_pd(load4(row + j), to_unit);
     __m256d q = _mm256_round_pd(_mm256_mul_pd(v, inverse_scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     q = _mm256_min_pd(_mm256_max_pd(q, negative_limit), limit);
-    const __m256d residual = _mm256_fnmadd_pd(q, scale, v);
+    const __m256d residual = _mm256_fnmadd_pd(q, step, v);
     error2 = _mm256_fmadd_pd(residual, residual, error2);
     const __m128i pairs = _mm_packs_epi32(_mm256_cvtpd_epi32(q), _mm_setzero_si128());
     const int32_t first = _mm_cvtsi128_si32(pairs), second = _mm_extract_epi32(pairs, 1);
     std::memcpy(out + (j >> 1) * pitch, &first, sizeof(first));
     std::memcpy(out + ((j >> 1) + 1) * pitch, &second, sizeof(second));
   }
-  _mm256_store_pd(lanes, error2);
-  double row_error2 = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
-  for (; j < dims; ++j) {
-    const double v = row[j] * normalize;
-    const double q = std::min<double>(kQuantMax, std::max<double>(-kQuantMax, std::nearbyint(v / stats.scale)));
+  double total = lane_sum(error2);
+  for (; j < end; ++j) {
+    const double v = to_double(row[j]) * normalize;
+    const double q = std::min<double>(kQuantMax, std::max<double>(-kQuantMax, std::nearbyint(v / scale)));
     out[(j >> 1) * pitch + (j & 1)] = static_cast<int16_t>(q);
-    row_error2 += (v - q * stats.scale) * (v - q * stats.scale);
+    total += (v - q * scale) * (v - q * scale);
   }
-  if (dims & 1) out[(dims >> 1) * pitch + 1] = 0;
-  stats.error_norm = std::sqrt(row_error2);
-  return stats;
+  return total;
 }
 
 // Pack rows [begin, begin + count) into panels of `panel` rows: panel p, step t
 // holds (row, feature 2t, 2t + 1) at ((p * steps + t) * panel + row) * 2. Rows past
-// `count` are zero, with zero statistics.
+// `count` are zero, with zero statistics. A panel is quantised kPackColumns
+// features at a time across its rows, so the interleaved stores stay in L1.
 template <typename T>
 void pack_rows(const T* x, int64_t stride, int64_t begin, int64_t count, int64_t dims, bool cosine, int panel,
                int16_t* packed, RowStats* stats) {
+  constexpr int64_t kPackColumns = 256;
   const int64_t steps = (dims + 1) / 2;
   const int64_t panels = (count + panel - 1) / panel;
-  std::vector<double> row(dims);
-  for (int64_t r = 0; r < panels * panel; ++r) {
-    int16_t* out = packed + ((r / panel) * steps * panel + r % panel) * 2;
-    if (r < count) {
-      const T* source = x + (begin + r) * stride;
-      for (int64_t j = 0; j < dims; ++j) row[j] = to_double(source[j]);
-      stats[r] = quantize_row(row.data(), dims, cosine, out, 2 * panel);
-    } else {
-      stats[r] = RowStats{};
-      for (int64_t t = 0; t < steps; ++t) out[t * 2 * panel] = out[t * 2 * panel + 1] = 0;
+  std::vector<double> normalize(panel), error2(panel);
+  for (int64_t p = 0; p < panels; ++p) {
+    int16_t* panel_out = packed + p * steps * panel * 2;
+    const int64_t rows = std::min<int64_t>(panel, count - p * panel);
+    for (int64_t r = 0; r < panel; ++r) {
+      error2[r] = 0;
+      if (r < rows) {
+        stats[p * panel + r] = row_scale(x + (begin + p * panel + r) * stride, dims, cosine, &normalize[r]);
+      } else {
+        stats[p * panel + r] = RowStats{};
+        for (int64_t t = 0; t < steps; ++t) panel_out[(t * panel + r) * 2] = panel_out[(t * panel + r) * 2 + 1] = 0;
+      }
+    }
+    for (int64_t first = 0; first < dims; first += kPackColumns) {
+      for (int64_t r = 0; r < rows; ++r) {
+        error2[r] += quantize_columns(x + (begin + p * panel + r) * stride, first,
+                                      std::min(dims, first + kPackColumns), normalize[r],
+                                      stats[p * panel + r].scale, panel_out + r * 2, 2 * panel);
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      if (dims & 1) panel_out[((dims >> 1) * panel + r) * 2 + 1] = 0;
+      stats[p * panel + r].error_norm = std::sqrt(error2[r]);
     }
   }
 }
