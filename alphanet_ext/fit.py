@@ -157,9 +157,14 @@ class _CoefficientNets:
     def parameters(self) -> list[Tensor]:
         return [self.first] + self.rest + self.biases
 
-    def __call__(self, inputs_t: Tensor) -> Tensor:
-        """``inputs_t [(k+1)d, C_f]`` (the transposed input, shared by all trials) -> ``alphas [T, C_f, k]``."""
-        h = torch.mm(inputs_t.T, self.first).view(-1, self.trials, self.hidden).transpose(0, 1)
+    def __call__(self, inputs: Tensor, num_few: int) -> Tensor:
+        """The input shared by all trials (from ``_network_inputs``) -> ``alphas [T, C_f, k]``."""
+        if inputs.dim() == 3:  # packed panels
+            h = torch.matmul(inputs[:, :self.first.shape[0]].transpose(1, 2), self.first)
+            h = h.reshape(-1, self.first.shape[1])[:num_few]
+        else:
+            h = torch.mm(inputs.T, self.first)
+        h = h.view(-1, self.trials, self.hidden).transpose(0, 1)
         h = h + self.biases[0][:, None, :]
         for w, b in zip(self.rest, self.biases[1:]):
             h = torch.baddbmm(b[:, None, :], F.leaky_relu(h, 0.01), w.transpose(1, 2))
@@ -174,6 +179,26 @@ class _CoefficientNets:
             out[f"{2 * layer}.weight"] = w.detach().cpu().clone()
             out[f"{2 * layer}.bias"] = b[trial].detach().cpu().clone()
         return out
+
+
+_INPUT_PANEL = 6  # kInputPanel in csrc/kernel_params.h; the C++ op checks the packed shape
+
+
+def _network_inputs(rows: Tensor, columns: int) -> Tensor:
+    """The coefficient networks' fixed input ``rows [C_f, (k+1)d]`` in the layout the training op reads.
+
+    On an x86 CPU with AVX2 (and a first layer of ``columns`` a multiple of 16)
+    it is packed once into panels ``[P, D', 6]``: panel p, row r, slot j holds
+    ``rows[6p + j, r]``, zero-padded, which the op's first layer streams
+    without the per-step repacking a BLAS call does. Elsewhere: ``rows.T``.
+    """
+    packable = (rows.device.type == "cpu" and rows.dtype == torch.float32 and columns % 16 == 0
+                and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
+    if not packable:
+        return rows.T.contiguous()
+    num_few, dims = rows.shape
+    padded = F.pad(rows, (0, -dims % _INPUT_PANEL, 0, -num_few % _INPUT_PANEL))
+    return padded.view(-1, _INPUT_PANEL, padded.shape[1]).transpose(1, 2).contiguous()
 
 
 @torch.no_grad()
@@ -318,9 +343,10 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
     timings["neighbors"] = time.perf_counter() - tic
 
     # Fixed inputs of the coefficient network: [w_c, v_1 .. v_k] per few class.
-    net_inputs = torch.cat([w[few], w[neighbors].reshape(few.numel(), k * dim)], dim=1).T.contiguous()
     sizes = [(k + 1) * dim, *hidden, k]
     nets = _CoefficientNets(sizes, generators, device)
+    net_inputs = _network_inputs(torch.cat([w[few], w[neighbors].reshape(few.numel(), k * dim)], dim=1),
+                                 nets.first.shape[1])
     few_bias = b[few].repeat(trials, 1)  # [T, C_f]
     optimizer = _FusedAdamW(nets.parameters() + [few_bias], lr=lr, weight_decay=weight_decay)
 
@@ -452,7 +478,7 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
 
         record: dict[str, Any] = {"epoch": epoch, "loss": (loss_sum / epoch_size).tolist()}
         with torch.no_grad():
-            alphas = nets(net_inputs)
+            alphas = nets(net_inputs, few.numel())
             if has_val:
                 tic = time.perf_counter()
                 record["val_top1"] = val_top1(alphas)

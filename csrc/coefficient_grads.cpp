@@ -37,7 +37,49 @@ at::Tensor combine_alphas_grad(const at::Tensor& grad, const at::Tensor& source,
   return std::get<1>(op.call(grad, source, targets, neighbors, alphas, 1, false, true));
 }
 
-// inputs_t [D, C_f]: the networks' shared input, transposed. first [D, T*H]:
+// inputs_t, or on the CPU the same packed once per fit into panels
+// [ceil(C_f / kInputPanel), ceil(D / kInputPanel) * kInputPanel, kInputPanel]
+// (see InputProductParams; alphanet_ext.fit packs it). Returns inputs_t^T @ first [C_f, N].
+at::Tensor first_layer(const at::Tensor& inputs, const at::Tensor& first, int64_t num_few) {
+  if (inputs.dim() == 2) {
+    // inputs_t.t() @ first: MKL takes the transposed operand in place, and this
+    // order measured faster than first.t() @ inputs_t at both 136 and 4,515 few classes.
+    return at::mm(inputs.t(), first);
+  }
+  at::Tensor out = at::empty({inputs.size(0) * kInputPanel, first.size(1)}, first.options());
+  const at::Tensor right = first.contiguous();
+  cpu::input_product_forward({inputs.data_ptr<float>(), inputs.size(0), inputs.size(1), first.size(0), num_few,
+                              right.data_ptr<float>(), first.size(1), out.data_ptr<float>()});
+  return out.narrow(0, 0, num_few);
+}
+
+// inputs_t @ grad [D, N] for grad [C_f, N].
+at::Tensor first_layer_grad(const at::Tensor& inputs, const at::Tensor& grad, int64_t dims) {
+  if (inputs.dim() == 2) return at::mm(inputs, grad);
+  at::Tensor out = at::empty({inputs.size(1), grad.size(1)}, grad.options());
+  const at::Tensor right = grad.contiguous();
+  cpu::input_product_backward({inputs.data_ptr<float>(), inputs.size(0), inputs.size(1), dims, grad.size(0),
+                               right.data_ptr<float>(), grad.size(1), out.data_ptr<float>()});
+  return out.narrow(0, 0, dims);
+}
+
+void check_packed_inputs(const at::Tensor& inputs, const at::Tensor& first, int64_t num_few) {
+  TORCH_CHECK(inputs.is_cpu() && inputs.scalar_type() == at::kFloat && inputs.is_contiguous() &&
+                  inputs.size(2) == kInputPanel && inputs.size(1) % kInputPanel == 0,
+              kOp, ": packed inputs must be a contiguous float32 CPU tensor [P, D', ", kInputPanel,
+              "] with D' a multiple of ", kInputPanel, ", got ", inputs.sizes());
+  TORCH_CHECK(cpu::input_products_supported(), kOp, ": packed inputs need an x86-64 CPU with AVX2 and FMA");
+  TORCH_CHECK(first.scalar_type() == at::kFloat && first.size(1) % 16 == 0, kOp,
+              ": with packed inputs the first layer must be float32 with a multiple of 16 columns, got ",
+              first.scalar_type(), " ", first.sizes());
+  TORCH_CHECK(first.size(0) <= inputs.size(1) && first.size(0) + kInputPanel > inputs.size(1), kOp,
+              ": packed inputs hold ", inputs.size(1), " rows, which does not fit a first layer of ",
+              first.size(0), " rows");
+  TORCH_CHECK(num_few <= inputs.size(0) * kInputPanel && num_few + kInputPanel > inputs.size(0) * kInputPanel, kOp,
+              ": packed inputs hold ", inputs.size(0), " panels, which does not fit ", num_few, " few classes");
+}
+
+// inputs_t [D, C_f]: the networks' shared input, transposed (or packed, above). first [D, T*H]:
 // every trial's first layer (trial t in columns t*H .. t*H+H-1). rest[l]
 // [T, out, in]: the later layers. biases[l] [T, out]. few_bias [T, C_f].
 // raw [S, T*C]: the batch's logits without bias, trial-major columns.
@@ -52,10 +94,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> coefficient_grads(
     const at::Tensor& base_lse, const at::Tensor& target_few, const at::Tensor& target_base, double pred_scale) {
   TORCH_CHECK(biases.size() == rest.size() + 1, kOp, ": need one bias per layer, got ", biases.size(), " for ",
               rest.size() + 1, " layers");
-  TORCH_CHECK(inputs_t.dim() == 2 && first.dim() == 2 && first.size(0) == inputs_t.size(0), kOp,
-              ": inputs_t [D, C_f] and first [D, T*H] do not match: ", inputs_t.sizes(), ", ", first.sizes());
-  TORCH_CHECK(few_bias.dim() == 2 && few_bias.size(1) == inputs_t.size(1), kOp, ": few_bias must be [T, ",
-              inputs_t.size(1), "], got ", few_bias.sizes());
+  TORCH_CHECK(few_bias.dim() == 2, kOp, ": few_bias must be [T, C_f], got ", few_bias.sizes());
+  TORCH_CHECK(first.dim() == 2, kOp, ": first must be [D, T*H], got ", first.sizes());
+  if (inputs_t.dim() == 3) {
+    check_packed_inputs(inputs_t, first, few_bias.size(1));
+  } else {
+    TORCH_CHECK(inputs_t.dim() == 2 && first.size(0) == inputs_t.size(0), kOp,
+                ": inputs_t [D, C_f] and first [D, T*H] do not match: ", inputs_t.sizes(), ", ", first.sizes());
+    TORCH_CHECK(few_bias.size(1) == inputs_t.size(1), kOp, ": few_bias must be [T, ", inputs_t.size(1), "], got ",
+                few_bias.sizes());
+  }
   TORCH_CHECK(base_lse.dim() == 2 && base_lse.size(1) == few_bias.size(0) && target_few.sizes() == base_lse.sizes() &&
                   target_base.sizes() == base_lse.sizes(),
               kOp, ": base_lse, target_few and target_base must all be [S, T]");
@@ -66,10 +114,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> coefficient_grads(
 
   // Forward through the networks, keeping each layer's pre-activation.
   std::vector<at::Tensor> pre_activations;
-  // inputs_t.t() @ first: MKL takes the transposed operand in place, and this
-  // order measured faster than first.t() @ inputs_t at both 136 and 4,515 few classes.
-  pre_activations.push_back(
-      at::mm(inputs_t.t(), first).view({num_few, trials, hidden}).transpose(0, 1).add(biases[0].unsqueeze(1)));
+  pre_activations.push_back(first_layer(inputs_t, first, num_few)
+                                .view({num_few, trials, hidden})
+                                .transpose(0, 1)
+                                .add(biases[0].unsqueeze(1)));
   for (size_t layer = 0; layer < rest.size(); ++layer) {
     const at::Tensor activation = at::leaky_relu(pre_activations.back(), kLeakySlope);
     pre_activations.push_back(at::baddbmm(biases[layer + 1].unsqueeze(1), activation, rest[layer].transpose(1, 2)));
@@ -107,7 +155,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> coefficient_grads(
     grad = at::where(below.gt(0), grad, grad * kLeakySlope);
   }
   grad_biases[0] = grad.sum(1);
-  const at::Tensor grad_first = at::mm(inputs_t, grad.transpose(0, 1).reshape({num_few, trials * hidden}));
+  const at::Tensor grad_first =
+      first_layer_grad(inputs_t, grad.transpose(0, 1).reshape({num_few, trials * hidden}), first.size(0));
 
   std::vector<at::Tensor> grads;
   grads.push_back(grad_first);

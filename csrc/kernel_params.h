@@ -85,6 +85,19 @@ struct ScreenedKnnParams {
   int64_t* indices;            // [num_queries, k], contiguous
 };
 
+// _coefficient_grads on the CPU: products with the coefficient networks' input,
+// packed once per fit as panels [num_panels, padded_dims, kInputPanel] of its
+// columns (panel p, row d, slot j holds inputs_t[d, p * kInputPanel + j]; zeros
+// past dims and num_few). Float32; `columns` a multiple of 16.
+constexpr int kInputPanel = 6;
+struct InputProductParams {
+  const float* panels;
+  int64_t num_panels, padded_dims, dims, num_few;
+  const float* right;   // forward: [dims, columns]; backward: [num_few, columns]; contiguous
+  int64_t columns;
+  float* out;           // forward: [num_panels * kInputPanel, columns]; backward: [padded_dims, columns]
+};
+
 // out(c, j) = source(t_c, j) + sum_i alphas[c, i] / ||alphas[c]||_1 * source(n_ci, j)
 // where source(line, j) = source[line * line_stride + j * elem_stride].
 struct CombineParams {
@@ -119,6 +132,9 @@ bool knn_screening_supported();
 void knn_screened(const ScreenedKnnParams& p);
 void alpha_combine(const CombineParams& p);
 void alpha_combine_backward(const CombineBackwardParams& p);
+bool input_products_supported();
+void input_product_forward(const InputProductParams& p);   // out = inputs_t^T @ right
+void input_product_backward(const InputProductParams& p);  // out = inputs_t @ right
 }  // namespace cpu
 
 namespace cuda {

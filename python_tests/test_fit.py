@@ -242,7 +242,7 @@ def test_fused_step_gradients_match_autograd_of_the_full_softmax():
     params = [p.clone().requires_grad_() for p in nets.parameters() + [few_bias]]
     nets.first, *rest_and_biases, few_bias_leaf = params
     nets.rest, nets.biases = rest_and_biases[:len(nets.rest)], rest_and_biases[len(nets.rest):]
-    alphas = nets(inputs_t)
+    alphas = nets(inputs_t, few.numel())
     weights = alphas / alphas.abs().sum(dim=2, keepdim=True)
     few_columns = raw[:, :, few] + torch.einsum("tck,stck->stc", weights, raw[:, :, neighbors])
     scores = scale * (raw + bias).clone()
@@ -292,3 +292,54 @@ def test_fit_without_tqdm_is_silent(problem, monkeypatch, capsys):
     monkeypatch.setattr(fit_module.os, "isatty", lambda fd: True)
     result = alphanet_ext.fit(problem.train_x, problem.train_y, problem.weight, problem.bias, epochs=1, progress=True)
     assert capsys.readouterr().err == "" and result.weight.shape == problem.weight.shape
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"), reason="needs AVX2")
+@pytest.mark.parametrize("num_few,dims,hidden", [(1, 3, 16), (13, 5, 16), (151, 70, 32)])
+def test_packed_network_inputs_give_the_same_step(num_few, dims, hidden):
+    # The CPU packs the networks' fixed input once per fit; the training step must
+    # not change. Shapes: few classes not a multiple of the 6-wide panels, rows
+    # (k+1)*dims not a multiple of 6, and (last case) several depth and class chunks.
+    from alphanet_ext.fit import _CoefficientNets, _network_inputs
+    generator = torch.Generator().manual_seed(num_few)
+    trials, k, classes, rows = 2, 3, num_few + 9, 11
+    nets = _CoefficientNets([(k + 1) * dims, hidden, 7, k], [torch.Generator().manual_seed(t) for t in range(trials)],
+                            torch.device("cpu"))
+    inputs = torch.randn(num_few, (k + 1) * dims, generator=generator)
+    packed, plain = _network_inputs(inputs, trials * hidden), inputs.T.contiguous()
+    assert packed.dim() == 3 and packed.shape[2] == 6
+    few = torch.arange(num_few)
+    neighbors = torch.randint(num_few, classes, (num_few, k), generator=generator)
+    offsets = (torch.arange(trials) * classes)[:, None]
+    raw = torch.randn(rows, trials * classes, generator=generator)
+    labels = torch.randint(0, classes, (rows, trials), generator=generator)
+    target_few = torch.where(labels < num_few, labels, -1)
+    few_bias = torch.randn(trials, num_few, generator=generator)
+    common = (nets.rest, nets.biases, few_bias, raw, (offsets + few).reshape(-1),
+              (offsets[:, :, None] + neighbors).reshape(-1, k), torch.randn(rows, trials, generator=generator),
+              target_few, torch.randn(rows, trials, generator=generator), 1.0)
+    expected_losses, expected = torch.ops.alphanet._coefficient_grads(plain, nets.first, *common)
+    losses, grads = torch.ops.alphanet._coefficient_grads(packed, nets.first, *common)
+    torch.testing.assert_close(losses, expected_losses, rtol=1e-5, atol=1e-6)
+    for ours, theirs in zip(grads, expected):
+        assert ours.shape == theirs.shape
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(nets(packed, num_few), nets(plain, num_few), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_network_inputs_that_do_not_fit_are_refused():
+    from alphanet_ext.fit import _network_inputs
+    packed = _network_inputs(torch.randn(10, 12), 16)
+    if packed.dim() != 3:
+        pytest.skip("inputs are packed only on an AVX2 CPU")
+    first, few_bias = torch.randn(12, 16), torch.randn(1, 10)
+    rest, biases = [torch.randn(1, 3, 16)], [torch.randn(1, 16), torch.randn(1, 3)]
+    args = (rest, biases, few_bias, torch.randn(4, 20), torch.arange(10), torch.randint(10, 20, (10, 3)),
+            torch.randn(4, 1), torch.full((4, 1), -1), torch.randn(4, 1), 1.0)
+    torch.ops.alphanet._coefficient_grads(packed, first, *args)  # fits
+    with pytest.raises(RuntimeError, match="does not fit a first layer of 30 rows"):
+        torch.ops.alphanet._coefficient_grads(packed, torch.randn(30, 16), *args)
+    with pytest.raises(RuntimeError, match="does not fit 3 few classes"):
+        torch.ops.alphanet._coefficient_grads(packed, first, rest, biases, torch.randn(1, 3), *args[3:])
+    with pytest.raises(RuntimeError, match="multiple of 16 columns"):
+        torch.ops.alphanet._coefficient_grads(packed, torch.randn(12, 8), *args)
