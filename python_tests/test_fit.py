@@ -295,7 +295,7 @@ def test_fit_without_tqdm_is_silent(problem, monkeypatch, capsys):
 
 
 @pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"), reason="needs AVX2")
-@pytest.mark.parametrize("num_few,dims,hidden", [(1, 3, 16), (13, 5, 16), (151, 70, 32)])
+@pytest.mark.parametrize("num_few,dims,hidden", [(1, 3, 16), (13, 5, 16), (151, 260, 32)])
 def test_packed_network_inputs_give_the_same_step(num_few, dims, hidden):
     # The CPU packs the networks' fixed input once per fit; the training step must
     # not change. Shapes: few classes not a multiple of the 6-wide panels, rows
