@@ -49,7 +49,14 @@ def extension():
             "alphanet_ext._C", sources, define_macros=[("ALPHANET_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr",
                                                        "-lineinfo"]})
-    return CppExtension("alphanet_ext._C", sources, extra_compile_args={"cxx": cxx},
+    # CPU builds on x86-64 Linux also compile the CUDA kernels as C++ for a CPU
+    # emulator (csrc/emulation), so the CPU test suite runs them.
+    macros = []
+    if platform.system() == "Linux" and platform.machine() == "x86_64":
+        sources += sorted(glob.glob("csrc/emulation/*.cpp"))
+        macros.append(("ALPHANET_CUDA_EMULATION", None))
+        cxx.append("-Wno-unknown-pragmas")  # the kernels' `#pragma unroll` is for nvcc
+    return CppExtension("alphanet_ext._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx},
                         extra_link_args=["-fopenmp"] if "-fopenmp" in cxx else [])
 
 

@@ -123,6 +123,9 @@ std::tuple<at::Tensor, at::Tensor> alpha_combine_backward(const at::Tensor& grad
   TORCH_CHECK(grad_out.sizes() == expected.sizes(), kOp, ": grad_out must have shape ", expected.sizes(), ", got ",
               grad_out.sizes());
   check_same_device(source, grad_out, kOp, "source", "grad_out");
+  TORCH_CHECK(!(need_alphas && uses_cuda_kernels(source)) || c.params.k <= kMaxCudaGradNeighbors, kOp,
+              ": the gradient of alphas on CUDA supports up to ", kMaxCudaGradNeighbors, " neighbours per class, got k=",
+              c.params.k);
   const at::OptionalDeviceGuard guard(at::device_of(source));
   const at::Tensor grad = grad_out.to(source.scalar_type());
 
@@ -138,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor> alpha_combine_backward(const at::Tensor& grad
     b.grad_source = grad_source.data_ptr();
     b.grad_line_stride = grad_source.stride(c.dim);
     b.grad_elem_stride = grad_source.stride(1 - c.dim);
-    if (source.is_cuda()) {
+    if (uses_cuda_kernels(source)) {
       const at::Tensor lines = at::cat({c.targets.unsqueeze(1), c.neighbors}, 1).reshape(-1);
       line_entries = std::get<1>(lines.sort(/*stable=*/true, 0, false));
       line_offsets = at::zeros({c.params.num_lines + 1}, lines.options());

@@ -43,7 +43,7 @@ void class_sums_(at::Tensor& sums, at::Tensor& counts, const at::Tensor& x, cons
   params.sums = sums.data_ptr();
   const at::Tensor label_counts = at::bincount(label_ids, {}, num_classes);
   at::Tensor sorted_rows, segment_offsets;
-  if (x.is_cuda()) {
+  if (uses_cuda_kernels(x)) {
     sorted_rows = std::get<1>(label_ids.sort(/*stable=*/true, 0, false));
     segment_offsets = at::zeros({num_classes + 1}, label_counts.options());
     segment_offsets.narrow(0, 1, num_classes).copy_(label_counts.cumsum(0));

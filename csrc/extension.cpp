@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "device_functions.h"
+#include "kernel_params.h"
 
 namespace py = pybind11;
 
@@ -63,6 +64,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return false;
 #endif
   });
+  m.def("has_cuda_emulation", []() {
+#ifdef ALPHANET_CUDA_EMULATION
+    return true;
+#else
+    return false;
+#endif
+  });
+#ifdef ALPHANET_CUDA_EMULATION
+  m.def("_set_cuda_emulation", &alphanet::emulation::configure, py::arg("on"), py::arg("schedule_seed") = 0,
+        "Test facility: while on, ops on CPU tensors run the CUDA kernels on a CPU emulator; a nonzero "
+        "schedule_seed shuffles the order in which a block's threads run between barriers.");
+  m.def("_cuda_emulation_enabled", &alphanet::emulation::enabled);
+#endif
   m.def("_topk_merge", &topk_merge);
   m.def("_topk_insert_all", &topk_insert_all);
   m.def("_segment_sum", &segment_sum);

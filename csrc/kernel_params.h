@@ -112,6 +112,9 @@ struct CombineParams {
   int64_t out_line_stride, out_elem_stride;
 };
 
+// The CUDA kernel of grad_alphas holds a class's k gradients in shared memory.
+constexpr int64_t kMaxCudaGradNeighbors = 4096;
+
 struct CombineBackwardParams {
   CombineParams forward;       // out unused
   const void* grad_out;        // same layout as forward.out
@@ -144,5 +147,12 @@ void knn_recheck(const RecheckParams& p);
 void alpha_combine(const CombineParams& p);
 void alpha_combine_backward(const CombineBackwardParams& p);
 }  // namespace cuda
+
+// The CPU build's CUDA emulator (csrc/emulation), a test facility: while it is
+// on, ops on CPU tensors run the CUDA kernels and the CUDA code paths.
+namespace emulation {
+bool enabled();
+void configure(bool on, uint64_t schedule_seed);  // seed 0: threads run in order
+}  // namespace emulation
 
 }  // namespace alphanet

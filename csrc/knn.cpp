@@ -27,7 +27,7 @@ bool use_screening() {
 }
 
 Tiles tile_sizes(const at::Tensor& t) {
-  if (t.is_cuda()) return {4096, 16384};
+  if (uses_cuda_kernels(t)) return {4096, 16384};
   return {512, 4096};
 }
 
@@ -101,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor> knn(const at::Tensor& queries, const at::Tens
   if (num_queries == 0) {
     return {at::empty({0, k}, value_options), at::empty({0, k}, queries.options().dtype(at::kLong))};
   }
-  if (queries.is_cpu() && use_screening()) return screened_knn(queries, keys, k, cosine);
+  if (!uses_cuda_kernels(queries) && use_screening()) return screened_knn(queries, keys, k, cosine);
 
   // Ranking value per (query, key): offset[key] + scale[key] * <query, key>,
   // which orders keys like the true distance for a fixed query.

@@ -77,11 +77,20 @@ inline void check_finite(const at::Tensor& t, const char* op, const char* name) 
   TORCH_CHECK(at::isfinite(t).all().item<bool>(), op, ": ", name, " contains NaN or inf");
 }
 
-#ifdef ALPHANET_WITH_CUDA
+#if defined(ALPHANET_WITH_CUDA) || defined(ALPHANET_CUDA_EMULATION)
 #define ALPHANET_CUDA_KERNEL(name) (&::alphanet::cuda::name)
 #else
 #define ALPHANET_CUDA_KERNEL(name) nullptr
 #endif
+
+// Whether ops on `t` take the CUDA kernels and code paths: on CUDA tensors, and
+// on CPU tensors while the CUDA emulator is on.
+inline bool uses_cuda_kernels(const at::Tensor& t) {
+#ifdef ALPHANET_CUDA_EMULATION
+  if (t.is_cpu() && emulation::enabled()) return true;
+#endif
+  return t.is_cuda();
+}
 
 template <typename T>
 struct NonDeduced {
@@ -92,7 +101,7 @@ struct NonDeduced {
 template <typename Params>
 void run_kernel(const at::Tensor& on, void (*cpu_kernel)(const Params&),
                 typename NonDeduced<void (*)(const Params&)>::type cuda_kernel, const Params& params) {
-  if (on.device().is_cpu()) {
+  if (!uses_cuda_kernels(on)) {
     cpu_kernel(params);
   } else {
     TORCH_CHECK(cuda_kernel != nullptr, "alphanet_ext was built without CUDA support");

@@ -1,9 +1,33 @@
+import contextlib
+
 import pytest
 import torch
 
 import alphanet_ext
+from alphanet_ext import ops
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and alphanet_ext.compiled_with_cuda() else [])
+# "emulated-cuda": CPU tensors through the CUDA kernels and code paths, run by
+# the CPU build's emulator (csrc/emulation), so CI without a GPU runs them too.
+HAS_EMULATION = ops.HAS_EXTENSION and ops._C.has_cuda_emulation()
+DEVICES = (["cpu"] + (["cuda"] if torch.cuda.is_available() and alphanet_ext.compiled_with_cuda() else [])
+           + (["emulated-cuda"] if HAS_EMULATION else []))
+
+
+@contextlib.contextmanager
+def on_backend(name):
+    """Yields the torch device for backend `name`, with the emulator on for "emulated-cuda"."""
+    if name != "emulated-cuda":
+        yield name
+        return
+    # The order a block's threads run in between barriers is shuffled, afresh
+    # each run (printed on failure), so a missing barrier shows as a failure.
+    schedule_seed = torch.randint(1, 2**62, ()).item()
+    print(f"schedule_seed={schedule_seed}")
+    ops._C._set_cuda_emulation(True, schedule_seed)
+    try:
+        yield "cpu"
+    finally:
+        ops._C._set_cuda_emulation(False)
 FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
 # Tolerance of a result stored in `dtype` against a float64 reference.
@@ -15,9 +39,15 @@ TOLERANCE = {
 }
 
 
+def runs_cuda_kernels(device) -> bool:
+    """Whether ops on `device` run the CUDA kernels (on a GPU or the emulator)."""
+    return device == "cuda" or (HAS_EMULATION and ops._C._cuda_emulation_enabled())
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
-    return request.param
+    with on_backend(request.param) as device:
+        yield device
 
 
 @pytest.fixture

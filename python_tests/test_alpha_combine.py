@@ -3,7 +3,7 @@ import torch
 
 import alphanet_ext
 from alphanet_ext import reference
-from conftest import FLOAT_DTYPES, TOLERANCE, rand
+from conftest import FLOAT_DTYPES, TOLERANCE, rand, runs_cuda_kernels
 
 
 def make_case(lines, elems, n, k, dim, dtype=torch.float32, device="cpu", generator=None):
@@ -128,3 +128,15 @@ def test_bad_input(device):
         alphanet_ext.alpha_combine(source, targets.float(), neighbors, alphas)
     with pytest.raises(RuntimeError, match="is on"):
         alphanet_ext.alpha_combine(source, targets, neighbors, alphas.to("meta"))
+
+
+def test_alpha_gradient_neighbour_limit_on_cuda(device, generator):
+    source, targets, neighbors, alphas = make_case(20, 8, 1, 4097, 0, device=device, generator=generator)
+    alphas.requires_grad_(True)
+    out = alphanet_ext.alpha_combine(source, targets, neighbors, alphas)
+    if runs_cuda_kernels(device):
+        with pytest.raises(RuntimeError, match="supports up to 4096 neighbours per class, got k=4097"):
+            out.sum().backward()
+    else:
+        out.sum().backward()
+        assert torch.isfinite(alphas.grad).all()

@@ -3,7 +3,7 @@ import torch
 
 import alphanet_ext
 from alphanet_ext import reference
-from conftest import DEVICES, FLOAT_DTYPES, rand
+from conftest import DEVICES, FLOAT_DTYPES, on_backend, rand
 
 # The CPU has two exact paths: int16 screening with a proven bound (x86-64 with
 # AVX2) and the matmul-tile path CUDA also runs; every test below runs on both.
@@ -12,9 +12,10 @@ PATHS = [(device, "1") for device in DEVICES] + [("cpu", "0")]
 
 @pytest.fixture(params=PATHS, ids=lambda path: f"{path[0]}-screening{path[1]}")
 def device(request, monkeypatch):
-    device, screening = request.param
+    backend, screening = request.param
     monkeypatch.setenv("ALPHANET_KNN_SCREENING", screening)
-    return device
+    with on_backend(backend) as device:
+        yield device
 
 SHAPES = [  # queries, keys, dims, k
     (0, 5, 3, 2), (1, 1, 1, 1), (1, 10, 4, 10), (7, 3, 2, 3), (33, 97, 1, 5), (100, 300, 64, 5),

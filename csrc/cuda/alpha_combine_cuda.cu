@@ -112,8 +112,7 @@ __global__ void forward_kernel(CombineParams p, bool lines_fastest) {
 template <typename T, typename A>
 __global__ void grad_alphas_kernel(CombineBackwardParams b, bool packed) {
   const CombineParams& p = b.forward;
-  extern __shared__ unsigned char shared_bytes[];
-  A* partial = reinterpret_cast<A*>(shared_bytes);  // [blockDim.x]
+  A* partial = dynamic_shared<A>();                  // [blockDim.x]
   A* grad_normalized = partial + blockDim.x;         // [k]
   const T* source = static_cast<const T*>(p.source);
   const T* grad_out = static_cast<const T*>(b.grad_out);
@@ -215,13 +214,10 @@ void alpha_combine(const CombineParams& p) {
     using T = decltype(tag);
     if (packable<T>(p.source, p.line_stride, p.elem_stride, p.elems) &&
         packable<T>(p.out, p.out_line_stride, p.out_elem_stride, p.elems)) {
-      forward_packed_kernel<T, acc_t<T>>
-          <<<blocks_for(p.num_out * (p.elems / Pack<T>::kSize)), kThreads, 0, current_stream()>>>(p);
+      launch(forward_packed_kernel<T, acc_t<T>>, blocks_for(p.num_out * (p.elems / Pack<T>::kSize)), kThreads, 0, p);
     } else {
-      forward_kernel<T, acc_t<T>><<<blocks_for(p.num_out * p.elems), kThreads, 0, current_stream()>>>(
-          p, p.out_line_stride == 1);
+      launch(forward_kernel<T, acc_t<T>>, blocks_for(p.num_out * p.elems), kThreads, 0, p, p.out_line_stride == 1);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
@@ -235,18 +231,14 @@ void alpha_combine_backward(const CombineBackwardParams& b) {
       const auto blocks = static_cast<unsigned int>(std::min<int64_t>(p.num_out, 65535));
       const bool packed = packable<T>(p.source, p.line_stride, p.elem_stride, p.elems) &&
                           packable<T>(b.grad_out, p.out_line_stride, p.out_elem_stride, p.elems);
-      grad_alphas_kernel<T, A><<<blocks, kThreads, shared, current_stream()>>>(b, packed);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(grad_alphas_kernel<T, A>, blocks, kThreads, shared, b, packed);
     }
     if (b.grad_source != nullptr && p.num_lines > 0) {
       if (packable<T>(b.grad_out, p.out_line_stride, p.out_elem_stride, p.elems)) {
-        grad_source_packed_kernel<T, A>
-            <<<blocks_for(p.num_lines * (p.elems / Pack<T>::kSize)), kThreads, 0, current_stream()>>>(b);
+        launch(grad_source_packed_kernel<T, A>, blocks_for(p.num_lines * (p.elems / Pack<T>::kSize)), kThreads, 0, b);
       } else {
-        grad_source_kernel<T, A><<<blocks_for(p.num_lines * p.elems), kThreads, 0, current_stream()>>>(
-            b, b.grad_line_stride == 1);
+        launch(grad_source_kernel<T, A>, blocks_for(p.num_lines * p.elems), kThreads, 0, b, b.grad_line_stride == 1);
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
 }

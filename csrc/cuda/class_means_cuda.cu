@@ -29,10 +29,8 @@ void class_sums(const ClassSumsParams& p) {
     using A = acc_t<T>;
     const dim3 grid(static_cast<unsigned int>((p.cols + kThreads - 1) / kThreads),
                     static_cast<unsigned int>(std::min<int64_t>(p.num_classes, 65535)));
-    class_sums_kernel<T, A><<<grid, kThreads, 0, current_stream()>>>(
-        static_cast<const T*>(p.x), p.cols, p.row_stride, p.sorted_rows, p.segment_offsets, p.num_classes,
-        static_cast<A*>(p.sums));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(class_sums_kernel<T, A>, grid, kThreads, 0, static_cast<const T*>(p.x), p.cols, p.row_stride,
+           p.sorted_rows, p.segment_offsets, p.num_classes, static_cast<A*>(p.sums));
   });
 }
 

@@ -57,10 +57,9 @@ __global__ void select_kernel(const V* __restrict__ dots, int64_t tile_cols, con
 
 template <typename V, int kMax>
 void launch_select(const SelectParams& p) {
-  select_kernel<V, kMax><<<static_cast<unsigned int>(p.tile_rows), kWarp, 0, current_stream()>>>(
-      static_cast<const V*>(p.dots), p.tile_cols, static_cast<const V*>(p.key_offset),
-      static_cast<const V*>(p.key_scale), p.key_begin, static_cast<V*>(p.values), p.indices, p.candidates);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(select_kernel<V, kMax>, static_cast<unsigned int>(p.tile_rows), kWarp, 0, static_cast<const V*>(p.dots),
+         p.tile_cols, static_cast<const V*>(p.key_offset), static_cast<const V*>(p.key_scale), p.key_begin,
+         static_cast<V*>(p.values), p.indices, p.candidates);
 }
 
 // One warp per (query, candidate): lanes take strided columns, then a
@@ -92,9 +91,7 @@ void knn_recheck(const RecheckParams& p) {
   dispatch_input_types(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     const int64_t threads = pairs * kWarp;
-    recheck_kernel<T><<<static_cast<unsigned int>((threads + kThreads - 1) / kThreads), kThreads, 0,
-                        current_stream()>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(recheck_kernel<T>, static_cast<unsigned int>((threads + kThreads - 1) / kThreads), kThreads, 0, p);
   });
 }
 

@@ -1,17 +1,44 @@
 // Launch helpers shared by the CUDA kernels (light headers only: no ATen).
+// Compiled by nvcc for the GPU, or as C++ over csrc/emulation/cuda_emulation.h
+// when ALPHANET_CUDA_EMULATION is defined (the CPU test build).
 #pragma once
 
+#ifdef ALPHANET_CUDA_EMULATION
+#include "../emulation/cuda_emulation.h"
+#else
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
+#endif
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 
 namespace alphanet::cuda {
 
 constexpr int kThreads = 256;
 
-inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+// kernel<<<grid, block, shared_bytes, current stream>>>(args...), checked.
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, const Args&... args) {
+#ifdef ALPHANET_CUDA_EMULATION
+  emulation::run(grid, block, shared_bytes, [&] { kernel(args...); });
+#else
+  kernel<<<grid, block, shared_bytes, c10::cuda::getCurrentCUDAStream().stream()>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
+}
+
+// The launch's dynamic shared memory (shared_bytes of `launch`), 16-byte aligned.
+template <typename T>
+__device__ __forceinline__ T* dynamic_shared() {
+#ifdef ALPHANET_CUDA_EMULATION
+  return reinterpret_cast<T*>(emulation::dynamic_shared());
+#else
+  extern __shared__ __align__(16) unsigned char dynamic_shared_bytes[];
+  return reinterpret_cast<T*>(dynamic_shared_bytes);
+#endif
+}
 
 // Blocks for a grid-stride loop over `total` items.
 inline unsigned int blocks_for(int64_t total, int threads = kThreads) {
