@@ -6,6 +6,7 @@ import torch
 
 import alphanet_ext
 from alphanet_ext import synthetic
+from conftest import HAS_EMULATION, on_backend
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +55,19 @@ def test_logit_space_scores_equal_materialised_classifier(problem):
     few_scores = alphanet_ext.alpha_combine(logits, few, result.neighbors, result.alphas, dim=1) + result.bias[few]
     materialised = problem.val_x @ result.weight.T + result.bias
     torch.testing.assert_close(few_scores, materialised[:, few], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not HAS_EMULATION, reason="needs the CPU build's CUDA emulator")
+def test_fit_through_the_cuda_kernels_matches_the_cpu_kernels(problem):
+    """The whole correction with class means, kNN and the combine on the CUDA kernels (emulated)."""
+    on_cpu = quick_fit(problem, k=3, epochs=3, seed=2)
+    with on_backend("emulated-cuda"):
+        on_cuda_kernels = quick_fit(problem, k=3, epochs=3, seed=2)
+    assert torch.equal(on_cuda_kernels.neighbors, on_cpu.neighbors)
+    torch.testing.assert_close(on_cuda_kernels.class_means, on_cpu.class_means, rtol=0, atol=0)
+    torch.testing.assert_close(on_cuda_kernels.alphas, on_cpu.alphas, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(on_cuda_kernels.weight, on_cpu.weight, rtol=1e-5, atol=1e-6)
+    assert on_cuda_kernels.best_epochs == on_cpu.best_epochs
 
 
 def test_deterministic_for_a_seed(problem):
