@@ -10,6 +10,7 @@ einsum (columns of a logits matrix).
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -51,6 +52,21 @@ def peer_combine_rows(source, targets, neighbors, alphas):
 def peer_combine_columns(logits, targets, neighbors, alphas):
     weights = alphas / alphas.abs().sum(1, keepdim=True)
     return logits[:, targets] + torch.einsum("ck,nck->nc", weights, logits[:, neighbors])
+
+
+def with_environment(variable, value, fn):
+    """fn, run with the environment variable set to value."""
+    def run():
+        previous = os.environ.get(variable)
+        os.environ[variable] = value
+        try:
+            return fn()
+        finally:
+            if previous is None:
+                del os.environ[variable]
+            else:
+                os.environ[variable] = previous
+    return run
 
 
 def card_rates(device):
@@ -140,6 +156,11 @@ def main():
             row("knn euclidean", f"{q}x{m}x{dims}, k={k}", lambda: alphanet_ext.knn(queries, keys, k), best_peer,
                 device, args.repeats, "cdist+topk" if t_cdist[0] <= t_cdist[1] else "mm+topk", rates,
                 flops=2 * q * m * dims)
+            if device.startswith("cuda"):  # A/B: the tile path (library matmul, then the select kernel)
+                row("knn euclidean, tile path", f"{q}x{m}x{dims}, k={k}",
+                    with_environment("ALPHANET_KNN_FUSED", "0", lambda: alphanet_ext.knn(queries, keys, k)),
+                    best_peer, device, args.repeats, "cdist+topk" if t_cdist[0] <= t_cdist[1] else "mm+topk", rates,
+                    flops=2 * q * m * dims)
             if cupy_modules:
                 cupy, _ = cupy_modules
                 q_cp, k_cp = cupy.from_dlpack(queries), cupy.from_dlpack(keys)

@@ -60,6 +60,24 @@ struct SelectParams {
 };
 constexpr int kMaxCandidates = 64;
 
+// knn on CUDA, fused: blocks rank a tile of queries against one split of the
+// keys (dot products in registers, each query's best `candidates` in shared and
+// thread-local memory), then a pass merges the splits' lists. Only the lists
+// reach global memory. Ranking values are float32.
+struct FusedKnnParams {
+  DType dtype;                 // of queries and keys (unit column stride); not Double
+  const void* queries;
+  const void* keys;
+  int64_t query_stride, key_stride, num_queries, num_keys, dims;
+  const float* key_offset;     // [num_keys]: ranking value = offset + scale * <query, key>
+  const float* key_scale;      // [num_keys]
+  int candidates;              // at most kMaxCandidates
+  int64_t keys_per_split;      // from knn_fused_keys_per_split; splits = ceil(num_keys / keys_per_split)
+  float* split_values;         // [splits, num_queries, candidates] scratch
+  int64_t* split_indices;      // [splits, num_queries, candidates] scratch
+  int64_t* indices;            // [num_queries, candidates], best first
+};
+
 // knn: exact float64 distance from every query to each of its candidate keys.
 struct RecheckParams {
   DType dtype;                 // of queries and keys (unit column stride)
@@ -142,6 +160,8 @@ void input_product_backward(const InputProductParams& p);  // out = inputs_t @ r
 
 namespace cuda {
 void class_sums(const ClassSumsParams& p);
+int64_t knn_fused_keys_per_split(int64_t num_queries, int64_t num_keys);  // enough blocks to fill the GPU
+void knn_fused(const FusedKnnParams& p);
 void knn_select(const SelectParams& p);
 void knn_recheck(const RecheckParams& p);
 void alpha_combine(const CombineParams& p);

@@ -33,16 +33,15 @@ Tiles tile_sizes(const at::Tensor& t) {
 
 at::Tensor unit_column_stride(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
 
-// The fields RecheckParams and ScreenedKnnParams share; q and x have unit column stride.
+// The fields the kernels' parameter structs share; q and x have unit column stride.
 template <typename Params>
-void set_rows(Params& params, const at::Tensor& q, const at::Tensor& x, bool cosine) {
+void set_rows(Params& params, const at::Tensor& q, const at::Tensor& x) {
   params.dtype = kernel_dtype(q.scalar_type());
   params.queries = q.data_ptr();
   params.keys = x.data_ptr();
   params.query_stride = q.stride(0);
   params.key_stride = x.stride(0);
   params.dims = q.size(1);
-  params.cosine = cosine;
 }
 
 // Exact float64 distances from each query to its candidate keys.
@@ -51,7 +50,8 @@ at::Tensor exact_distances(const at::Tensor& queries, const at::Tensor& keys, co
   at::Tensor distances = at::empty(indices.sizes(), indices.options().dtype(at::kDouble));
   RecheckParams params{};
   const at::Tensor q = unit_column_stride(queries), x = unit_column_stride(keys);  // alive until the kernel ends
-  set_rows(params, q, x, cosine);
+  set_rows(params, q, x);
+  params.cosine = cosine;
   params.indices = indices.data_ptr<int64_t>();
   params.num_queries = indices.size(0);
   params.candidates = indices.size(1);
@@ -66,7 +66,8 @@ std::tuple<at::Tensor, at::Tensor> screened_knn(const at::Tensor& queries, const
   at::Tensor indices = at::empty({queries.size(0), k}, queries.options().dtype(at::kLong));
   ScreenedKnnParams params{};
   const at::Tensor q = unit_column_stride(queries), x = unit_column_stride(keys);
-  set_rows(params, q, x, cosine);
+  set_rows(params, q, x);
+  params.cosine = cosine;
   params.num_queries = queries.size(0);
   params.num_keys = keys.size(0);
   params.k = k;
@@ -76,40 +77,13 @@ std::tuple<at::Tensor, at::Tensor> screened_knn(const at::Tensor& queries, const
   return {distances, indices};
 }
 
-std::tuple<at::Tensor, at::Tensor> knn(const at::Tensor& queries, const at::Tensor& keys, int64_t k,
-                                       c10::string_view metric) {
-  check_float_matrix(queries, kOp, "queries");
-  check_float_matrix(keys, kOp, "keys");
-  check_backend(queries, kOp);
-  check_same_device(queries, keys, kOp, "queries", "keys");
-  TORCH_CHECK(queries.scalar_type() == keys.scalar_type(), kOp, ": queries are ", queries.scalar_type(),
-              " but keys are ", keys.scalar_type());
-  TORCH_CHECK(queries.size(1) == keys.size(1), kOp, ": queries have ", queries.size(1), " features but keys have ",
-              keys.size(1));
-  TORCH_CHECK(metric == "euclidean" || metric == "cosine", kOp, ": metric must be 'euclidean' or 'cosine', got '",
-              std::string(metric), "'");
-  TORCH_CHECK(k >= 1, kOp, ": k must be at least 1, got ", k);
-  TORCH_CHECK(k <= keys.size(0), kOp, ": k (", k, ") is larger than the number of keys (", keys.size(0), ")");
-  check_finite(queries, kOp, "queries");
-  check_finite(keys, kOp, "keys");
-
-  const at::OptionalDeviceGuard guard(at::device_of(queries));
-  const bool cosine = metric == "cosine";
-  const at::ScalarType value_type = acc_type(queries.scalar_type());
-  const int64_t num_queries = queries.size(0), num_keys = keys.size(0);
+// The best `candidates` keys of every query by ranking value, a tile of
+// query-key dot products (a library matmul) at a time.
+at::Tensor tile_candidates(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& key_offset,
+                           const at::Tensor& key_scale, int64_t candidates) {
+  const at::ScalarType value_type = key_offset.scalar_type();
   const auto value_options = queries.options().dtype(value_type);
-  if (num_queries == 0) {
-    return {at::empty({0, k}, value_options), at::empty({0, k}, queries.options().dtype(at::kLong))};
-  }
-  if (!uses_cuda_kernels(queries) && use_screening()) return screened_knn(queries, keys, k, cosine);
-
-  // Ranking value per (query, key): offset[key] + scale[key] * <query, key>,
-  // which orders keys like the true distance for a fixed query.
-  const at::Tensor key_norms = at::linalg_vector_norm(keys, 2, {1}, false, value_type);
-  const at::Tensor key_offset = cosine ? at::zeros_like(key_norms) : key_norms.square();
-  const at::Tensor key_scale = cosine ? -key_norms.clamp_min(1e-12).reciprocal() : at::full_like(key_norms, -2.0);
-
-  const int64_t candidates = std::min(num_keys, k + kExtraCandidates);
+  const int64_t num_queries = queries.size(0), num_keys = keys.size(0);
   at::Tensor values = at::full({num_queries, candidates}, std::numeric_limits<double>::infinity(), value_options);
   at::Tensor indices =
       at::full({num_queries, candidates}, std::numeric_limits<int64_t>::max(), queries.options().dtype(at::kLong));
@@ -148,6 +122,84 @@ std::tuple<at::Tensor, at::Tensor> knn(const at::Tensor& queries, const at::Tens
       }
     }
   }
+  return indices;
+}
+
+#if defined(ALPHANET_WITH_CUDA) || defined(ALPHANET_CUDA_EMULATION)
+// CUDA ranks and selects in one kernel (float32 ranking values), unless
+// ALPHANET_KNN_FUSED=0 asks for the tile path (matmul, then the select kernel).
+bool use_fused(const at::Tensor& queries, int64_t candidates) {
+  const char* setting = std::getenv("ALPHANET_KNN_FUSED");
+  return uses_cuda_kernels(queries) && queries.scalar_type() != at::kDouble && candidates <= kMaxCandidates &&
+         !(setting && std::string(setting) == "0");
+}
+
+at::Tensor fused_candidates(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& key_offset,
+                            const at::Tensor& key_scale, int64_t candidates) {
+  const int64_t num_queries = queries.size(0), num_keys = keys.size(0);
+  FusedKnnParams params{};
+  const at::Tensor q = unit_column_stride(queries), x = unit_column_stride(keys);
+  set_rows(params, q, x);
+  params.num_queries = num_queries;
+  params.num_keys = num_keys;
+  params.key_offset = key_offset.data_ptr<float>();
+  params.key_scale = key_scale.data_ptr<float>();
+  params.candidates = static_cast<int>(candidates);
+  params.keys_per_split = cuda::knn_fused_keys_per_split(num_queries, num_keys);
+  const int64_t splits = (num_keys + params.keys_per_split - 1) / params.keys_per_split;
+  const at::Tensor split_values = at::empty({splits, num_queries, candidates}, key_offset.options());
+  const at::Tensor split_indices = at::empty({splits, num_queries, candidates}, queries.options().dtype(at::kLong));
+  at::Tensor indices = at::empty({num_queries, candidates}, queries.options().dtype(at::kLong));
+  params.split_values = split_values.data_ptr<float>();
+  params.split_indices = split_indices.data_ptr<int64_t>();
+  params.indices = indices.data_ptr<int64_t>();
+  cuda::knn_fused(params);
+  return indices;
+}
+#else
+bool use_fused(const at::Tensor&, int64_t) { return false; }
+
+at::Tensor fused_candidates(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t) {
+  TORCH_CHECK(false, "alphanet_ext was built without CUDA support");
+}
+#endif
+
+std::tuple<at::Tensor, at::Tensor> knn(const at::Tensor& queries, const at::Tensor& keys, int64_t k,
+                                       c10::string_view metric) {
+  check_float_matrix(queries, kOp, "queries");
+  check_float_matrix(keys, kOp, "keys");
+  check_backend(queries, kOp);
+  check_same_device(queries, keys, kOp, "queries", "keys");
+  TORCH_CHECK(queries.scalar_type() == keys.scalar_type(), kOp, ": queries are ", queries.scalar_type(),
+              " but keys are ", keys.scalar_type());
+  TORCH_CHECK(queries.size(1) == keys.size(1), kOp, ": queries have ", queries.size(1), " features but keys have ",
+              keys.size(1));
+  TORCH_CHECK(metric == "euclidean" || metric == "cosine", kOp, ": metric must be 'euclidean' or 'cosine', got '",
+              std::string(metric), "'");
+  TORCH_CHECK(k >= 1, kOp, ": k must be at least 1, got ", k);
+  TORCH_CHECK(k <= keys.size(0), kOp, ": k (", k, ") is larger than the number of keys (", keys.size(0), ")");
+  check_finite(queries, kOp, "queries");
+  check_finite(keys, kOp, "keys");
+
+  const at::OptionalDeviceGuard guard(at::device_of(queries));
+  const bool cosine = metric == "cosine";
+  const at::ScalarType value_type = acc_type(queries.scalar_type());
+  const int64_t num_queries = queries.size(0), num_keys = keys.size(0);
+  const auto value_options = queries.options().dtype(value_type);
+  if (num_queries == 0) {
+    return {at::empty({0, k}, value_options), at::empty({0, k}, queries.options().dtype(at::kLong))};
+  }
+  if (!uses_cuda_kernels(queries) && use_screening()) return screened_knn(queries, keys, k, cosine);
+
+  // Ranking value per (query, key): offset[key] + scale[key] * <query, key>,
+  // which orders keys like the true distance for a fixed query.
+  const at::Tensor key_norms = at::linalg_vector_norm(keys, 2, {1}, false, value_type);
+  const at::Tensor key_offset = cosine ? at::zeros_like(key_norms) : key_norms.square();
+  const at::Tensor key_scale = cosine ? -key_norms.clamp_min(1e-12).reciprocal() : at::full_like(key_norms, -2.0);
+  const int64_t candidates = std::min(num_keys, k + kExtraCandidates);
+  const at::Tensor indices = use_fused(queries, candidates)
+                                 ? fused_candidates(queries, keys, key_offset, key_scale, candidates)
+                                 : tile_candidates(queries, keys, key_offset, key_scale, candidates);
 
   // Exact recheck, then order by (distance, index).
   const at::Tensor distances = exact_distances(queries, keys, indices, cosine);

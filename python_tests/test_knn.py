@@ -5,15 +5,18 @@ import alphanet_ext
 from alphanet_ext import reference
 from conftest import DEVICES, FLOAT_DTYPES, on_backend, rand
 
-# The CPU has two exact paths: int16 screening with a proven bound (x86-64 with
-# AVX2) and the matmul-tile path CUDA also runs; every test below runs on both.
-PATHS = [(device, "1") for device in DEVICES] + [("cpu", "0")]
+# Each backend has two exact paths, and every test below runs on both. The CPU:
+# int16 screening with a proven bound (x86-64 with AVX2), or the matmul-tile
+# path (ALPHANET_KNN_SCREENING=0). CUDA: the fused kernel, or the tile path with
+# the select kernel (ALPHANET_KNN_FUSED=0).
+PATHS = [(backend, "ALPHANET_KNN_SCREENING" if backend == "cpu" else "ALPHANET_KNN_FUSED", setting)
+         for backend in DEVICES for setting in ("1", "0")]
 
 
-@pytest.fixture(params=PATHS, ids=lambda path: f"{path[0]}-screening{path[1]}")
+@pytest.fixture(params=PATHS, ids=lambda path: f"{path[0]}-{path[1].split('_')[-1].lower()}{path[2]}")
 def device(request, monkeypatch):
-    backend, screening = request.param
-    monkeypatch.setenv("ALPHANET_KNN_SCREENING", screening)
+    backend, variable, setting = request.param
+    monkeypatch.setenv(variable, setting)
     with on_backend(backend) as device:
         yield device
 

@@ -29,6 +29,18 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_byte
 #endif
 }
 
+// Streaming multiprocessors of the current device.
+inline int multiprocessors() {
+#ifdef ALPHANET_CUDA_EMULATION
+  return emulation::kMultiprocessors;
+#else
+  int device = 0, count = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+#endif
+}
+
 // The launch's dynamic shared memory (shared_bytes of `launch`), 16-byte aligned.
 template <typename T>
 __device__ __forceinline__ T* dynamic_shared() {

@@ -52,6 +52,7 @@ const Coordinates& coordinates();  // of the emulated thread now running
 void sync_block();
 void sync_warp(unsigned int mask);
 unsigned char* dynamic_shared();   // the launch's dynamic shared memory, 16-byte aligned
+constexpr int kMultiprocessors = 2;  // what the emulated device reports: small, so work splits
 // The warp's exchange buffer for this thread's next shuffle: 32 slots of 8
 // bytes. Consecutive shuffles alternate between two buffers, so one barrier
 // per shuffle suffices (no lane can write a buffer another has yet to read).
@@ -92,6 +93,14 @@ inline void __syncwarp(unsigned int mask = 0xffffffffu) {
   ALPHANET_EMULATION_FENCE();
   ::alphanet::emulation::sync_warp(mask);
   ALPHANET_EMULATION_FENCE();
+}
+
+// Fibers never run at the same time, so a plain read-modify-write is atomic.
+template <typename T>
+T atomicAdd(T* address, T value) {
+  const T old = *address;
+  *address = old + value;
+  return old;
 }
 
 template <typename T>
