@@ -160,7 +160,7 @@ void input_product_backward(const InputProductParams& p);  // out = inputs_t @ r
 
 namespace cuda {
 void class_sums(const ClassSumsParams& p);
-int64_t knn_fused_keys_per_split(int64_t num_queries, int64_t num_keys);  // enough blocks to fill the GPU
+int64_t knn_fused_keys_per_split(const FusedKnnParams& p);  // from p's sizes, dtype and candidates
 void knn_fused(const FusedKnnParams& p);
 void knn_select(const SelectParams& p);
 void knn_recheck(const RecheckParams& p);

@@ -145,7 +145,7 @@ at::Tensor fused_candidates(const at::Tensor& queries, const at::Tensor& keys, c
   params.key_offset = key_offset.data_ptr<float>();
   params.key_scale = key_scale.data_ptr<float>();
   params.candidates = static_cast<int>(candidates);
-  params.keys_per_split = cuda::knn_fused_keys_per_split(num_queries, num_keys);
+  params.keys_per_split = cuda::knn_fused_keys_per_split(params);
   const int64_t splits = (num_keys + params.keys_per_split - 1) / params.keys_per_split;
   const at::Tensor split_values = at::empty({splits, num_queries, candidates}, key_offset.options());
   const at::Tensor split_indices = at::empty({splits, num_queries, candidates}, queries.options().dtype(at::kLong));

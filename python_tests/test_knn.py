@@ -23,6 +23,7 @@ def device(request, monkeypatch):
 SHAPES = [  # queries, keys, dims, k
     (0, 5, 3, 2), (1, 1, 1, 1), (1, 10, 4, 10), (7, 3, 2, 3), (33, 97, 1, 5), (100, 300, 64, 5),
     (600, 4100, 3, 7),   # crosses the CPU tiles (512 queries, 4096 keys)
+    (150, 700, 37, 9),   # crosses CUDA's fused tiles (128 queries, 128 keys, depth chunks of 8)
     (20, 150, 16, 70),   # more candidates than the fused selection keeps: the library top-k path
 ]
 

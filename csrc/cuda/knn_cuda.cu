@@ -1,5 +1,6 @@
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 
 #include "../device_functions.h"
 #include "../kernel_params.h"
@@ -10,41 +11,79 @@ namespace {
 
 constexpr int kWarp = 32;
 
-// Fused ranking and selection. A block of kFusedThreads threads takes
-// kTileQueries queries and walks its split of the keys kTileKeys at a time; a
-// thread (row, col) of the 16 x 16 thread grid accumulates the dot products of
-// queries row + 16 i and keys col + 16 j (i, j < 4) in registers, over depth
-// chunks of kTileDepth staged in shared memory. Values that beat a query's
-// current last candidate go to that query's buffer; then thread q < kTileQueries
-// inserts its query's buffer into the list it keeps. The order of a buffer
+// Fused ranking and selection. A block of kFusedThreads threads takes kTile
+// queries and walks its split of the keys kTile at a time. Thread (row, col) of
+// the 16 x 16 thread grid accumulates, in registers, the 8 x 8 dot products of
+// queries {4 row + i, kTile / 2 + 4 row + i} and keys {4 col + j, kTile / 2 + 4 col + j}
+// (i, j < 4), over depth chunks of kTileDepth staged in shared memory (the next
+// chunk's loads are in flight while the current one is used). Values that beat
+// a query's current last candidate go to that query's buffer of kBuffer slots;
+// thread q < kTile then inserts its query's buffer into the list it keeps, in
+// rounds until every value of the tile has been offered. The order of a buffer
 // varies with thread timing, but the k best under `precedes` do not.
-constexpr int kTileQueries = 64, kTileKeys = 64, kTileDepth = 16, kFusedThreads = 256;
-constexpr int kGridSide = 16, kPerThread = kTileQueries / kGridSide;
-static_assert(kGridSide * kGridSide == kFusedThreads && kTileKeys == kTileQueries, "square thread grid");
-static_assert(kTileKeys <= 256, "buffered keys are stored as their offset in the tile (one byte)");
+constexpr int kTile = 128, kTileDepth = 8, kFusedThreads = 256, kGridSide = 16, kPerThread = 8, kBuffer = 32;
+constexpr int kHalfTile = kTile / 2, kQuarter = kPerThread / 2;
+constexpr int kLoads = kTile * kTileDepth / kFusedThreads;  // elements of each tile one thread stages
+static_assert(kGridSide * kGridSide == kFusedThreads && kGridSide * kPerThread == kTile, "thread grid covers the tile");
+static_assert(kTile <= 256, "buffered keys are stored as their offset in the tile (one byte)");
+static_assert(kTile * kTileDepth % kFusedThreads == 0, "every thread stages the same number of elements");
+
+// Rows of the staged tiles are padded by 4 floats: stores of a warp (4 rows x 8
+// depths) then hit distinct banks, and rows stay 16-byte aligned for float4 reads.
+constexpr int kStagedRow = kTile + 4;
+
+template <typename T>
+__device__ __forceinline__ void stage_loads(const T* rows, int64_t stride, int64_t first_row, int64_t row_end,
+                                            int64_t depth, int64_t dims, float (&staged)[kLoads]) {
+#pragma unroll
+  for (int u = 0; u < kLoads; ++u) {
+    const int e = threadIdx.x + u * kFusedThreads, r = e / kTileDepth, d = e % kTileDepth;
+    const int64_t row = first_row + r;
+    staged[u] = row < row_end && depth + d < dims ? static_cast<float>(rows[row * stride + depth + d]) : 0.f;
+  }
+}
+
+__device__ __forceinline__ void stage_stores(const float (&staged)[kLoads], float (*tile)[kStagedRow]) {
+#pragma unroll
+  for (int u = 0; u < kLoads; ++u) {
+    const int e = threadIdx.x + u * kFusedThreads;
+    tile[e % kTileDepth][e / kTileDepth] = staged[u];
+  }
+}
+
+__device__ __forceinline__ void unpack(float4 v, float* out) {
+  out[0] = v.x;
+  out[1] = v.y;
+  out[2] = v.z;
+  out[3] = v.w;
+}
+
+// Row or column `i` (< kPerThread) of this thread's 8 x 8 block, as a tile offset.
+__device__ __forceinline__ int tile_offset(int grid_index, int i) {
+  return (i < kQuarter ? 0 : kHalfTile - kQuarter) + kQuarter * grid_index + i;
+}
 
 template <typename T, int kMax>
-__global__ void fused_knn_kernel(FusedKnnParams p) {
-  // +1: a warp storing 16 depths x 2 rows hits distinct banks
-  __shared__ float query_tile[kTileDepth][kTileQueries + 1];
-  __shared__ float key_tile[kTileDepth][kTileKeys + 1];
-  __shared__ float buffer_values[kTileQueries][kTileKeys];
-  __shared__ unsigned char buffer_keys[kTileQueries][kTileKeys];
-  __shared__ int buffer_counts[kTileQueries];
-  __shared__ float last_values[kTileQueries];
-  __shared__ int64_t last_indices[kTileQueries];
+__global__ void __launch_bounds__(kFusedThreads, 2) fused_knn_kernel(FusedKnnParams p) {
+  __shared__ __align__(16) float query_tile[kTileDepth][kStagedRow];
+  __shared__ __align__(16) float key_tile[kTileDepth][kStagedRow];
+  __shared__ float buffer_values[kTile][kBuffer];
+  __shared__ unsigned char buffer_keys[kTile][kBuffer];
+  __shared__ int buffer_counts[kTile];
+  __shared__ float last_values[kTile];
+  __shared__ int64_t last_indices[kTile];
 
   const T* queries = static_cast<const T*>(p.queries);
   const T* keys = static_cast<const T*>(p.keys);
   const int thread = threadIdx.x, grid_row = thread / kGridSide, grid_col = thread % kGridSide;
-  const int64_t query_begin = static_cast<int64_t>(blockIdx.x) * kTileQueries;
+  const int64_t query_begin = static_cast<int64_t>(blockIdx.x) * kTile;
   const int64_t key_begin = static_cast<int64_t>(blockIdx.y) * p.keys_per_split;
   const int64_t key_end = std::min(p.num_keys, key_begin + p.keys_per_split);
   const int candidates = p.candidates;
 
-  float list_values[kMax];  // thread q < kTileQueries: query query_begin + q's candidates, best first
+  float list_values[kMax];  // thread q < kTile: query query_begin + q's candidates, best first
   int64_t list_indices[kMax];
-  if (thread < kTileQueries) {
+  if (thread < kTile) {
     for (int c = 0; c < candidates; ++c) {
       list_values[c] = std::numeric_limits<float>::infinity();
       list_indices[c] = std::numeric_limits<int64_t>::max();
@@ -53,28 +92,32 @@ __global__ void fused_knn_kernel(FusedKnnParams p) {
     last_values[thread] = list_values[candidates - 1];
     last_indices[thread] = list_indices[candidates - 1];
   }
-  __syncthreads();
 
-  for (int64_t tile = key_begin; tile < key_end; tile += kTileKeys) {
+  for (int64_t tile = key_begin; tile < key_end; tile += kTile) {
     float dots[kPerThread][kPerThread] = {};
+    float staged_queries[kLoads], staged_keys[kLoads];
+    stage_loads(queries, p.query_stride, query_begin, p.num_queries, 0, p.dims, staged_queries);
+    stage_loads(keys, p.key_stride, tile, key_end, 0, p.dims, staged_keys);
+    stage_stores(staged_queries, query_tile);
+    stage_stores(staged_keys, key_tile);
+    __syncthreads();
     for (int64_t depth = 0; depth < p.dims; depth += kTileDepth) {
-      for (int e = thread; e < kTileQueries * kTileDepth; e += kFusedThreads) {
-        const int r = e / kTileDepth, d = e % kTileDepth;
-        const bool in_depth = depth + d < p.dims;
-        const int64_t query = query_begin + r, key = tile + r;
-        query_tile[d][r] =
-            in_depth && query < p.num_queries ? static_cast<float>(queries[query * p.query_stride + depth + d]) : 0.f;
-        key_tile[d][r] = in_depth && key < key_end ? static_cast<float>(keys[key * p.key_stride + depth + d]) : 0.f;
+      const bool more = depth + kTileDepth < p.dims;
+      if (more) {
+        stage_loads(queries, p.query_stride, query_begin, p.num_queries, depth + kTileDepth, p.dims, staged_queries);
+        stage_loads(keys, p.key_stride, tile, key_end, depth + kTileDepth, p.dims, staged_keys);
       }
-      __syncthreads();
-#pragma unroll 4
+      // Not unrolled, and at most 128 registers (2 blocks per multiprocessor):
+      // unrolled, ptxas hoisted the shared loads of every step and took 183.
+#pragma unroll 1
       for (int d = 0; d < kTileDepth; ++d) {
         float a[kPerThread], b[kPerThread];
-#pragma unroll
-        for (int i = 0; i < kPerThread; ++i) {
-          a[i] = query_tile[d][grid_row + kGridSide * i];
-          b[i] = key_tile[d][grid_col + kGridSide * i];
-        }
+        const float4* query_row = reinterpret_cast<const float4*>(query_tile[d]);
+        const float4* key_row = reinterpret_cast<const float4*>(key_tile[d]);
+        unpack(query_row[grid_row], a);
+        unpack(query_row[kHalfTile / kQuarter + grid_row], a + kQuarter);
+        unpack(key_row[grid_col], b);
+        unpack(key_row[kHalfTile / kQuarter + grid_col], b + kQuarter);
 #pragma unroll
         for (int i = 0; i < kPerThread; ++i) {
 #pragma unroll
@@ -82,36 +125,61 @@ __global__ void fused_knn_kernel(FusedKnnParams p) {
         }
       }
       __syncthreads();
+      if (more) {
+        stage_stores(staged_queries, query_tile);
+        stage_stores(staged_keys, key_tile);
+        __syncthreads();
+      }
     }
+
+    // Offer every value to its query's buffer, flushing full buffers in rounds.
+    uint64_t pending = 0;  // bit i * kPerThread + j: dots[i][j] not yet offered
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i) {
-      const int r = grid_row + kGridSide * i;
-      if (query_begin + r >= p.num_queries) continue;
 #pragma unroll
       for (int j = 0; j < kPerThread; ++j) {
-        const int offset = grid_col + kGridSide * j;
-        const int64_t key = tile + offset;
-        if (key >= key_end) continue;
-        const float value = p.key_offset[key] + p.key_scale[key] * dots[i][j];
-        if (precedes(value, key, last_values[r], last_indices[r])) {
+        const bool inside = query_begin + tile_offset(grid_row, i) < p.num_queries && tile + tile_offset(grid_col, j) < key_end;
+        if (inside) pending |= uint64_t{1} << (i * kPerThread + j);
+      }
+    }
+    for (;;) {
+#pragma unroll
+      for (int i = 0; i < kPerThread; ++i) {
+        const int r = tile_offset(grid_row, i);
+#pragma unroll
+        for (int j = 0; j < kPerThread; ++j) {
+          const uint64_t bit = uint64_t{1} << (i * kPerThread + j);
+          if (!(pending & bit)) continue;
+          const int offset = tile_offset(grid_col, j);
+          const int64_t key = tile + offset;
+          const float value = p.key_offset[key] + p.key_scale[key] * dots[i][j];
+          if (!precedes(value, key, last_values[r], last_indices[r])) {
+            pending &= ~bit;
+            continue;
+          }
           const int slot = atomicAdd(&buffer_counts[r], 1);
-          buffer_values[r][slot] = value;
-          buffer_keys[r][slot] = static_cast<unsigned char>(offset);
+          if (slot < kBuffer) {
+            buffer_values[r][slot] = value;
+            buffer_keys[r][slot] = static_cast<unsigned char>(offset);
+            pending &= ~bit;
+          }
         }
       }
-    }
-    __syncthreads();
-    if (thread < kTileQueries && buffer_counts[thread] > 0) {
-      for (int s = 0; s < buffer_counts[thread]; ++s) {
-        topk_insert(list_values, list_indices, candidates, buffer_values[thread][s], tile + buffer_keys[thread][s]);
+      const bool again = __syncthreads_or(pending != 0);
+      if (thread < kTile && buffer_counts[thread] > 0) {
+        const int count = buffer_counts[thread] < kBuffer ? buffer_counts[thread] : kBuffer;
+        for (int s = 0; s < count; ++s) {
+          topk_insert(list_values, list_indices, candidates, buffer_values[thread][s], tile + buffer_keys[thread][s]);
+        }
+        buffer_counts[thread] = 0;
+        last_values[thread] = list_values[candidates - 1];
+        last_indices[thread] = list_indices[candidates - 1];
       }
-      buffer_counts[thread] = 0;
-      last_values[thread] = list_values[candidates - 1];
-      last_indices[thread] = list_indices[candidates - 1];
+      __syncthreads();
+      if (!again) break;
     }
-    __syncthreads();
   }
-  if (thread < kTileQueries && query_begin + thread < p.num_queries) {
+  if (thread < kTile && query_begin + thread < p.num_queries) {
     const int64_t at = (static_cast<int64_t>(blockIdx.y) * p.num_queries + query_begin + thread) * candidates;
     for (int c = 0; c < candidates; ++c) {
       p.split_values[at + c] = list_values[c];
@@ -144,13 +212,24 @@ __global__ void merge_splits_kernel(FusedKnnParams p, int64_t splits) {
   for (int c = 0; c < candidates; ++c) p.indices[query * candidates + c] = best_indices[c];
 }
 
-template <int kMax>
-void launch_fused(const FusedKnnParams& p) {
-  const int64_t splits = (p.num_keys + p.keys_per_split - 1) / p.keys_per_split;
-  const dim3 grid(static_cast<unsigned int>((p.num_queries + kTileQueries - 1) / kTileQueries),
-                  static_cast<unsigned int>(splits));
-  dispatch_input_types(p.dtype, [&](auto tag) { launch(fused_knn_kernel<decltype(tag), kMax>, grid, kFusedThreads, 0, p); });
-  launch(merge_splits_kernel<kMax>, blocks_for(p.num_queries), kThreads, 0, p, splits);
+// Calls f(fused kernel, merge kernel), instantiated for p's dtype and candidates.
+template <typename F>
+void with_fused_kernels(const FusedKnnParams& p, F&& f) {
+  const auto for_max = [&](auto max_tag) {
+    constexpr int kMax = decltype(max_tag)::value;
+    dispatch_input_types(p.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      if constexpr (!std::is_same_v<T, double>) f(fused_knn_kernel<T, kMax>, merge_splits_kernel<kMax>);
+    });
+  };
+  if (p.candidates <= 16) {
+    for_max(std::integral_constant<int, 16>{});
+  } else if (p.candidates <= 32) {
+    for_max(std::integral_constant<int, 32>{});
+  } else {
+    static_assert(kMaxCandidates == 64, "update the kernel instantiations");
+    for_max(std::integral_constant<int, 64>{});
+  }
 }
 
 // One warp per query row: each lane keeps the best candidates of its strided
@@ -239,23 +318,35 @@ void knn_recheck(const RecheckParams& p) {
   });
 }
 
-int64_t knn_fused_keys_per_split(int64_t num_queries, int64_t num_keys) {
-  const int64_t query_tiles = (num_queries + kTileQueries - 1) / kTileQueries;
-  const int64_t key_tiles = (num_keys + kTileKeys - 1) / kTileKeys;
-  const int64_t wanted = (4 * static_cast<int64_t>(multiprocessors()) + query_tiles - 1) / query_tiles;
-  const int64_t splits = std::max<int64_t>(1, std::min({wanted, key_tiles, int64_t{65535}}));
-  return (key_tiles + splits - 1) / splits * kTileKeys;
+int64_t knn_fused_keys_per_split(const FusedKnnParams& p) {
+  int blocks_per_multiprocessor = 1;
+  with_fused_kernels(p, [&](auto fused, auto) { blocks_per_multiprocessor = resident_blocks(fused, kFusedThreads); });
+  const int64_t resident = static_cast<int64_t>(multiprocessors()) * std::max(1, blocks_per_multiprocessor);
+  const int64_t query_tiles = (p.num_queries + kTile - 1) / kTile;
+  const int64_t key_tiles = (p.num_keys + kTile - 1) / kTile;
+  // Run time goes as (waves of resident blocks) x (key tiles per block): take
+  // the split size that minimises it, the largest on ties (fewest splits).
+  int64_t best_tiles = key_tiles, best_cost = std::numeric_limits<int64_t>::max();
+  for (int64_t tiles = key_tiles; tiles >= 1; --tiles) {
+    const int64_t splits = (key_tiles + tiles - 1) / tiles;
+    if (splits > 65535) break;
+    const int64_t cost = (query_tiles * splits + resident - 1) / resident * tiles;
+    if (cost < best_cost) {
+      best_cost = cost;
+      best_tiles = tiles;
+    }
+  }
+  return best_tiles * kTile;
 }
 
 void knn_fused(const FusedKnnParams& p) {
   if (p.num_queries == 0 || p.num_keys == 0) return;
-  if (p.candidates <= 16) {
-    launch_fused<16>(p);
-  } else if (p.candidates <= 32) {
-    launch_fused<32>(p);
-  } else {
-    launch_fused<64>(p);
-  }
+  const int64_t splits = (p.num_keys + p.keys_per_split - 1) / p.keys_per_split;
+  const dim3 grid(static_cast<unsigned int>((p.num_queries + kTile - 1) / kTile), static_cast<unsigned int>(splits));
+  with_fused_kernels(p, [&](auto fused, auto merge) {
+    launch(fused, grid, kFusedThreads, 0, p);
+    launch(merge, blocks_for(p.num_queries), kThreads, 0, p, splits);
+  });
 }
 
 void knn_select(const SelectParams& p) {

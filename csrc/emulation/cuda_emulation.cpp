@@ -63,6 +63,7 @@ struct Fiber {
   void* stack_pointer = nullptr;
   Coordinates coordinates;
   int warp = 0, lane = 0, shuffle_phase = 0;
+  int vote = 0;  // at a block barrier: the thread's predicate; after it: the OR over the block
   State state = State::Ready;
 };
 
@@ -147,9 +148,14 @@ bool release_barriers(std::vector<Fiber>& fibers) {
     return f.state == State::AtBlockBarrier || f.state == State::Done;
   });
   if (!all_at_block_barrier) return false;
+  int any = 0;
+  for (const Fiber& f : fibers) {
+    if (f.state == State::AtBlockBarrier) any |= f.vote;
+  }
   for (Fiber& f : fibers) {
     if (f.state == State::AtBlockBarrier) {
       f.state = State::Ready;
+      f.vote = any;
       released = true;
     }
   }
@@ -222,7 +228,13 @@ const Coordinates& coordinates() { return running_fiber().coordinates; }
 
 int lane() { return running_fiber().lane; }
 
-void sync_block() { suspend(State::AtBlockBarrier); }
+void sync_block() { sync_block_or(0); }
+
+int sync_block_or(int predicate) {
+  running_fiber().vote = predicate != 0;
+  suspend(State::AtBlockBarrier);
+  return running_fiber().vote;
+}
 
 void sync_warp(unsigned int mask) {
   Fiber& fiber = running_fiber();

@@ -25,6 +25,8 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __align__(bytes) __attribute__((aligned(bytes)))
+#define __launch_bounds__(...)
 // Blocks run one at a time, so a function-level static is exactly block-shared memory.
 #define __shared__ static
 
@@ -42,6 +44,10 @@ struct alignas(16) uint4 {
   unsigned int x, y, z, w;
 };
 
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+
 namespace alphanet::emulation {
 
 struct Coordinates {
@@ -50,9 +56,11 @@ struct Coordinates {
 
 const Coordinates& coordinates();  // of the emulated thread now running
 void sync_block();
+int sync_block_or(int predicate);  // nonzero if any thread's predicate is
 void sync_warp(unsigned int mask);
 unsigned char* dynamic_shared();   // the launch's dynamic shared memory, 16-byte aligned
-constexpr int kMultiprocessors = 2;  // what the emulated device reports: small, so work splits
+// What the emulated device reports: small, so work splits as on a big GPU with big inputs.
+constexpr int kMultiprocessors = 2, kResidentBlocks = 1;
 // The warp's exchange buffer for this thread's next shuffle: 32 slots of 8
 // bytes. Consecutive shuffles alternate between two buffers, so one barrier
 // per shuffle suffices (no lane can write a buffer another has yet to read).
@@ -87,6 +95,13 @@ inline void __syncthreads() {
   ALPHANET_EMULATION_FENCE();
   ::alphanet::emulation::sync_block();
   ALPHANET_EMULATION_FENCE();
+}
+
+inline int __syncthreads_or(int predicate) {
+  ALPHANET_EMULATION_FENCE();
+  const int any = ::alphanet::emulation::sync_block_or(predicate);
+  ALPHANET_EMULATION_FENCE();
+  return any;
 }
 
 inline void __syncwarp(unsigned int mask = 0xffffffffu) {
