@@ -6,11 +6,18 @@
 #include <pybind11/stl.h>
 
 #include <limits>
+#include <string>
 #include <utility>
 #include <vector>
 
 #include "device_functions.h"
 #include "kernel_params.h"
+
+#ifdef ALPHANET_CUDA_EMULATION
+namespace alphanet::emulation {
+std::vector<int> self_test(const std::string& name, uint64_t schedule_seed);  // csrc/emulation/self_test.cpp
+}
+#endif
 
 namespace py = pybind11;
 
@@ -76,6 +83,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Test facility: while on, ops on CPU tensors run the CUDA kernels on a CPU emulator; a nonzero "
         "schedule_seed shuffles the order in which a block's threads run between barriers.");
   m.def("_cuda_emulation_enabled", &alphanet::emulation::enabled);
+  m.def("_emulation_self_test", &alphanet::emulation::self_test, py::arg("name"), py::arg("schedule_seed") = 0);
 #endif
   m.def("_topk_merge", &topk_merge);
   m.def("_topk_insert_all", &topk_insert_all);

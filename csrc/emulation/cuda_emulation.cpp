@@ -64,6 +64,7 @@ struct Fiber {
   Coordinates coordinates;
   int warp = 0, lane = 0, shuffle_phase = 0;
   int vote = 0;  // at a block barrier: the thread's predicate; after it: the OR over the block
+  unsigned int warp_mask = 0;  // at a warp barrier: the lanes it names
   State state = State::Ready;
 };
 
@@ -111,12 +112,6 @@ void* prepare_stack(unsigned char* base, size_t bytes) {
   return sp;
 }
 
-// Stops the kernel: the scheduler reports `message` once this fiber suspends for good.
-[[noreturn]] void fail(const std::string& message) {
-  current->error = message;
-  for (;;) suspend(State::Done);
-}
-
 uint64_t next_random(uint64_t& state) {
   state ^= state << 13;
   state ^= state >> 7;
@@ -125,8 +120,10 @@ uint64_t next_random(uint64_t& state) {
 }
 
 // Releases the threads waiting at a barrier every live thread of its scope
-// has reached; false if none could be released (a deadlock).
-bool release_barriers(std::vector<Fiber>& fibers) {
+// has reached; false if none could be released (a deadlock), or if a warp
+// barrier names a lane that has exited or does not exist (launch.error says so).
+bool release_barriers(Launch& launch) {
+  std::vector<Fiber>& fibers = launch.fibers;
   bool released = false;
   const int warps = static_cast<int>((fibers.size() + kWarpSize - 1) / kWarpSize);
   for (int w = 0; w < warps; ++w) {
@@ -136,6 +133,15 @@ bool release_barriers(std::vector<Fiber>& fibers) {
       return f.state == State::AtWarpBarrier || f.state == State::Done;
     });
     if (!all_at_warp_barrier) continue;
+    for (auto f = begin; f != end; ++f) {
+      if (f->state != State::AtWarpBarrier) continue;
+      for (int lane = 0; lane < kWarpSize; ++lane) {
+        if (!(f->warp_mask >> lane & 1u) || (begin + lane < end && begin[lane].state != State::Done)) continue;
+        launch.error = "a warp-synchronous call names lane " + std::to_string(lane) + " of warp " +
+                       std::to_string(w) + ", which has exited or does not exist";
+        return false;
+      }
+    }
     for (auto f = begin; f != end; ++f) {
       if (f->state == State::AtWarpBarrier) {
         f->state = State::Ready;
@@ -208,8 +214,8 @@ void run_block(Launch& launch, uint64_t& random_state) {
       if (!launch.error.empty()) return;
     }
     if (std::all_of(fibers.begin(), fibers.end(), [](const Fiber& f) { return f.state == State::Done; })) return;
-    if (!release_barriers(fibers)) {
-      launch.error = "deadlock: the threads of a block wait at different barriers";
+    if (!release_barriers(launch)) {
+      if (launch.error.empty()) launch.error = "deadlock: the threads of a block wait at different barriers";
       return;
     }
   }
@@ -237,15 +243,7 @@ int sync_block_or(int predicate) {
 }
 
 void sync_warp(unsigned int mask) {
-  Fiber& fiber = running_fiber();
-  const size_t warp_begin = static_cast<size_t>(fiber.warp) * kWarpSize;
-  for (int l = 0; l < kWarpSize; ++l) {
-    if (!(mask >> l & 1u)) continue;
-    if (warp_begin + l >= current->fibers.size() || current->fibers[warp_begin + l].state == State::Done) {
-      fail("a warp-synchronous call names lane " + std::to_string(l) + " of warp " + std::to_string(fiber.warp) +
-           ", which has exited or does not exist");
-    }
-  }
+  running_fiber().warp_mask = mask;
   suspend(State::AtWarpBarrier);
 }
 
