@@ -27,9 +27,11 @@ void class_sums(const ClassSumsParams& p) {
   dispatch_input_types(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = acc_t<T>;
-    const dim3 grid(static_cast<unsigned int>((p.cols + kThreads - 1) / kThreads),
+    // Narrow rows get narrow blocks (whole warps), not blocks of mostly idle threads.
+    const int threads = static_cast<int>(std::min<int64_t>(kThreads, (p.cols + 31) / 32 * 32));
+    const dim3 grid(static_cast<unsigned int>((p.cols + threads - 1) / threads),
                     static_cast<unsigned int>(std::min<int64_t>(p.num_classes, 65535)));
-    launch(class_sums_kernel<T, A>, grid, kThreads, 0, static_cast<const T*>(p.x), p.cols, p.row_stride,
+    launch(class_sums_kernel<T, A>, grid, threads, 0, static_cast<const T*>(p.x), p.cols, p.row_stride,
            p.sorted_rows, p.segment_offsets, p.num_classes, static_cast<A*>(p.sums));
   });
 }
