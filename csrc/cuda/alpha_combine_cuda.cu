@@ -90,19 +90,32 @@ __global__ void forward_packed_kernel(CombineParams p) {
   }
 }
 
+// out(c, j), element by element.
 template <typename T, typename A>
-__global__ void forward_kernel(CombineParams p, bool lines_fastest) {
+__device__ __forceinline__ void combine_element(const CombineParams& p, int64_t c, int64_t j) {
   const T* source = static_cast<const T*>(p.source);
-  const A* alphas = static_cast<const A*>(p.alphas);
-  T* out = static_cast<T*>(p.out);
+  const A* row_alphas = static_cast<const A*>(p.alphas) + c * p.k;
+  const A norm = l1_norm<A>(row_alphas, 1, static_cast<int>(p.k));
+  A acc = load_line<A>(p, source, p.targets[c], j);
+  for (int64_t i = 0; i < p.k; ++i) acc += row_alphas[i] / norm * load_line<A>(p, source, p.neighbors[c * p.k + i], j);
+  static_cast<T*>(p.out)[c * p.out_line_stride + j * p.out_elem_stride] = static_cast<T>(acc);
+}
+
+template <typename T, typename A>
+__global__ void forward_kernel(CombineParams p) {
   for (int64_t item = global_thread(); item < p.num_out * p.elems; item += grid_threads()) {
-    int64_t c, j;
-    split_item(item, p.num_out, p.elems, lines_fastest, &c, &j);
-    const A* row_alphas = alphas + c * p.k;
-    const A norm = l1_norm<A>(row_alphas, 1, static_cast<int>(p.k));
-    A acc = load_line<A>(p, source, p.targets[c], j);
-    for (int64_t i = 0; i < p.k; ++i) acc += row_alphas[i] / norm * load_line<A>(p, source, p.neighbors[c * p.k + i], j);
-    out[c * p.out_line_stride + j * p.out_elem_stride] = static_cast<T>(acc);
+    combine_element<T, A>(p, item / p.elems, item % p.elems);
+  }
+}
+
+// Columns of the logits (lines of the output contiguous): a block takes whole
+// elements j (rows of the logits) and its threads the classes, so the row a
+// block gathers from is read into one multiprocessor's cache, not into those of
+// every block that shares it.
+template <typename T, typename A>
+__global__ void forward_by_element_kernel(CombineParams p) {
+  for (int64_t j = blockIdx.x; j < p.elems; j += gridDim.x) {
+    for (int64_t c = threadIdx.x; c < p.num_out; c += blockDim.x) combine_element<T, A>(p, c, j);
   }
 }
 
@@ -215,8 +228,12 @@ void alpha_combine(const CombineParams& p) {
     if (packable<T>(p.source, p.line_stride, p.elem_stride, p.elems) &&
         packable<T>(p.out, p.out_line_stride, p.out_elem_stride, p.elems)) {
       launch(forward_packed_kernel<T, acc_t<T>>, blocks_for(p.num_out * (p.elems / Pack<T>::kSize)), kThreads, 0, p);
+    } else if (p.out_line_stride == 1) {
+      const int threads = static_cast<int>(std::min<int64_t>(kThreads, (p.num_out + 31) / 32 * 32));
+      launch(forward_by_element_kernel<T, acc_t<T>>, static_cast<unsigned int>(std::min<int64_t>(p.elems, 1 << 20)),
+             threads, 0, p);
     } else {
-      launch(forward_kernel<T, acc_t<T>>, blocks_for(p.num_out * p.elems), kThreads, 0, p, p.out_line_stride == 1);
+      launch(forward_kernel<T, acc_t<T>>, blocks_for(p.num_out * p.elems), kThreads, 0, p);
     }
   });
 }
