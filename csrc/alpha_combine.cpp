@@ -135,7 +135,15 @@ std::tuple<at::Tensor, at::Tensor> alpha_combine_backward(const at::Tensor& grad
   set_output_strides(grad, c.dim, &b.forward.out_line_stride, &b.forward.out_elem_stride);
   at::Tensor grad_alphas = need_alphas ? at::zeros(alphas.sizes(), source.options().dtype(acc)) : at::Tensor();
   at::Tensor grad_source = need_source ? at::zeros(source.sizes(), source.options().dtype(acc)) : at::Tensor();
-  if (need_alphas) b.grad_alphas = grad_alphas.data_ptr();
+  at::Tensor alpha_partials;
+  if (need_alphas) {
+    b.grad_alphas = grad_alphas.data_ptr();
+    if (uses_cuda_kernels(source) && b.forward.out_line_stride == 1) {
+      b.alpha_chunks = std::min(kMaxAlphaChunks, (c.params.elems + kAlphaChunkElems - 1) / kAlphaChunkElems);
+      alpha_partials = at::empty({b.alpha_chunks, c.params.num_out, c.params.k}, source.options().dtype(acc));
+      b.alpha_partials = alpha_partials.data_ptr();
+    }
+  }
   at::Tensor line_offsets, line_entries;
   if (need_source) {
     b.grad_source = grad_source.data_ptr();

@@ -143,7 +143,16 @@ struct CombineBackwardParams {
   // source line, the (c * (k + 1) + slot) entries that read it, slot 0 the target.
   const int64_t* line_offsets;  // [num_lines + 1]
   const int64_t* line_entries;  // [num_out * (k + 1)]
+  // CUDA only, for grad_alphas when the output's lines are contiguous (logit
+  // columns): each class's k dot products summed over chunks of the elements
+  // first, then over the chunks in order. nullptr: one block per class instead.
+  void* alpha_partials;         // [alpha_chunks, num_out, k] of acc_t
+  int64_t alpha_chunks;
 };
+
+// Chunks of the elements for alpha_partials: at least kAlphaChunkElems elements
+// each, at most kMaxAlphaChunks of them.
+constexpr int64_t kAlphaChunkElems = 64, kMaxAlphaChunks = 1024;
 
 namespace cpu {
 void class_sums(const ClassSumsParams& p);

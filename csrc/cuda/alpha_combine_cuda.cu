@@ -168,6 +168,51 @@ __global__ void grad_alphas_kernel(CombineBackwardParams b, bool packed) {
   }
 }
 
+// grad_alphas over logit columns, first pass: block b takes elements
+// [b * chunk, (b + 1) * chunk) and its threads the classes, so a warp reads 32
+// consecutive classes of one gradient row, and gathers from one logit row.
+template <typename T, typename A>
+__global__ void alpha_partials_kernel(CombineBackwardParams b, int64_t chunk) {
+  const CombineParams& p = b.forward;
+  const T* source = static_cast<const T*>(p.source);
+  const T* grad_out = static_cast<const T*>(b.grad_out);
+  A* partials = static_cast<A*>(b.alpha_partials);
+  const int64_t begin = blockIdx.x * chunk, end = std::min(p.elems, begin + chunk);
+  for (int64_t c = threadIdx.x; c < p.num_out; c += blockDim.x) {
+    for (int64_t i = 0; i < p.k; ++i) {
+      const int64_t line = p.neighbors[c * p.k + i];
+      A dot = A(0);
+      for (int64_t j = begin; j < end; ++j) {
+        dot += static_cast<A>(grad_out[c * p.out_line_stride + j * p.out_elem_stride]) * load_line<A>(p, source, line, j);
+      }
+      partials[(blockIdx.x * p.num_out + c) * p.k + i] = dot;
+    }
+  }
+}
+
+// Second pass, a thread per class: the chunks' sums in chunk order (into chunk
+// 0's slots), then the L1-normalisation gradient.
+template <typename A>
+__global__ void alphas_from_partials_kernel(CombineBackwardParams b) {
+  const CombineParams& p = b.forward;
+  A* partials = static_cast<A*>(b.alpha_partials);
+  const A* alphas = static_cast<const A*>(p.alphas);
+  for (int64_t c = global_thread(); c < p.num_out; c += grid_threads()) {
+    A* sums = partials + c * p.k;
+    for (int64_t i = 0; i < p.k; ++i) {
+      A total = sums[i];
+      for (int64_t chunk = 1; chunk < b.alpha_chunks; ++chunk) total += partials[(chunk * p.num_out + c) * p.k + i];
+      sums[i] = total;
+    }
+    const A* row_alphas = alphas + c * p.k;
+    const A norm = l1_norm<A>(row_alphas, 1, static_cast<int>(p.k));
+    for (int64_t i = 0; i < p.k; ++i) {
+      static_cast<A*>(b.grad_alphas)[c * p.k + i] =
+          l1_normalized_grad<A>(row_alphas, 1, sums, static_cast<int>(p.k), static_cast<int>(i), norm);
+    }
+  }
+}
+
 // Gradient of the source as a gather: every (line, j) sums, in a fixed order,
 // the output gradients of the classes that read that line. No atomics.
 template <typename T, typename A>
@@ -243,7 +288,12 @@ void alpha_combine_backward(const CombineBackwardParams& b) {
   dispatch_input_types(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = acc_t<T>;
-    if (b.grad_alphas != nullptr && p.num_out > 0) {
+    if (b.grad_alphas != nullptr && p.num_out > 0 && b.alpha_partials != nullptr) {
+      const int64_t chunk = (p.elems + b.alpha_chunks - 1) / b.alpha_chunks;
+      const int threads = static_cast<int>(std::min<int64_t>(kThreads, (p.num_out + 31) / 32 * 32));
+      launch(alpha_partials_kernel<T, A>, static_cast<unsigned int>(b.alpha_chunks), threads, 0, b, chunk);
+      launch(alphas_from_partials_kernel<A>, blocks_for(p.num_out), kThreads, 0, b);
+    } else if (b.grad_alphas != nullptr && p.num_out > 0) {
       const size_t shared = (kThreads + p.k) * sizeof(A);
       const auto blocks = static_cast<unsigned int>(std::min<int64_t>(p.num_out, 65535));
       const bool packed = packable<T>(p.source, p.line_stride, p.elem_stride, p.elems) &&
