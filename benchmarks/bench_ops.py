@@ -194,6 +194,16 @@ def main():
                                            grad_rows)
             row("alpha_combine rows fwd+bwd", f"W {lines}x{dims}, n={few}, k={k}", ours_backward, peer_backward,
                 device, args.repeats, "autograd of peer", rates, 2 * few * (k + 2) * dims * 4)
+            grad_columns = torch.randn(logit_rows, few, generator=generator).to(device)
+            def ours_columns_backward():  # the training step's pattern: the gradient of alphas only
+                return torch.autograd.grad(torch.ops.alphanet.alpha_combine(logits, targets, neighbors, alphas_grad, 1),
+                                           alphas_grad, grad_columns)
+            def peer_columns_backward():
+                return torch.autograd.grad(peer_combine_columns(logits, targets, neighbors, alphas_grad), alphas_grad,
+                                           grad_columns)
+            row("alpha_combine columns fwd+bwd", f"L {logit_rows}x{lines}, n={few}, k={k}", ours_columns_backward,
+                peer_columns_backward, device, args.repeats, "autograd of peer", rates,
+                2 * logit_rows * few * (k + 2) * 4)
 
 
 if __name__ == "__main__":
