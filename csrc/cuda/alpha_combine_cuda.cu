@@ -119,6 +119,15 @@ __global__ void forward_by_element_kernel(CombineParams p) {
   }
 }
 
+// grad_alphas[c, i] from the class's k dot products <grad_out[c], source[n_cj]>.
+template <typename A>
+__device__ __forceinline__ void store_alpha_grad(const CombineBackwardParams& b, int64_t c, const A* dots, int64_t i) {
+  const int k = static_cast<int>(b.forward.k);
+  const A* row_alphas = static_cast<const A*>(b.forward.alphas) + c * k;
+  static_cast<A*>(b.grad_alphas)[c * k + i] =
+      l1_normalized_grad<A>(row_alphas, 1, dots, k, static_cast<int>(i), l1_norm<A>(row_alphas, 1, k));
+}
+
 // One block per class: the k dot products <grad_out[c], source[n_ci]> by a
 // fixed-shape block reduction (deterministic), then the L1-normalisation gradient.
 // `packed`: grad_out and source rows are contiguous and aligned (see packable).
@@ -129,7 +138,6 @@ __global__ void grad_alphas_kernel(CombineBackwardParams b, bool packed) {
   A* grad_normalized = partial + blockDim.x;         // [k]
   const T* source = static_cast<const T*>(p.source);
   const T* grad_out = static_cast<const T*>(b.grad_out);
-  const A* alphas = static_cast<const A*>(p.alphas);
   for (int64_t c = blockIdx.x; c < p.num_out; c += gridDim.x) {
     for (int64_t i = 0; i < p.k; ++i) {
       const int64_t line = p.neighbors[c * p.k + i];
@@ -158,12 +166,7 @@ __global__ void grad_alphas_kernel(CombineBackwardParams b, bool packed) {
       if (threadIdx.x == 0) grad_normalized[i] = partial[0];
       __syncthreads();
     }
-    const A* row_alphas = alphas + c * p.k;
-    const A norm = l1_norm<A>(row_alphas, 1, static_cast<int>(p.k));
-    for (int64_t i = threadIdx.x; i < p.k; i += blockDim.x) {
-      static_cast<A*>(b.grad_alphas)[c * p.k + i] =
-          l1_normalized_grad<A>(row_alphas, 1, grad_normalized, static_cast<int>(p.k), static_cast<int>(i), norm);
-    }
+    for (int64_t i = threadIdx.x; i < p.k; i += blockDim.x) store_alpha_grad(b, c, grad_normalized, i);
     __syncthreads();
   }
 }
@@ -196,7 +199,6 @@ template <typename A>
 __global__ void alphas_from_partials_kernel(CombineBackwardParams b) {
   const CombineParams& p = b.forward;
   A* partials = static_cast<A*>(b.alpha_partials);
-  const A* alphas = static_cast<const A*>(p.alphas);
   for (int64_t c = global_thread(); c < p.num_out; c += grid_threads()) {
     A* sums = partials + c * p.k;
     for (int64_t i = 0; i < p.k; ++i) {
@@ -204,12 +206,7 @@ __global__ void alphas_from_partials_kernel(CombineBackwardParams b) {
       for (int64_t chunk = 1; chunk < b.alpha_chunks; ++chunk) total += partials[(chunk * p.num_out + c) * p.k + i];
       sums[i] = total;
     }
-    const A* row_alphas = alphas + c * p.k;
-    const A norm = l1_norm<A>(row_alphas, 1, static_cast<int>(p.k));
-    for (int64_t i = 0; i < p.k; ++i) {
-      static_cast<A*>(b.grad_alphas)[c * p.k + i] =
-          l1_normalized_grad<A>(row_alphas, 1, sums, static_cast<int>(p.k), static_cast<int>(i), norm);
-    }
+    for (int64_t i = 0; i < p.k; ++i) store_alpha_grad(b, c, sums, i);
   }
 }
 
