@@ -54,6 +54,12 @@ def check_registered(dispatch_key: str = "CPU") -> None:
         raise RuntimeError(f"alphanet_ext: no {dispatch_key} kernel registered for {', '.join(missing)}")
 
 
+def _runs_cuda_kernels(tensor: Tensor) -> bool:
+    """Whether an op on ``tensor`` runs the CUDA kernels: a CUDA tensor, or a CPU
+    tensor while the CPU build's emulator of those kernels is on (tests)."""
+    return tensor.is_cuda or (tensor.is_cpu and _C.has_cuda_emulation() and _C._cuda_emulation_enabled())
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -155,7 +161,16 @@ def knn(queries: Tensor, keys: Tensor, k: int, metric: str = "euclidean") -> tup
 # --------------------------------------------------------------------------- alpha combine
 
 def _check_combine_values(source: Tensor, targets: Tensor, neighbors: Tensor, alphas: Tensor, dim: int) -> None:
-    """Value checks the CUDA kernel skips (they would sync the device on every call)."""
+    """Value checks the CUDA kernel skips (they would sync the device on every call).
+
+    Inputs of the wrong shape, dtype or device are left to the op, which names
+    the problem. Under ``torch.compile`` the values are unknown while tracing, so
+    only the kernel's guarded reads remain there.
+    """
+    same_device = all(t.device == source.device for t in (targets, neighbors, alphas))
+    integer_indices = not (targets.is_floating_point() or neighbors.is_floating_point())
+    if not (same_device and integer_indices and source.dim() == 2 and alphas.dim() == 2 and dim in (-2, -1, 0, 1)):
+        return
     lines = source.shape[dim]
     for name, index in (("targets", targets), ("neighbors", neighbors)):
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= lines):
@@ -180,7 +195,7 @@ def alpha_combine(source: Tensor, targets: Tensor, neighbors: Tensor, alphas: Te
     if not HAS_EXTENSION:
         _fallback("alpha_combine")
         return reference.alpha_combine(source, targets, neighbors, alphas, dim).to(source.dtype)
-    if source.is_cuda:
+    if not torch.compiler.is_compiling() and _runs_cuda_kernels(source):
         _check_combine_values(source, targets, neighbors, alphas, dim)
     return torch.ops.alphanet.alpha_combine(source, targets, neighbors, alphas, dim)
 
