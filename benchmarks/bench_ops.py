@@ -156,12 +156,16 @@ def main():
             row("knn euclidean", f"{q}x{m}x{dims}, k={k}", lambda: alphanet_ext.knn(queries, keys, k), best_peer,
                 device, args.repeats, "cdist+topk" if t_cdist[0] <= t_cdist[1] else "mm+topk", rates,
                 flops=2 * q * m * dims)
-            if device.startswith("cuda"):  # A/B: the tile path (library matmul, then the select kernel)
-                row("knn euclidean, tile path", f"{q}x{m}x{dims}, k={k}",
-                    with_environment("ALPHANET_KNN_FUSED", "0", lambda: alphanet_ext.knn(queries, keys, k)),
+            if device.startswith("cuda"):  # A/B: the fused kernel (ranks and selects in one pass)
+                row("knn euclidean, fused kernel", f"{q}x{m}x{dims}, k={k}",
+                    with_environment("ALPHANET_KNN_FUSED", "1", lambda: alphanet_ext.knn(queries, keys, k)),
                     best_peer, device, args.repeats, "cdist+topk" if t_cdist[0] <= t_cdist[1] else "mm+topk", rates,
                     flops=2 * q * m * dims)
-            if cupy_modules:
+            # the cupy peer holds three q x m float32 temporaries at once
+            if cupy_modules and 3 * q * m * 4 > torch.cuda.mem_get_info()[0]:
+                print(f"| knn euclidean | {q}x{m}x{dims}, k={k} | | cupy mm+argpartition: skipped, needs "
+                      f"{3 * q * m * 4 / 2**30:.0f} GiB | | | | |")
+            elif cupy_modules:
                 cupy, _ = cupy_modules
                 q_cp, k_cp = cupy.from_dlpack(queries), cupy.from_dlpack(keys)
                 def cupy_knn():

@@ -3,19 +3,24 @@
 # included), the inat2018-preset correction with the paper's iNaturalist settings (as
 # the CPU run in RESULTS.md), the GPU op
 # benchmarks (with the card's measured bandwidth and matmul rate) and the fit
-# benchmark, then print a table last. Logs go to $OUT (default ./device_out).
-# Every step's timeout is cut to what is left of BUDGET seconds (default 430), so
+# benchmark and a per-kernel profile, then print a table last. Logs go to $OUT
+# (default ./device_out; eight files, the most the device tool returns).
+# Every step's timeout is cut to what is left of BUDGET seconds (default 330), so
 # the whole run fits a 15-minute GPU slot with room for the machine's start; the
 # CPU-only tests (which CI runs anyway) come last, in whatever time is left.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./device_out}"
-BUDGET="${BUDGET:-430}"
+BUDGET="${BUDGET:-330}"
 mkdir -p "$OUT"
 # images that ship only python3
 if ! command -v python >/dev/null; then mkdir -p /tmp/pybin; ln -sf "$(command -v python3)" /tmp/pybin/python; export PATH="/tmp/pybin:$PATH"; fi
 export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}" ALPHANET_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build, for benchmarks/*.py too
+# The GPU image's default compiler (/opt/gcc, a wrapper around g++ 13.3) built an
+# extension whose first C++ error (any TORCH_CHECK) crashed inside c10::str with a
+# segfault; the system g++ 13.3 builds one that raises. Prefer the system compiler.
+if [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
 export CUDA_HOME="${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)")")}"
 step() { echo "== $1 ($(date +%T), ${SECONDS}s in)" | tee -a "$OUT/summary.log"; }
 # seconds for the next step: what it asks for, or what is left of the budget
@@ -24,9 +29,16 @@ limit() { local left=$((BUDGET - SECONDS)); echo $(( $1 < left ? $1 : (left > 5 
 timed() { if [ -x /usr/bin/time ]; then /usr/bin/time -v "$@"; else "$@"; fi; }
 
 step "build"
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee -a "$OUT/summary.log"
 timeout "$(limit 240)" python setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
 python -c "import alphanet_ext.ops as o; o.check_registered('CUDA'); print('CUDA kernels registered')" | tee -a "$OUT/summary.log"
+# a C++ error must reach Python as an exception (see the compiler note above)
+python -c "
+import torch, alphanet_ext
+try:
+    torch.ops.alphanet.class_means(torch.ones(2, 2, device='cuda'), torch.tensor([0, 5], device='cuda'), 2)
+except RuntimeError as error:
+    print('C++ errors raise:', str(error).splitlines()[0])" 2>&1 | tee -a "$OUT/summary.log"
 
 step "tests"
 # the CUDA tests first, so a failure elsewhere cannot hide them; no -x: every failure is listed
@@ -49,10 +61,13 @@ step "fit benchmark"
 timeout "$(limit 90)" python benchmarks/bench_fit.py --device cuda --sizes imagenet-lt-2048 --peer-epochs 0 2>&1 \
   | tee "$OUT/bench_fit.log"
 
+step "kernel profile"
+timeout "$(limit 60)" python benchmarks/profile_kernels.py 2>&1 | tee "$OUT/profile.log"
+
 step "CPU-only tests"
 timeout "$(limit 80)" python -m pytest python_tests -q -p no:cacheprovider -k "not cuda" 2>&1 | tee "$OUT/tests.log" | tail -5
 
 step "table"
-cat "$OUT/gpu.txt"; tail -1 "$OUT/tests_cuda.log"; tail -1 "$OUT/tests.log"
+head -2 "$OUT/summary.log"; tail -1 "$OUT/tests_cuda.log"; tail -1 "$OUT/tests.log"
 grep -E "^\| |^card" "$OUT/bench_ops.log" "$OUT/bench_fit.log" | sed 's/^[^:]*://'
 grep -E "inat2018 fit:|Elapsed|Maximum resident|^\| (baseline|AlphaNet)" "$OUT/inat.log"

@@ -7,8 +7,8 @@ from conftest import DEVICES, FLOAT_DTYPES, on_backend, rand
 
 # Each backend has two exact paths, and every test below runs on both. The CPU:
 # int16 screening with a proven bound (x86-64 with AVX2), or the matmul-tile
-# path (ALPHANET_KNN_SCREENING=0). CUDA: the fused kernel, or the tile path with
-# the select kernel (ALPHANET_KNN_FUSED=0).
+# path (ALPHANET_KNN_SCREENING=0). CUDA: the tile path with the select kernel
+# (the default), or the fused kernel (ALPHANET_KNN_FUSED=1).
 PATHS = [(backend, "ALPHANET_KNN_SCREENING" if backend == "cpu" else "ALPHANET_KNN_FUSED", setting)
          for backend in DEVICES for setting in ("1", "0")]
 

@@ -1,0 +1,69 @@
+"""Where the GPU time of kNN and of the training step's alpha_combine goes:
+per-kernel device time from torch.profiler, one table per case.
+
+    python benchmarks/profile_kernels.py [--cases knn-large,knn-large-fused,knn-huge,combine-columns-large]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import alphanet_ext
+from bench_ops import SIZES, with_environment
+from common import machine
+
+
+def device_time_us(event) -> float:
+    return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+
+
+def kernel_table(label: str, fn, calls: int) -> None:
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as trace:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    events = sorted((e for e in trace.key_averages() if device_time_us(e) > 0), key=device_time_us, reverse=True)
+    total = sum(device_time_us(e) for e in events)
+    print(f"\n{label}: {total / calls / 1e3:.2f} ms of device time per call ({calls} calls)")
+    print("| kernel | launches per call | ms per call | share |")
+    print("|---|---|---|---|")
+    for event in events[:10]:
+        print(f"| {event.key[:90]} | {event.count / calls:g} | {device_time_us(event) / calls / 1e3:.3f} "
+              f"| {device_time_us(event) / total:.0%} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default="knn-large,knn-large-fused,knn-huge,combine-columns-large")
+    args = parser.parse_args()
+    print(f"machine: {machine()}; torch {torch.__version__}")
+    generator = torch.Generator().manual_seed(0)
+    for case in args.cases.split(","):
+        if case.startswith("knn"):
+            q, m, dims, k = SIZES["huge" if "huge" in case else "large"]["knn"]
+            queries = torch.randn(q, dims, generator=generator).cuda()
+            keys = torch.randn(m, dims, generator=generator).cuda()
+            fn = lambda: alphanet_ext.knn(queries, keys, k)  # noqa: E731
+            if case.endswith("fused"):
+                fn = with_environment("ALPHANET_KNN_FUSED", "1", fn)
+            kernel_table(f"{case} ({q}x{m}x{dims}, k={k})", fn, 1 if "huge" in case else 5)
+        elif case == "combine-columns-large":
+            lines, _, few, k, logit_rows = SIZES["large"]["combine"]
+            logits = torch.randn(logit_rows, lines, generator=generator).cuda()
+            targets = torch.randint(0, lines, (few,), generator=generator).cuda()
+            neighbors = torch.randint(0, lines, (few, k), generator=generator).cuda()
+            alphas = torch.randn(few, k, generator=generator).cuda().requires_grad_()
+            grad = torch.randn(logit_rows, few, generator=generator).cuda()
+            kernel_table(f"{case} (L {logit_rows}x{lines}, n={few}, k={k}, forward + alpha gradient)",
+                         lambda: torch.autograd.grad(torch.ops.alphanet.alpha_combine(logits, targets, neighbors,
+                                                                                      alphas, 1), alphas, grad), 5)
+        else:
+            raise SystemExit(f"unknown case {case}")
+
+
+if __name__ == "__main__":
+    main()
