@@ -34,9 +34,10 @@ struct Checked {
 };
 
 // Validates the inputs and fills everything but the output pointers. Index and
-// coefficient values are checked on the CPU only; on CUDA that would cost a
-// device sync per call inside training loops, so there the Python wrapper
-// checks them once and the kernel guards its reads.
+// coefficient values are checked here only for the CPU kernels; on CUDA that
+// would cost a device sync per call inside training loops, so there the Python
+// wrapper checks them and the kernel guards its reads (the emulator follows the
+// CUDA path, so CPU tests cover it).
 Checked prepare(const at::Tensor& source, const at::Tensor& targets, const at::Tensor& neighbors,
                 const at::Tensor& alphas, int64_t dim) {
   check_float_matrix(source, kOp, "source");
@@ -59,17 +60,15 @@ Checked prepare(const at::Tensor& source, const at::Tensor& targets, const at::T
   checked.dim = dim;
   const int64_t num_lines = source.size(dim);
   const at::ScalarType acc = acc_type(source.scalar_type());
-  if (source.is_cpu()) {
+  if (!uses_cuda_kernels(source)) {
     checked.targets = checked_indices(targets, num_lines, kOp, "targets", dim == 0 ? "rows of source" : "columns of source");
     checked.neighbors =
         checked_indices(neighbors, num_lines, kOp, "neighbors", dim == 0 ? "rows of source" : "columns of source");
     checked.alphas = alphas.to(acc).contiguous();
     check_alpha_rows(checked.alphas);
   } else {
-    TORCH_CHECK(!at::isFloatingType(targets.scalar_type()) && !at::isFloatingType(neighbors.scalar_type()), kOp,
-                ": targets and neighbors must be integer tensors");
-    checked.targets = targets.to(at::kLong).contiguous();
-    checked.neighbors = neighbors.to(at::kLong).contiguous();
+    checked.targets = integer_indices(targets, kOp, "targets");
+    checked.neighbors = integer_indices(neighbors, kOp, "neighbors");
     checked.alphas = alphas.to(acc).contiguous();
   }
 

@@ -44,13 +44,18 @@ inline void check_backend(const at::Tensor& t, const char* op) {
 #endif
 }
 
-// Integer index tensor as contiguous int64, every value checked to lie in [0, limit).
-inline at::Tensor checked_indices(const at::Tensor& t, int64_t limit, const char* op, const char* name,
-                                  const char* limit_name) {
+// Index tensor as contiguous int64; its values are not checked.
+inline at::Tensor integer_indices(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(!at::isFloatingType(t.scalar_type()) && !at::isComplexType(t.scalar_type()) &&
                   t.scalar_type() != at::kBool,
               op, ": ", name, " must be an integer tensor, got ", t.scalar_type());
-  at::Tensor indices = t.to(at::kLong).contiguous();
+  return t.to(at::kLong).contiguous();
+}
+
+// Integer index tensor as contiguous int64, every value checked to lie in [0, limit).
+inline at::Tensor checked_indices(const at::Tensor& t, int64_t limit, const char* op, const char* name,
+                                  const char* limit_name) {
+  at::Tensor indices = integer_indices(t, op, name);
   if (indices.numel() == 0) return indices;
   int64_t bad = 0;
   bool ok = true;
