@@ -128,8 +128,8 @@ at::Tensor tile_candidates(const at::Tensor& queries, const at::Tensor& keys, co
 #if defined(ALPHANET_WITH_CUDA) || defined(ALPHANET_CUDA_EMULATION)
 // CUDA takes the tile path (library matmul, then the select kernel) unless
 // ALPHANET_KNN_FUSED=1 asks for the fused kernel, which ranks and selects in one
-// pass (float32 ranking values): on an H200 it was 1.15-1.4x slower than the
-// tile path at every size benchmarked (benchmarks/RESULTS.md).
+// pass (float32 ranking values): on an H200 it was 1.1-2x slower than the tile
+// path at every size benchmarked (benchmarks/RESULTS.md).
 bool use_fused(const at::Tensor& queries, int64_t candidates) {
   const char* setting = std::getenv("ALPHANET_KNN_FUSED");
   return uses_cuda_kernels(queries) && queries.scalar_type() != at::kDouble && candidates <= kMaxCandidates &&
