@@ -50,7 +50,7 @@ struct ClassSumsParams {
 struct SelectParams {
   DType dtype;                       // Float or Double: the dtype of dots and values
   const void* dots;                  // [tile_rows, tile_cols], contiguous
-  int64_t tile_rows, tile_cols;
+  int64_t tile_rows, tile_cols;      // tile_cols < 2^31 (the CUDA kernel counts columns in int)
   const void* key_offset;            // [tile_cols]
   const void* key_scale;             // [tile_cols]
   int64_t key_begin;                 // global key index of tile column 0

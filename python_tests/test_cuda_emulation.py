@@ -25,6 +25,16 @@ def test_shuffles_and_block_votes(seed):
     assert out[128:] == [0, 0, 1, 0]  # block 0: no thread votes; block 1: thread 37 does, then nobody
 
 
+@pytest.mark.parametrize("seed", [0, 3, 11])
+def test_ballots(seed):
+    out = [value & 0xFFFFFFFF for value in self_test("ballot", seed)]
+    for warp in range(2):
+        votes = sum(1 << lane for lane in range(32) if (32 * warp + lane) % 3 == 0)
+        lanes = range(32 * warp, 32 * warp + 32)
+        assert [out[t] for t in lanes] == [votes] * 32
+        assert [out[64 + t] for t in lanes] == [votes ^ 0xFFFFFFFF] * 32
+
+
 def test_threads_waiting_at_different_barriers_are_a_deadlock():
     with pytest.raises(RuntimeError, match="deadlock"):
         self_test("split_barrier")

@@ -48,6 +48,16 @@ def test_matches_reference(device, generator, metric, queries_n, keys_n, dims, k
     check_against_reference(queries, keys, k, metric, distances, indices, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_across_cuda_key_tiles(device, generator, dtype):
+    # more keys than one CUDA select tile (16384): later tiles start from the
+    # earlier tiles' lists; the nearest keys sit in the first and the last tile
+    keys = rand(16384 + 37, 3, dtype=dtype, device=device, generator=generator)
+    queries = torch.cat([keys[:2], keys[-3:]]) + 1e-3
+    distances, indices = alphanet_ext.knn(queries, keys, 4)
+    check_against_reference(queries, keys, 4, "euclidean", distances, indices, dtype)
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_dtypes(device, generator, dtype):
     queries = rand(40, 24, dtype=dtype, device=device, generator=generator)

@@ -232,57 +232,95 @@ void with_fused_kernels(const FusedKnnParams& p, F&& f) {
   }
 }
 
-// One warp per query row: each lane keeps the best candidates of its strided
-// share of the tile's columns, the 32 lists are merged pairwise in shared
-// memory, and lane 0 merges the result into the row's running list.
-template <typename V, int kMax>
-__global__ void select_kernel(const V* __restrict__ dots, int64_t tile_cols, const V* __restrict__ offset,
-                              const V* __restrict__ scale, int64_t key_begin, V* __restrict__ values,
-                              int64_t* __restrict__ indices, int candidates) {
-  __shared__ V shared_values[kWarp * kMax];
-  __shared__ int64_t shared_indices[kWarp * kMax];
-  const int lane = threadIdx.x;
-  const int64_t row = blockIdx.x;
-  V* my_values = shared_values + lane * kMax;
-  int64_t* my_indices = shared_indices + lane * kMax;
-  for (int i = 0; i < candidates; ++i) {
-    my_values[i] = std::numeric_limits<V>::infinity();
-    my_indices[i] = std::numeric_limits<int64_t>::max();
-  }
-  const V* dot_row = dots + row * tile_cols;
-  for (int64_t col = lane; col < tile_cols; col += kWarp) {
-    topk_insert(my_values, my_indices, candidates, offset[col] + scale[col] * dot_row[col], key_begin + col);
+// One warp per query row, kSelectWarps rows per block. The warp keeps the row's
+// candidate list in shared memory, starting from the list of the earlier
+// tiles, and a threshold: the list's last value. Lanes read the row's values
+// in coalesced passes, kSelectUnroll passes' loads in flight at once; values
+// that may precede the last candidate (value <= threshold) are appended to the
+// warp's buffer (ballot, then each lane's rank among the kept ones). Before the
+// buffer could overflow, lane 0 inserts it into the list and the threshold
+// drops. Most values fail the threshold at once, so the pass is a read and a
+// compare. Insertion order does not matter: the list is the `candidates` best
+// under `precedes`, a total order.
+constexpr int kSelectWarps = 8, kSelectUnroll = 4, kSelectBuffer = (kSelectUnroll + 1) * kWarp;
+
+template <typename V>
+__device__ void insert_buffered(V* list_values, int64_t* list_indices, int candidates, const V* buffer_values,
+                                const int* buffer_columns, int pending, int64_t key_begin) {
+  __syncwarp();
+  if (threadIdx.x % kWarp == 0) {
+    for (int slot = 0; slot < pending; ++slot) {
+      topk_insert(list_values, list_indices, candidates, buffer_values[slot], key_begin + buffer_columns[slot]);
+    }
   }
   __syncwarp();
-  V merged_values[kMax];
-  int64_t merged_indices[kMax];
-  for (int stride = 1; stride < kWarp; stride *= 2) {
-    if (lane % (2 * stride) == 0) {
-      topk_merge(my_values, my_indices, my_values + stride * kMax, my_indices + stride * kMax, candidates,
-                 merged_values, merged_indices);
-      for (int i = 0; i < candidates; ++i) {
-        my_values[i] = merged_values[i];
-        my_indices[i] = merged_indices[i];
-      }
-    }
-    __syncwarp();
+}
+
+template <typename V, int kMax>
+__global__ void __launch_bounds__(kSelectWarps* kWarp) select_kernel(SelectParams p) {
+  __shared__ V shared_values[kSelectWarps][kMax];
+  __shared__ int64_t shared_indices[kSelectWarps][kMax];
+  __shared__ V shared_buffer_values[kSelectWarps][kSelectBuffer];
+  __shared__ int shared_buffer_columns[kSelectWarps][kSelectBuffer];
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kSelectWarps + warp;
+  if (row >= p.tile_rows) return;  // whole warps only: the kernel has no block barrier
+  const int candidates = p.candidates;
+  V* list_values = shared_values[warp];
+  int64_t* list_indices = shared_indices[warp];
+  V* buffer_values = shared_buffer_values[warp];
+  int* buffer_columns = shared_buffer_columns[warp];
+  V* row_values = static_cast<V*>(p.values) + row * candidates;
+  int64_t* row_indices = p.indices + row * candidates;
+  for (int i = lane; i < candidates; i += kWarp) {
+    list_values[i] = row_values[i];
+    list_indices[i] = row_indices[i];
   }
-  if (lane == 0) {
-    V* row_values = values + row * candidates;
-    int64_t* row_indices = indices + row * candidates;
-    topk_merge(row_values, row_indices, my_values, my_indices, candidates, merged_values, merged_indices);
-    for (int i = 0; i < candidates; ++i) {
-      row_values[i] = merged_values[i];
-      row_indices[i] = merged_indices[i];
+  __syncwarp();
+  V threshold = list_values[candidates - 1];
+  int pending = 0;
+  const V* dots = static_cast<const V*>(p.dots) + row * p.tile_cols;
+  const V* offset = static_cast<const V*>(p.key_offset);
+  const V* scale = static_cast<const V*>(p.key_scale);
+  const int columns = static_cast<int>(p.tile_cols);
+  for (int base = 0; base < columns; base += kSelectUnroll * kWarp) {
+    V value[kSelectUnroll];
+#pragma unroll
+    for (int u = 0; u < kSelectUnroll; ++u) {
+      const int column = base + u * kWarp + lane;
+      value[u] = column < columns ? offset[column] + scale[column] * dots[column] : V(0);
     }
+#pragma unroll
+    for (int u = 0; u < kSelectUnroll; ++u) {
+      const int column = base + u * kWarp + lane;
+      const bool keep = column < columns && !(value[u] > threshold);
+      const unsigned int kept = __ballot_sync(0xffffffffu, keep);
+      if (keep) {
+        const int slot = pending + __popc(kept & ((1u << lane) - 1u));
+        buffer_values[slot] = value[u];
+        buffer_columns[slot] = column;
+      }
+      pending += __popc(kept);
+    }
+    if (pending > kSelectBuffer - kSelectUnroll * kWarp) {
+      insert_buffered(list_values, list_indices, candidates, buffer_values, buffer_columns, pending,
+                               p.key_begin);
+      threshold = list_values[candidates - 1];
+      pending = 0;
+    }
+  }
+  insert_buffered(list_values, list_indices, candidates, buffer_values, buffer_columns, pending,
+                           p.key_begin);
+  for (int i = lane; i < candidates; i += kWarp) {
+    row_values[i] = list_values[i];
+    row_indices[i] = list_indices[i];
   }
 }
 
 template <typename V, int kMax>
 void launch_select(const SelectParams& p) {
-  launch(select_kernel<V, kMax>, static_cast<unsigned int>(p.tile_rows), kWarp, 0, static_cast<const V*>(p.dots),
-         p.tile_cols, static_cast<const V*>(p.key_offset), static_cast<const V*>(p.key_scale), p.key_begin,
-         static_cast<V*>(p.values), p.indices, p.candidates);
+  const int64_t blocks = (p.tile_rows + kSelectWarps - 1) / kSelectWarps;
+  launch(select_kernel<V, kMax>, static_cast<unsigned int>(blocks), kSelectWarps * kWarp, 0, p);
 }
 
 // One warp per (query, candidate): lanes take strided columns, then a

@@ -84,6 +84,24 @@ T shuffle_xor(unsigned int mask, T value, int offset) {
   return result;
 }
 
+// Bit i set if lane i of `mask` passed a nonzero predicate (lanes outside the
+// mask read as zero).
+inline unsigned int ballot(unsigned int mask, int predicate) {
+  unsigned char* buffer = next_shuffle_buffer();
+  const int vote = predicate != 0;
+  std::memcpy(buffer + 8 * lane(), &vote, sizeof(vote));
+  ALPHANET_EMULATION_FENCE();
+  sync_warp(mask);
+  ALPHANET_EMULATION_FENCE();
+  unsigned int bits = 0;
+  for (int other = 0; other < 32; ++other) {
+    int other_vote = 0;
+    if (mask >> other & 1u) std::memcpy(&other_vote, buffer + 8 * other, sizeof(other_vote));
+    bits |= static_cast<unsigned int>(other_vote) << other;
+  }
+  return bits;
+}
+
 }  // namespace alphanet::emulation
 
 #define threadIdx (::alphanet::emulation::coordinates().thread)
@@ -117,6 +135,12 @@ T atomicAdd(T* address, T value) {
   *address = old + value;
   return old;
 }
+
+inline unsigned int __ballot_sync(unsigned int mask, int predicate) {
+  return ::alphanet::emulation::ballot(mask, predicate);
+}
+
+inline int __popc(unsigned int bits) { return __builtin_popcount(bits); }
 
 template <typename T>
 T __shfl_xor_sync(unsigned int mask, T value, int offset) {

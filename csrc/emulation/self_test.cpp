@@ -34,6 +34,15 @@ __global__ void reduce_kernel(int* sums, int* votes) {
   votes[blockIdx.x * 2 + 1] = __syncthreads_or(0);
 }
 
+// Each lane's view of a warp vote on "thread id divisible by 3", twice in a row
+// (a lane that runs ahead must not overwrite the first vote).
+__global__ void ballot_kernel(unsigned int* out) {
+  const unsigned int first = __ballot_sync(0xffffffffu, threadIdx.x % 3 == 0);
+  const unsigned int second = __ballot_sync(0xffffffffu, threadIdx.x % 3 != 0);
+  out[threadIdx.x] = first;
+  out[blockDim.x + threadIdx.x] = second;
+}
+
 // Half of a warp waits at a warp barrier, the other half at a block barrier.
 __global__ void split_barrier_kernel() {
   if (threadIdx.x < 16) {
@@ -65,6 +74,9 @@ std::vector<int> self_test(const std::string& name, uint64_t schedule_seed) {
     } else if (name == "reduce") {
       out.assign(2 * 64 + 4, -1);
       launch(reduce_kernel, 2, 64, 0, out.data(), out.data() + 128);
+    } else if (name == "ballot") {
+      out.assign(2 * 64, -1);
+      launch(ballot_kernel, 1, 64, 0, reinterpret_cast<unsigned int*>(out.data()));
     } else if (name == "split_barrier") {
       launch(split_barrier_kernel, 1, 64, 0);
     } else if (name == "exited_lane") {
