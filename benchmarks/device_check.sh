@@ -63,6 +63,12 @@ timeout "$(limit 90)" python benchmarks/bench_fit.py --device cuda --sizes image
 
 step "kernel profile"
 timeout "$(limit 60)" python benchmarks/profile_kernels.py 2>&1 | tee "$OUT/profile.log"
+# hardware counters of our kernels where ncu can read them (Firecracker machines, not gVisor)
+if command -v ncu >/dev/null; then
+  timeout "$(limit 60)" ncu --clock-control none --launch-count 4 --section SpeedOfLight --section Occupancy \
+    --kernel-name regex:"select_kernel|alpha_partials_kernel|forward_by_element_kernel|class_sums" \
+    python benchmarks/profile_kernels.py --plain --cases knn-large,combine-columns-large >> "$OUT/profile.log" 2>&1
+fi
 
 step "CPU-only tests"
 timeout "$(limit 80)" python -m pytest python_tests -q -p no:cacheprovider -k "not cuda" 2>&1 | tee "$OUT/tests.log" | tail -5

@@ -19,8 +19,13 @@ def device_time_us(event) -> float:
     return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
 
 
-def kernel_table(label: str, fn, calls: int) -> None:
+def kernel_table(label: str, fn, calls: int, plain: bool = False) -> None:
     fn()
+    if plain:  # for an outside profiler (ncu): just the calls
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        return
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as trace:
         for _ in range(calls):
@@ -39,6 +44,7 @@ def kernel_table(label: str, fn, calls: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default="knn-large,knn-large-fused,knn-huge,combine-columns-large")
+    parser.add_argument("--plain", action="store_true", help="run the cases without torch.profiler (for ncu)")
     args = parser.parse_args()
     print(f"machine: {machine()}; torch {torch.__version__}")
     generator = torch.Generator().manual_seed(0)
@@ -50,7 +56,7 @@ def main() -> None:
             fn = lambda: alphanet_ext.knn(queries, keys, k)  # noqa: E731
             if case.endswith("fused"):
                 fn = with_environment("ALPHANET_KNN_FUSED", "1", fn)
-            kernel_table(f"{case} ({q}x{m}x{dims}, k={k})", fn, 1 if "huge" in case else 5)
+            kernel_table(f"{case} ({q}x{m}x{dims}, k={k})", fn, 1 if "huge" in case else 5, args.plain)
         elif case == "combine-columns-large":
             lines, _, few, k, logit_rows = SIZES["large"]["combine"]
             logits = torch.randn(logit_rows, lines, generator=generator).cuda()
@@ -60,7 +66,8 @@ def main() -> None:
             grad = torch.randn(logit_rows, few, generator=generator).cuda()
             kernel_table(f"{case} (L {logit_rows}x{lines}, n={few}, k={k}, forward + alpha gradient)",
                          lambda: torch.autograd.grad(torch.ops.alphanet.alpha_combine(logits, targets, neighbors,
-                                                                                      alphas, 1), alphas, grad), 5)
+                                                                                      alphas, 1), alphas, grad), 5,
+                         args.plain)
         else:
             raise SystemExit(f"unknown case {case}")
 

@@ -171,25 +171,26 @@ __global__ void grad_alphas_kernel(CombineBackwardParams b, bool packed) {
   }
 }
 
-// grad_alphas over logit columns, first pass: block b takes elements
-// [b * chunk, (b + 1) * chunk) and its threads the classes, so a warp reads 32
-// consecutive classes of one gradient row, and gathers from one logit row.
+// grad_alphas over logit columns, first pass: a thread per (class c, neighbour
+// i) and chunk of elements (blockIdx.y), summing over the chunk's elements in
+// order. Threads of a warp share i and take consecutive classes, so they read
+// 32 consecutive classes of a gradient row and gather from one logit row; every
+// pair has its own thread, so even a training batch's few chunks fill the GPU.
 template <typename T, typename A>
 __global__ void alpha_partials_kernel(CombineBackwardParams b, int64_t chunk) {
   const CombineParams& p = b.forward;
   const T* source = static_cast<const T*>(p.source);
   const T* grad_out = static_cast<const T*>(b.grad_out);
   A* partials = static_cast<A*>(b.alpha_partials);
-  const int64_t begin = blockIdx.x * chunk, end = std::min(p.elems, begin + chunk);
-  for (int64_t c = threadIdx.x; c < p.num_out; c += blockDim.x) {
-    for (int64_t i = 0; i < p.k; ++i) {
-      const int64_t line = p.neighbors[c * p.k + i];
-      A dot = A(0);
-      for (int64_t j = begin; j < end; ++j) {
-        dot += static_cast<A>(grad_out[c * p.out_line_stride + j * p.out_elem_stride]) * load_line<A>(p, source, line, j);
-      }
-      partials[(blockIdx.x * p.num_out + c) * p.k + i] = dot;
+  const int64_t begin = blockIdx.y * chunk, end = std::min(p.elems, begin + chunk);
+  for (int64_t pair = global_thread(); pair < p.num_out * p.k; pair += grid_threads()) {
+    const int64_t c = pair % p.num_out, i = pair / p.num_out;
+    const int64_t line = p.neighbors[c * p.k + i];
+    A dot = A(0);
+    for (int64_t j = begin; j < end; ++j) {
+      dot += static_cast<A>(grad_out[c * p.out_line_stride + j * p.out_elem_stride]) * load_line<A>(p, source, line, j);
     }
+    partials[(blockIdx.y * p.num_out + c) * p.k + i] = dot;
   }
 }
 
@@ -287,8 +288,8 @@ void alpha_combine_backward(const CombineBackwardParams& b) {
     using A = acc_t<T>;
     if (b.grad_alphas != nullptr && p.num_out > 0 && b.alpha_partials != nullptr) {
       const int64_t chunk = (p.elems + b.alpha_chunks - 1) / b.alpha_chunks;
-      const int threads = static_cast<int>(std::min<int64_t>(kThreads, (p.num_out + 31) / 32 * 32));
-      launch(alpha_partials_kernel<T, A>, static_cast<unsigned int>(b.alpha_chunks), threads, 0, b, chunk);
+      const dim3 grid(blocks_for(p.num_out * p.k), static_cast<unsigned int>(b.alpha_chunks));
+      launch(alpha_partials_kernel<T, A>, grid, kThreads, 0, b, chunk);
       launch(alphas_from_partials_kernel<A>, blocks_for(p.num_out), kThreads, 0, b);
     } else if (b.grad_alphas != nullptr && p.num_out > 0) {
       const size_t shared = (kThreads + p.k) * sizeof(A);
