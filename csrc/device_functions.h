@@ -86,18 +86,36 @@ ALPHANET_HD A add_row_group(A sum, T a, T b, T c, T d) {
   return sum + ((static_cast<A>(a) + static_cast<A>(b)) + (static_cast<A>(c) + static_cast<A>(d)));
 }
 
-// sum plus x[rows[r], col] for r in [begin, end), in the order above: one
-// class's segment of a label-sorted row order.
+// sum plus load(rows[r]) for r in [begin, end), in the order above: one class's
+// segment of a label-sorted row order. load returns a row's term: one column's
+// value, or a pack of columns' values as Lanes.
+template <typename S, typename Load>
+ALPHANET_HD S segment_sum_rows(S sum, const int64_t* rows, int64_t begin, int64_t end, Load load) {
+  int64_t r = begin;
+  for (; r + kSumGroup <= end; r += kSumGroup) {
+    sum = add_row_group<S>(sum, load(rows[r]), load(rows[r + 1]), load(rows[r + 2]), load(rows[r + 3]));
+  }
+  for (; r < end; ++r) sum = sum + load(rows[r]);
+  return sum;
+}
+
+// sum plus x[rows[r], col] for r in [begin, end), in segment_sum_rows's order.
 template <typename A, typename T>
 ALPHANET_HD A segment_sum(A sum, const T* x, int64_t row_stride, const int64_t* rows, int64_t begin,
                           int64_t end, int64_t col) {
-  int64_t r = begin;
-  for (; r + kSumGroup <= end; r += kSumGroup) {
-    sum = add_row_group<A>(sum, x[rows[r] * row_stride + col], x[rows[r + 1] * row_stride + col],
-                           x[rows[r + 2] * row_stride + col], x[rows[r + 3] * row_stride + col]);
-  }
-  for (; r < end; ++r) sum += static_cast<A>(x[rows[r] * row_stride + col]);
-  return sum;
+  return segment_sum_rows(sum, rows, begin, end, [=](int64_t row) { return static_cast<A>(x[row * row_stride + col]); });
+}
+
+// N values added lane by lane: the columns of a pack, summed as one.
+template <typename A, int N>
+struct Lanes {
+  A v[N];
+};
+
+template <typename A, int N>
+ALPHANET_HD Lanes<A, N> operator+(Lanes<A, N> a, const Lanes<A, N>& b) {
+  for (int u = 0; u < N; ++u) a.v[u] += b.v[u];
+  return a;
 }
 
 // Float64 terms of an exact distance between two rows, over columns

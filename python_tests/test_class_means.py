@@ -3,9 +3,10 @@ import torch
 
 import alphanet_ext
 from alphanet_ext import reference
-from conftest import FLOAT_DTYPES, TOLERANCE, rand
+from conftest import DEVICES, FLOAT_DTYPES, TOLERANCE, on_backend, rand
 
-SHAPES = [(0, 5, 3), (1, 1, 1), (1, 7, 4), (257, 1, 5), (1000, 67, 13), (333, 300, 40)]
+SHAPES = [(0, 5, 3), (1, 1, 1), (1, 7, 4), (257, 1, 5), (1000, 67, 13), (333, 300, 40),
+          (517, 96, 9)]  # 96: whole 16-byte packs of every dtype (the CUDA kernel's vector loads)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
@@ -71,6 +72,18 @@ def test_result_does_not_depend_on_thread_count(generator):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one_thread, several_threads)
+
+
+@pytest.mark.parametrize("backend", [name for name in DEVICES if name != "cpu"])
+@pytest.mark.parametrize("dims", [96, 67])  # with and without the CUDA kernel's vector loads
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_cuda_kernels_sum_in_the_cpu_order(backend, generator, dims, dtype):
+    x = rand(517, dims, dtype=dtype, generator=generator)
+    labels = torch.randint(0, 9, (517,), generator=generator)
+    on_cpu, _ = alphanet_ext.class_means(x, labels, 9)
+    with on_backend(backend) as device:
+        on_device, _ = alphanet_ext.class_means(x.to(device), labels.to(device), 9)
+    assert torch.equal(on_device.cpu(), on_cpu)
 
 
 def test_inputs_are_not_modified(device, generator):
