@@ -76,6 +76,16 @@ def test_gradients_match_reference(device, generator, dim, dtype, elems, n):
     torch.testing.assert_close(s.grad.cpu().double(), s_ref.grad, **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_wide_logit_rows(device, generator, dtype):
+    # 6,200 columns: a float32 row fits the CUDA kernel's shared-memory copy of a
+    # logit row (48 KB), a float64 row does not
+    source, targets, neighbors, alphas = make_case(6200, 3, 40, 5, 1, dtype, device, generator)
+    out = alphanet_ext.alpha_combine(source, targets, neighbors, alphas, dim=1)
+    expected = reference.alpha_combine(source.cpu(), targets.cpu(), neighbors.cpu(), alphas.cpu(), 1)
+    torch.testing.assert_close(out.cpu().double(), expected, **TOLERANCE[dtype])
+
+
 def test_only_alpha_gradient_when_source_is_fixed(generator):
     source, targets, neighbors, alphas = make_case(10, 6, 4, 2, 0, torch.float64, generator=generator)
     alphas.requires_grad_()

@@ -69,21 +69,22 @@ __global__ void forward_packed_kernel(CombineParams p) {
   }
 }
 
-// out(c, j), element by element.
-template <typename T, typename A>
-__device__ __forceinline__ void combine_element(const CombineParams& p, int64_t c, int64_t j) {
-  const T* source = static_cast<const T*>(p.source);
+// out(c, j), element by element; load(line) reads source(line, j) as load_line does.
+template <typename T, typename A, typename Load>
+__device__ __forceinline__ void combine_element(const CombineParams& p, int64_t c, int64_t j, Load load) {
   const A* row_alphas = static_cast<const A*>(p.alphas) + c * p.k;
   const A norm = l1_norm<A>(row_alphas, 1, static_cast<int>(p.k));
-  A acc = load_line<A>(p, source, p.targets[c], j);
-  for (int64_t i = 0; i < p.k; ++i) acc += row_alphas[i] / norm * load_line<A>(p, source, p.neighbors[c * p.k + i], j);
+  A acc = load(p.targets[c]);
+  for (int64_t i = 0; i < p.k; ++i) acc += row_alphas[i] / norm * load(p.neighbors[c * p.k + i]);
   static_cast<T*>(p.out)[c * p.out_line_stride + j * p.out_elem_stride] = static_cast<T>(acc);
 }
 
 template <typename T, typename A>
 __global__ void forward_kernel(CombineParams p) {
+  const T* source = static_cast<const T*>(p.source);
   for (int64_t item = global_thread(); item < p.num_out * p.elems; item += grid_threads()) {
-    combine_element<T, A>(p, item / p.elems, item % p.elems);
+    const int64_t j = item % p.elems;
+    combine_element<T, A>(p, item / p.elems, j, [&](int64_t line) { return load_line<A>(p, source, line, j); });
   }
 }
 
@@ -93,8 +94,30 @@ __global__ void forward_kernel(CombineParams p) {
 // every block that shares it.
 template <typename T, typename A>
 __global__ void forward_by_element_kernel(CombineParams p) {
+  const T* source = static_cast<const T*>(p.source);
   for (int64_t j = blockIdx.x; j < p.elems; j += gridDim.x) {
-    for (int64_t c = threadIdx.x; c < p.num_out; c += blockDim.x) combine_element<T, A>(p, c, j);
+    const auto load = [&](int64_t line) { return load_line<A>(p, source, line, j); };
+    for (int64_t c = threadIdx.x; c < p.num_out; c += blockDim.x) combine_element<T, A>(p, c, j, load);
+  }
+}
+
+// forward_by_element_kernel with the row first copied to shared memory
+// (coalesced), so the classes' scattered reads hit shared memory rather than a
+// different cache line each. For rows that fit in kMaxStagedBytes.
+template <typename T, typename A>
+__global__ void forward_staged_kernel(CombineParams p) {
+  const T* source = static_cast<const T*>(p.source);
+  T* row = dynamic_shared<T>();  // [num_lines]
+  for (int64_t j = blockIdx.x; j < p.elems; j += gridDim.x) {
+    __syncthreads();  // the previous row's reads are done
+    for (int64_t line = threadIdx.x; line < p.num_lines; line += blockDim.x) {
+      row[line] = source[line * p.line_stride + j * p.elem_stride];
+    }
+    __syncthreads();
+    const auto load = [&](int64_t line) {
+      return line < 0 || line >= p.num_lines ? std::numeric_limits<A>::quiet_NaN() : static_cast<A>(row[line]);
+    };
+    for (int64_t c = threadIdx.x; c < p.num_out; c += blockDim.x) combine_element<T, A>(p, c, j, load);
   }
 }
 
@@ -242,6 +265,9 @@ __global__ void grad_source_packed_kernel(CombineBackwardParams b) {
   }
 }
 
+// Shared memory a block may take without opting in to more.
+constexpr int64_t kMaxStagedBytes = 48 * 1024;
+
 }  // namespace
 
 void alpha_combine(const CombineParams& p) {
@@ -252,8 +278,13 @@ void alpha_combine(const CombineParams& p) {
       launch(forward_packed_kernel<T, acc_t<T>>, blocks_for(p.num_out * (p.elems / Pack<T>::kSize)), kThreads, 0, p);
     } else if (p.out_line_stride == 1) {
       const int threads = static_cast<int>(std::min<int64_t>(kThreads, (p.num_out + 31) / 32 * 32));
-      launch(forward_by_element_kernel<T, acc_t<T>>, static_cast<unsigned int>(std::min<int64_t>(p.elems, 1 << 20)),
-             threads, 0, p);
+      const auto blocks = static_cast<unsigned int>(std::min<int64_t>(p.elems, 1 << 20));
+      const int64_t row_bytes = p.num_lines * static_cast<int64_t>(sizeof(T));
+      if (row_bytes <= kMaxStagedBytes) {
+        launch(forward_staged_kernel<T, acc_t<T>>, blocks, threads, row_bytes, p);
+      } else {
+        launch(forward_by_element_kernel<T, acc_t<T>>, blocks, threads, 0, p);
+      }
     } else {
       launch(forward_kernel<T, acc_t<T>>, blocks_for(p.num_out * p.elems), kThreads, 0, p);
     }
