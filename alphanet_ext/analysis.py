@@ -196,7 +196,8 @@ def semantic_accuracy(predicted: Tensor, labels: Tensor, splits: Mapping[str, Te
 
 
 def pearson_with_interval(x: Tensor, y: Tensor, resamples: int = 10_000, seed: int = 0) -> dict[str, float]:
-    """Pearson r and its bootstrap 95 % interval (percentile method)."""
+    """Pearson r and its bootstrap 95 % interval (percentile method); all NaN
+    when r is undefined (a constant series)."""
     x, y = x.double().flatten(), y.double().flatten()
     if x.numel() != y.numel() or x.numel() < 3:
         raise ValueError("pearson_with_interval: need two series of the same length, at least 3")
@@ -209,5 +210,7 @@ def pearson_with_interval(x: Tensor, y: Tensor, resamples: int = 10_000, seed: i
     picks = torch.randint(x.numel(), (resamples, x.numel()), generator=generator)
     samples = r(x[picks], y[picks])
     samples = samples[~torch.isnan(samples)]
+    if samples.numel() == 0:  # a constant series: r is undefined
+        return {"r": float("nan"), "low": float("nan"), "high": float("nan")}
     low, high = torch.quantile(samples, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     return {"r": float(r(x, y)), "low": low, "high": high}

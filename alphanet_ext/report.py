@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from typing import Sequence
@@ -62,9 +63,13 @@ def markdown(report: dict) -> str:
                          " | ".join(_cell(run[top][c]) for c in COLUMNS) + " |")
     if report.get("distance_correlation") is not None:
         low, high = report.get("distance_correlation_95", [float("nan")] * 2)
-        lines += ["", f"Few-class accuracy change vs mean distance to the {config['k']} neighbours: "
-                      f"Pearson r = {report['distance_correlation']:.3f} (bootstrap 95% interval {low:.3f} to "
-                      f"{high:.3f}; plot: per_class_change.png)."]
+        heading = f"Few-class accuracy change vs mean distance to the {config['k']} neighbours: "
+        if math.isnan(report["distance_correlation"]):
+            lines += ["", heading + "Pearson r is undefined (fewer than 3 few classes, or a series without "
+                                    "spread; plot: per_class_change.png)."]
+        else:
+            lines += ["", heading + f"Pearson r = {report['distance_correlation']:.3f} (bootstrap 95% interval "
+                                    f"{low:.3f} to {high:.3f}; plot: per_class_change.png)."]
     if report.get("prediction_changes"):
         lines += ["", "## Prediction changes (best run)", "",
                   "Where the predictions of each group of samples land, before and after the correction:"]

@@ -1,3 +1,4 @@
+import math
 import pytest
 import torch
 
@@ -116,3 +117,5 @@ def test_pearson_with_interval():
     assert perfect["r"] == pytest.approx(-1) and perfect["high"] == pytest.approx(-1)
     with pytest.raises(ValueError):
         analysis.pearson_with_interval(x[:2], x[:2])
+    undefined = analysis.pearson_with_interval(x, torch.full_like(x, 3.0), resamples=100)  # constant y
+    assert all(math.isnan(value) for value in undefined.values())

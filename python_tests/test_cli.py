@@ -133,6 +133,16 @@ def test_synth_then_fit(tmp_path):
                data / "classifier.pt", "--out", tmp_path / "c.pt", "--epochs", 1, "--quiet") == 0
 
 
+def test_report_when_the_distance_correlation_is_undefined(tmp_path):
+    # Evaluated on its own train set, every few class of this small preset is at
+    # 100 % before and after: no spread, so Pearson r is undefined (this crashed).
+    data = tmp_path / "data"
+    assert run("synth", "--preset", "cifar100-lt", "--scale", 0.2, "--out", data, "--quiet") == 0
+    assert run("fit", "--train", data / "train_x.npy", "--classifier", data / "classifier.pt", "--out",
+               tmp_path / "c.pt", "--epochs", 2, "--report", tmp_path / "report", "--quiet") == 0
+    assert "Pearson r is undefined" in (tmp_path / "report" / "report.md").read_text()
+
+
 @pytest.mark.parametrize("breakage,message", [
     ("missing_keys", "expected keys x/y or features/labels"),
     ("dims", "train_x has 7 features but the classifier expects 16"),
