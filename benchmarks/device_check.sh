@@ -49,9 +49,11 @@ timeout "$(limit 90)" python -m alphanet_ext synth --preset inat2018 --out /tmp/
 begin=$SECONDS
 timed timeout "$(limit 180)" python -m alphanet_ext fit --train /tmp/inat/train_x.npy --val /tmp/inat/val_x.npy \
   --test /tmp/inat/test_x.npy --classifier /tmp/inat/classifier.pt --out /tmp/inat/corrected.pt \
-  --epochs 10 --batch-size 256 --rho 1 --device cuda >> "$OUT/inat.log" 2>&1
-echo "inat2018 fit: exit $?, $((SECONDS - begin)) s wall (whole command: load, means, neighbours, fit, test)" \
+  --epochs 10 --batch-size 256 --rho 1 --device cuda --report /tmp/inat/report >> "$OUT/inat.log" 2>&1
+echo "inat2018 fit: exit $?, $((SECONDS - begin)) s wall (whole command: load, means, neighbours, fit, test, report)" \
   | tee -a "$OUT/inat.log"
+python -c "import json; print('inat2018 fit stages (s):', json.load(open('/tmp/inat/report/report.json'))['runs'][0]['timings'])" \
+  2>&1 | tee -a "$OUT/inat.log"
 
 step "op benchmarks"
 timeout "$(limit 150)" python benchmarks/bench_ops.py --device cuda --sizes medium,large,huge --repeats 5 2>&1 \
@@ -76,4 +78,4 @@ timeout "$(limit 80)" python -m pytest python_tests -q -p no:cacheprovider -k "n
 step "table"
 head -2 "$OUT/summary.log"; tail -1 "$OUT/tests_cuda.log"; tail -1 "$OUT/tests.log"
 grep -E "^\| |^card" "$OUT/bench_ops.log" "$OUT/bench_fit.log" | sed 's/^[^:]*://'
-grep -E "inat2018 fit:|Elapsed|Maximum resident|^\| (baseline|AlphaNet)" "$OUT/inat.log"
+grep -E "inat2018 fit|Elapsed|Maximum resident|^\| (baseline|AlphaNet)" "$OUT/inat.log"
