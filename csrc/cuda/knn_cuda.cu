@@ -257,7 +257,7 @@ __device__ void insert_buffered(V* list_values, int64_t* list_indices, int candi
 }
 
 template <typename V, int kMax>
-__global__ void __launch_bounds__(kSelectWarps* kWarp) select_kernel(SelectParams p) {
+__global__ void __launch_bounds__(kSelectWarps * kWarp) select_kernel(SelectParams p) {
   __shared__ V shared_values[kSelectWarps][kMax];
   __shared__ int64_t shared_indices[kSelectWarps][kMax];
   __shared__ V shared_buffer_values[kSelectWarps][kSelectBuffer];
@@ -303,14 +303,12 @@ __global__ void __launch_bounds__(kSelectWarps* kWarp) select_kernel(SelectParam
       pending += __popc(kept);
     }
     if (pending > kSelectBuffer - kSelectUnroll * kWarp) {
-      insert_buffered(list_values, list_indices, candidates, buffer_values, buffer_columns, pending,
-                               p.key_begin);
+      insert_buffered(list_values, list_indices, candidates, buffer_values, buffer_columns, pending, p.key_begin);
       threshold = list_values[candidates - 1];
       pending = 0;
     }
   }
-  insert_buffered(list_values, list_indices, candidates, buffer_values, buffer_columns, pending,
-                           p.key_begin);
+  insert_buffered(list_values, list_indices, candidates, buffer_values, buffer_columns, pending, p.key_begin);
   for (int i = lane; i < candidates; i += kWarp) {
     row_values[i] = list_values[i];
     row_indices[i] = list_indices[i];
