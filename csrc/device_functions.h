@@ -35,6 +35,28 @@ ALPHANET_HD void topk_insert(V* values, int64_t* indices, int k, V value, int64_
   indices[pos] = index;
 }
 
+// The k best of `count` >= k pairs (values[c], indices[c]) under `precedes`,
+// best first. Linear in `count` for input already close to that order (the
+// knn recheck's candidates arrive in approximate-distance order).
+template <typename V>
+ALPHANET_HD void best_of(const V* values, const int64_t* indices, int64_t count, int64_t k, V* out_values,
+                         int64_t* out_indices) {
+  int64_t filled = 0;
+  for (int64_t c = 0; c < count; ++c) {
+    const V value = values[c];
+    const int64_t index = indices[c];
+    if (filled == k && !precedes(value, index, out_values[k - 1], out_indices[k - 1])) continue;
+    int64_t pos = filled < k ? filled++ : k - 1;
+    while (pos > 0 && precedes(value, index, out_values[pos - 1], out_indices[pos - 1])) {
+      out_values[pos] = out_values[pos - 1];
+      out_indices[pos] = out_indices[pos - 1];
+      --pos;
+    }
+    out_values[pos] = value;
+    out_indices[pos] = index;
+  }
+}
+
 // Merge two sorted candidate lists of length k into the k best (sorted).
 template <typename V>
 ALPHANET_HD void topk_merge(const V* values_a, const int64_t* indices_a, const V* values_b,

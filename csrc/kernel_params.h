@@ -57,6 +57,7 @@ struct SelectParams {
   void* values;                      // [tile_rows, candidates], sorted per row
   int64_t* indices;                  // [tile_rows, candidates]
   int candidates;                    // at most kMaxCandidates
+  bool first_tile;                   // the lists start empty: values and indices are not read
 };
 constexpr int kMaxCandidates = 64;
 
@@ -88,6 +89,15 @@ struct RecheckParams {
   int64_t num_queries, candidates;
   bool cosine;
   double* distances;           // [num_queries, candidates]
+};
+
+// knn: each query's k best candidates by (exact distance, key index), best first.
+struct FinishParams {
+  const double* distances;     // [num_queries, candidates], from the recheck
+  const int64_t* indices;      // [num_queries, candidates]
+  int64_t num_queries, candidates, k;  // k <= candidates
+  double* best_distances;      // [num_queries, k]
+  int64_t* best_indices;       // [num_queries, k]
 };
 
 // knn, whole on the CPU: int16 screening with a proven error bound, then the
@@ -158,6 +168,7 @@ namespace cpu {
 void class_sums(const ClassSumsParams& p);
 void knn_select(const SelectParams& p);
 void knn_recheck(const RecheckParams& p);
+void knn_finish(const FinishParams& p);
 bool knn_screening_supported();
 void knn_screened(const ScreenedKnnParams& p);
 void alpha_combine(const CombineParams& p);
@@ -173,6 +184,7 @@ int64_t knn_fused_keys_per_split(const FusedKnnParams& p);  // from p's sizes, d
 void knn_fused(const FusedKnnParams& p);
 void knn_select(const SelectParams& p);
 void knn_recheck(const RecheckParams& p);
+void knn_finish(const FinishParams& p);
 void alpha_combine(const CombineParams& p);
 void alpha_combine_backward(const CombineBackwardParams& p);
 }  // namespace cuda

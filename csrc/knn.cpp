@@ -26,9 +26,14 @@ bool use_screening() {
   return cpu::knn_screening_supported() && !(setting && std::string(setting) == "0");
 }
 
-Tiles tile_sizes(const at::Tensor& t) {
-  if (uses_cuda_kernels(t)) return {4096, 16384};
-  return {512, 4096};
+// On CUDA, a tile of dot products holds up to 2^26 values (256 MiB in float32):
+// 16,384 keys at a time, and as many queries as fit (at least 4,096), so a
+// problem of up to 2^26 pairs is one matmul.
+Tiles tile_sizes(const at::Tensor& queries, int64_t num_keys) {
+  if (!uses_cuda_kernels(queries)) return {512, 4096};
+  constexpr int64_t kTileValues = int64_t{1} << 26, kTileKeys = 16384;
+  const int64_t keys = std::min(num_keys, kTileKeys);
+  return {std::max<int64_t>(4096, kTileValues / keys), kTileKeys};
 }
 
 at::Tensor unit_column_stride(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
@@ -84,10 +89,14 @@ at::Tensor tile_candidates(const at::Tensor& queries, const at::Tensor& keys, co
   const at::ScalarType value_type = key_offset.scalar_type();
   const auto value_options = queries.options().dtype(value_type);
   const int64_t num_queries = queries.size(0), num_keys = keys.size(0);
-  at::Tensor values = at::full({num_queries, candidates}, std::numeric_limits<double>::infinity(), value_options);
-  at::Tensor indices =
-      at::full({num_queries, candidates}, std::numeric_limits<int64_t>::max(), queries.options().dtype(at::kLong));
-  const Tiles tiles = tile_sizes(queries);
+  // The select kernel starts the lists itself; the library top-k merges into them.
+  const bool select = candidates <= kMaxCandidates;
+  at::Tensor values = select ? at::empty({num_queries, candidates}, value_options)
+                             : at::full({num_queries, candidates}, std::numeric_limits<double>::infinity(), value_options);
+  at::Tensor indices = select ? at::empty({num_queries, candidates}, queries.options().dtype(at::kLong))
+                              : at::full({num_queries, candidates}, std::numeric_limits<int64_t>::max(),
+                                         queries.options().dtype(at::kLong));
+  const Tiles tiles = tile_sizes(queries, num_keys);
   for (int64_t q_begin = 0; q_begin < num_queries; q_begin += tiles.queries) {
     const int64_t q_len = std::min(tiles.queries, num_queries - q_begin);
     const at::Tensor query_tile = queries.narrow(0, q_begin, q_len).to(value_type);
@@ -98,7 +107,7 @@ at::Tensor tile_candidates(const at::Tensor& queries, const at::Tensor& keys, co
       const at::Tensor dots = at::mm(query_tile, keys.narrow(0, k_begin, k_len).to(value_type).t()).contiguous();
       const at::Tensor offset = key_offset.narrow(0, k_begin, k_len);
       const at::Tensor scale = key_scale.narrow(0, k_begin, k_len);
-      if (candidates <= kMaxCandidates) {
+      if (select) {
         SelectParams params{};
         params.dtype = kernel_dtype(value_type);
         params.dots = dots.data_ptr();
@@ -110,6 +119,7 @@ at::Tensor tile_candidates(const at::Tensor& queries, const at::Tensor& keys, co
         params.values = tile_values.data_ptr();
         params.indices = tile_indices.data_ptr<int64_t>();
         params.candidates = static_cast<int>(candidates);
+        params.first_tile = k_begin == 0;
         run_kernel(queries, &cpu::knn_select, ALPHANET_CUDA_KERNEL(knn_select), params);
       } else {
         // Large k: library top-k over [running candidates | this tile].
@@ -203,12 +213,20 @@ std::tuple<at::Tensor, at::Tensor> knn(const at::Tensor& queries, const at::Tens
                                  ? fused_candidates(queries, keys, key_offset, key_scale, candidates)
                                  : tile_candidates(queries, keys, key_offset, key_scale, candidates);
 
-  // Exact recheck, then order by (distance, index).
+  // Exact recheck, then the k best by (distance, index).
   const at::Tensor distances = exact_distances(queries, keys, indices, cosine);
-  auto [by_index, index_order] = indices.sort(1);
-  auto [sorted_distances, distance_order] = distances.gather(1, index_order).sort(/*stable=*/true, 1, false);
-  const at::Tensor result_indices = by_index.gather(1, distance_order).narrow(1, 0, k).contiguous();
-  return {sorted_distances.narrow(1, 0, k).to(value_type).contiguous(), result_indices};
+  at::Tensor best_distances = at::empty({num_queries, k}, distances.options());
+  at::Tensor best_indices = at::empty({num_queries, k}, indices.options());
+  FinishParams params{};
+  params.distances = distances.data_ptr<double>();
+  params.indices = indices.data_ptr<int64_t>();
+  params.num_queries = num_queries;
+  params.candidates = candidates;
+  params.k = k;
+  params.best_distances = best_distances.data_ptr<double>();
+  params.best_indices = best_indices.data_ptr<int64_t>();
+  run_kernel(queries, &cpu::knn_finish, ALPHANET_CUDA_KERNEL(knn_finish), params);
+  return {best_distances.to(value_type), best_indices};
 }
 
 }  // namespace

@@ -30,12 +30,25 @@ void knn_select(const SelectParams& p) {
         const V* dot_row = dots + row * p.tile_cols;
         V* row_values = values + row * p.candidates;
         int64_t* row_indices = p.indices + row * p.candidates;
+        if (p.first_tile) {
+          std::fill_n(row_values, p.candidates, std::numeric_limits<V>::infinity());
+          std::fill_n(row_indices, p.candidates, std::numeric_limits<int64_t>::max());
+        }
         for (int64_t col = 0; col < p.tile_cols; ++col) {
           topk_insert(row_values, row_indices, p.candidates, offset[col] + scale[col] * dot_row[col],
                       p.key_begin + col);
         }
       }
     });
+  });
+}
+
+void knn_finish(const FinishParams& p) {
+  at::parallel_for(0, p.num_queries, 64, [&](int64_t query_begin, int64_t query_end) {
+    for (int64_t q = query_begin; q < query_end; ++q) {
+      best_of(p.distances + q * p.candidates, p.indices + q * p.candidates, p.candidates, p.k,
+              p.best_distances + q * p.k, p.best_indices + q * p.k);
+    }
   });
 }
 

@@ -273,8 +273,8 @@ __global__ void __launch_bounds__(kSelectWarps * kWarp) select_kernel(SelectPara
   V* row_values = static_cast<V*>(p.values) + row * candidates;
   int64_t* row_indices = p.indices + row * candidates;
   for (int i = lane; i < candidates; i += kWarp) {
-    list_values[i] = row_values[i];
-    list_indices[i] = row_indices[i];
+    list_values[i] = p.first_tile ? std::numeric_limits<V>::infinity() : row_values[i];
+    list_indices[i] = p.first_tile ? std::numeric_limits<int64_t>::max() : row_indices[i];
   }
   __syncwarp();
   V threshold = list_values[candidates - 1];
@@ -342,7 +342,20 @@ __global__ void recheck_kernel(RecheckParams p) {
   if (lane == 0) p.distances[pair] = finish_distance(terms, p.cosine);
 }
 
+// One thread per query: its candidates (k + 8 in the tile path) put in order.
+__global__ void finish_kernel(FinishParams p) {
+  const int64_t q = global_thread();
+  if (q >= p.num_queries) return;
+  best_of(p.distances + q * p.candidates, p.indices + q * p.candidates, p.candidates, p.k,
+          p.best_distances + q * p.k, p.best_indices + q * p.k);
+}
+
 }  // namespace
+
+void knn_finish(const FinishParams& p) {
+  if (p.num_queries == 0) return;
+  launch(finish_kernel, blocks_for(p.num_queries, 64), 64, 0, p);
+}
 
 void knn_recheck(const RecheckParams& p) {
   const int64_t pairs = p.num_queries * p.candidates;
