@@ -215,6 +215,23 @@ def _base_logsumexp_(scratch: Tensor, bias: Tensor, few: Tensor, pred_scale: flo
     return scores.sub_(top).exp_().sum(dim=1).log_().add_(top.squeeze(1)), target
 
 
+def _keeps_features_on(device: torch.device, train_x: ArrayLike) -> bool:
+    """Whether to hold a copy of host features on ``device`` for the whole fit.
+
+    Each epoch gathers scattered base rows; on a GPU, reading them from host
+    memory (or a memory-mapped file) every chunk costs far more than one upload
+    during the class-means pass, which reads every row anyway. The copy may take
+    a quarter of the free device memory; the logit caches need the rest.
+    """
+    if device.type != "cuda":
+        return False
+    empty = as_tensor(train_x[:0], "train_x")
+    if empty.device == device:
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return empty.element_size() * math.prod(train_x.shape) <= free // 4
+
+
 def _pick_device(device: torch.device | str | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -268,7 +285,9 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
         pred_scale: multiplies every score (softmax temperature 1/pred_scale).
         trials: independently seeded models trained together in one pass.
         seed: trial ``t`` uses seed ``seed + t``; results are deterministic per device.
-        device: defaults to CUDA when available.
+        device: defaults to CUDA when available. On a GPU, host features (even
+            memory-mapped ones) are copied to the device once if they take at most
+            a quarter of its free memory; otherwise each chunk's rows are read from the host.
         progress: show progress bars (tqdm) when on a terminal.
 
     Returns:
@@ -306,9 +325,14 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
     # Splits and class means (streamed, so memory-mapped features are read once, in chunks).
     tic = time.perf_counter()
     accumulator = ops.ClassMeanAccumulator(num_classes, dim, device=device)
+    resident = None
+    if _keeps_features_on(device, train_x):
+        resident = torch.empty(tuple(train_x.shape), dtype=as_tensor(train_x[:0], "train_x").dtype, device=device)
     bar = _bar(progress, total=labels.numel(), desc="class means", unit="row", leave=False)
     for begin, chunk in iter_row_chunks(train_x, "train_x", device):
         bar.update(chunk.shape[0])
+        if resident is not None:
+            resident[begin:begin + chunk.shape[0]] = chunk
         try:
             accumulator.add(chunk, labels[begin:begin + chunk.shape[0]])
         except RuntimeError as error:
@@ -316,6 +340,8 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
                 raise ValueError(f"train_x contains NaN or inf (in rows {begin}..{begin + chunk.shape[0] - 1})") from None
             raise
     bar.close()
+    if resident is not None:
+        train_x = resident
     means, counts = accumulator.means()
     splits = make_splits(counts, few_threshold, many_threshold)
     few, base = splits["few"].to(device), torch.cat([splits["many"], splits["medium"]]).sort().values.to(device)

@@ -1,3 +1,4 @@
+import importlib
 import sys
 
 import numpy as np
@@ -99,6 +100,44 @@ def test_numpy_and_memmap_inputs_give_the_same_result(problem, tmp_path):
     result = alphanet_ext.fit(mapped, problem.train_y.numpy(), problem.weight.numpy(), problem.bias.numpy(),
                               problem.val_x.numpy(), problem.val_y.numpy(), epochs=2, min_epochs=2, progress=False)
     assert torch.equal(result.weight, expected.weight)
+
+
+def test_features_held_on_the_device_give_the_same_result(problem, tmp_path, monkeypatch):
+    """On a GPU, host features are copied to the device during the class-means
+    pass and the epochs gather from that copy; forced here on the CPU."""
+    path = tmp_path / "train.npy"
+    np.save(path, problem.train_x.numpy())
+    mapped = np.load(path, mmap_mode="r")
+    expected = quick_fit(problem, epochs=2, seed=6)
+    fit_module = importlib.import_module("alphanet_ext.fit")
+    copies = []
+    original_gather = fit_module.gather_rows
+
+    def gather_rows(array, *args):
+        copies.append(type(array))
+        return original_gather(array, *args)
+
+    monkeypatch.setattr(fit_module, "_keeps_features_on", lambda device, train_x: True)
+    monkeypatch.setattr(fit_module, "gather_rows", gather_rows)
+    result = alphanet_ext.fit(mapped, problem.train_y, problem.weight, problem.bias, problem.val_x, problem.val_y,
+                              epochs=2, min_epochs=2, seed=6, progress=False)
+    assert copies and set(copies) == {torch.Tensor}
+    assert torch.equal(result.weight, expected.weight) and result.history == expected.history
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not alphanet_ext.compiled_with_cuda(), reason="needs a GPU")
+def test_fit_on_a_gpu_from_host_features_matches_device_features(problem, tmp_path):
+    path = tmp_path / "train.npy"
+    np.save(path, problem.train_x.numpy())
+    mapped = np.load(path, mmap_mode="r")
+    assert importlib.import_module("alphanet_ext.fit")._keeps_features_on(torch.device("cuda"), mapped)
+    from_host = quick_fit(problem, epochs=2, seed=6, device="cuda")
+    from_file = alphanet_ext.fit(mapped, problem.train_y, problem.weight, problem.bias, problem.val_x, problem.val_y,
+                                 epochs=2, min_epochs=2, seed=6, device="cuda", progress=False)
+    on_device = alphanet_ext.fit(problem.train_x.cuda(), problem.train_y, problem.weight, problem.bias,
+                                 problem.val_x, problem.val_y, epochs=2, min_epochs=2, seed=6, device="cuda",
+                                 progress=False)
+    assert torch.equal(from_host.weight, on_device.weight) and torch.equal(from_file.weight, on_device.weight)
 
 
 def test_inputs_are_not_modified(problem):
@@ -284,7 +323,6 @@ def test_fused_step_gradients_match_autograd_of_the_full_softmax():
 
 
 def test_progress_bars_only_on_a_terminal(problem, monkeypatch, capsys):
-    import importlib
     pytest.importorskip("tqdm")  # without it the bars are silent stand-ins
     fit_module = importlib.import_module("alphanet_ext.fit")
     args = (problem.train_x, problem.train_y, problem.weight, problem.bias, problem.val_x, problem.val_y)
@@ -299,7 +337,6 @@ def test_progress_bars_only_on_a_terminal(problem, monkeypatch, capsys):
 
 
 def test_fit_without_tqdm_is_silent(problem, monkeypatch, capsys):
-    import importlib
     fit_module = importlib.import_module("alphanet_ext.fit")
     monkeypatch.setitem(sys.modules, "tqdm", None)  # `import tqdm...` now raises ImportError
     monkeypatch.setitem(sys.modules, "tqdm.auto", None)
