@@ -1,7 +1,7 @@
-"""Where the GPU time of kNN and of the training step's alpha_combine goes:
-per-kernel device time from torch.profiler, one table per case.
+"""Where the GPU time of class means, kNN and the training step's alpha_combine
+goes: per-kernel device time from torch.profiler, one table per case.
 
-    python benchmarks/profile_kernels.py [--cases knn-large,knn-large-fused,knn-huge,combine-columns-large]
+    python benchmarks/profile_kernels.py [--cases class-means-large,knn-large,knn-large-fused,knn-huge,combine-columns-large]
 """
 from __future__ import annotations
 
@@ -21,9 +21,8 @@ def device_time_us(event) -> float:
 
 def kernel_table(label: str, fn, calls: int, plain: bool = False) -> None:
     fn()
-    if plain:  # for an outside profiler (ncu): just the calls
-        for _ in range(calls):
-            fn()
+    if plain:  # for an outside profiler (ncu): the warm-up call and one more
+        fn()
         torch.cuda.synchronize()
         return
     torch.cuda.synchronize()
@@ -43,13 +42,19 @@ def kernel_table(label: str, fn, calls: int, plain: bool = False) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default="knn-large,knn-large-fused,knn-huge,combine-columns-large")
+    parser.add_argument("--cases", default="class-means-large,knn-large,knn-large-fused,knn-huge,combine-columns-large")
     parser.add_argument("--plain", action="store_true", help="run the cases without torch.profiler (for ncu)")
     args = parser.parse_args()
     print(f"machine: {machine()}; torch {torch.__version__}")
     generator = torch.Generator().manual_seed(0)
     for case in args.cases.split(","):
-        if case.startswith("knn"):
+        if case == "class-means-large":
+            rows, dims, classes = SIZES["large"]["means"]
+            x = torch.randn(rows, dims, generator=generator).cuda()
+            labels = torch.randint(0, classes, (rows,), generator=generator).cuda()
+            kernel_table(f"{case} ({rows}x{dims}, C={classes})", lambda: alphanet_ext.class_means(x, labels, classes),
+                         5, args.plain)
+        elif case.startswith("knn"):
             q, m, dims, k = SIZES["huge" if "huge" in case else "large"]["knn"]
             queries = torch.randn(q, dims, generator=generator).cuda()
             keys = torch.randn(m, dims, generator=generator).cuda()
