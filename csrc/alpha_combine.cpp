@@ -132,8 +132,15 @@ std::tuple<at::Tensor, at::Tensor> alpha_combine_backward(const at::Tensor& grad
   b.forward = c.params;
   b.grad_out = grad.data_ptr();
   set_output_strides(grad, c.dim, &b.forward.out_line_stride, &b.forward.out_elem_stride);
-  at::Tensor grad_alphas = need_alphas ? at::zeros(alphas.sizes(), source.options().dtype(acc)) : at::Tensor();
-  at::Tensor grad_source = need_source ? at::zeros(source.sizes(), source.options().dtype(acc)) : at::Tensor();
+  // The CPU kernel adds each class's terms into grad_source; the CUDA kernels,
+  // when they run (grad not empty), write every element of both gradients.
+  const bool written_whole = uses_cuda_kernels(source) && grad.numel() > 0;
+  const auto gradient_buffer = [&](at::IntArrayRef sizes) {
+    const auto options = source.options().dtype(acc);
+    return written_whole ? at::empty(sizes, options) : at::zeros(sizes, options);
+  };
+  at::Tensor grad_alphas = need_alphas ? gradient_buffer(alphas.sizes()) : at::Tensor();
+  at::Tensor grad_source = need_source ? gradient_buffer(source.sizes()) : at::Tensor();
   at::Tensor alpha_partials;
   if (need_alphas) {
     b.grad_alphas = grad_alphas.data_ptr();
