@@ -41,7 +41,8 @@ def compiled_with_cuda() -> bool:
     return HAS_EXTENSION and _C.compiled_with_cuda()
 
 
-OP_NAMES = ("class_means", "class_sums_", "knn", "alpha_combine", "alpha_combine_backward", "_coefficient_grads")
+OP_NAMES = ("class_means", "class_sums_", "knn", "alpha_combine", "alpha_combine_backward", "_check_combine_values",
+            "_coefficient_grads")
 
 
 def check_registered(dispatch_key: str = "CPU") -> None:
@@ -160,28 +161,6 @@ def knn(queries: Tensor, keys: Tensor, k: int, metric: str = "euclidean") -> tup
 
 # --------------------------------------------------------------------------- alpha combine
 
-def _check_combine_values(source: Tensor, targets: Tensor, neighbors: Tensor, alphas: Tensor, dim: int) -> None:
-    """Value checks the CUDA kernel skips (they would sync the device on every call).
-
-    Inputs of the wrong shape, dtype or device are left to the op, which names
-    the problem. Under ``torch.compile`` the values are unknown while tracing, so
-    only the kernel's guarded reads remain there.
-    """
-    same_device = all(t.device == source.device for t in (targets, neighbors, alphas))
-    integer_indices = not (targets.is_floating_point() or neighbors.is_floating_point())
-    if not (same_device and integer_indices and source.dim() == 2 and alphas.dim() == 2 and dim in (-2, -1, 0, 1)):
-        return
-    lines = source.shape[dim]
-    for name, index in (("targets", targets), ("neighbors", neighbors)):
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= lines):
-            raise ValueError(f"alpha_combine: {name} must lie in [0, {lines}) for dim={dim}")
-    if alphas.numel():
-        if not bool(torch.isfinite(alphas).all()):
-            raise ValueError("alpha_combine: alphas contains NaN or inf")
-        if not bool((alphas.abs().sum(dim=1) > 0).all()):
-            raise ValueError("alpha_combine: a row of alphas is all zeros, so its L1 normalisation is undefined")
-
-
 def alpha_combine(source: Tensor, targets: Tensor, neighbors: Tensor, alphas: Tensor, dim: int = 0) -> Tensor:
     """L1-normalised, alpha-weighted combination of lines of ``source``.
 
@@ -196,7 +175,10 @@ def alpha_combine(source: Tensor, targets: Tensor, neighbors: Tensor, alphas: Te
         _fallback("alpha_combine")
         return reference.alpha_combine(source, targets, neighbors, alphas, dim).to(source.dtype)
     if not torch.compiler.is_compiling() and _runs_cuda_kernels(source):
-        _check_combine_values(source, targets, neighbors, alphas, dim)
+        # The CUDA op skips the value checks (they sync the device, and training
+        # loops call it every step); here they run in one kernel and one sync.
+        # While compiling, values are unknown and the kernels' guarded reads remain.
+        torch.ops.alphanet._check_combine_values(source, targets, neighbors, alphas, dim)
     return torch.ops.alphanet.alpha_combine(source, targets, neighbors, alphas, dim)
 
 
@@ -247,6 +229,11 @@ if HAS_EXTENSION:
         n = targets.shape[0]
         shape = (n, source.shape[1]) if dim in (0, -2) else (source.shape[0], n)
         return source.new_empty(shape)
+
+    @torch.library.register_fake("alphanet::_check_combine_values")
+    def _check_combine_values_fake(source, targets, neighbors, alphas, dim=0):
+        _check_one_device("alpha_combine", source=source, targets=targets, neighbors=neighbors, alphas=alphas)
+        return None
 
     @torch.library.register_fake("alphanet::alpha_combine_backward")
     def _alpha_combine_backward_fake(grad_out, source, targets, neighbors, alphas, dim, need_source, need_alphas):

@@ -1,6 +1,6 @@
 #include <torch/library.h>
 
-#include <cmath>
+#include <cstring>
 
 #include "op_utils.h"
 
@@ -9,37 +9,36 @@ namespace {
 
 constexpr const char* kOp = "alpha_combine";
 
-// Every coefficient finite and every row with a nonzero L1 norm (CPU tensors; a
-// plain loop, as this runs at every training step).
-void check_alpha_rows(const at::Tensor& alphas) {
-  dispatch_acc_types(kernel_dtype(alphas.scalar_type()), [&](auto tag) {
-    using A = decltype(tag);
-    const A* values = alphas.data_ptr<A>();
-    const int64_t rows = alphas.size(0), k = alphas.size(1);
-    for (int64_t row = 0; row < rows; ++row) {
-      A norm = A(0);
-      for (int64_t i = 0; i < k; ++i) {
-        TORCH_CHECK(std::isfinite(values[row * k + i]), kOp, ": alphas contains NaN or inf");
-        norm += std::abs(values[row * k + i]);
-      }
-      TORCH_CHECK(norm > A(0), kOp, ": a row of alphas is all zeros, so its L1 normalisation is undefined");
-    }
-  });
-}
-
 struct Checked {
   CombineParams params;
   at::Tensor targets, neighbors, alphas;  // keep the converted copies alive
   int64_t dim;
 };
 
-// Validates the inputs and fills everything but the output pointers. Index and
-// coefficient values are checked here only for the CPU kernels; on CUDA that
-// would cost a device sync per call inside training loops, so there the Python
-// wrapper checks them and the kernel guards its reads (the emulator follows the
-// CUDA path, so CPU tests cover it).
+// Index and coefficient values: every index in [0, num_lines), every
+// coefficient row finite and nonzero. The same messages on every backend.
+void check_values(const at::Tensor& source, const CombineParams& params, int64_t dim) {
+  constexpr int64_t kSummaryFields = sizeof(CombineValueSummary) / sizeof(int64_t);
+  const at::Tensor summary = at::empty({kSummaryFields}, source.options().dtype(at::kLong));
+  run_kernel(source, &cpu::alpha_combine_checks, ALPHANET_CUDA_KERNEL(alpha_combine_checks),
+             CombineCheckParams{params, reinterpret_cast<CombineValueSummary*>(summary.data_ptr<int64_t>())});
+  CombineValueSummary values;
+  std::memcpy(&values, summary.cpu().data_ptr<int64_t>(), sizeof(values));
+  const char* lines = dim == 0 ? "rows of source" : "columns of source";
+  check_index_range(values.lowest_target, values.highest_target, params.num_lines, kOp, "targets", lines);
+  check_index_range(values.lowest_neighbor, values.highest_neighbor, params.num_lines, kOp, "neighbors", lines);
+  TORCH_CHECK(values.nonfinite_rows == 0, kOp, ": alphas contains NaN or inf");
+  TORCH_CHECK(values.zero_rows == 0, kOp, ": a row of alphas is all zeros, so its L1 normalisation is undefined");
+}
+
+// Validates the inputs and fills everything but the output pointers. The op
+// checks index and coefficient values only for the CPU kernels: on CUDA that
+// costs a device sync, which training loops calling it every step must not
+// pay, so there the Python wrapper runs _check_combine_values first and the
+// kernels guard their reads (the emulator follows the CUDA path, so CPU tests
+// cover it).
 Checked prepare(const at::Tensor& source, const at::Tensor& targets, const at::Tensor& neighbors,
-                const at::Tensor& alphas, int64_t dim) {
+                const at::Tensor& alphas, int64_t dim, bool values) {
   check_float_matrix(source, kOp, "source");
   check_backend(source, kOp);
   check_same_device(source, targets, kOp, "source", "targets");
@@ -59,18 +58,9 @@ Checked prepare(const at::Tensor& source, const at::Tensor& targets, const at::T
   Checked checked;
   checked.dim = dim;
   const int64_t num_lines = source.size(dim);
-  const at::ScalarType acc = acc_type(source.scalar_type());
-  if (!uses_cuda_kernels(source)) {
-    checked.targets = checked_indices(targets, num_lines, kOp, "targets", dim == 0 ? "rows of source" : "columns of source");
-    checked.neighbors =
-        checked_indices(neighbors, num_lines, kOp, "neighbors", dim == 0 ? "rows of source" : "columns of source");
-    checked.alphas = alphas.to(acc).contiguous();
-    check_alpha_rows(checked.alphas);
-  } else {
-    checked.targets = integer_indices(targets, kOp, "targets");
-    checked.neighbors = integer_indices(neighbors, kOp, "neighbors");
-    checked.alphas = alphas.to(acc).contiguous();
-  }
+  checked.targets = integer_indices(targets, kOp, "targets");
+  checked.neighbors = integer_indices(neighbors, kOp, "neighbors");
+  checked.alphas = alphas.to(acc_type(source.scalar_type())).contiguous();
 
   CombineParams& p = checked.params;
   p.dtype = kernel_dtype(source.scalar_type());
@@ -84,8 +74,11 @@ Checked prepare(const at::Tensor& source, const at::Tensor& targets, const at::T
   p.alphas = checked.alphas.data_ptr();
   p.num_out = targets.size(0);
   p.k = neighbors.size(1);
+  if (values) check_values(source, p, dim);
   return checked;
 }
+
+bool checks_values(const at::Tensor& source) { return !uses_cuda_kernels(source); }
 
 // The output of combining along `dim`: [n, elems] for rows, [elems, n] for columns.
 at::Tensor new_output(const at::Tensor& like, const Checked& c, at::ScalarType type) {
@@ -100,7 +93,7 @@ void set_output_strides(const at::Tensor& out, int64_t dim, int64_t* line_stride
 
 at::Tensor alpha_combine(const at::Tensor& source, const at::Tensor& targets, const at::Tensor& neighbors,
                          const at::Tensor& alphas, int64_t dim) {
-  Checked c = prepare(source, targets, neighbors, alphas, dim);
+  Checked c = prepare(source, targets, neighbors, alphas, dim, checks_values(source));
   at::Tensor out = new_output(source, c, source.scalar_type());
   if (out.numel() == 0) return out;
   const at::OptionalDeviceGuard guard(at::device_of(source));
@@ -116,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor> alpha_combine_backward(const at::Tensor& grad
                                                           const at::Tensor& targets, const at::Tensor& neighbors,
                                                           const at::Tensor& alphas, int64_t dim, bool need_source,
                                                           bool need_alphas) {
-  Checked c = prepare(source, targets, neighbors, alphas, dim);
+  Checked c = prepare(source, targets, neighbors, alphas, dim, checks_values(source));
   const at::ScalarType acc = acc_type(source.scalar_type());
   const at::Tensor expected = new_output(source, c, source.scalar_type());
   TORCH_CHECK(grad_out.sizes() == expected.sizes(), kOp, ": grad_out must have shape ", expected.sizes(), ", got ",
@@ -173,22 +166,32 @@ std::tuple<at::Tensor, at::Tensor> alpha_combine_backward(const at::Tensor& grad
           need_alphas ? grad_alphas.to(alphas.scalar_type()) : none};
 }
 
+// The value checks alone, on any backend (one device sync on CUDA).
+void check_combine_values(const at::Tensor& source, const at::Tensor& targets, const at::Tensor& neighbors,
+                          const at::Tensor& alphas, int64_t dim) {
+  const at::OptionalDeviceGuard guard(at::device_of(source));
+  prepare(source, targets, neighbors, alphas, dim, true);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(alphanet, m) {
   m.def("alpha_combine(Tensor source, Tensor targets, Tensor neighbors, Tensor alphas, int dim=0) -> Tensor");
+  m.def("_check_combine_values(Tensor source, Tensor targets, Tensor neighbors, Tensor alphas, int dim=0) -> ()");
   m.def(
       "alpha_combine_backward(Tensor grad_out, Tensor source, Tensor targets, Tensor neighbors, Tensor alphas, "
       "int dim, bool need_source, bool need_alphas) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(alphanet, CPU, m) {
+  m.impl("_check_combine_values", &check_combine_values);
   m.impl("alpha_combine", &alpha_combine);
   m.impl("alpha_combine_backward", &alpha_combine_backward);
 }
 
 #ifdef ALPHANET_WITH_CUDA
 TORCH_LIBRARY_IMPL(alphanet, CUDA, m) {
+  m.impl("_check_combine_values", &check_combine_values);
   m.impl("alpha_combine", &alpha_combine);
   m.impl("alpha_combine_backward", &alpha_combine_backward);
 }

@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #if defined(__CUDACC__)
 #define ALPHANET_HD __host__ __device__ __forceinline__
@@ -95,6 +96,52 @@ ALPHANET_HD A l1_normalized_grad(const T* alphas, int64_t stride, const A* grad_
   A weighted = A(0);
   for (int i = 0; i < k; ++i) weighted += static_cast<A>(alphas[i * stride]) / norm * grad_normalized[i];
   return (grad_normalized[j] - sign_value(static_cast<A>(alphas[j * stride])) * weighted) / norm;
+}
+
+// What alpha_combine's value checks need, folded over any share of the classes
+// and neighbour indices, then merged: the lowest and highest target and
+// neighbour, and the counts of coefficient rows with a NaN or inf and of rows
+// of zeros. Both backends fold the same way and report from the merged result.
+struct CombineValueSummary {
+  int64_t lowest_target, highest_target, lowest_neighbor, highest_neighbor, nonfinite_rows, zero_rows;
+};
+
+ALPHANET_HD CombineValueSummary empty_summary() {
+  constexpr int64_t kLowest = INT64_MIN, kHighest = INT64_MAX;
+  return {kHighest, kLowest, kHighest, kLowest, 0, 0};
+}
+
+ALPHANET_HD int64_t min_value(int64_t a, int64_t b) { return a < b ? a : b; }
+ALPHANET_HD int64_t max_value(int64_t a, int64_t b) { return a > b ? a : b; }
+
+ALPHANET_HD void merge_summary(CombineValueSummary& into, const CombineValueSummary& other) {
+  into.lowest_target = min_value(into.lowest_target, other.lowest_target);
+  into.highest_target = max_value(into.highest_target, other.highest_target);
+  into.lowest_neighbor = min_value(into.lowest_neighbor, other.lowest_neighbor);
+  into.highest_neighbor = max_value(into.highest_neighbor, other.highest_neighbor);
+  into.nonfinite_rows += other.nonfinite_rows;
+  into.zero_rows += other.zero_rows;
+}
+
+// Class c's target and coefficient row (k values).
+template <typename A>
+ALPHANET_HD void summarize_class(CombineValueSummary& summary, int64_t target, const A* alphas, int64_t k) {
+  summary.lowest_target = min_value(summary.lowest_target, target);
+  summary.highest_target = max_value(summary.highest_target, target);
+  bool finite = true;
+  A norm = A(0);
+  for (int64_t i = 0; i < k; ++i) {
+    const A magnitude = alphas[i] < A(0) ? -alphas[i] : alphas[i];
+    finite = finite && magnitude <= std::numeric_limits<A>::max();  // false for NaN and inf
+    norm += magnitude;
+  }
+  summary.nonfinite_rows += finite ? 0 : 1;
+  summary.zero_rows += finite && !(norm > A(0)) ? 1 : 0;
+}
+
+ALPHANET_HD void summarize_neighbor(CombineValueSummary& summary, int64_t neighbor) {
+  summary.lowest_neighbor = min_value(summary.lowest_neighbor, neighbor);
+  summary.highest_neighbor = max_value(summary.highest_neighbor, neighbor);
 }
 
 // The class-sum order both backends follow: rows are taken four at a time,

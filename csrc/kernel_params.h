@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "device_functions.h"
+
 namespace alphanet {
 
 enum class DType { Half, BFloat16, Float, Double };
@@ -140,6 +142,14 @@ struct CombineParams {
   int64_t out_line_stride, out_elem_stride;
 };
 
+// alpha_combine's value checks through the CUDA kernels (combine's indices and
+// coefficients; one pass, one device sync). The Python wrapper runs them before
+// a call; the op itself does not, as training loops call it every step.
+struct CombineCheckParams {
+  CombineParams combine;
+  CombineValueSummary* summary;  // one, in the combine's memory
+};
+
 // The CUDA kernel of grad_alphas holds a class's k gradients in shared memory.
 constexpr int64_t kMaxCudaGradNeighbors = 4096;
 
@@ -173,6 +183,7 @@ bool knn_screening_supported();
 void knn_screened(const ScreenedKnnParams& p);
 void alpha_combine(const CombineParams& p);
 void alpha_combine_backward(const CombineBackwardParams& p);
+void alpha_combine_checks(const CombineCheckParams& p);
 bool input_products_supported();
 void input_product_forward(const InputProductParams& p);   // out = inputs_t^T @ right
 void input_product_backward(const InputProductParams& p);  // out = inputs_t @ right
@@ -187,6 +198,7 @@ void knn_recheck(const RecheckParams& p);
 void knn_finish(const FinishParams& p);
 void alpha_combine(const CombineParams& p);
 void alpha_combine_backward(const CombineBackwardParams& p);
+void alpha_combine_checks(const CombineCheckParams& p);
 }  // namespace cuda
 
 // The CPU build's CUDA emulator (csrc/emulation), a test facility: while it is

@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 
@@ -52,26 +53,34 @@ inline at::Tensor integer_indices(const at::Tensor& t, const char* op, const cha
   return t.to(at::kLong).contiguous();
 }
 
+// Indices whose lowest and highest values are `lowest` and `highest` (an empty
+// set: lowest > highest) must lie in [0, limit).
+inline void check_index_range(int64_t lowest, int64_t highest, int64_t limit, const char* op, const char* name,
+                              const char* limit_name) {
+  if (lowest > highest) return;
+  TORCH_CHECK(lowest >= 0 && highest < limit, op, ": ", name, " must lie in [0, ", limit, ") (", limit_name,
+              "), found ", lowest < 0 ? lowest : highest);
+}
+
 // Integer index tensor as contiguous int64, every value checked to lie in [0, limit).
 inline at::Tensor checked_indices(const at::Tensor& t, int64_t limit, const char* op, const char* name,
                                   const char* limit_name) {
   at::Tensor indices = integer_indices(t, op, name);
   if (indices.numel() == 0) return indices;
-  int64_t bad = 0;
-  bool ok = true;
+  int64_t lowest = 0, highest = 0;
   if (indices.is_cpu()) {  // a plain loop: no tensor ops, so small calls stay cheap
     const int64_t* values = indices.data_ptr<int64_t>();
-    for (int64_t i = 0; i < indices.numel() && ok; ++i) {
-      ok = values[i] >= 0 && values[i] < limit;
-      bad = values[i];
+    lowest = highest = values[0];
+    for (int64_t i = 1; i < indices.numel(); ++i) {
+      lowest = std::min(lowest, values[i]);
+      highest = std::max(highest, values[i]);
     }
   } else {
-    auto [lowest, highest] = at::aminmax(indices);
-    const int64_t low = lowest.item<int64_t>(), high = highest.item<int64_t>();
-    ok = low >= 0 && high < limit;
-    bad = low < 0 ? low : high;
+    auto [low, high] = at::aminmax(indices);
+    lowest = low.item<int64_t>();
+    highest = high.item<int64_t>();
   }
-  TORCH_CHECK(ok, op, ": ", name, " must lie in [0, ", limit, ") (", limit_name, "), found ", bad);
+  check_index_range(lowest, highest, limit, op, name, limit_name);
   return indices;
 }
 

@@ -105,6 +105,31 @@ def test_deterministic(device, generator):
         assert torch.equal(first, second)
 
 
+@pytest.mark.parametrize("problem", ["neighbour", "target", "nan", "zeros", "nan and zeros"])
+def test_value_checks_see_every_class(device, problem):
+    """The checks fold classes and indices in strided shares (the CUDA kernel's
+    threads) and merge them: a bad value in any share is found."""
+    source = torch.ones(50, 3, device=device)
+    targets = torch.arange(1000, device=device) % 50
+    neighbors = (torch.arange(3000, device=device) % 50).view(1000, 3)
+    alphas = torch.ones(1000, 3, device=device)
+    expected = {"neighbour": r"neighbors must lie in \[0, 50\) \(rows of source\), found 50",
+                "target": r"targets must lie in \[0, 50\) \(rows of source\), found -3",
+                "nan": "alphas contains NaN or inf", "zeros": "a row of alphas is all zeros",
+                "nan and zeros": "alphas contains NaN or inf"}[problem]
+    if problem == "neighbour":
+        neighbors[999, 2] = 50
+    elif problem == "target":
+        targets[511] = -3
+    if "zeros" in problem:
+        alphas[3] = 0
+    if "nan" in problem:
+        alphas[777, 1] = float("nan")
+    with pytest.raises(RuntimeError, match=expected):
+        alphanet_ext.alpha_combine(source, targets, neighbors, alphas)
+    alphanet_ext.alpha_combine(source, targets % 50, neighbors % 50, torch.ones(1000, 3, device=device))
+
+
 def test_inputs_are_not_modified(device, generator):
     case = make_case(10, 6, 4, 2, 0, device=device, generator=generator)
     before = [t.clone() for t in case]
@@ -117,11 +142,13 @@ def test_bad_input(device):
     targets = torch.tensor([0, 1], device=device)
     neighbors = torch.tensor([[2, 3], [3, 4]], device=device)
     alphas = torch.ones(2, 2, device=device)
-    error = (RuntimeError, ValueError)
-    with pytest.raises(error, match=r"neighbors must lie in \[0, 5\)"):
+    error = RuntimeError  # the same type and words on every backend
+    with pytest.raises(error, match=r"neighbors must lie in \[0, 5\) \(rows of source\), found 5"):
         alphanet_ext.alpha_combine(source, targets, neighbors + 1, alphas)
-    with pytest.raises(error, match=r"targets must lie in \[0, 4\)"):
+    with pytest.raises(error, match=r"targets must lie in \[0, 4\) \(columns of source\), found 4"):
         alphanet_ext.alpha_combine(source, targets + 3, neighbors - 2, alphas, dim=1)
+    with pytest.raises(error, match=r"targets must lie in \[0, 5\) \(rows of source\), found -1"):
+        alphanet_ext.alpha_combine(source, targets - 1, neighbors, alphas)
     with pytest.raises(error, match="alphas contains NaN or inf"):
         alphanet_ext.alpha_combine(source, targets, neighbors, torch.tensor([[1.0, float("nan")], [1.0, 1.0]], device=device))
     with pytest.raises(error, match="a row of alphas is all zeros"):

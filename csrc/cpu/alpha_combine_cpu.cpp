@@ -136,4 +136,16 @@ void alpha_combine_backward(const CombineBackwardParams& b) {
   dispatch_input_types(b.forward.dtype, [&](auto tag) { backward<decltype(tag)>(b); });
 }
 
+void alpha_combine_checks(const CombineCheckParams& c) {
+  const CombineParams& p = c.combine;
+  dispatch_acc_types(p.dtype, [&](auto tag) {
+    using A = decltype(tag);
+    const A* alphas = static_cast<const A*>(p.alphas);
+    CombineValueSummary summary = empty_summary();
+    for (int64_t i = 0; i < p.num_out; ++i) summarize_class(summary, p.targets[i], alphas + i * p.k, p.k);
+    for (int64_t i = 0; i < p.num_out * p.k; ++i) summarize_neighbor(summary, p.neighbors[i]);
+    *c.summary = summary;
+  });
+}
+
 }  // namespace alphanet::cpu

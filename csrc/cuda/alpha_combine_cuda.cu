@@ -265,6 +265,27 @@ __global__ void grad_source_packed_kernel(CombineBackwardParams b) {
   }
 }
 
+// alpha_combine's value checks in one block: each thread folds a strided share
+// of the classes and neighbour indices, then a fixed-shape shared-memory merge.
+template <typename A>
+__global__ void __launch_bounds__(kThreads) checks_kernel(CombineCheckParams c) {
+  __shared__ CombineValueSummary partial[kThreads];
+  const CombineParams& p = c.combine;
+  const A* alphas = static_cast<const A*>(p.alphas);
+  CombineValueSummary summary = empty_summary();
+  for (int64_t i = threadIdx.x; i < p.num_out; i += blockDim.x) {
+    summarize_class(summary, p.targets[i], alphas + i * p.k, p.k);
+  }
+  for (int64_t i = threadIdx.x; i < p.num_out * p.k; i += blockDim.x) summarize_neighbor(summary, p.neighbors[i]);
+  partial[threadIdx.x] = summary;
+  __syncthreads();
+  for (int half = blockDim.x / 2; half > 0; half /= 2) {
+    if (threadIdx.x < half) merge_summary(partial[threadIdx.x], partial[threadIdx.x + half]);
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) *c.summary = partial[0];
+}
+
 // Shared memory a block may take without opting in to more.
 constexpr int64_t kMaxStagedBytes = 48 * 1024;
 
@@ -289,6 +310,10 @@ void alpha_combine(const CombineParams& p) {
       launch(forward_kernel<T, acc_t<T>>, blocks_for(p.num_out * p.elems), kThreads, 0, p);
     }
   });
+}
+
+void alpha_combine_checks(const CombineCheckParams& c) {
+  dispatch_acc_types(c.combine.dtype, [&](auto tag) { launch(checks_kernel<decltype(tag)>, 1, kThreads, 0, c); });
 }
 
 void alpha_combine_backward(const CombineBackwardParams& b) {
