@@ -7,6 +7,46 @@ namespace {
 
 constexpr const char* kOp = "class_means";
 
+// One check on the [C, d] sums instead of a second pass over x: a NaN or inf
+// anywhere in x (or an overflowing sum) leaves a non-finite sum.
+void check_finite_sums(const at::Tensor& sums) { check_finite(sums, kOp, "x (its per-class sums)"); }
+
+// The fields both backends' kernels read (features with unit column stride).
+ClassSumsParams sums_params(const at::Tensor& sums, const at::Tensor& features, const at::Tensor& label_ids) {
+  ClassSumsParams params{};
+  params.dtype = kernel_dtype(features.scalar_type());
+  params.x = features.data_ptr();
+  params.rows = features.size(0);
+  params.cols = features.size(1);
+  params.row_stride = features.stride(0);
+  params.labels = label_ids.data_ptr<int64_t>();
+  params.num_classes = sums.size(0);
+  params.sums = sums.data_ptr();
+  return params;
+}
+
+// The CUDA kernels take the rows stably sorted by label and each class's
+// segment of them. The sort gives the label range (its ends: one device sync
+// for the check) and the segments (a binary search per class), with no
+// bincount, whose CUDA version syncs to size its output.
+void cuda_class_sums(at::Tensor& sums, at::Tensor& counts, const at::Tensor& x, const at::Tensor& label_ids) {
+  const int64_t num_classes = sums.size(0);
+  if (label_ids.numel() == 0) return;
+  auto [sorted_labels, sorted_rows] = label_ids.sort(/*stable=*/true, 0, false);
+  const at::Tensor ends = at::stack({sorted_labels[0], sorted_labels[-1]}).cpu();
+  check_index_range(ends[0].item<int64_t>(), ends[1].item<int64_t>(), num_classes, kOp, "labels", "num_classes");
+  const at::Tensor segment_offsets =
+      at::searchsorted(sorted_labels, at::arange(num_classes + 1, label_ids.options()));
+  counts.add_(segment_offsets.diff());
+  if (x.size(1) == 0) return;
+  const at::Tensor features = unit_column_stride(x);
+  ClassSumsParams params = sums_params(sums, features, label_ids);
+  params.sorted_rows = sorted_rows.data_ptr<int64_t>();
+  params.segment_offsets = segment_offsets.data_ptr<int64_t>();
+  run_kernel(x, &cpu::class_sums, ALPHANET_CUDA_KERNEL(class_sums), params);
+  check_finite_sums(sums);
+}
+
 void class_sums_(at::Tensor& sums, at::Tensor& counts, const at::Tensor& x, const at::Tensor& labels) {
   check_float_matrix(x, kOp, "x");
   check_backend(x, kOp);
@@ -24,37 +64,17 @@ void class_sums_(at::Tensor& sums, at::Tensor& counts, const at::Tensor& x, cons
   TORCH_CHECK(counts.dim() == 1 && counts.size(0) == num_classes && counts.scalar_type() == at::kLong, kOp,
               ": counts must be an int64 tensor of shape [", num_classes, "], got ", counts.scalar_type(), " ",
               counts.sizes());
+  const at::OptionalDeviceGuard guard(at::device_of(x));
+  if (uses_cuda_kernels(x)) return cuda_class_sums(sums, counts, x, integer_indices(labels, kOp, "labels"));
   const at::Tensor label_ids = checked_indices(labels, num_classes, kOp, "labels", "num_classes");
   if (x.size(0) == 0 || x.size(1) == 0) {
     counts.add_(at::bincount(label_ids, {}, num_classes));
     return;
   }
-  const at::OptionalDeviceGuard guard(at::device_of(x));
-  const at::Tensor features = x.stride(1) == 1 ? x : x.contiguous();
-
-  ClassSumsParams params{};
-  params.dtype = kernel_dtype(features.scalar_type());
-  params.x = features.data_ptr();
-  params.rows = features.size(0);
-  params.cols = features.size(1);
-  params.row_stride = features.stride(0);
-  params.labels = label_ids.data_ptr<int64_t>();
-  params.num_classes = num_classes;
-  params.sums = sums.data_ptr();
-  const at::Tensor label_counts = at::bincount(label_ids, {}, num_classes);
-  at::Tensor sorted_rows, segment_offsets;
-  if (uses_cuda_kernels(x)) {
-    sorted_rows = std::get<1>(label_ids.sort(/*stable=*/true, 0, false));
-    segment_offsets = at::zeros({num_classes + 1}, label_counts.options());
-    segment_offsets.narrow(0, 1, num_classes).copy_(label_counts.cumsum(0));
-    params.sorted_rows = sorted_rows.data_ptr<int64_t>();
-    params.segment_offsets = segment_offsets.data_ptr<int64_t>();
-  }
-  run_kernel(x, &cpu::class_sums, ALPHANET_CUDA_KERNEL(class_sums), params);
-  counts.add_(label_counts);
-  // One check on the [C, d] sums instead of a second pass over x: a NaN or inf
-  // anywhere in x (or an overflowing sum) leaves a non-finite sum.
-  check_finite(sums, kOp, "x (its per-class sums)");
+  const at::Tensor features = unit_column_stride(x);
+  cpu::class_sums(sums_params(sums, features, label_ids));
+  counts.add_(at::bincount(label_ids, {}, num_classes));
+  check_finite_sums(sums);
 }
 
 std::tuple<at::Tensor, at::Tensor> class_means(const at::Tensor& x, const at::Tensor& labels, int64_t num_classes) {

@@ -36,8 +36,6 @@ Tiles tile_sizes(const at::Tensor& queries, int64_t num_keys) {
   return {std::max<int64_t>(4096, kTileValues / keys), kTileKeys};
 }
 
-at::Tensor unit_column_stride(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
-
 // The fields the kernels' parameter structs share; q and x have unit column stride.
 template <typename Params>
 void set_rows(Params& params, const at::Tensor& q, const at::Tensor& x) {

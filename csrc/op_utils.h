@@ -45,6 +45,9 @@ inline void check_backend(const at::Tensor& t, const char* op) {
 #endif
 }
 
+// A matrix whose rows are contiguous: t itself, or a contiguous copy.
+inline at::Tensor unit_column_stride(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
+
 // Index tensor as contiguous int64; its values are not checked.
 inline at::Tensor integer_indices(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(!at::isFloatingType(t.scalar_type()) && !at::isComplexType(t.scalar_type()) &&
