@@ -188,8 +188,7 @@ std::tuple<at::Tensor, at::Tensor> knn(const at::Tensor& queries, const at::Tens
               std::string(metric), "'");
   TORCH_CHECK(k >= 1, kOp, ": k must be at least 1, got ", k);
   TORCH_CHECK(k <= keys.size(0), kOp, ": k (", k, ") is larger than the number of keys (", keys.size(0), ")");
-  check_finite(queries, kOp, "queries");
-  check_finite(keys, kOp, "keys");
+  check_finite({{&queries, "queries"}, {&keys, "keys"}}, kOp);
 
   const at::OptionalDeviceGuard guard(at::device_of(queries));
   const bool cosine = metric == "cosine";

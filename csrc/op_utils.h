@@ -5,7 +5,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "kernel_params.h"
 
@@ -89,10 +92,20 @@ inline at::Tensor checked_indices(const at::Tensor& t, int64_t limit, const char
 
 // One vectorised sum answers for nearly every tensor; only a non-finite sum
 // (NaN/inf present, or an overflowing sum) pays for the exact elementwise test.
-inline void check_finite(const at::Tensor& t, const char* op, const char* name) {
-  if (t.numel() == 0 || std::isfinite(t.sum(acc_type(t.scalar_type())).item<double>())) return;
-  TORCH_CHECK(at::isfinite(t).all().item<bool>(), op, ": ", name, " contains NaN or inf");
+// The sums of all the tensors come back in one transfer (one device sync).
+inline void check_finite(std::initializer_list<std::pair<const at::Tensor*, const char*>> named, const char* op) {
+  std::vector<at::Tensor> sums;
+  for (const auto& [t, name] : named) sums.push_back(t->sum(acc_type(t->scalar_type())).to(at::kDouble));
+  const at::Tensor host = at::stack(sums).cpu();
+  int64_t i = 0;
+  for (const auto& [t, name] : named) {
+    if (!std::isfinite(host[i++].item<double>())) {
+      TORCH_CHECK(at::isfinite(*t).all().item<bool>(), op, ": ", name, " contains NaN or inf");
+    }
+  }
 }
+
+inline void check_finite(const at::Tensor& t, const char* op, const char* name) { check_finite({{&t, name}}, op); }
 
 #if defined(ALPHANET_WITH_CUDA) || defined(ALPHANET_CUDA_EMULATION)
 #define ALPHANET_CUDA_KERNEL(name) (&::alphanet::cuda::name)
