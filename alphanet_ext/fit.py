@@ -223,13 +223,10 @@ def _keeps_features_on(device: torch.device, train_x: ArrayLike) -> bool:
     during the class-means pass, which reads every row anyway. The copy may take
     a quarter of the free device memory; the logit caches need the rest.
     """
-    if device.type != "cuda":
-        return False
-    empty = as_tensor(train_x[:0], "train_x")
-    if empty.device == device:
+    if device.type != "cuda" or as_tensor(train_x[:0], "train_x").is_cuda:  # already on a GPU
         return False
     free, _ = torch.cuda.mem_get_info(device)
-    return empty.element_size() * math.prod(train_x.shape) <= free // 4
+    return as_tensor(train_x[:0], "train_x").element_size() * math.prod(train_x.shape) <= free // 4
 
 
 def _pick_device(device: torch.device | str | None) -> torch.device:

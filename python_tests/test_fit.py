@@ -130,7 +130,9 @@ def test_fit_on_a_gpu_from_host_features_matches_device_features(problem, tmp_pa
     path = tmp_path / "train.npy"
     np.save(path, problem.train_x.numpy())
     mapped = np.load(path, mmap_mode="r")
-    assert importlib.import_module("alphanet_ext.fit")._keeps_features_on(torch.device("cuda"), mapped)
+    keeps_features_on = importlib.import_module("alphanet_ext.fit")._keeps_features_on
+    assert keeps_features_on(torch.device("cuda"), mapped) and keeps_features_on(torch.device("cuda"), problem.train_x)
+    assert not keeps_features_on(torch.device("cuda"), problem.train_x.cuda())
     from_host = quick_fit(problem, epochs=2, seed=6, device="cuda")
     from_file = alphanet_ext.fit(mapped, problem.train_y, problem.weight, problem.bias, problem.val_x, problem.val_y,
                                  epochs=2, min_epochs=2, seed=6, device="cuda", progress=False)
@@ -138,6 +140,21 @@ def test_fit_on_a_gpu_from_host_features_matches_device_features(problem, tmp_pa
                                  problem.val_x, problem.val_y, epochs=2, min_epochs=2, seed=6, device="cuda",
                                  progress=False)
     assert torch.equal(from_host.weight, on_device.weight) and torch.equal(from_file.weight, on_device.weight)
+
+
+def test_cupy_inputs_match_torch_inputs(problem):
+    """cupy arrays come in through DLPack, without a copy."""
+    cupy = pytest.importorskip("cupy")
+    if not torch.cuda.is_available() or not alphanet_ext.compiled_with_cuda():
+        pytest.skip("needs a GPU")
+    arrays = [cupy.from_dlpack(t.cuda()) for t in (problem.train_x, problem.train_y, problem.weight, problem.bias,
+                                                   problem.val_x, problem.val_y)]
+    from alphanet_ext.data import as_tensor
+    assert as_tensor(arrays[0], "train_x").data_ptr() == arrays[0].data.ptr
+    from_cupy = alphanet_ext.fit(*arrays, epochs=2, min_epochs=2, seed=7, device="cuda", progress=False)
+    from_torch = alphanet_ext.fit(*(torch.from_dlpack(a) for a in arrays), epochs=2, min_epochs=2, seed=7,
+                                  device="cuda", progress=False)
+    assert torch.equal(from_cupy.weight, from_torch.weight) and torch.equal(from_cupy.neighbors, from_torch.neighbors)
 
 
 def test_inputs_are_not_modified(problem):
