@@ -126,7 +126,7 @@ def test_features_held_on_the_device_give_the_same_result(problem, tmp_path, mon
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not alphanet_ext.compiled_with_cuda(), reason="needs a GPU")
-def test_fit_on_a_gpu_from_host_features_matches_device_features(problem, tmp_path):
+def test_fit_on_cuda_from_host_features_matches_device_features(problem, tmp_path):
     path = tmp_path / "train.npy"
     np.save(path, problem.train_x.numpy())
     mapped = np.load(path, mmap_mode="r")
@@ -142,7 +142,7 @@ def test_fit_on_a_gpu_from_host_features_matches_device_features(problem, tmp_pa
     assert torch.equal(from_host.weight, on_device.weight) and torch.equal(from_file.weight, on_device.weight)
 
 
-def test_cupy_inputs_match_torch_inputs(problem):
+def test_cupy_inputs_on_cuda_match_torch_inputs(problem):
     """cupy arrays come in through DLPack, without a copy."""
     cupy = pytest.importorskip("cupy")
     if not torch.cuda.is_available() or not alphanet_ext.compiled_with_cuda():
