@@ -21,12 +21,11 @@ ALPHANET_HD bool precedes(V value_a, int64_t index_a, V value_b, int64_t index_b
   return value_a < value_b || (value_a == value_b && index_a < index_b);
 }
 
-// Insert (value, index) into a list of `k` candidates kept sorted by `precedes`.
-// The list starts filled with (+inf, INT64_MAX) sentinels.
-template <typename V>
-ALPHANET_HD void topk_insert(V* values, int64_t* indices, int k, V value, int64_t index) {
-  if (!precedes(value, index, values[k - 1], indices[k - 1])) return;
-  int pos = k - 1;
+// Places (value, index) in a sorted list whose slot `last` is free (or is
+// given up), moving the entries it precedes one slot down.
+template <typename V, typename I>
+ALPHANET_HD void insert_sorted(V* values, int64_t* indices, I last, V value, int64_t index) {
+  I pos = last;
   while (pos > 0 && precedes(value, index, values[pos - 1], indices[pos - 1])) {
     values[pos] = values[pos - 1];
     indices[pos] = indices[pos - 1];
@@ -34,6 +33,13 @@ ALPHANET_HD void topk_insert(V* values, int64_t* indices, int k, V value, int64_
   }
   values[pos] = value;
   indices[pos] = index;
+}
+
+// Insert (value, index) into a list of `k` candidates kept sorted by `precedes`.
+// The list starts filled with (+inf, INT64_MAX) sentinels.
+template <typename V>
+ALPHANET_HD void topk_insert(V* values, int64_t* indices, int k, V value, int64_t index) {
+  if (precedes(value, index, values[k - 1], indices[k - 1])) insert_sorted(values, indices, k - 1, value, index);
 }
 
 // The k best of `count` >= k pairs (values[c], indices[c]) under `precedes`,
@@ -44,17 +50,11 @@ ALPHANET_HD void best_of(const V* values, const int64_t* indices, int64_t count,
                          int64_t* out_indices) {
   int64_t filled = 0;
   for (int64_t c = 0; c < count; ++c) {
-    const V value = values[c];
-    const int64_t index = indices[c];
-    if (filled == k && !precedes(value, index, out_values[k - 1], out_indices[k - 1])) continue;
-    int64_t pos = filled < k ? filled++ : k - 1;
-    while (pos > 0 && precedes(value, index, out_values[pos - 1], out_indices[pos - 1])) {
-      out_values[pos] = out_values[pos - 1];
-      out_indices[pos] = out_indices[pos - 1];
-      --pos;
+    if (filled < k) {
+      insert_sorted(out_values, out_indices, filled++, values[c], indices[c]);
+    } else if (precedes(values[c], indices[c], out_values[k - 1], out_indices[k - 1])) {
+      insert_sorted(out_values, out_indices, k - 1, values[c], indices[c]);
     }
-    out_values[pos] = value;
-    out_indices[pos] = index;
   }
 }
 
