@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .data import resolve_device
 from .fit import FitResult, fit
 from .io import (Features, InputError, load_author_splits, load_classifier, load_features, read_metadata, save_classifier,
                  write_atomic)
@@ -355,6 +356,15 @@ def _rho_value(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"rho must be a number or 'auto', got {text!r}") from None
 
 
+def _device(text: str) -> str:
+    """A --device value this machine can use (checked before any data is read)."""
+    try:
+        resolve_device(text)
+    except (ValueError, RuntimeError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alphanet", description="AlphaNet post-hoc correction of long-tailed "
                                      "classifiers (alphanet_ext " + __version__ + ").")
@@ -362,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     def common(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+        sub.add_argument("--device", type=_device, default=None,
+                         help="cpu, cuda, cuda:1 ... (default: cuda when available)")
         sub.add_argument("--quiet", action="store_true", help="no progress output")
         sub.add_argument("--few-threshold", type=int, default=20, help="few split: fewer train samples than this")
         sub.add_argument("--many-threshold", type=int, default=100, help="many split: more train samples than this")

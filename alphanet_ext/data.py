@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import ops
+
 ArrayLike = Any  # torch.Tensor | numpy.ndarray | numpy.memmap | cupy.ndarray
 
 CHUNK_ROWS = 16384
@@ -90,6 +92,25 @@ def gather_rows(array: ArrayLike, rows: Tensor, name: str, device: torch.device)
         gathered[order] = _read_rows(array, rows_np[order]) if _backing_file(array) else array[rows_np[order]]
         return torch.from_numpy(gathered).to(device)
     return as_tensor(array, name)[rows.to(as_tensor(array, name).device)].to(device)
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """``device``, checked to be usable here, or CUDA when available (and built), else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() and ops.compiled_with_cuda() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r}: CUDA is not available (torch {torch.__version__}, "
+                             f"{torch.cuda.device_count()} GPU(s) visible)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: only {torch.cuda.device_count()} GPU(s) are visible")
+        if ops.HAS_EXTENSION and not ops.compiled_with_cuda():
+            raise ValueError(f"device {str(device)!r}: alphanet_ext was built without its CUDA kernels "
+                             "(reinstall with ALPHANET_CUDA=1)")
+    elif device.type != "cpu":
+        raise ValueError(f"device {str(device)!r}: alphanet_ext runs on 'cpu' or 'cuda'")
+    return device
 
 
 def check_features(x: ArrayLike, name: str, dim: int | None = None) -> None:

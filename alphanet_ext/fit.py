@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import __version__, ops
 from .data import (ArrayLike, as_tensor, check_classifier, check_features, check_labels, gather_rows, iter_row_chunks,
-                   logits)
+                   logits, resolve_device)
 from .metrics import SPLIT_NAMES, accuracy_by_split, make_splits
 
 __all__ = ["fit", "FitResult", "load", "combine_experts"]
@@ -229,12 +229,6 @@ def _keeps_features_on(device: torch.device, train_x: ArrayLike) -> bool:
     return as_tensor(train_x[:0], "train_x").element_size() * math.prod(train_x.shape) <= free // 4
 
 
-def _pick_device(device: torch.device | str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 class _NoBar:
     def update(self, n: int = 1) -> None:
         pass
@@ -292,7 +286,7 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
     """
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    device = _pick_device(device)
+    device = resolve_device(device)
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if k < 1:

@@ -6,7 +6,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from .data import ArrayLike, check_classifier, check_features, check_labels, logits
+from .data import ArrayLike, check_classifier, check_features, check_labels, logits, resolve_device
 
 SPLIT_NAMES = ("many", "medium", "few")
 
@@ -54,7 +54,7 @@ def evaluate(weight: ArrayLike, bias: ArrayLike | None, x: ArrayLike, y: ArrayLi
     ``splits`` is a mapping with ``many`` / ``medium`` / ``few`` class ids
     (for instance ``FitResult.splits``).
     """
-    device = torch.device(device or "cpu")
+    device = resolve_device(device or "cpu")
     w, b = check_classifier(weight, bias, device)
     check_features(x, "x", w.shape[1])
     labels = check_labels(y, "y", x.shape[0], w.shape[0], device)

@@ -185,6 +185,10 @@ def test_usage_errors_exit_2():
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["synth", "--preset", "nope", "--out", "x"])
     assert exit_info.value.code == 2
+    for device in ("mps", "cuda:64"):  # refused before any file is read
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["fit", "--train", "absent.npz", "--classifier", "absent.pt", "--out", "x.pt", "--device", device])
+        assert exit_info.value.code == 2
 
 
 def test_module_entry_point_and_help():

@@ -212,6 +212,15 @@ def test_combine_experts_matches_the_average_of_experts():
     torch.testing.assert_close(torch.cat(features, dim=1) @ weight.T + bias, average)
 
 
+def test_unusable_devices_are_named():
+    x, y, splits = torch.ones(2, 3), torch.zeros(2, dtype=torch.long), {"few": torch.tensor([0])}
+    with pytest.raises(ValueError, match="device 'cuda:64': "):
+        alphanet_ext.evaluate(torch.ones(1, 3), None, x, y, splits, device="cuda:64")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda': CUDA is not available"):
+            alphanet_ext.fit(x, y, torch.ones(1, 3), device="cuda")
+
+
 def test_evaluate_hand_computed():
     weight = torch.eye(3)
     x = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [1.0, 0, 0]])
@@ -237,6 +246,8 @@ def test_evaluate_hand_computed():
     (dict(val_x="nan"), "val_x contains NaN or inf"),
     (dict(train_y="drop_class"), r"class\(es\) have no training samples \(7\)"),
     (dict(few_threshold=1), "no few-split class"),
+    (dict(device="mps"), "device 'mps': alphanet_ext runs on 'cpu' or 'cuda'"),
+    (dict(device="cuda:64"), "device 'cuda:64': "),
 ])
 def test_bad_input(problem, change, message):
     args = dict(train_x=problem.train_x, train_y=problem.train_y, weight=problem.weight, bias=problem.bias,
