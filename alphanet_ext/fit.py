@@ -293,6 +293,13 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
         raise ValueError(f"k must be at least 1, got {k}")
     if rho < 0 or not math.isfinite(rho):
         raise ValueError(f"rho must be a finite number >= 0, got {rho}")
+    for name, value in (("pred_scale", pred_scale), ("lr", lr), ("lr_gamma", lr_gamma)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay}")
+    if any(width < 1 for width in hidden):
+        raise ValueError(f"hidden layer widths must be at least 1, got {tuple(hidden)}")
     if trials < 1 or batch_size < 1 or lr_step < 1:
         raise ValueError(f"trials, batch_size and lr_step must be at least 1, got {trials}, {batch_size}, {lr_step}")
     if (val_x is None) != (val_y is None):

@@ -246,6 +246,10 @@ def test_evaluate_hand_computed():
     (dict(val_x="nan"), "val_x contains NaN or inf"),
     (dict(train_y="drop_class"), r"class\(es\) have no training samples \(7\)"),
     (dict(few_threshold=1), "no few-split class"),
+    (dict(pred_scale=float("nan")), "pred_scale must be a finite number > 0, got nan"),
+    (dict(lr=0.0), "lr must be a finite number > 0"),
+    (dict(weight_decay=-1.0), "weight_decay must be a finite number >= 0"),
+    (dict(hidden=(32, 0)), r"hidden layer widths must be at least 1, got \(32, 0\)"),
     (dict(device="mps"), "device 'mps': alphanet_ext runs on 'cpu' or 'cuda'"),
     (dict(device="cuda:64"), "device 'cuda:64': "),
 ])
