@@ -87,13 +87,14 @@ at::Tensor tile_candidates(const at::Tensor& queries, const at::Tensor& keys, co
   const at::ScalarType value_type = key_offset.scalar_type();
   const auto value_options = queries.options().dtype(value_type);
   const int64_t num_queries = queries.size(0), num_keys = keys.size(0);
+  at::Tensor values = at::empty({num_queries, candidates}, value_options);
+  at::Tensor indices = at::empty({num_queries, candidates}, queries.options().dtype(at::kLong));
   // The select kernel starts the lists itself; the library top-k merges into them.
   const bool select = candidates <= kMaxCandidates;
-  at::Tensor values = select ? at::empty({num_queries, candidates}, value_options)
-                             : at::full({num_queries, candidates}, std::numeric_limits<double>::infinity(), value_options);
-  at::Tensor indices = select ? at::empty({num_queries, candidates}, queries.options().dtype(at::kLong))
-                              : at::full({num_queries, candidates}, std::numeric_limits<int64_t>::max(),
-                                         queries.options().dtype(at::kLong));
+  if (!select) {
+    values.fill_(std::numeric_limits<double>::infinity());
+    indices.fill_(std::numeric_limits<int64_t>::max());
+  }
   const Tiles tiles = tile_sizes(queries, num_keys);
   for (int64_t q_begin = 0; q_begin < num_queries; q_begin += tiles.queries) {
     const int64_t q_len = std::min(tiles.queries, num_queries - q_begin);
