@@ -276,9 +276,10 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
         pred_scale: multiplies every score (softmax temperature 1/pred_scale).
         trials: independently seeded models trained together in one pass.
         seed: trial ``t`` uses seed ``seed + t``; results are deterministic per device.
-        device: defaults to CUDA when available. On a GPU, host features (even
-            memory-mapped ones) are copied to the device once if they take at most
-            a quarter of its free memory; otherwise each chunk's rows are read from the host.
+        device: defaults to CUDA when a GPU and the CUDA kernels are available.
+            On a GPU, host features (even memory-mapped ones) are copied to the
+            device once if they take at most a quarter of its free memory;
+            otherwise each chunk's rows are read from the host.
         progress: show progress bars (tqdm) when on a terminal.
 
     Returns:
