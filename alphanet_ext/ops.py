@@ -134,10 +134,15 @@ def knn(queries: Tensor, keys: Tensor, k: int, metric: str = "euclidean") -> tup
     On x86-64 CPUs with AVX2, rows are quantised to int16 and compared with an
     integer matrix product whose error is bounded exactly (Cauchy-Schwarz on the
     measured rounding error); every key the bound cannot rule out is rechecked
-    in float64, so the answer is exact at twice fp32 FMA throughput. Elsewhere
-    (CUDA, other CPUs, or ``ALPHANET_KNN_SCREENING=0``) matmul-expanded tiles
-    feed a fused top-k and ``k + 8`` candidates are rechecked in float64. Both
-    work in tiles: memory stays ``O(q*k + tile)`` however many keys.
+    in float64, so the answer is exact at twice fp32 FMA throughput. On CUDA,
+    rows are coded as two int8 halves (about 14 bits) and ranked by int8
+    tensor-core products with an error bound proven per query; the ``k + 8``
+    best estimates are rechecked in float64, and a query whose bound does not
+    rule out every other key (ties, near-duplicate keys) is ranked again with
+    float64 matmuls. Elsewhere (other CPUs, ``ALPHANET_KNN_SCREENING=0``, or
+    ``ALPHANET_KNN_RANKING=matmul`` on CUDA) matmul-expanded tiles feed a fused
+    top-k and ``k + 8`` candidates are rechecked in float64. All work in tiles:
+    memory stays ``O(q*k + tile)`` however many keys.
 
     Args:
         queries: ``[q, d]``; keys: ``[m, d]``; same float dtype and device.
@@ -148,9 +153,10 @@ def knn(queries: Tensor, keys: Tensor, k: int, metric: str = "euclidean") -> tup
         ``(distances [q, k], indices [q, k])``, ascending, equal distances
         ordered by lower key index. Distances are float32 (float64 for float64).
         The matmul-tile path keeps ``k + 8`` candidates for the recheck, so there
-        the lower-index rule can only fail when more than 8 keys beyond the k-th
-        tie with it to within float32 rounding (degenerate data such as 1-d
-        cosine); the screened CPU path has no such limit.
+        (and for the queries CUDA ranks again) the lower-index rule can only
+        fail when more than 8 keys beyond the k-th tie with it to within float32
+        (float64 on CUDA) rounding, as in degenerate data such as 1-d cosine;
+        the screened CPU path has no such limit.
     """
     if not HAS_EXTENSION:
         _fallback("knn")

@@ -50,11 +50,17 @@ struct ClassSumsParams {
 // knn: fold one tile of query-key dot products into every query's running
 // candidate list. A candidate's ranking value is offset[j] + scale[j] * dot.
 struct SelectParams {
-  DType dtype;                       // Float or Double: the dtype of dots and values
-  const void* dots;                  // [tile_rows, tile_cols], contiguous
+  DType dtype;                       // Float or Double: the dtype of the ranking values (and of dots, unless cross)
+  const void* dots;                  // [tile_rows, dots_stride]
   int64_t tile_rows, tile_cols;      // tile_cols < 2^31 (the CUDA kernel counts columns in int)
+  int64_t dots_stride;               // >= tile_cols
   const void* key_offset;            // [tile_cols]
   const void* key_scale;             // [tile_cols]
+  // CUDA only, int8 screening (Double): dots and cross are int32 products of
+  // quantised rows (hi.hi and hi.lo + lo.hi, see QuantizeParams) and the
+  // ranking value is offset[j] + scale[j] * row_scale[row] * (254 dots + cross).
+  const int32_t* cross;              // nullptr: dots are ranking dot products
+  const double* row_scale;           // [tile_rows]
   int64_t key_begin;                 // global key index of tile column 0
   void* values;                      // [tile_rows, candidates], sorted per row
   int64_t* indices;                  // [tile_rows, candidates]
@@ -79,6 +85,24 @@ struct FusedKnnParams {
   float* split_values;         // [splits, num_queries, candidates] scratch
   int64_t* split_indices;      // [splits, num_queries, candidates] scratch
   int64_t* indices;            // [num_queries, candidates], best first
+};
+
+// knn on CUDA, int8 screening: each row v as v = s (hi + lo / 254) + e, with
+// s = max|v| / 127 and hi, lo int8 (s = 1 for a zero row), so that products of
+// codes in int32 (tensor cores) give dot products to about 1e-4 of |q| |k| with
+// a proven bound. A row of codes is [hi | lo] (queries) or [lo | hi] (keys),
+// each half padded_dims long (zeros past dims).
+constexpr int kQuantStats = 5;  // per row:
+enum QuantStat { kQuantScale, kQuantNorm, kQuantCodedNorm, kQuantErrorNorm, kQuantLowNorm };  // s, |v|, |s(hi+lo/254)|, |e|, |lo|
+constexpr int64_t kMaxQuantDims = 65536;  // padded_dims: keeps 2 * 127^2 * padded_dims within int32
+struct QuantizeParams {
+  DType dtype;                 // of rows (unit column stride)
+  const void* rows;
+  int64_t row_stride, num_rows, dims, padded_dims;
+  bool low_first;              // keys' layout
+  int8_t* codes;               // [num_rows, 2 * padded_dims], contiguous
+  double* stats;               // stats[stat * stats_stride + row]
+  int64_t stats_stride;
 };
 
 // knn: exact float64 distance from every query to each of its candidate keys.
@@ -193,6 +217,7 @@ namespace cuda {
 void class_sums(const ClassSumsParams& p);
 int64_t knn_fused_keys_per_split(const FusedKnnParams& p);  // from p's sizes, dtype and candidates
 void knn_fused(const FusedKnnParams& p);
+void knn_quantize(const QuantizeParams& p);
 void knn_select(const SelectParams& p);
 void knn_recheck(const RecheckParams& p);
 void knn_finish(const FinishParams& p);

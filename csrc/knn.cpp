@@ -1,6 +1,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <limits>
 #include <string>
@@ -112,6 +113,7 @@ at::Tensor tile_candidates(const at::Tensor& queries, const at::Tensor& keys, co
         params.dots = dots.data_ptr();
         params.tile_rows = q_len;
         params.tile_cols = k_len;
+        params.dots_stride = k_len;
         params.key_offset = offset.data_ptr();
         params.key_scale = scale.data_ptr();
         params.key_begin = k_begin;
@@ -134,15 +136,194 @@ at::Tensor tile_candidates(const at::Tensor& queries, const at::Tensor& keys, co
   return indices;
 }
 
+// How CUDA ranks keys before the exact recheck: int8 screening with a proven
+// bound (the default; see int8_candidates), float matmul tiles in the input
+// precision, or the fused kernel. ALPHANET_KNN_RANKING=int8|matmul|fused picks
+// one, for A/B runs.
+enum class Ranking { Int8, Matmul, Fused };
+
+Ranking cuda_ranking() {
+  const char* setting = std::getenv("ALPHANET_KNN_RANKING");
+  if (setting == nullptr || std::string(setting).empty() || std::string(setting) == "int8") return Ranking::Int8;
+  if (std::string(setting) == "matmul") return Ranking::Matmul;
+  TORCH_CHECK(std::string(setting) == "fused", kOp, ": ALPHANET_KNN_RANKING must be int8, matmul or fused, got '",
+              setting, "'");
+  return Ranking::Fused;
+}
+
+// Each query's k best candidates by (exact float64 distance, key index): the
+// recheck, then the finish kernel. Distances in float64.
+std::tuple<at::Tensor, at::Tensor> best_of_candidates(const at::Tensor& queries, const at::Tensor& keys,
+                                                      const at::Tensor& indices, int64_t k, bool cosine) {
+  const at::Tensor distances = exact_distances(queries, keys, indices, cosine);
+  at::Tensor best_distances = at::empty({queries.size(0), k}, distances.options());
+  at::Tensor best_indices = at::empty({queries.size(0), k}, indices.options());
+  FinishParams params{};
+  params.distances = distances.data_ptr<double>();
+  params.indices = indices.data_ptr<int64_t>();
+  params.num_queries = queries.size(0);
+  params.candidates = indices.size(1);
+  params.k = k;
+  params.best_distances = best_distances.data_ptr<double>();
+  params.best_indices = best_indices.data_ptr<int64_t>();
+  run_kernel(queries, &cpu::knn_finish, ALPHANET_CUDA_KERNEL(knn_finish), params);
+  return {best_distances, best_indices};
+}
+
+// Int8 screening (CUDA): queries and keys as int8 codes (QuantizeParams), whose
+// products in int32 on tensor cores (the library's int8 matmul) rank the keys
+// to within a bound proven per query; the select kernel keeps each query's
+// `candidates` best estimates. A query is certified when every key outside its
+// list provably ranks after its k-th best rechecked candidate; the others are
+// ranked again with float64 matmuls. The result is the exact float64 one.
+constexpr int64_t kCodeAlignment = 16;     // code columns; the int8 matmul needs multiples of 8
+constexpr int64_t kCodedKeyAlignment = 8;  // keys per product tile: a multiple of 8
+constexpr int64_t kMinCodedQueries = 17;   // rows of an int8 matmul: more than 16
+constexpr double kHighCodeScale = 254.0;   // lo counts in units of 1/254 of hi's step
+constexpr double kBoundSlack = 1e-9;       // float64 rounding in the estimates, bounds and recheck
+
+std::atomic<int64_t> rechecked_queries{0};  // queries the int8 bound could not certify, since load
+std::atomic<bool> int8_products_unavailable{false};
+
+int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
+
+struct Codes {
+  at::Tensor codes;  // [padded_rows, 2 * padded_dims] int8
+  at::Tensor stats;  // [kQuantStats, rows] float64 (or the caller's)
+};
+
+// Codes of `rows` ([lo | hi] for keys), with zero rows up to `padded_rows`;
+// stats go to `stats`, a [kQuantStats, *] float64 view with unit row stride.
+at::Tensor quantize(const at::Tensor& rows, int64_t padded_rows, int64_t padded_dims, bool low_first,
+                    const at::Tensor& stats) {
+  const at::Tensor r = unit_column_stride(rows);
+  at::Tensor codes = at::empty({padded_rows, 2 * padded_dims}, rows.options().dtype(at::kChar));
+  if (padded_rows > rows.size(0)) codes.narrow(0, rows.size(0), padded_rows - rows.size(0)).zero_();
+  QuantizeParams params{};
+  params.dtype = kernel_dtype(r.scalar_type());
+  params.rows = r.data_ptr();
+  params.row_stride = r.stride(0);
+  params.num_rows = r.size(0);
+  params.dims = r.size(1);
+  params.padded_dims = padded_dims;
+  params.low_first = low_first;
+  params.codes = codes.data_ptr<int8_t>();
+  params.stats = stats.data_ptr<double>();
+  params.stats_stride = stats.stride(0);
+  run_cuda_kernel(ALPHANET_CUDA_KERNEL(knn_quantize), params);
+  return codes;
+}
+
+// Raised when the library's int8 matmul refuses (a GPU or build without it):
+// knn then ranks with float matmuls, as ALPHANET_KNN_RANKING=matmul.
+struct Int8ProductsUnavailable {
+  std::string reason;
+};
+
+at::Tensor int8_products(const at::Tensor& rows, const at::Tensor& columns) {
+  try {
+    return at::_int_mm(rows, columns);
+  } catch (const c10::Error& error) {
+    throw Int8ProductsUnavailable{error.what_without_backtrace()};
+  }
+}
+
+bool use_int8(const at::Tensor& queries, int64_t candidates, int64_t num_keys) {
+  return uses_cuda_kernels(queries) && cuda_ranking() == Ranking::Int8 && !int8_products_unavailable &&
+         candidates < num_keys && candidates <= kMaxCandidates && queries.size(1) > 0 && round_up(queries.size(1), kCodeAlignment) <= kMaxQuantDims;
+}
+
+std::tuple<at::Tensor, at::Tensor> int8_knn(const at::Tensor& queries, const at::Tensor& keys, int64_t k,
+                                            int64_t candidates, bool cosine) {
+  const int64_t num_queries = queries.size(0), num_keys = keys.size(0);
+  const int64_t dims = round_up(queries.size(1), kCodeAlignment);
+  const auto double_options = queries.options().dtype(at::kDouble);
+
+  const int64_t padded_keys = round_up(num_keys, kCodedKeyAlignment);
+  const at::Tensor key_stats = at::empty({kQuantStats, num_keys}, double_options);
+  const at::Tensor key_codes = quantize(keys, padded_keys, dims, /*low_first=*/true, key_stats);
+  const at::Tensor key_norms = key_stats[kQuantNorm];
+  // Ranking value offset + scale * <q, key>; the select kernel gets scale * s_key / 254.
+  const at::Tensor key_offset = cosine ? at::zeros_like(key_norms) : key_norms.square();
+  const at::Tensor key_scale = cosine ? -key_norms.clamp_min(1e-12).reciprocal() : at::full_like(key_norms, -2.0);
+  const at::Tensor code_scale = key_scale * key_stats[kQuantScale] / kHighCodeScale;
+  // |rank - estimate| <= |scale| (|e_q| |key| + |q coded| |e_key| + s_q s_key |lo_q| |lo_key| / 254^2),
+  // bounded over all keys by three per-key maxima.
+  const at::Tensor abs_scale = key_scale.abs();
+  const at::Tensor norm_term = (abs_scale * key_norms).max();
+  const at::Tensor error_term = (abs_scale * key_stats[kQuantErrorNorm]).max();
+  const at::Tensor low_term =
+      (abs_scale * key_stats[kQuantScale] * key_stats[kQuantLowNorm]).max() / (kHighCodeScale * kHighCodeScale);
+  const at::Tensor largest_offset = key_offset.abs().max();
+
+  const at::Tensor query_stats = at::empty({kQuantStats, num_queries}, double_options);
+  at::Tensor values = at::empty({num_queries, candidates}, double_options);
+  at::Tensor indices = at::empty({num_queries, candidates}, queries.options().dtype(at::kLong));
+  // Two int32 products per pair: a tile holds up to 2^25 pairs (256 MiB).
+  const int64_t tile_keys = std::min<int64_t>(padded_keys, 8192);
+  const int64_t tile_queries = std::max<int64_t>(4096, (int64_t{1} << 25) / tile_keys);
+  for (int64_t q_begin = 0; q_begin < num_queries;) {
+    // the last tile takes a remainder too short for the int8 matmul
+    const int64_t left = num_queries - q_begin;
+    const int64_t q_len = left < tile_queries + kMinCodedQueries ? left : tile_queries;
+    const at::Tensor query_codes = quantize(queries.narrow(0, q_begin, q_len), std::max(q_len, kMinCodedQueries),
+                                            dims, /*low_first=*/false, query_stats.narrow(1, q_begin, q_len));
+    const at::Tensor query_highs = query_codes.narrow(1, 0, dims);
+    for (int64_t k_begin = 0; k_begin < padded_keys; k_begin += tile_keys) {
+      const int64_t k_len = std::min(tile_keys, padded_keys - k_begin);
+      const at::Tensor tile_codes = key_codes.narrow(0, k_begin, k_len);  // [lo | hi] rows
+      const at::Tensor high_products = int8_products(query_highs, tile_codes.narrow(1, dims, dims).t());
+      const at::Tensor cross_products = int8_products(query_codes, tile_codes.t());  // hi.lo + lo.hi
+      SelectParams params{};
+      params.dtype = DType::Double;
+      params.dots = high_products.data_ptr<int32_t>();
+      params.cross = cross_products.data_ptr<int32_t>();
+      params.tile_rows = q_len;
+      params.tile_cols = std::min(k_len, num_keys - k_begin);
+      params.dots_stride = k_len;
+      params.key_offset = key_offset.narrow(0, k_begin, params.tile_cols).data_ptr();
+      params.key_scale = code_scale.narrow(0, k_begin, params.tile_cols).data_ptr();
+      params.row_scale = query_stats[kQuantScale].narrow(0, q_begin, q_len).data_ptr<double>();
+      params.key_begin = k_begin;
+      params.values = values.narrow(0, q_begin, q_len).data_ptr();
+      params.indices = indices.narrow(0, q_begin, q_len).data_ptr<int64_t>();
+      params.candidates = static_cast<int>(candidates);
+      params.first_tile = k_begin == 0;
+      run_cuda_kernel(ALPHANET_CUDA_KERNEL(knn_select), params);
+    }
+    q_begin += q_len;
+  }
+  auto [best_distances, best_indices] = best_of_candidates(queries, keys, indices, k, cosine);
+
+  // Certificate: a key outside the list has an estimate >= the list's last one,
+  // so a rank >= that estimate minus the largest bound; it cannot be among the
+  // k best if that exceeds the k-th best rechecked rank.
+  const at::Tensor query_norms = query_stats[kQuantNorm];
+  const at::Tensor bound = query_stats[kQuantErrorNorm] * norm_term + query_stats[kQuantCodedNorm] * error_term +
+                           query_stats[kQuantScale] * query_stats[kQuantLowNorm] * low_term;
+  const at::Tensor magnitude = largest_offset + query_norms * norm_term + (cosine ? query_norms : query_norms.square());
+  const at::Tensor excluded_rank = values.select(1, candidates - 1) - bound - kBoundSlack * magnitude;
+  const at::Tensor kth = best_distances.select(1, k - 1);
+  const at::Tensor kth_rank = cosine ? (kth - 1.0) * query_norms.clamp_min(1e-12) : kth.square() - query_norms.square();
+  const at::Tensor uncertain = at::nonzero(at::logical_not(excluded_rank > kth_rank)).squeeze(1);  // one sync
+  if (uncertain.numel() > 0) {
+    rechecked_queries += uncertain.numel();
+    const at::Tensor subset = queries.index_select(0, uncertain);
+    const at::Tensor subset_indices = tile_candidates(subset, keys, key_offset, key_scale, candidates);
+    auto [subset_distances, subset_best] = best_of_candidates(subset, keys, subset_indices, k, cosine);
+    best_distances.index_copy_(0, uncertain, subset_distances);
+    best_indices.index_copy_(0, uncertain, subset_best);
+  }
+  return {best_distances, best_indices};
+}
+
 #if defined(ALPHANET_WITH_CUDA) || defined(ALPHANET_CUDA_EMULATION)
-// CUDA takes the tile path (library matmul, then the select kernel) unless
-// ALPHANET_KNN_FUSED=1 asks for the fused kernel, which ranks and selects in one
-// pass (float32 ranking values): on an H200 it was 1.1-2x slower than the tile
-// path at every size benchmarked (benchmarks/RESULTS.md).
+// The fused kernel ranks and selects in one pass (float32 ranking values); on an
+// H200 it was 1.1-2x slower than the float matmul tiles at every size
+// benchmarked (benchmarks/RESULTS.md).
 bool use_fused(const at::Tensor& queries, int64_t candidates) {
-  const char* setting = std::getenv("ALPHANET_KNN_FUSED");
   return uses_cuda_kernels(queries) && queries.scalar_type() != at::kDouble && candidates <= kMaxCandidates &&
-         setting && std::string(setting) == "1";
+         cuda_ranking() == Ranking::Fused;
 }
 
 at::Tensor fused_candidates(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& key_offset,
@@ -201,36 +382,37 @@ std::tuple<at::Tensor, at::Tensor> knn(const at::Tensor& queries, const at::Tens
   }
   if (!uses_cuda_kernels(queries) && use_screening()) return screened_knn(queries, keys, k, cosine);
 
+  const int64_t candidates = std::min(num_keys, k + kExtraCandidates);
+  if (use_int8(queries, candidates, num_keys)) {
+    try {
+      auto [best_distances, best_indices] = int8_knn(queries, keys, k, candidates, cosine);
+      return {best_distances.to(value_type), best_indices};
+    } catch (const Int8ProductsUnavailable& error) {
+      int8_products_unavailable = true;
+      TORCH_WARN(kOp, ": the int8 matmul is unavailable (", error.reason, "); ranking with float matmuls instead");
+    }
+  }
   // Ranking value per (query, key): offset[key] + scale[key] * <query, key>,
   // which orders keys like the true distance for a fixed query.
   const at::Tensor key_norms = at::linalg_vector_norm(keys, 2, {1}, false, value_type);
   const at::Tensor key_offset = cosine ? at::zeros_like(key_norms) : key_norms.square();
   const at::Tensor key_scale = cosine ? -key_norms.clamp_min(1e-12).reciprocal() : at::full_like(key_norms, -2.0);
-  const int64_t candidates = std::min(num_keys, k + kExtraCandidates);
   const at::Tensor indices = use_fused(queries, candidates)
                                  ? fused_candidates(queries, keys, key_offset, key_scale, candidates)
                                  : tile_candidates(queries, keys, key_offset, key_scale, candidates);
-
-  // Exact recheck, then the k best by (distance, index).
-  const at::Tensor distances = exact_distances(queries, keys, indices, cosine);
-  at::Tensor best_distances = at::empty({num_queries, k}, distances.options());
-  at::Tensor best_indices = at::empty({num_queries, k}, indices.options());
-  FinishParams params{};
-  params.distances = distances.data_ptr<double>();
-  params.indices = indices.data_ptr<int64_t>();
-  params.num_queries = num_queries;
-  params.candidates = candidates;
-  params.k = k;
-  params.best_distances = best_distances.data_ptr<double>();
-  params.best_indices = best_indices.data_ptr<int64_t>();
-  run_kernel(queries, &cpu::knn_finish, ALPHANET_CUDA_KERNEL(knn_finish), params);
+  auto [best_distances, best_indices] = best_of_candidates(queries, keys, indices, k, cosine);
   return {best_distances.to(value_type), best_indices};
 }
+
+int64_t knn_rechecked_queries() { return rechecked_queries; }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(alphanet, m) {
   m.def("knn(Tensor queries, Tensor keys, int k, str metric=\"euclidean\") -> (Tensor, Tensor)");
+  // Queries whose int8 ranking bound could not certify them, since the library
+  // loaded (they were ranked again in float64): for tests and benchmarks.
+  m.def("_knn_rechecked_queries() -> int", &knn_rechecked_queries);
 }
 
 TORCH_LIBRARY_IMPL(alphanet, CPU, m) { m.impl("knn", &knn); }

@@ -139,4 +139,11 @@ void run_kernel(const at::Tensor& on, void (*cpu_kernel)(const Params&),
   }
 }
 
+// Runs a kernel that only the CUDA code paths have (nullptr in a CPU-only build).
+template <typename Params>
+void run_cuda_kernel(typename NonDeduced<void (*)(const Params&)>::type cuda_kernel, const Params& params) {
+  TORCH_CHECK(cuda_kernel != nullptr, "alphanet_ext was built without CUDA support");
+  cuda_kernel(params);
+}
+
 }  // namespace alphanet

@@ -5,15 +5,16 @@ import alphanet_ext
 from alphanet_ext import reference
 from conftest import DEVICES, FLOAT_DTYPES, on_backend, rand
 
-# Each backend has two exact paths, and every test below runs on both. The CPU:
-# int16 screening with a proven bound (x86-64 with AVX2), or the matmul-tile
-# path (ALPHANET_KNN_SCREENING=0). CUDA: the tile path with the select kernel
-# (the default), or the fused kernel (ALPHANET_KNN_FUSED=1).
-PATHS = [(backend, "ALPHANET_KNN_SCREENING" if backend == "cpu" else "ALPHANET_KNN_FUSED", setting)
-         for backend in DEVICES for setting in ("1", "0")]
+# Every test below runs on each exact path of each backend. The CPU: int16
+# screening with a proven bound (x86-64 with AVX2), or the matmul-tile path
+# (ALPHANET_KNN_SCREENING=0). CUDA (ALPHANET_KNN_RANKING): int8 screening with a
+# proven bound (the default), float matmul tiles, or the fused kernel.
+PATHS = [("cpu", "ALPHANET_KNN_SCREENING", setting) for setting in ("1", "0") if "cpu" in DEVICES] + [
+    (backend, "ALPHANET_KNN_RANKING", setting)
+    for backend in DEVICES if backend != "cpu" for setting in ("int8", "matmul", "fused")]
 
 
-@pytest.fixture(params=PATHS, ids=lambda path: f"{path[0]}-{path[1].split('_')[-1].lower()}{path[2]}")
+@pytest.fixture(params=PATHS, ids=lambda path: f"{path[0]}-{path[1].split('_')[-1].lower()}-{path[2]}")
 def device(request, monkeypatch):
     backend, variable, setting = request.param
     monkeypatch.setenv(variable, setting)
@@ -140,3 +141,64 @@ def test_same_result_for_any_thread_count(device, generator):
 def test_bad_input(queries, keys, k, metric, message):
     with pytest.raises(RuntimeError, match=message):
         alphanet_ext.knn(queries, keys, k, metric)
+
+
+CUDA_BACKENDS = [backend for backend in DEVICES if backend != "cpu"]
+
+
+@pytest.fixture(params=CUDA_BACKENDS)
+def int8_device(request, monkeypatch):
+    monkeypatch.setenv("ALPHANET_KNN_RANKING", "int8")
+    with on_backend(request.param) as device:
+        yield device
+
+
+def rechecked_queries():
+    return torch.ops.alphanet._knn_rechecked_queries()
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_int8_screening_certifies_separated_queries(int8_device, generator, metric, dtype):
+    # Random keys in 64-d: the bound (~1e-4 of |q||k|) is far inside the gaps
+    # between a query's neighbours, so no query needs the float64 ranking.
+    queries = rand(150, 64, dtype=dtype, device=int8_device, generator=generator)
+    keys = rand(700, 64, dtype=dtype, device=int8_device, generator=generator)
+    before = rechecked_queries()
+    distances, indices = alphanet_ext.knn(queries, keys, 5, metric)
+    assert rechecked_queries() == before
+    check_against_reference(queries, keys, 5, metric, distances, indices, dtype)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_int8_screening_ranks_uncertified_queries_in_float64(int8_device, generator, metric):
+    # The first 3 queries sit by a cluster of keys 1e-9 apart, which int8 codes
+    # cannot order: exactly those are ranked again, and every answer is exact.
+    # The other keys lie on the cluster's far side (in angle too), so the other
+    # queries' neighbourhoods never reach the cluster's ties.
+    base = torch.zeros(1, 40, dtype=torch.float64)
+    base[0, 0] = 20.0
+    near = base + 1e-9 * rand(60, 40, dtype=torch.float64, generator=generator)
+    far = 5 * rand(240, 40, dtype=torch.float64, generator=generator)
+    far[:, 0] = -far[:, 0].abs()
+    keys = torch.cat([near, far])
+    queries = torch.cat([base + 0.1 * rand(3, 40, dtype=torch.float64, generator=generator), keys[100:120] + 1e-3])
+    before = rechecked_queries()
+    distances, indices = alphanet_ext.knn(queries.to(int8_device), keys.to(int8_device), 7, metric)
+    assert rechecked_queries() - before == 3
+    check_against_reference(queries, keys, 7, metric, distances, indices, torch.float64)
+
+
+def test_int8_screening_of_zero_rows(int8_device):
+    # zero rows have no quantisation scale; a zero query ties every key under cosine
+    keys = torch.cat([torch.zeros(3, 16), torch.arange(1.0, 31.0).outer(torch.ones(16))]).to(int8_device)
+    queries = torch.cat([torch.zeros(1, 16), torch.full((1, 16), 2.2)]).to(int8_device)
+    for metric in ("euclidean", "cosine"):
+        distances, indices = alphanet_ext.knn(queries, keys, 4, metric)
+        check_against_reference(queries, keys, 4, metric, distances, indices, torch.float32)
+
+
+def test_unknown_ranking_setting_is_named(int8_device, monkeypatch):
+    monkeypatch.setenv("ALPHANET_KNN_RANKING", "fp8")
+    with pytest.raises(RuntimeError, match="ALPHANET_KNN_RANKING must be int8, matmul or fused, got 'fp8'"):
+        alphanet_ext.knn(torch.ones(20, 3, device=int8_device), torch.ones(40, 3, device=int8_device), 2)

@@ -19,6 +19,7 @@
 namespace alphanet::cpu {
 
 void knn_select(const SelectParams& p) {
+  TORCH_CHECK(p.cross == nullptr, "knn: int8 screening runs on CUDA only");
   dispatch_acc_types(p.dtype, [&](auto tag) {
     using V = decltype(tag);
     const V* dots = static_cast<const V*>(p.dots);
@@ -27,7 +28,7 @@ void knn_select(const SelectParams& p) {
     V* values = static_cast<V*>(p.values);
     at::parallel_for(0, p.tile_rows, 8, [&](int64_t row_begin, int64_t row_end) {
       for (int64_t row = row_begin; row < row_end; ++row) {
-        const V* dot_row = dots + row * p.tile_cols;
+        const V* dot_row = dots + row * p.dots_stride;
         V* row_values = values + row * p.candidates;
         int64_t* row_indices = p.indices + row * p.candidates;
         if (p.first_tile) {

@@ -256,7 +256,36 @@ __device__ void insert_buffered(V* list_values, int64_t* list_indices, int candi
   __syncwarp();
 }
 
-template <typename V, int kMax>
+// Ranking value of a tile column: from a float dot product, or (kCoded, V
+// double) from the int8 screening's two code products (see SelectParams).
+template <typename V, bool kCoded>
+struct TileRow {
+  const V* dots;
+  const int32_t* hi_products;
+  const int32_t* cross_products;
+  double row_scale;
+
+  __device__ TileRow(const SelectParams& p, int64_t row) {
+    if constexpr (kCoded) {
+      hi_products = static_cast<const int32_t*>(p.dots) + row * p.dots_stride;
+      cross_products = p.cross + row * p.dots_stride;
+      row_scale = p.row_scale[row];
+    } else {
+      dots = static_cast<const V*>(p.dots) + row * p.dots_stride;
+    }
+  }
+
+  __device__ __forceinline__ V value(const V* offset, const V* scale, int column) const {
+    if constexpr (kCoded) {
+      const int64_t codes = 254 * static_cast<int64_t>(hi_products[column]) + cross_products[column];
+      return offset[column] + scale[column] * (row_scale * static_cast<double>(codes));
+    } else {
+      return offset[column] + scale[column] * dots[column];
+    }
+  }
+};
+
+template <typename V, int kMax, bool kCoded>
 __global__ void __launch_bounds__(kSelectWarps * kWarp) select_kernel(SelectParams p) {
   __shared__ V shared_values[kSelectWarps][kMax];
   __shared__ int64_t shared_indices[kSelectWarps][kMax];
@@ -279,7 +308,7 @@ __global__ void __launch_bounds__(kSelectWarps * kWarp) select_kernel(SelectPara
   __syncwarp();
   V threshold = list_values[candidates - 1];
   int pending = 0;
-  const V* dots = static_cast<const V*>(p.dots) + row * p.tile_cols;
+  const TileRow<V, kCoded> tile_row(p, row);
   const V* offset = static_cast<const V*>(p.key_offset);
   const V* scale = static_cast<const V*>(p.key_scale);
   const int columns = static_cast<int>(p.tile_cols);
@@ -288,7 +317,7 @@ __global__ void __launch_bounds__(kSelectWarps * kWarp) select_kernel(SelectPara
 #pragma unroll
     for (int u = 0; u < kSelectUnroll; ++u) {
       const int column = base + u * kWarp + lane;
-      value[u] = column < columns ? offset[column] + scale[column] * dots[column] : V(0);
+      value[u] = column < columns ? tile_row.value(offset, scale, column) : V(0);
     }
 #pragma unroll
     for (int u = 0; u < kSelectUnroll; ++u) {
@@ -315,10 +344,74 @@ __global__ void __launch_bounds__(kSelectWarps * kWarp) select_kernel(SelectPara
   }
 }
 
-template <typename V, int kMax>
+template <typename V, int kMax, bool kCoded>
 void launch_select(const SelectParams& p) {
   const int64_t blocks = (p.tile_rows + kSelectWarps - 1) / kSelectWarps;
-  launch(select_kernel<V, kMax>, static_cast<unsigned int>(blocks), kSelectWarps * kWarp, 0, p);
+  launch(select_kernel<V, kMax, kCoded>, static_cast<unsigned int>(blocks), kSelectWarps * kWarp, 0, p);
+}
+
+// Calls f(integral_constant<kMax>) for the smallest list size that holds p's candidates.
+template <typename F>
+void for_list_size(const SelectParams& p, F&& f) {
+  if (p.candidates <= 16) {
+    f(std::integral_constant<int, 16>{});
+  } else if (p.candidates <= 32) {
+    f(std::integral_constant<int, 32>{});
+  } else {
+    static_assert(kMaxCandidates == 64, "update the kernel instantiations");
+    f(std::integral_constant<int, 64>{});
+  }
+}
+
+// The int8 screening codes of a row per warp (see QuantizeParams), kQuantWarps
+// rows per block: the row's largest magnitude, then its codes and four sums of
+// squares, each reduced by a butterfly of shuffles (lane 0's order is fixed,
+// so the sums are deterministic; the maximum is the same in every lane).
+constexpr int kQuantWarps = 8;
+
+template <typename T>
+__global__ void __launch_bounds__(kQuantWarps * kWarp) quantize_kernel(QuantizeParams p) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kQuantWarps + threadIdx.x / kWarp;
+  for (int64_t row = first; row < p.num_rows; row += static_cast<int64_t>(gridDim.x) * kQuantWarps) {
+    const T* values = static_cast<const T*>(p.rows) + row * p.row_stride;
+    double largest = 0.0;
+    for (int64_t j = lane; j < p.dims; j += kWarp) largest = fmax(largest, fabs(static_cast<double>(values[j])));
+    for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+      largest = fmax(largest, __shfl_xor_sync(0xffffffffu, largest, offset));
+    }
+    const double scale = largest > 0.0 ? largest / 127.0 : 1.0;
+    int8_t* codes = p.codes + row * 2 * p.padded_dims;
+    int8_t* high_codes = codes + (p.low_first ? p.padded_dims : 0);
+    int8_t* low_codes = codes + (p.low_first ? 0 : p.padded_dims);
+    double sums[4] = {0.0, 0.0, 0.0, 0.0};  // squares of v, s (hi + lo / 254), e and lo
+    for (int64_t j = lane; j < p.padded_dims; j += kWarp) {
+      double high = 0.0, low = 0.0;
+      if (j < p.dims) {
+        const double v = static_cast<double>(values[j]), scaled = v / scale;
+        high = fmin(fmax(rint(scaled), -127.0), 127.0);
+        low = fmin(fmax(rint((scaled - high) * 254.0), -127.0), 127.0);
+        const double coded = scale * (high + low / 254.0), error = v - coded;
+        sums[0] += v * v;
+        sums[1] += coded * coded;
+        sums[2] += error * error;
+        sums[3] += low * low;
+      }
+      high_codes[j] = static_cast<int8_t>(high);
+      low_codes[j] = static_cast<int8_t>(low);
+    }
+    for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+#pragma unroll
+      for (int s = 0; s < 4; ++s) sums[s] += __shfl_xor_sync(0xffffffffu, sums[s], offset);
+    }
+    if (lane == 0) {
+      p.stats[kQuantScale * p.stats_stride + row] = scale;
+      p.stats[kQuantNorm * p.stats_stride + row] = sqrt(sums[0]);
+      p.stats[kQuantCodedNorm * p.stats_stride + row] = sqrt(sums[1]);
+      p.stats[kQuantErrorNorm * p.stats_stride + row] = sqrt(sums[2]);
+      p.stats[kQuantLowNorm * p.stats_stride + row] = sqrt(sums[3]);
+    }
+  }
 }
 
 // One warp per (query, candidate): lanes take strided columns, then a
@@ -355,6 +448,14 @@ __global__ void finish_kernel(FinishParams p) {
 void knn_finish(const FinishParams& p) {
   if (p.num_queries == 0) return;
   launch(finish_kernel, blocks_for(p.num_queries, 64), 64, 0, p);
+}
+
+void knn_quantize(const QuantizeParams& p) {
+  if (p.num_rows == 0) return;
+  dispatch_input_types(p.dtype, [&](auto tag) {
+    const int64_t blocks = std::min<int64_t>((p.num_rows + kQuantWarps - 1) / kQuantWarps, 1 << 20);
+    launch(quantize_kernel<decltype(tag)>, static_cast<unsigned int>(blocks), kQuantWarps * kWarp, 0, p);
+  });
 }
 
 void knn_recheck(const RecheckParams& p) {
@@ -400,15 +501,12 @@ void knn_fused(const FusedKnnParams& p) {
 
 void knn_select(const SelectParams& p) {
   if (p.tile_rows == 0 || p.tile_cols == 0) return;
-  dispatch_acc_types(p.dtype, [&](auto tag) {
-    using V = decltype(tag);
-    if (p.candidates <= 16) {
-      launch_select<V, 16>(p);
-    } else if (p.candidates <= 32) {
-      launch_select<V, 32>(p);
+  for_list_size(p, [&](auto list_size) {
+    constexpr int kMax = decltype(list_size)::value;
+    if (p.cross != nullptr) {
+      launch_select<double, kMax, true>(p);  // p.dtype is Double
     } else {
-      static_assert(kMaxCandidates == 64, "update the kernel instantiations");
-      launch_select<V, 64>(p);
+      dispatch_acc_types(p.dtype, [&](auto tag) { launch_select<decltype(tag), kMax, false>(p); });
     }
   });
 }
