@@ -140,8 +140,8 @@ def knn(queries: Tensor, keys: Tensor, k: int, metric: str = "euclidean") -> tup
     best estimates are rechecked in float64, and a query whose bound does not
     rule out every other key (ties, near-duplicate keys) is ranked again with
     float64 matmuls. Elsewhere (other CPUs, ``ALPHANET_KNN_SCREENING=0``, or
-    ``ALPHANET_KNN_RANKING=matmul`` on CUDA) matmul-expanded tiles feed a fused
-    top-k and ``k + 8`` candidates are rechecked in float64. All work in tiles:
+    ``ALPHANET_KNN_RANKING=matmul`` on CUDA) matmul-expanded tiles feed a
+    select kernel and ``k + 8`` candidates are rechecked in float64. All work in tiles:
     memory stays ``O(q*k + tile)`` however many keys.
 
     Args:

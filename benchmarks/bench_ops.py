@@ -78,13 +78,16 @@ def card_rates(device):
     t_copy, _ = compare(lambda: target.copy_(source), lambda: None, device, 10)
     a = torch.randn(8192, 8192, device=device)
     t_mm, _ = compare(lambda: a @ a, lambda: None, device, 5)
-    rates = {"bandwidth": 2 * source.numel() * 4 / t_copy, "matmul": 2 * 8192**3 / t_mm}
+    codes = torch.randint(-127, 128, (8192, 8192), dtype=torch.int8, device=device)
+    t_int8, _ = compare(lambda: torch._int_mm(codes, codes.t()), lambda: None, device, 5)
+    rates = {"bandwidth": 2 * source.numel() * 4 / t_copy, "matmul": 2 * 8192**3 / t_mm, "int8": 2 * 8192**3 / t_int8}
     print(f"card: copy bandwidth {rates['bandwidth'] / 1e9:.0f} GB/s, fp32 matmul "
-          f"{rates['matmul'] / 1e12:.1f} TFLOP/s (tf32 {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'})")
+          f"{rates['matmul'] / 1e12:.1f} TFLOP/s (tf32 {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}), "
+          f"int8 matmul {rates['int8'] / 1e12:.0f} TOP/s")
     return rates
 
 
-def row(name, size, ours, peer, device, repeats, peer_name, rates=None, moved_bytes=None, flops=None):
+def row(name, size, ours, peer, device, repeats, peer_name, rates=None, moved_bytes=None, flops=None, int8_ops=None):
     t_ours, t_peer = compare(ours, peer, device, repeats)
     mem_ours, mem_peer = peak_extra_memory(ours, device), peak_extra_memory(peer, device)
     fraction = ""
@@ -92,6 +95,8 @@ def row(name, size, ours, peer, device, repeats, peer_name, rates=None, moved_by
         fraction = f"{moved_bytes / t_ours / 1e9:.0f} GB/s = {moved_bytes / t_ours / rates['bandwidth']:.0%} of copy"
     elif rates and flops:
         fraction = f"{flops / t_ours / 1e12:.1f} TFLOP/s = {flops / t_ours / rates['matmul']:.0%} of matmul"
+        if int8_ops:  # the int8 screening's own work: three int8 products of depth d per pair
+            fraction += f"; int8 {int8_ops / t_ours / 1e12:.0f} TOP/s = {int8_ops / t_ours / rates['int8']:.0%} of int8 matmul"
     print(f"| {name} | {size} | {t_ours * 1e3:.2f} | {peer_name} {t_peer * 1e3:.2f} | {t_peer / t_ours:.2f}x "
           f"| {mib(mem_ours)} | {mib(mem_peer)} | {fraction} |", flush=True)
 
@@ -153,14 +158,18 @@ def main():
                               args.repeats)
             best_peer = (lambda: peer_knn_cdist(queries, keys, k)) if t_cdist[0] <= t_cdist[1] else \
                 (lambda: peer_knn_mm(queries, keys, k))
+            peer_name = "cdist+topk" if t_cdist[0] <= t_cdist[1] else "mm+topk"
+            int8_ops = 6 * q * m * dims if device.startswith("cuda") else None
             row("knn euclidean", f"{q}x{m}x{dims}, k={k}", lambda: alphanet_ext.knn(queries, keys, k), best_peer,
-                device, args.repeats, "cdist+topk" if t_cdist[0] <= t_cdist[1] else "mm+topk", rates,
-                flops=2 * q * m * dims)
-            if device.startswith("cuda"):  # A/B: the fused kernel (ranks and selects in one pass)
-                row("knn euclidean, fused kernel", f"{q}x{m}x{dims}, k={k}",
-                    with_environment("ALPHANET_KNN_FUSED", "1", lambda: alphanet_ext.knn(queries, keys, k)),
-                    best_peer, device, args.repeats, "cdist+topk" if t_cdist[0] <= t_cdist[1] else "mm+topk", rates,
-                    flops=2 * q * m * dims)
+                device, args.repeats, peer_name, rates, flops=2 * q * m * dims, int8_ops=int8_ops)
+            if device.startswith("cuda"):  # A/B: float matmul tiles instead of the int8 screening
+                rechecked = torch.ops.alphanet._knn_rechecked_queries()
+                alphanet_ext.knn(queries, keys, k)
+                print(f"(int8 screening: {torch.ops.alphanet._knn_rechecked_queries() - rechecked} of {q} queries "
+                      "ranked again in float64)")
+                row("knn euclidean, float matmul ranking", f"{q}x{m}x{dims}, k={k}",
+                    with_environment("ALPHANET_KNN_RANKING", "matmul", lambda: alphanet_ext.knn(queries, keys, k)),
+                    best_peer, device, args.repeats, peer_name, rates, flops=2 * q * m * dims)
             # the cupy peer holds three q x m float32 temporaries at once
             if cupy_modules and 3 * q * m * 4 > torch.cuda.mem_get_info()[0]:
                 print(f"| knn euclidean | {q}x{m}x{dims}, k={k} | | cupy mm+argpartition: skipped, needs "

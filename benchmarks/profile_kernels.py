@@ -1,7 +1,7 @@
 """Where the GPU time of class means, kNN and the training step's alpha_combine
 goes: per-kernel device time from torch.profiler, one table per case.
 
-    python benchmarks/profile_kernels.py [--cases class-means-large,knn-large,knn-large-fused,knn-huge,combine-columns-large]
+    python benchmarks/profile_kernels.py [--cases class-means-large,knn-large,knn-large-matmul,knn-huge,combine-columns-large]
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def kernel_table(label: str, fn, calls: int, plain: bool = False) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default="class-means-large,knn-large,knn-large-fused,knn-huge,combine-columns-large")
+    parser.add_argument("--cases", default="class-means-large,knn-large,knn-large-matmul,knn-huge,combine-columns-large")
     parser.add_argument("--plain", action="store_true", help="run the cases without torch.profiler (for ncu)")
     args = parser.parse_args()
     print(f"machine: {machine()}; torch {torch.__version__}")
@@ -59,8 +59,8 @@ def main() -> None:
             queries = torch.randn(q, dims, generator=generator).cuda()
             keys = torch.randn(m, dims, generator=generator).cuda()
             fn = lambda: alphanet_ext.knn(queries, keys, k)  # noqa: E731
-            if case.endswith("fused"):
-                fn = with_environment("ALPHANET_KNN_FUSED", "1", fn)
+            if case.endswith("matmul"):
+                fn = with_environment("ALPHANET_KNN_RANKING", "matmul", fn)
             kernel_table(f"{case} ({q}x{m}x{dims}, k={k})", fn, 1 if "huge" in case else 5, args.plain)
         elif case == "combine-columns-large":
             lines, _, few, k, logit_rows = SIZES["large"]["combine"]

@@ -58,22 +58,6 @@ ALPHANET_HD void best_of(const V* values, const int64_t* indices, int64_t count,
   }
 }
 
-// Merge two sorted candidate lists of length k into the k best (sorted).
-template <typename V>
-ALPHANET_HD void topk_merge(const V* values_a, const int64_t* indices_a, const V* values_b,
-                            const int64_t* indices_b, int k, V* values_out, int64_t* indices_out) {
-  int a = 0, b = 0;
-  for (int out = 0; out < k; ++out) {
-    if (precedes(values_a[a], indices_a[a], values_b[b], indices_b[b])) {
-      values_out[out] = values_a[a];
-      indices_out[out] = indices_a[a++];
-    } else {
-      values_out[out] = values_b[b];
-      indices_out[out] = indices_b[b++];
-    }
-  }
-}
-
 template <typename A>
 ALPHANET_HD A abs_value(A v) { return v < A(0) ? -v : v; }
 

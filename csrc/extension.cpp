@@ -25,17 +25,6 @@ namespace {
 
 using Candidates = std::pair<std::vector<double>, std::vector<int64_t>>;
 
-Candidates topk_merge(const Candidates& a, const Candidates& b) {
-  const int k = static_cast<int>(a.first.size());
-  if (a.second.size() != a.first.size() || b.first.size() != a.first.size() || b.second.size() != a.first.size()) {
-    throw py::value_error("topk_merge: both lists need the same length k");
-  }
-  Candidates out{std::vector<double>(k), std::vector<int64_t>(k)};
-  alphanet::topk_merge(a.first.data(), a.second.data(), b.first.data(), b.second.data(), k, out.first.data(),
-                       out.second.data());
-  return out;
-}
-
 Candidates topk_insert_all(int k, const std::vector<double>& values) {
   Candidates out{std::vector<double>(k, std::numeric_limits<double>::infinity()),
                  std::vector<int64_t>(k, std::numeric_limits<int64_t>::max())};
@@ -85,7 +74,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_cuda_emulation_enabled", &alphanet::emulation::enabled);
   m.def("_emulation_self_test", &alphanet::emulation::self_test, py::arg("name"), py::arg("schedule_seed") = 0);
 #endif
-  m.def("_topk_merge", &topk_merge);
   m.def("_topk_insert_all", &topk_insert_all);
   m.def("_segment_sum", &segment_sum);
   m.def("_l1_normalized_grad", &l1_normalized_grad);

@@ -69,24 +69,6 @@ struct SelectParams {
 };
 constexpr int kMaxCandidates = 64;
 
-// knn on CUDA, fused: blocks rank a tile of queries against one split of the
-// keys (dot products in registers, each query's best `candidates` in shared and
-// thread-local memory), then a pass merges the splits' lists. Only the lists
-// reach global memory. Ranking values are float32.
-struct FusedKnnParams {
-  DType dtype;                 // of queries and keys (unit column stride); not Double
-  const void* queries;
-  const void* keys;
-  int64_t query_stride, key_stride, num_queries, num_keys, dims;
-  const float* key_offset;     // [num_keys]: ranking value = offset + scale * <query, key>
-  const float* key_scale;      // [num_keys]
-  int candidates;              // at most kMaxCandidates
-  int64_t keys_per_split;      // from knn_fused_keys_per_split; splits = ceil(num_keys / keys_per_split)
-  float* split_values;         // [splits, num_queries, candidates] scratch
-  int64_t* split_indices;      // [splits, num_queries, candidates] scratch
-  int64_t* indices;            // [num_queries, candidates], best first
-};
-
 // knn on CUDA, int8 screening: each row v as v = s (hi + lo / 254) + e, with
 // s = max|v| / 127 and hi, lo int8 (s = 1 for a zero row), so that products of
 // codes in int32 (tensor cores) give dot products to about 1e-4 of |q| |k| with
@@ -215,8 +197,6 @@ void input_product_backward(const InputProductParams& p);  // out = inputs_t @ r
 
 namespace cuda {
 void class_sums(const ClassSumsParams& p);
-int64_t knn_fused_keys_per_split(const FusedKnnParams& p);  // from p's sizes, dtype and candidates
-void knn_fused(const FusedKnnParams& p);
 void knn_quantize(const QuantizeParams& p);
 void knn_select(const SelectParams& p);
 void knn_recheck(const RecheckParams& p);

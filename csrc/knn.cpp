@@ -137,18 +137,14 @@ at::Tensor tile_candidates(const at::Tensor& queries, const at::Tensor& keys, co
 }
 
 // How CUDA ranks keys before the exact recheck: int8 screening with a proven
-// bound (the default; see int8_candidates), float matmul tiles in the input
-// precision, or the fused kernel. ALPHANET_KNN_RANKING=int8|matmul|fused picks
-// one, for A/B runs.
-enum class Ranking { Int8, Matmul, Fused };
-
-Ranking cuda_ranking() {
+// bound (the default; see int8_knn) or float matmul tiles in the input
+// precision (ALPHANET_KNN_RANKING=matmul, for A/B runs).
+bool int8_ranking_selected() {
   const char* setting = std::getenv("ALPHANET_KNN_RANKING");
-  if (setting == nullptr || std::string(setting).empty() || std::string(setting) == "int8") return Ranking::Int8;
-  if (std::string(setting) == "matmul") return Ranking::Matmul;
-  TORCH_CHECK(std::string(setting) == "fused", kOp, ": ALPHANET_KNN_RANKING must be int8, matmul or fused, got '",
+  if (setting == nullptr || std::string(setting).empty() || std::string(setting) == "int8") return true;
+  TORCH_CHECK(std::string(setting) == "matmul", kOp, ": ALPHANET_KNN_RANKING must be int8 or matmul, got '",
               setting, "'");
-  return Ranking::Fused;
+  return false;
 }
 
 // Each query's k best candidates by (exact float64 distance, key index): the
@@ -229,7 +225,7 @@ at::Tensor int8_products(const at::Tensor& rows, const at::Tensor& columns) {
 }
 
 bool use_int8(const at::Tensor& queries, int64_t candidates, int64_t num_keys) {
-  return uses_cuda_kernels(queries) && cuda_ranking() == Ranking::Int8 && !int8_products_unavailable &&
+  return uses_cuda_kernels(queries) && int8_ranking_selected() && !int8_products_unavailable &&
          candidates < num_keys && candidates <= kMaxCandidates && queries.size(1) > 0 && round_up(queries.size(1), kCodeAlignment) <= kMaxQuantDims;
 }
 
@@ -317,44 +313,6 @@ std::tuple<at::Tensor, at::Tensor> int8_knn(const at::Tensor& queries, const at:
   return {best_distances, best_indices};
 }
 
-#if defined(ALPHANET_WITH_CUDA) || defined(ALPHANET_CUDA_EMULATION)
-// The fused kernel ranks and selects in one pass (float32 ranking values); on an
-// H200 it was 1.1-2x slower than the float matmul tiles at every size
-// benchmarked (benchmarks/RESULTS.md).
-bool use_fused(const at::Tensor& queries, int64_t candidates) {
-  return uses_cuda_kernels(queries) && queries.scalar_type() != at::kDouble && candidates <= kMaxCandidates &&
-         cuda_ranking() == Ranking::Fused;
-}
-
-at::Tensor fused_candidates(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& key_offset,
-                            const at::Tensor& key_scale, int64_t candidates) {
-  const int64_t num_queries = queries.size(0), num_keys = keys.size(0);
-  FusedKnnParams params{};
-  const at::Tensor q = unit_column_stride(queries), x = unit_column_stride(keys);
-  set_rows(params, q, x);
-  params.num_queries = num_queries;
-  params.num_keys = num_keys;
-  params.key_offset = key_offset.data_ptr<float>();
-  params.key_scale = key_scale.data_ptr<float>();
-  params.candidates = static_cast<int>(candidates);
-  params.keys_per_split = cuda::knn_fused_keys_per_split(params);
-  const int64_t splits = (num_keys + params.keys_per_split - 1) / params.keys_per_split;
-  const at::Tensor split_values = at::empty({splits, num_queries, candidates}, key_offset.options());
-  const at::Tensor split_indices = at::empty({splits, num_queries, candidates}, queries.options().dtype(at::kLong));
-  at::Tensor indices = at::empty({num_queries, candidates}, queries.options().dtype(at::kLong));
-  params.split_values = split_values.data_ptr<float>();
-  params.split_indices = split_indices.data_ptr<int64_t>();
-  params.indices = indices.data_ptr<int64_t>();
-  cuda::knn_fused(params);
-  return indices;
-}
-#else
-bool use_fused(const at::Tensor&, int64_t) { return false; }
-
-at::Tensor fused_candidates(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t) {
-  TORCH_CHECK(false, "alphanet_ext was built without CUDA support");
-}
-#endif
 
 std::tuple<at::Tensor, at::Tensor> knn(const at::Tensor& queries, const at::Tensor& keys, int64_t k,
                                        c10::string_view metric) {
@@ -397,9 +355,7 @@ std::tuple<at::Tensor, at::Tensor> knn(const at::Tensor& queries, const at::Tens
   const at::Tensor key_norms = at::linalg_vector_norm(keys, 2, {1}, false, value_type);
   const at::Tensor key_offset = cosine ? at::zeros_like(key_norms) : key_norms.square();
   const at::Tensor key_scale = cosine ? -key_norms.clamp_min(1e-12).reciprocal() : at::full_like(key_norms, -2.0);
-  const at::Tensor indices = use_fused(queries, candidates)
-                                 ? fused_candidates(queries, keys, key_offset, key_scale, candidates)
-                                 : tile_candidates(queries, keys, key_offset, key_scale, candidates);
+  const at::Tensor indices = tile_candidates(queries, keys, key_offset, key_scale, candidates);
   auto [best_distances, best_indices] = best_of_candidates(queries, keys, indices, k, cosine);
   return {best_distances.to(value_type), best_indices};
 }

@@ -1,6 +1,5 @@
 """torch.compile tracing of every op, and the host build of the per-element
 device functions that otherwise only the CUDA kernels run."""
-import math
 import random
 
 import pytest
@@ -54,14 +53,6 @@ def test_topk_insert_keeps_k_best_in_order():
         got_values, got_indices = alphanet_ext.ops._C._topk_insert_all(k, values)
         expected = sorted(range(len(values)), key=lambda i: (values[i], i))[:k]
         assert got_indices == expected and got_values == [values[i] for i in expected]
-
-
-def test_topk_merge():
-    inf, big = math.inf, 2**63 - 1
-    a = ([0.1, 0.5, 0.5, inf], [7, 2, 9, big])
-    b = ([0.2, 0.5, 0.9, 1.0], [1, 4, 3, 0])
-    values, indices = alphanet_ext.ops._C._topk_merge(a, b)
-    assert values == [0.1, 0.2, 0.5, 0.5] and indices == [7, 1, 2, 4]
 
 
 def test_segment_sum_follows_row_order():

@@ -8,10 +8,10 @@ from conftest import DEVICES, FLOAT_DTYPES, on_backend, rand
 # Every test below runs on each exact path of each backend. The CPU: int16
 # screening with a proven bound (x86-64 with AVX2), or the matmul-tile path
 # (ALPHANET_KNN_SCREENING=0). CUDA (ALPHANET_KNN_RANKING): int8 screening with a
-# proven bound (the default), float matmul tiles, or the fused kernel.
+# proven bound (the default), or float matmul tiles.
 PATHS = [("cpu", "ALPHANET_KNN_SCREENING", setting) for setting in ("1", "0") if "cpu" in DEVICES] + [
     (backend, "ALPHANET_KNN_RANKING", setting)
-    for backend in DEVICES if backend != "cpu" for setting in ("int8", "matmul", "fused")]
+    for backend in DEVICES if backend != "cpu" for setting in ("int8", "matmul")]
 
 
 @pytest.fixture(params=PATHS, ids=lambda path: f"{path[0]}-{path[1].split('_')[-1].lower()}-{path[2]}")
@@ -24,8 +24,8 @@ def device(request, monkeypatch):
 SHAPES = [  # queries, keys, dims, k
     (0, 5, 3, 2), (1, 1, 1, 1), (1, 10, 4, 10), (7, 3, 2, 3), (33, 97, 1, 5), (100, 300, 64, 5),
     (600, 4100, 3, 7),   # crosses the CPU tiles (512 queries, 4096 keys)
-    (150, 700, 37, 9),   # crosses CUDA's fused tiles (128 queries, 128 keys, depth chunks of 8)
-    (20, 150, 16, 70),   # more candidates than the fused selection keeps: the library top-k path
+    (150, 700, 37, 9),   # dims not a multiple of the int8 code alignment (16)
+    (20, 150, 16, 70),   # more candidates than the select kernel keeps: the library top-k path
 ]
 
 
@@ -200,5 +200,5 @@ def test_int8_screening_of_zero_rows(int8_device):
 
 def test_unknown_ranking_setting_is_named(int8_device, monkeypatch):
     monkeypatch.setenv("ALPHANET_KNN_RANKING", "fp8")
-    with pytest.raises(RuntimeError, match="ALPHANET_KNN_RANKING must be int8, matmul or fused, got 'fp8'"):
+    with pytest.raises(RuntimeError, match="ALPHANET_KNN_RANKING must be int8 or matmul, got 'fp8'"):
         alphanet_ext.knn(torch.ones(20, 3, device=int8_device), torch.ones(40, 3, device=int8_device), 2)
