@@ -133,7 +133,24 @@ def _analyses(args: argparse.Namespace, best: Run, evaluated: Features, before: 
     return out
 
 
+class UsageError(Exception):
+    """A command line that cannot work whatever the files hold: exit 2, before any file is read."""
+
+
+def _check_fit_options(args: argparse.Namespace) -> None:
+    if args.levels < 0:
+        raise UsageError(f"--levels must be at least 0, got {args.levels}")
+    if args.hierarchy and not args.report:
+        raise UsageError("--hierarchy is used by the report: add --report DIR")
+    if "auto" in args.rho and args.rho != ["auto"]:
+        raise UsageError("--rho auto cannot be mixed with numbers")
+    author_val = os.path.isdir(args.train) and glob_exists(args.train, "val")
+    if args.rho == ["auto"] and args.val is None and not author_val:
+        raise UsageError("--rho auto needs --val (it picks rho on the validation set)")
+
+
 def run_fit(args: argparse.Namespace) -> int:
+    _check_fit_options(args)
     train = load_features(args.train, "train")
     weight, bias = load_classifier(args.classifier)
     if bias is None:
@@ -146,17 +163,8 @@ def run_fit(args: argparse.Namespace) -> int:
         test = load_features(args.train, "test")
     evaluated = test or val or train
     evaluated_on = "test" if test else ("val" if val else "train")
-    if args.levels < 0:
-        raise InputError(f"--levels must be at least 0, got {args.levels}")
     hierarchy = Hierarchy.read(args.hierarchy, weight.shape[0]) if args.hierarchy else None
-    if hierarchy is not None and not args.report:
-        raise InputError("--hierarchy is used by the report: add --report DIR")
-
     auto = args.rho == ["auto"]
-    if "auto" in args.rho and not auto:
-        raise InputError("--rho auto cannot be mixed with numbers")
-    if auto and val is None:
-        raise InputError("--rho auto needs --val (it picks rho on the validation set)")
     if auto:
         args.rho = list(AUTO_RHOS)
     metrics = [args.metric] + (["random"] if args.control and args.metric != "random" else [])
@@ -283,7 +291,6 @@ def _frontier_plot(rows: list[dict], path: str) -> bool:
 
 def run_eval(args: argparse.Namespace) -> int:
     weight, bias = load_classifier(args.classifier)
-    data = load_features(args.data, "test")
     if args.splits_from:
         splits = _splits_from_labels(load_features(args.splits_from, "train").y, weight.shape[0],
                                      args.few_threshold, args.many_threshold)
@@ -292,8 +299,10 @@ def run_eval(args: argparse.Namespace) -> int:
     else:
         metadata = read_metadata(args.classifier)
         if metadata is None or "splits" not in metadata:
-            raise InputError("no class splits known: pass --splits-from TRAIN (the training labels)")
+            raise UsageError("no class splits known: the classifier file has none, so pass --splits-from TRAIN "
+                             "(the training labels)")
         splits = {name: torch.tensor(ids, dtype=torch.long) for name, ids in metadata["splits"].items()}
+    data = load_features(args.data, "test")
     result = evaluate(weight, bias, data.x, data.y, splits, device=args.device)
     print(_table([("top-1", result["top1"]), ("top-5", result["top5"])]).replace("| model |", "| metric |"))
     return 0
@@ -454,6 +463,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("alphanet: interrupted", file=sys.stderr)
         return 130
+    except UsageError as error:
+        print(f"alphanet {args.command}: error: {error}", file=sys.stderr)
+        return 2
     except (InputError, ValueError, RuntimeError, OSError, KeyError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"alphanet: error: {message}", file=sys.stderr)

@@ -191,6 +191,27 @@ def test_usage_errors_exit_2():
         assert exit_info.value.code == 2
 
 
+@pytest.mark.parametrize("arguments,message", [
+    (["--levels", "-1"], "--levels must be at least 0, got -1"),
+    (["--hierarchy", "tree.txt"], "--hierarchy is used by the report: add --report DIR"),
+    (["--rho", "auto", "0.5"], "--rho auto cannot be mixed with numbers"),
+    (["--rho", "auto"], "--rho auto needs --val"),
+])
+def test_option_conflicts_exit_2_before_any_file_is_read(arguments, message, capsys):
+    # the files do not exist: the options alone are refused
+    assert run("fit", "--train", "absent.npz", "--classifier", "absent.pt", "--out", "x.pt", *arguments) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("alphanet fit: error:") and message in error
+
+
+def test_eval_without_known_splits_exits_2(problem, tmp_path, capsys):
+    data = write_features(tmp_path, "test", problem.test_x, problem.test_y, "npz")
+    classifier = tmp_path / "classifier.pt"
+    torch.save({"weight": problem.weight, "bias": problem.bias}, classifier)  # no split metadata
+    assert run("eval", "--classifier", classifier, "--data", data) == 2
+    assert "pass --splits-from TRAIN" in capsys.readouterr().err
+
+
 def test_module_entry_point_and_help():
     for command in ([], ["fit"], ["eval"], ["synth"], ["demo"]):
         completed = subprocess.run([sys.executable, "-m", "alphanet_ext", *command, "--help"], capture_output=True,
@@ -260,7 +281,7 @@ def test_k_sweep_control_and_analyses_in_the_report(problem, tmp_path):
     assert (report / "prediction_changes.png").exists() == HAS_MATPLOTLIB
 
     assert run("fit", "--train", paths["train"], "--classifier", classifier, "--out", tmp_path / "d.pt",
-               "--hierarchy", tree, "--quiet") == 1  # the hierarchy is for the report
+               "--hierarchy", tree, "--quiet") == 2  # the hierarchy is for the report
 
 
 def test_rho_auto_respects_the_overall_drop(problem, tmp_path):
@@ -278,4 +299,4 @@ def test_rho_auto_respects_the_overall_drop(problem, tmp_path):
     assert chosen["val_top1"]["few"]["mean"] == max(r["val_top1"]["few"]["mean"] for r in data["runs"])
     assert read_metadata(str(out))["rho"] == chosen["rho"]
     assert run("fit", "--train", paths["train"], "--classifier", classifier, "--out", out, "--rho", "auto",
-               "--quiet") == 1
+               "--quiet") == 2
