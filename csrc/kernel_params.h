@@ -74,8 +74,9 @@ constexpr int kMaxCandidates = 64;
 // codes in int32 (tensor cores) give dot products to about 1e-4 of |q| |k| with
 // a proven bound. A row of codes is [hi | lo] (queries) or [lo | hi] (keys),
 // each half padded_dims long (zeros past dims).
-constexpr int kQuantStats = 5;  // per row:
-enum QuantStat { kQuantScale, kQuantNorm, kQuantCodedNorm, kQuantErrorNorm, kQuantLowNorm };  // s, |v|, |s(hi+lo/254)|, |e|, |lo|
+// Per row: s, |v|, |s (hi + lo / 254)|, |e| and |lo|.
+enum QuantStat { kQuantScale, kQuantNorm, kQuantCodedNorm, kQuantErrorNorm, kQuantLowNorm };
+constexpr int kQuantStats = 5;
 constexpr int64_t kMaxQuantDims = 65536;  // padded_dims: keeps 2 * 127^2 * padded_dims within int32
 struct QuantizeParams {
   DType dtype;                 // of rows (unit column stride)

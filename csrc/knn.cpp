@@ -183,11 +183,6 @@ std::atomic<bool> int8_products_unavailable{false};
 
 int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
 
-struct Codes {
-  at::Tensor codes;  // [padded_rows, 2 * padded_dims] int8
-  at::Tensor stats;  // [kQuantStats, rows] float64 (or the caller's)
-};
-
 // Codes of `rows` ([lo | hi] for keys), with zero rows up to `padded_rows`;
 // stats go to `stats`, a [kQuantStats, *] float64 view with unit row stride.
 at::Tensor quantize(const at::Tensor& rows, int64_t padded_rows, int64_t padded_dims, bool low_first,
@@ -226,7 +221,8 @@ at::Tensor int8_products(const at::Tensor& rows, const at::Tensor& columns) {
 
 bool use_int8(const at::Tensor& queries, int64_t candidates, int64_t num_keys) {
   return uses_cuda_kernels(queries) && int8_ranking_selected() && !int8_products_unavailable &&
-         candidates < num_keys && candidates <= kMaxCandidates && queries.size(1) > 0 && round_up(queries.size(1), kCodeAlignment) <= kMaxQuantDims;
+         candidates < num_keys && candidates <= kMaxCandidates && queries.size(1) > 0 &&
+         round_up(queries.size(1), kCodeAlignment) <= kMaxQuantDims;
 }
 
 std::tuple<at::Tensor, at::Tensor> int8_knn(const at::Tensor& queries, const at::Tensor& keys, int64_t k,
@@ -312,7 +308,6 @@ std::tuple<at::Tensor, at::Tensor> int8_knn(const at::Tensor& queries, const at:
   }
   return {best_distances, best_indices};
 }
-
 
 std::tuple<at::Tensor, at::Tensor> knn(const at::Tensor& queries, const at::Tensor& keys, int64_t k,
                                        c10::string_view metric) {
