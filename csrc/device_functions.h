@@ -224,12 +224,14 @@ ALPHANET_HD void add_distance_terms(const T* a, const T* b, int64_t begin, int64
   }
 }
 
-// Euclidean ||a - b|| or cosine 1 - cos(a, b) (norms clamped at 1e-12).
+constexpr double kNormFloor = 1e-12;  // cosine's norm clamp
+
+// Euclidean ||a - b|| or cosine 1 - cos(a, b) (norms clamped at kNormFloor).
 ALPHANET_HD double finish_distance(const DistanceTerms& terms, bool cosine) {
   if (!cosine) return sqrt(terms.squared_difference);
-  const double eps = 1e-12;
   const double a_norm = sqrt(terms.a_squared), b_norm = sqrt(terms.b_squared);
-  return 1.0 - terms.dot / ((a_norm > eps ? a_norm : eps) * (b_norm > eps ? b_norm : eps));
+  const double a_clamped = a_norm > kNormFloor ? a_norm : kNormFloor, b_clamped = b_norm > kNormFloor ? b_norm : kNormFloor;
+  return 1.0 - terms.dot / (a_clamped * b_clamped);
 }
 
 }  // namespace alphanet

@@ -69,19 +69,24 @@ struct SelectParams {
 };
 constexpr int kMaxCandidates = 64;
 
-// knn on CUDA, int8 screening: each row v as v = s (hi + lo / 254) + e, with
-// s = max|v| / 127 and hi, lo int8 (s = 1 for a zero row), so that products of
-// codes in int32 (tensor cores) give dot products to about 1e-4 of |q| |k| with
-// a proven bound. A row of codes is [hi | lo] (queries) or [lo | hi] (keys),
-// each half padded_dims long (zeros past dims).
-// Per row: s, |v|, |s (hi + lo / 254)|, |e| and |lo|.
-enum QuantStat { kQuantScale, kQuantNorm, kQuantCodedNorm, kQuantErrorNorm, kQuantLowNorm };
-constexpr int kQuantStats = 5;
+// knn on CUDA, int8 screening. A row v is first moved to the frame where the
+// ranking is done: t = v / max(|v|, 1e-12) - center for cosine, v - center for
+// euclidean (center: about the keys' mean, so the codes spend their bits on
+// what tells rows apart, not on a common offset). Then t = s (hi + lo / 254) + e
+// with s = max|t| / 127 and hi, lo int8 (s = 1 for a zero row): products of
+// codes in int32 (tensor cores) give dot products to about 1e-4 of |t_q| |t_k|,
+// with a proven bound. A row of codes is [hi | lo] (queries) or [lo | hi]
+// (keys), each half padded_dims long (zeros past dims).
+// Per row: s, |t|, |s (hi + lo / 254)|, |e|, |lo| and t . center.
+enum QuantStat { kQuantScale, kQuantNorm, kQuantCodedNorm, kQuantErrorNorm, kQuantLowNorm, kQuantCenterDot };
+constexpr int kQuantStats = 6;
 constexpr int64_t kMaxQuantDims = 65536;  // padded_dims: keeps 2 * 127^2 * padded_dims within int32
 struct QuantizeParams {
   DType dtype;                 // of rows (unit column stride)
   const void* rows;
   int64_t row_stride, num_rows, dims, padded_dims;
+  bool normalize;              // cosine: rows scaled to unit norm before centering
+  const double* center;        // [dims]
   bool low_first;              // keys' layout
   int8_t* codes;               // [num_rows, 2 * padded_dims], contiguous
   double* stats;               // stats[stat * stats_stride + row]

@@ -81,6 +81,14 @@ std::tuple<at::Tensor, at::Tensor> screened_knn(const at::Tensor& queries, const
   return {distances, indices};
 }
 
+// Ranking value per (query, key): offset[key] + scale[key] * <query, key>,
+// which orders keys like the true distance for a fixed query. In `type`.
+std::tuple<at::Tensor, at::Tensor> ranking_terms(const at::Tensor& keys, bool cosine, at::ScalarType type) {
+  const at::Tensor key_norms = at::linalg_vector_norm(keys, 2, {1}, false, type);
+  if (cosine) return {at::zeros_like(key_norms), -key_norms.clamp_min(kNormFloor).reciprocal()};
+  return {key_norms.square(), at::full_like(key_norms, -2.0)};
+}
+
 // The best `candidates` keys of every query by ranking value, a tile of
 // query-key dot products (a library matmul) at a time.
 at::Tensor tile_candidates(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& key_offset,
@@ -183,10 +191,11 @@ std::atomic<bool> int8_products_unavailable{false};
 
 int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
 
-// Codes of `rows` ([lo | hi] for keys), with zero rows up to `padded_rows`;
-// stats go to `stats`, a [kQuantStats, *] float64 view with unit row stride.
-at::Tensor quantize(const at::Tensor& rows, int64_t padded_rows, int64_t padded_dims, bool low_first,
-                    const at::Tensor& stats) {
+// Codes of `rows` in the ranking frame (normalised for cosine, then less
+// `center`), [lo | hi] for keys, with zero rows up to `padded_rows`; stats go to
+// `stats`, a [kQuantStats, *] float64 view with unit row stride.
+at::Tensor quantize(const at::Tensor& rows, bool cosine, const at::Tensor& center, int64_t padded_rows,
+                    int64_t padded_dims, bool low_first, const at::Tensor& stats) {
   const at::Tensor r = unit_column_stride(rows);
   at::Tensor codes = at::empty({padded_rows, 2 * padded_dims}, rows.options().dtype(at::kChar));
   if (padded_rows > rows.size(0)) codes.narrow(0, rows.size(0), padded_rows - rows.size(0)).zero_();
@@ -197,6 +206,8 @@ at::Tensor quantize(const at::Tensor& rows, int64_t padded_rows, int64_t padded_
   params.num_rows = r.size(0);
   params.dims = r.size(1);
   params.padded_dims = padded_dims;
+  params.normalize = cosine;
+  params.center = center.data_ptr<double>();
   params.low_first = low_first;
   params.codes = codes.data_ptr<int8_t>();
   params.stats = stats.data_ptr<double>();
@@ -230,22 +241,31 @@ std::tuple<at::Tensor, at::Tensor> int8_knn(const at::Tensor& queries, const at:
   const int64_t num_queries = queries.size(0), num_keys = keys.size(0);
   const int64_t dims = round_up(queries.size(1), kCodeAlignment);
   const auto double_options = queries.options().dtype(at::kDouble);
+  const at::ScalarType value_type = acc_type(queries.scalar_type());
+
+  // The frame's center: the keys' mean (of the unit rows, for cosine). Any
+  // center keeps the result exact; this one keeps the bound tight.
+  const at::Tensor unit_keys =
+      cosine ? keys.to(value_type) / at::linalg_vector_norm(keys, 2, {1}, true, value_type).clamp_min(kNormFloor)
+             : keys;
+  const at::Tensor center = at::sum(unit_keys, {0}, false, at::kDouble) / static_cast<double>(num_keys);
 
   const int64_t padded_keys = round_up(num_keys, kCodedKeyAlignment);
   const at::Tensor key_stats = at::empty({kQuantStats, num_keys}, double_options);
-  const at::Tensor key_codes = quantize(keys, padded_keys, dims, /*low_first=*/true, key_stats);
+  const at::Tensor key_codes = quantize(keys, cosine, center, padded_keys, dims, /*low_first=*/true, key_stats);
+  // Ranking value offset + scale * <t_q, t_key> in the frame: |t_key|^2 - 2 <t_q, t_key>
+  // (|q - key|^2 less |t_q|^2), or -<t_q, t_key> - <center, t_key> (-cos less a
+  // per-query constant). The select kernel gets scale * s_key / 254.
   const at::Tensor key_norms = key_stats[kQuantNorm];
-  // Ranking value offset + scale * <q, key>; the select kernel gets scale * s_key / 254.
-  const at::Tensor key_offset = cosine ? at::zeros_like(key_norms) : key_norms.square();
-  const at::Tensor key_scale = cosine ? -key_norms.clamp_min(1e-12).reciprocal() : at::full_like(key_norms, -2.0);
-  const at::Tensor code_scale = key_scale * key_stats[kQuantScale] / kHighCodeScale;
-  // |rank - estimate| <= |scale| (|e_q| |key| + |q coded| |e_key| + s_q s_key |lo_q| |lo_key| / 254^2),
+  const double scale = cosine ? -1.0 : -2.0;
+  const at::Tensor key_offset = cosine ? -key_stats[kQuantCenterDot] : key_norms.square();
+  const at::Tensor code_scale = key_stats[kQuantScale] * (scale / kHighCodeScale);
+  // |rank - estimate| <= |scale| (|e_q| |t_key| + |t_q coded| |e_key| + s_q s_key |lo_q| |lo_key| / 254^2),
   // bounded over all keys by three per-key maxima.
-  const at::Tensor abs_scale = key_scale.abs();
-  const at::Tensor norm_term = (abs_scale * key_norms).max();
-  const at::Tensor error_term = (abs_scale * key_stats[kQuantErrorNorm]).max();
+  const at::Tensor norm_term = std::abs(scale) * key_norms.max();
+  const at::Tensor error_term = std::abs(scale) * key_stats[kQuantErrorNorm].max();
   const at::Tensor low_term =
-      (abs_scale * key_stats[kQuantScale] * key_stats[kQuantLowNorm]).max() / (kHighCodeScale * kHighCodeScale);
+      (std::abs(scale) / (kHighCodeScale * kHighCodeScale)) * (key_stats[kQuantScale] * key_stats[kQuantLowNorm]).max();
   const at::Tensor largest_offset = key_offset.abs().max();
 
   const at::Tensor query_stats = at::empty({kQuantStats, num_queries}, double_options);
@@ -258,8 +278,9 @@ std::tuple<at::Tensor, at::Tensor> int8_knn(const at::Tensor& queries, const at:
     // the last tile takes a remainder too short for the int8 matmul
     const int64_t left = num_queries - q_begin;
     const int64_t q_len = left < tile_queries + kMinCodedQueries ? left : tile_queries;
-    const at::Tensor query_codes = quantize(queries.narrow(0, q_begin, q_len), std::max(q_len, kMinCodedQueries),
-                                            dims, /*low_first=*/false, query_stats.narrow(1, q_begin, q_len));
+    const at::Tensor query_codes =
+        quantize(queries.narrow(0, q_begin, q_len), cosine, center, std::max(q_len, kMinCodedQueries), dims,
+                 /*low_first=*/false, query_stats.narrow(1, q_begin, q_len));
     const at::Tensor query_highs = query_codes.narrow(1, 0, dims);
     for (int64_t k_begin = 0; k_begin < padded_keys; k_begin += tile_keys) {
       const int64_t k_len = std::min(tile_keys, padded_keys - k_begin);
@@ -289,19 +310,27 @@ std::tuple<at::Tensor, at::Tensor> int8_knn(const at::Tensor& queries, const at:
 
   // Certificate: a key outside the list has an estimate >= the list's last one,
   // so a rank >= that estimate minus the largest bound; it cannot be among the
-  // k best if that exceeds the k-th best rechecked rank.
+  // k best if that exceeds the k-th best rechecked distance as a rank.
   const at::Tensor query_norms = query_stats[kQuantNorm];
   const at::Tensor bound = query_stats[kQuantErrorNorm] * norm_term + query_stats[kQuantCodedNorm] * error_term +
                            query_stats[kQuantScale] * query_stats[kQuantLowNorm] * low_term;
-  const at::Tensor magnitude = largest_offset + query_norms * norm_term + (cosine ? query_norms : query_norms.square());
-  const at::Tensor excluded_rank = values.select(1, candidates - 1) - bound - kBoundSlack * magnitude;
   const at::Tensor kth = best_distances.select(1, k - 1);
-  const at::Tensor kth_rank = cosine ? (kth - 1.0) * query_norms.clamp_min(1e-12) : kth.square() - query_norms.square();
+  at::Tensor kth_rank, magnitude;
+  if (cosine) {  // rank = -cos + <q / |q|, center> = distance - 1 + <t_q, center> + |center|^2
+    const at::Tensor query_constant = query_stats[kQuantCenterDot] + center.dot(center);
+    kth_rank = kth - 1.0 + query_constant;
+    magnitude = largest_offset + query_norms * norm_term + 1.0 + query_constant.abs();
+  } else {  // rank = distance^2 - |t_q|^2
+    kth_rank = kth.square() - query_norms.square();
+    magnitude = largest_offset + query_norms * norm_term + query_norms.square();
+  }
+  const at::Tensor excluded_rank = values.select(1, candidates - 1) - bound - kBoundSlack * magnitude;
   const at::Tensor uncertain = at::nonzero(at::logical_not(excluded_rank > kth_rank)).squeeze(1);  // one sync
   if (uncertain.numel() > 0) {
     rechecked_queries += uncertain.numel();
     const at::Tensor subset = queries.index_select(0, uncertain);
-    const at::Tensor subset_indices = tile_candidates(subset, keys, key_offset, key_scale, candidates);
+    const auto [offset, key_scale] = ranking_terms(keys, cosine, at::kDouble);
+    const at::Tensor subset_indices = tile_candidates(subset, keys, offset, key_scale, candidates);
     auto [subset_distances, subset_best] = best_of_candidates(subset, keys, subset_indices, k, cosine);
     best_distances.index_copy_(0, uncertain, subset_distances);
     best_indices.index_copy_(0, uncertain, subset_best);
@@ -345,11 +374,7 @@ std::tuple<at::Tensor, at::Tensor> knn(const at::Tensor& queries, const at::Tens
       TORCH_WARN(kOp, ": the int8 matmul is unavailable (", error.reason, "); ranking with float matmuls instead");
     }
   }
-  // Ranking value per (query, key): offset[key] + scale[key] * <query, key>,
-  // which orders keys like the true distance for a fixed query.
-  const at::Tensor key_norms = at::linalg_vector_norm(keys, 2, {1}, false, value_type);
-  const at::Tensor key_offset = cosine ? at::zeros_like(key_norms) : key_norms.square();
-  const at::Tensor key_scale = cosine ? -key_norms.clamp_min(1e-12).reciprocal() : at::full_like(key_norms, -2.0);
+  const auto [key_offset, key_scale] = ranking_terms(keys, cosine, value_type);
   const at::Tensor indices = tile_candidates(queries, keys, key_offset, key_scale, candidates);
   auto [best_distances, best_indices] = best_of_candidates(queries, keys, indices, k, cosine);
   return {best_distances.to(value_type), best_indices};

@@ -159,11 +159,14 @@ def rechecked_queries():
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_int8_screening_certifies_separated_queries(int8_device, generator, metric, dtype):
-    # Random keys in 64-d: the bound (~1e-4 of |q||k|) is far inside the gaps
-    # between a query's neighbours, so no query needs the float64 ranking.
-    queries = rand(150, 64, dtype=dtype, device=int8_device, generator=generator)
-    keys = rand(700, 64, dtype=dtype, device=int8_device, generator=generator)
+@pytest.mark.parametrize("offset", [0.0, 100.0])
+def test_int8_screening_certifies_separated_queries(int8_device, generator, metric, dtype, offset):
+    # Random keys in 64-d: the bound (~1e-4 of |t_q||t_k| in the centred frame)
+    # is far inside the gaps between a query's neighbours, so no query needs the
+    # float64 ranking, also when every feature shares a large offset (as
+    # post-ReLU features do), which the frame's centre removes.
+    queries = (offset + rand(150, 64, dtype=torch.float64, generator=generator)).to(dtype).to(int8_device)
+    keys = (offset + rand(700, 64, dtype=torch.float64, generator=generator)).to(dtype).to(int8_device)
     before = rechecked_queries()
     distances, indices = alphanet_ext.knn(queries, keys, 5, metric)
     assert rechecked_queries() == before

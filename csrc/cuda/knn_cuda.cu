@@ -143,10 +143,16 @@ void for_list_size(const SelectParams& p, F&& f) {
 }
 
 // The int8 screening codes of a row per warp (see QuantizeParams), kQuantWarps
-// rows per block: the row's largest magnitude, then its codes and four sums of
-// squares, each reduced by a butterfly of shuffles (lane 0's order is fixed,
-// so the sums are deterministic; the maximum is the same in every lane).
+// rows per block: the row's norm (cosine), its largest magnitude in the ranking
+// frame, then its codes and five sums. Each reduction is a butterfly of
+// shuffles, which leaves the same bits in every lane (each step adds the same
+// two values, in swapped order), so the lanes agree on the norm and the scale.
 constexpr int kQuantWarps = 8;
+
+__device__ __forceinline__ double warp_sum(double value) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
+  return value;
+}
 
 template <typename T>
 __global__ void __launch_bounds__(kQuantWarps * kWarp) quantize_kernel(QuantizeParams p) {
@@ -154,8 +160,19 @@ __global__ void __launch_bounds__(kQuantWarps * kWarp) quantize_kernel(QuantizeP
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kQuantWarps + threadIdx.x / kWarp;
   for (int64_t row = first; row < p.num_rows; row += static_cast<int64_t>(gridDim.x) * kQuantWarps) {
     const T* values = static_cast<const T*>(p.rows) + row * p.row_stride;
+    double inverse_norm = 1.0;
+    if (p.normalize) {
+      double squares = 0.0;
+      for (int64_t j = lane; j < p.dims; j += kWarp) {
+        const double v = static_cast<double>(values[j]);
+        squares += v * v;
+      }
+      const double norm = sqrt(warp_sum(squares));
+      inverse_norm = 1.0 / (norm > kNormFloor ? norm : kNormFloor);
+    }
+    const auto framed = [&](int64_t j) { return static_cast<double>(values[j]) * inverse_norm - p.center[j]; };
     double largest = 0.0;
-    for (int64_t j = lane; j < p.dims; j += kWarp) largest = fmax(largest, fabs(static_cast<double>(values[j])));
+    for (int64_t j = lane; j < p.dims; j += kWarp) largest = fmax(largest, fabs(framed(j)));
     for (int offset = kWarp / 2; offset > 0; offset /= 2) {
       largest = fmax(largest, __shfl_xor_sync(0xffffffffu, largest, offset));
     }
@@ -163,32 +180,32 @@ __global__ void __launch_bounds__(kQuantWarps * kWarp) quantize_kernel(QuantizeP
     int8_t* codes = p.codes + row * 2 * p.padded_dims;
     int8_t* high_codes = codes + (p.low_first ? p.padded_dims : 0);
     int8_t* low_codes = codes + (p.low_first ? 0 : p.padded_dims);
-    double sums[4] = {0.0, 0.0, 0.0, 0.0};  // squares of v, s (hi + lo / 254), e and lo
+    double sums[5] = {0.0, 0.0, 0.0, 0.0, 0.0};  // t.t, coded.coded, e.e, lo.lo, t.center
     for (int64_t j = lane; j < p.padded_dims; j += kWarp) {
       double high = 0.0, low = 0.0;
       if (j < p.dims) {
-        const double v = static_cast<double>(values[j]), scaled = v / scale;
+        const double t = framed(j), scaled = t / scale;
         high = fmin(fmax(rint(scaled), -127.0), 127.0);
         low = fmin(fmax(rint((scaled - high) * 254.0), -127.0), 127.0);
-        const double coded = scale * (high + low / 254.0), error = v - coded;
-        sums[0] += v * v;
+        const double coded = scale * (high + low / 254.0), error = t - coded;
+        sums[0] += t * t;
         sums[1] += coded * coded;
         sums[2] += error * error;
         sums[3] += low * low;
+        sums[4] += t * p.center[j];
       }
       high_codes[j] = static_cast<int8_t>(high);
       low_codes[j] = static_cast<int8_t>(low);
     }
-    for (int offset = kWarp / 2; offset > 0; offset /= 2) {
 #pragma unroll
-      for (int s = 0; s < 4; ++s) sums[s] += __shfl_xor_sync(0xffffffffu, sums[s], offset);
-    }
+    for (int s = 0; s < 5; ++s) sums[s] = warp_sum(sums[s]);
     if (lane == 0) {
       p.stats[kQuantScale * p.stats_stride + row] = scale;
       p.stats[kQuantNorm * p.stats_stride + row] = sqrt(sums[0]);
       p.stats[kQuantCodedNorm * p.stats_stride + row] = sqrt(sums[1]);
       p.stats[kQuantErrorNorm * p.stats_stride + row] = sqrt(sums[2]);
       p.stats[kQuantLowNorm * p.stats_stride + row] = sqrt(sums[3]);
+      p.stats[kQuantCenterDot * p.stats_stride + row] = sums[4];
     }
   }
 }
