@@ -77,5 +77,5 @@ timeout "$(limit 80)" python -m pytest python_tests -q -p no:cacheprovider -k "n
 
 step "table"
 head -2 "$OUT/summary.log"; tail -1 "$OUT/tests_cuda.log"; tail -1 "$OUT/tests.log"
-grep -E "^\| |^card" "$OUT/bench_ops.log" "$OUT/bench_fit.log" | sed 's/^[^:]*://'
+grep -E "^\| |^card|^\(int8 screening" "$OUT/bench_ops.log" "$OUT/bench_fit.log" | sed 's/^[^:]*://'
 grep -E "inat2018 fit|Elapsed|Maximum resident|^\| (baseline|AlphaNet)" "$OUT/inat.log"
