@@ -230,6 +230,17 @@ at::Tensor int8_products(const at::Tensor& rows, const at::Tensor& columns) {
   }
 }
 
+at::Tensor unit_rows(const at::Tensor& rows) {
+  return rows / at::linalg_vector_norm(rows, 2, {1}, true).clamp_min(kNormFloor);
+}
+
+// Rows in the int8 screening's ranking frame, in float64 (quantize_kernel's, to
+// rounding; equal rows stay equal, so ties stay ties).
+at::Tensor framed(const at::Tensor& rows, bool cosine, const at::Tensor& center) {
+  const at::Tensor doubled = rows.to(at::kDouble);
+  return (cosine ? unit_rows(doubled) : doubled) - center;
+}
+
 bool use_int8(const at::Tensor& queries, int64_t candidates, int64_t num_keys) {
   return uses_cuda_kernels(queries) && int8_ranking_selected() && !int8_products_unavailable &&
          candidates < num_keys && candidates <= kMaxCandidates && queries.size(1) > 0 &&
@@ -245,9 +256,7 @@ std::tuple<at::Tensor, at::Tensor> int8_knn(const at::Tensor& queries, const at:
 
   // The frame's center: the keys' mean (of the unit rows, for cosine). Any
   // center keeps the result exact; this one keeps the bound tight.
-  const at::Tensor unit_keys =
-      cosine ? keys.to(value_type) / at::linalg_vector_norm(keys, 2, {1}, true, value_type).clamp_min(kNormFloor)
-             : keys;
+  const at::Tensor unit_keys = cosine ? unit_rows(keys.to(value_type)) : keys;
   const at::Tensor center = at::sum(unit_keys, {0}, false, at::kDouble) / static_cast<double>(num_keys);
 
   const int64_t padded_keys = round_up(num_keys, kCodedKeyAlignment);
@@ -327,10 +336,14 @@ std::tuple<at::Tensor, at::Tensor> int8_knn(const at::Tensor& queries, const at:
   const at::Tensor excluded_rank = values.select(1, candidates - 1) - bound - kBoundSlack * magnitude;
   const at::Tensor uncertain = at::nonzero(at::logical_not(excluded_rank > kth_rank)).squeeze(1);  // one sync
   if (uncertain.numel() > 0) {
+    // float64 matmul ranking in the same frame, whose rounding scales with the
+    // rows' spread rather than with a common offset
     rechecked_queries += uncertain.numel();
     const at::Tensor subset = queries.index_select(0, uncertain);
-    const auto [offset, key_scale] = ranking_terms(keys, cosine, at::kDouble);
-    const at::Tensor subset_indices = tile_candidates(subset, keys, offset, key_scale, candidates);
+    const at::Tensor framed_keys = framed(keys, cosine, center);
+    const at::Tensor offset = cosine ? -at::mv(framed_keys, center) : framed_keys.square().sum(1);
+    const at::Tensor subset_indices = tile_candidates(framed(subset, cosine, center), framed_keys, offset,
+                                                      at::full_like(offset, scale), candidates);
     auto [subset_distances, subset_best] = best_of_candidates(subset, keys, subset_indices, k, cosine);
     best_distances.index_copy_(0, uncertain, subset_distances);
     best_indices.index_copy_(0, uncertain, subset_best);

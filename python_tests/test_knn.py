@@ -177,13 +177,14 @@ def test_int8_screening_certifies_separated_queries(int8_device, generator, metr
 def test_int8_screening_ranks_uncertified_queries_in_float64(int8_device, generator, metric):
     # The first 3 queries sit by a cluster of keys 1e-9 apart, which int8 codes
     # cannot order: exactly those are ranked again, and every answer is exact.
-    # The other keys lie on the cluster's far side (in angle too), so the other
-    # queries' neighbourhoods never reach the cluster's ties.
+    # The other keys lie far from the cluster (distance > 50, where a query's
+    # 14 nearest other keys are within about 42; an angle above 90 degrees), so
+    # the other queries' neighbourhoods never reach the cluster's ties.
     base = torch.zeros(1, 40, dtype=torch.float64)
     base[0, 0] = 20.0
     near = base + 1e-9 * rand(60, 40, dtype=torch.float64, generator=generator)
     far = 5 * rand(240, 40, dtype=torch.float64, generator=generator)
-    far[:, 0] = -far[:, 0].abs()
+    far[:, 0] = -far[:, 0].abs() - 30.0
     keys = torch.cat([near, far])
     queries = torch.cat([base + 0.1 * rand(3, 40, dtype=torch.float64, generator=generator), keys[100:120] + 1e-3])
     before = rechecked_queries()
