@@ -165,6 +165,8 @@ def test_int8_screening_certifies_separated_queries(int8_device, generator, metr
     # is far inside the gaps between a query's neighbours, so no query needs the
     # float64 ranking, also when every feature shares a large offset (as
     # post-ReLU features do), which the frame's centre removes.
+    if offset and dtype in (torch.float16, torch.bfloat16):
+        pytest.skip("16-bit steps at 100 are 1/16 to 1/2: a lattice with many exact ties, which no bound certifies")
     queries = (offset + rand(150, 64, dtype=torch.float64, generator=generator)).to(dtype).to(int8_device)
     keys = (offset + rand(700, 64, dtype=torch.float64, generator=generator)).to(dtype).to(int8_device)
     before = rechecked_queries()
