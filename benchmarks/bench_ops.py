@@ -78,12 +78,17 @@ def card_rates(device):
     t_copy, _ = compare(lambda: target.copy_(source), lambda: None, device, 10)
     a = torch.randn(8192, 8192, device=device)
     t_mm, _ = compare(lambda: a @ a, lambda: None, device, 5)
+    rates = {"bandwidth": 2 * source.numel() * 4 / t_copy, "matmul": 2 * 8192**3 / t_mm, "int8": None}
     codes = torch.randint(-127, 128, (8192, 8192), dtype=torch.int8, device=device)
-    t_int8, _ = compare(lambda: torch._int_mm(codes, codes.t()), lambda: None, device, 5)
-    rates = {"bandwidth": 2 * source.numel() * 4 / t_copy, "matmul": 2 * 8192**3 / t_mm, "int8": 2 * 8192**3 / t_int8}
+    try:
+        t_int8, _ = compare(lambda: torch._int_mm(codes, codes.t()), lambda: None, device, 5)
+        rates["int8"] = 2 * 8192**3 / t_int8
+        int8_text = f"int8 matmul {rates['int8'] / 1e12:.0f} TOP/s"
+    except RuntimeError as error:  # knn then ranks with float matmuls too
+        int8_text = f"int8 matmul unavailable ({str(error).splitlines()[0]})"
     print(f"card: copy bandwidth {rates['bandwidth'] / 1e9:.0f} GB/s, fp32 matmul "
           f"{rates['matmul'] / 1e12:.1f} TFLOP/s (tf32 {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}), "
-          f"int8 matmul {rates['int8'] / 1e12:.0f} TOP/s")
+          f"{int8_text}")
     return rates
 
 
@@ -95,7 +100,7 @@ def row(name, size, ours, peer, device, repeats, peer_name, rates=None, moved_by
         fraction = f"{moved_bytes / t_ours / 1e9:.0f} GB/s = {moved_bytes / t_ours / rates['bandwidth']:.0%} of copy"
     elif rates and flops:
         fraction = f"{flops / t_ours / 1e12:.1f} TFLOP/s = {flops / t_ours / rates['matmul']:.0%} of matmul"
-        if int8_ops:  # the int8 screening's own work: three int8 products of depth d per pair
+        if int8_ops and rates["int8"]:  # the int8 screening's own work: three int8 products of depth d per pair
             fraction += f"; int8 {int8_ops / t_ours / 1e12:.0f} TOP/s = {int8_ops / t_ours / rates['int8']:.0%} of int8 matmul"
     print(f"| {name} | {size} | {t_ours * 1e3:.2f} | {peer_name} {t_peer * 1e3:.2f} | {t_peer / t_ours:.2f}x "
           f"| {mib(mem_ours)} | {mib(mem_peer)} | {fraction} |", flush=True)
