@@ -195,6 +195,29 @@ def test_int8_screening_ranks_uncertified_queries_in_float64(int8_device, genera
     check_against_reference(queries, keys, 7, metric, distances, indices, torch.float64)
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_int8_bound_covers_the_dropped_low_products(int8_device, generator, dtype):
+    # The estimate leaves out lo.lo / 254^2; here that term alone hides the
+    # nearest key. Features of 127/256 code as hi 0, lo 126 (error 3e-5), so the
+    # query's estimate to its exact copy is 2 * 60 * 126^2 / 254^2 = 29.5 too far,
+    # behind 9 lo-free decoys at 14.8 to 27.8. Only the lo.lo part of the bound
+    # (29.5 against 0.1 for the coding errors) keeps the query from being
+    # certified with a decoy. Keys come as +-rows, so the frame's centre is 0.
+    query = torch.zeros(64, dtype=torch.float64)
+    query[0], query[1:61] = 127.0, 127.0 / 256.0
+    decoys = torch.zeros(9, 64, dtype=torch.float64)
+    decoys[:, 0] = 127.0
+    decoys[:, 61:63] = torch.tensor([[0, 0], [1, 0], [1, 1], [2, 0], [2, 1], [2, 2], [3, 0], [3, 1], [3, 2.0]])
+    half = torch.cat([query[None], decoys])
+    keys = torch.cat([half, -half])[torch.randperm(20, generator=generator)]
+    queries = torch.cat([query[None], -query[None]]).repeat(9, 1)  # the int8 matmul wants more than 16 rows
+    before = rechecked_queries()
+    distances, indices = alphanet_ext.knn(queries.to(dtype).to(int8_device), keys.to(dtype).to(int8_device), 1)
+    assert rechecked_queries() - before == 18
+    check_against_reference(queries, keys, 1, "euclidean", distances, indices, dtype)
+    assert distances.abs().max() == 0
+
+
 def test_int8_screening_of_zero_rows(int8_device):
     # zero rows have no quantisation scale; a zero query ties every key under cosine
     keys = torch.cat([torch.zeros(3, 16), torch.arange(1.0, 31.0).outer(torch.ones(16))]).to(int8_device)
