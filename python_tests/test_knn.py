@@ -195,27 +195,55 @@ def test_int8_screening_ranks_uncertified_queries_in_float64(int8_device, genera
     check_against_reference(queries, keys, 7, metric, distances, indices, torch.float64)
 
 
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_int8_bound_covers_the_dropped_low_products(int8_device, generator, dtype):
-    # The estimate leaves out lo.lo / 254^2; here that term alone hides the
-    # nearest key. Features of 127/256 code as hi 0, lo 126 (error 3e-5), so the
-    # query's estimate to its exact copy is 2 * 60 * 126^2 / 254^2 = 29.5 too far,
-    # behind 9 lo-free decoys at 14.8 to 27.8. Only the lo.lo part of the bound
-    # (29.5 against 0.1 for the coding errors) keeps the query from being
-    # certified with a decoy. Keys come as +-rows, so the frame's centre is 0.
-    query = torch.zeros(64, dtype=torch.float64)
-    query[0], query[1:61] = 127.0, 127.0 / 256.0
-    decoys = torch.zeros(9, 64, dtype=torch.float64)
-    decoys[:, 0] = 127.0
-    decoys[:, 61:63] = torch.tensor([[0, 0], [1, 0], [1, 1], [2, 0], [2, 1], [2, 2], [3, 0], [3, 1], [3, 2.0]])
-    half = torch.cat([query[None], decoys])
-    keys = torch.cat([half, -half])[torch.randperm(20, generator=generator)]
-    queries = torch.cat([query[None], -query[None]]).repeat(9, 1)  # the int8 matmul wants more than 16 rows
+def rows_of_64(shared, tails=((),)):
+    """float64 rows of 64 features: 127 in feature 0 (so every row's int8 scale
+    is 1), `shared` in features 1-60, and each of `tails` from feature 61 on."""
+    rows = torch.zeros(len(tails), 64, dtype=torch.float64)
+    rows[:, 0], rows[:, 1:61] = 127.0, shared
+    for row, tail in zip(rows, tails):
+        row[61:61 + len(tail)] = torch.tensor(tail, dtype=torch.float64)
+    return rows
+
+
+def bound_cases():
+    # Each case hides the nearest key behind 9 decoys in the int8 estimates, by
+    # an estimate error that one term of the bound alone covers: without that
+    # term the bound is under 0.12 in (a) and 1e-4 in (b, c), less than the
+    # spread of the decoys, so a decoy would be certified as the nearest key.
+    # Features 1-60 carry the error; the decoys differ from feature 61 on.
+    # (a) lo.lo / 254^2, which the estimate leaves out: 127/256 codes as hi 0,
+    #     lo 126 (coding error 3e-5), so the estimate to the query's exact copy
+    #     is 2 * 60 * 126^2 / 254^2 = 29.5 too far, behind decoys at 14.8 to
+    #     27.8 without lo codes.
+    tails = [(0.0, 0.0), (1, 0), (1, 1), (2, 0), (2, 1), (2, 2), (3, 0), (3, 1), (3, 2)]
+    yield "lo.lo", rows_of_64(127 / 256), rows_of_64(0.0, tails), None
+    # (b) the query's coding error: 1 + 1/512 codes as 1 with error 1/512, so
+    #     the estimate to the key with 2 there (exact) is 2 * 60 / 512 * 1 =
+    #     0.234 too far. The decoys are 1 there and (7, 3, 1 + l/254) after:
+    #     farther by 0.026 to 0.20 (no lo codes in the query, no key errors).
+    tails = [(7.0, 3.0, 1 + step / 254) for step in range(86, 104, 2)]
+    yield "query error", rows_of_64(1 + 1 / 512), rows_of_64(1.0, tails), rows_of_64(2.0)
+    # (c) a key's coding error: the nearest key is 1 + 1/512 where the query is
+    #     1, so 2 * 60 / 512 = 0.234 too far in the estimate, behind decoys that
+    #     are 1 there and farther by (l/254)^2 - 60/512^2 = 0.0013 to 0.13.
+    tails = [(step / 254,) for step in range(10, 100, 10)]
+    yield "key error", rows_of_64(1.0), rows_of_64(1.0, tails), rows_of_64(1 + 1 / 512)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # 1 + 1/512 is not a bfloat16
+@pytest.mark.parametrize("case", list(bound_cases()), ids=lambda case: case[0])
+def test_int8_bound_needs_each_of_its_terms(int8_device, generator, dtype, case):
+    _, query, decoys, nearest = case
+    nearest = query if nearest is None else nearest
+    half = torch.cat([nearest, decoys])
+    keys = torch.cat([half, -half])[torch.randperm(20, generator=generator)]  # +-rows: the frame's centre is 0
+    queries = torch.cat([query, -query]).repeat(9, 1)  # the int8 matmul wants more than 16 rows
+    _, expected_indices = reference.knn(queries, keys, 1, "euclidean")
+    assert torch.equal(keys[expected_indices[:, 0]].abs(), nearest.expand(18, 64).abs())
     before = rechecked_queries()
     distances, indices = alphanet_ext.knn(queries.to(dtype).to(int8_device), keys.to(dtype).to(int8_device), 1)
     assert rechecked_queries() - before == 18
     check_against_reference(queries, keys, 1, "euclidean", distances, indices, dtype)
-    assert distances.abs().max() == 0
 
 
 def test_int8_screening_of_zero_rows(int8_device):
