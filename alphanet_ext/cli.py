@@ -18,8 +18,8 @@ import torch
 from . import __version__
 from .data import resolve_device
 from .fit import FitResult, fit
-from .io import (Features, InputError, load_author_splits, load_classifier, load_features, read_metadata, save_classifier,
-                 write_atomic)
+from .io import (Features, InputError, folder_features, load_author_splits, load_classifier, load_features,
+                 read_metadata, save_classifier, write_atomic)
 from .metrics import evaluate, make_splits
 from .analysis import Hierarchy, neighbor_views, pearson_with_interval, prediction_changes, semantic_accuracy
 from .report import COLUMNS, mean_std, pyplot, run_label, save_figure, write_report, write_text
@@ -144,23 +144,16 @@ def _check_fit_options(args: argparse.Namespace) -> None:
         raise UsageError("--hierarchy is used by the report: add --report DIR")
     if "auto" in args.rho and args.rho != ["auto"]:
         raise UsageError("--rho auto cannot be mixed with numbers")
-    author_val = os.path.isdir(args.train) and glob_exists(args.train, "val")
-    if args.rho == ["auto"] and args.val is None and not author_val:
+    if args.rho == ["auto"] and args.val is None and not _folder_has(args.train, "val"):
         raise UsageError("--rho auto needs --val (it picks rho on the validation set)")
 
 
 def run_fit(args: argparse.Namespace) -> int:
     _check_fit_options(args)
-    train = load_features(args.train, "train")
+    train, val, test = _load_train_val_test(args)
     weight, bias = load_classifier(args.classifier)
     if bias is None:
         bias = torch.zeros(weight.shape[0], dtype=weight.dtype)
-    val = load_features(args.val, "val") if args.val else None
-    test = load_features(args.test, "test") if args.test else None
-    if os.path.isdir(args.train) and args.val is None and glob_exists(args.train, "val"):
-        val = load_features(args.train, "val")
-    if os.path.isdir(args.train) and args.test is None and glob_exists(args.train, "test"):
-        test = load_features(args.train, "test")
     evaluated = test or val or train
     evaluated_on = "test" if test else ("val" if val else "train")
     hierarchy = Hierarchy.read(args.hierarchy, weight.shape[0]) if args.hierarchy else None
@@ -218,17 +211,25 @@ def run_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def glob_exists(folder: str, prefix: str) -> bool:
-    return any(name.startswith(prefix) and name.endswith(".pkl") for name in os.listdir(folder))
+def _folder_has(path: str, role: str) -> bool:
+    return os.path.isdir(path) and folder_features(path, role) is not None
+
+
+def _load_train_val_test(args: argparse.Namespace) -> tuple[Features, Features | None, Features | None]:
+    """--train, --val and --test; a --train folder also gives val and test where it has them."""
+    train = load_features(args.train, "train")
+    loaded = []
+    for role in ("val", "test"):
+        path = getattr(args, role) or (args.train if _folder_has(args.train, role) else None)
+        loaded.append(load_features(path, role) if path else None)
+    return train, loaded[0], loaded[1]
 
 
 def run_compare(args: argparse.Namespace) -> int:
     from . import baselines
-    train = load_features(args.train, "train")
+    train, val, test = _load_train_val_test(args)
     weight, bias = load_classifier(args.classifier)
     bias = torch.zeros(weight.shape[0], dtype=weight.dtype) if bias is None else bias
-    val = load_features(args.val, "val") if args.val else None
-    test = load_features(args.test, "test") if args.test else None
     evaluated, evaluated_on = (test, "test") if test else ((val, "val") if val else (train, "train"))
     counts = torch.bincount(torch.as_tensor(np.asarray(train.y), dtype=torch.long), minlength=weight.shape[0])
     splits = make_splits(counts, args.few_threshold, args.many_threshold)
@@ -401,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     fit_parser = commands.add_parser("fit", help="correct a classifier from feature files")
     fit_parser.add_argument("--train", required=True, help="train features (.npz, NAME_x.npy, .pt, .safetensors, "
-                            "or an authors'-layout folder)")
+                            "or a folder: alphanet synth's or the authors' layout, whose val and test are used too)")
     fit_parser.add_argument("--classifier", required=True, help="classifier (.pt/.pth, .npz, .safetensors)")
     fit_parser.add_argument("--val", help="validation features (selects epoch, trial and rho)")
     fit_parser.add_argument("--test", help="test features (for the printed table and the report)")
@@ -422,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit_parser.set_defaults(handler=run_fit)
 
     compare_parser = commands.add_parser("compare", help="AlphaNet against post-hoc peers, in one table")
-    compare_parser.add_argument("--train", required=True)
+    compare_parser.add_argument("--train", required=True, help="train features, as for fit")
     compare_parser.add_argument("--classifier", required=True)
     compare_parser.add_argument("--val", help="validation features (choose tau, epochs and trials)")
     compare_parser.add_argument("--test", help="test features (the table's data; else val, else train)")

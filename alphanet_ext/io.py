@@ -2,10 +2,11 @@
 
 Features: ``.npz`` (keys ``x``/``y`` or ``features``/``labels``), ``.npy`` pairs
 (``NAME_x.npy`` + ``NAME_y.npy`` or ``features.npy`` + ``labels.npy``, opened
-memory-mapped), ``.pt`` / ``.pth`` and ``.safetensors`` (same keys), or a folder
-in the authors' layout (``splits/{many,medium,few}.txt``, ``train*.pkl``,
-``val*.pkl``, ``test*.pkl`` with ``feats`` / ``labels``; a pickled list of such
-dicts is an ensemble whose features are concatenated).
+memory-mapped), ``.pt`` / ``.pth`` and ``.safetensors`` (same keys), or a
+folder: ``ROLE_x.npy`` pairs as ``alphanet synth`` writes them, or the authors'
+layout (``splits/{many,medium,few}.txt``, ``train*.pkl``, ``val*.pkl``,
+``test*.pkl`` with ``feats`` / ``labels``; a pickled list of such dicts is an
+ensemble whose features are concatenated).
 Classifiers: ``.pt`` / ``.pth`` state dict or dict with ``weight`` / ``bias``
 (a list of them is an ensemble), ``.npz``, ``.safetensors``.
 """
@@ -77,20 +78,29 @@ def _authors_pickle(path: str) -> Features:
     return _check_pair(torch.cat(xs, dim=1) if len(xs) > 1 else xs[0], labels, path)
 
 
-def _find_one(folder: str, prefix: str) -> str:
-    matches = sorted(glob.glob(os.path.join(folder, f"{prefix}*.pkl")))
-    if len(matches) != 1:
-        raise InputError(f"{folder}: expected one {prefix}*.pkl in the authors' layout, found {len(matches)}")
-    return matches[0]
+def folder_features(folder: str, role: str) -> str | None:
+    """The file of ``role``'s features in ``folder``: ``ROLE_x.npy`` (the layout
+    ``alphanet synth`` writes) or the one ``ROLE*.pkl`` (the authors'); None if neither."""
+    synth = os.path.join(folder, f"{role}_x.npy")
+    if os.path.exists(synth):
+        return synth
+    matches = sorted(glob.glob(os.path.join(folder, f"{role}*.pkl")))
+    if len(matches) > 1:
+        raise InputError(f"{folder}: expected one {role}*.pkl in the authors' layout, found {len(matches)}")
+    return matches[0] if matches else None
 
 
 def load_features(path: str, role: str = "train") -> Features:
-    """Features and labels from a file or an authors'-layout folder (``role`` picks ``train*/val*/test*.pkl``)."""
+    """Features and labels from a file or a folder (``role`` picks its train, val or test file)."""
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file or folder")
     try:
         if os.path.isdir(path):
-            return _authors_pickle(_find_one(path, role))
+            found = folder_features(path, role)
+            if found is None:
+                raise InputError(f"{path}: no {role}_x.npy (alphanet synth's layout) or {role}*.pkl (the authors' "
+                                 "layout) in this folder")
+            return load_features(found, role)
         lower = path.lower()
         if lower.endswith(".npz"):
             with np.load(path, allow_pickle=False) as data:

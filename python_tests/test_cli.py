@@ -129,8 +129,18 @@ def test_synth_then_fit(tmp_path):
     assert run("synth", "--preset", "places-lt", "--scale", 0.05, "--dim", 32, "--out", data, "--quiet") == 0
     assert {"train_x.npy", "train_y.npy", "val_x.npy", "test_x.npy", "classifier.pt", "hierarchy.txt"} <= \
         set(os.listdir(data))
-    assert run("fit", "--train", data / "train_x.npy", "--val", data / "val_x.npy", "--classifier",
-               data / "classifier.pt", "--out", tmp_path / "c.pt", "--epochs", 1, "--quiet") == 0
+    assert run("fit", "--train", data / "train_x.npy", "--val", data / "val_x.npy", "--test", data / "test_x.npy",
+               "--classifier", data / "classifier.pt", "--out", tmp_path / "files.pt", "--epochs", 1,
+               "--report", tmp_path / "files", "--quiet") == 0
+    # the folder itself: its val and test files are picked up as if named
+    assert run("fit", "--train", data, "--classifier", data / "classifier.pt", "--out", tmp_path / "folder.pt",
+               "--epochs", 1, "--report", tmp_path / "folder", "--quiet") == 0
+    by_folder, by_files = (json.loads((tmp_path / name / "report.json").read_text()) for name in ("folder", "files"))
+    assert by_folder["evaluated_on"] == "test" and by_folder["runs"][0]["val_top1"] is not None
+    for report in (by_folder, by_files):
+        report["runs"][0].pop("timings")
+    assert by_folder["runs"] == by_files["runs"]
+    assert torch.equal(torch.load(tmp_path / "folder.pt")["weight"], torch.load(tmp_path / "files.pt")["weight"])
 
 
 def test_report_when_the_distance_correlation_is_undefined(tmp_path):
@@ -150,6 +160,7 @@ def test_report_when_the_distance_correlation_is_undefined(tmp_path):
     ("truncated", "cannot read features"),
     ("missing_file", "no such file"),
     ("classifier_keys", "expected one 'weight' entry"),
+    ("empty_folder", "no train_x.npy (alphanet synth's layout) or train*.pkl (the authors' layout)"),
 ])
 def test_bad_files_fail_cleanly(problem, tmp_path, breakage, message, capsys):
     train = write_features(tmp_path, "train", problem.train_x, problem.train_y, "npz")
@@ -168,6 +179,9 @@ def test_bad_files_fail_cleanly(problem, tmp_path, breakage, message, capsys):
         open(train, "wb").write(content[: len(content) // 2])
     elif breakage == "missing_file":
         train = tmp_path / "absent.npz"
+    elif breakage == "empty_folder":
+        train = tmp_path / "empty"
+        train.mkdir()
     elif breakage == "classifier_keys":
         torch.save({"matrix": problem.weight}, classifier)
     out = tmp_path / "out" / "corrected.pt"
