@@ -19,9 +19,10 @@ CHUNK_ROWS = 16384
 
 
 def as_tensor(array: ArrayLike, name: str, device: torch.device | None = None) -> Tensor:
-    """A tensor view of ``array`` (no copy for torch, numpy and cupy via DLPack), on ``device`` if given."""
+    """A tensor view of ``array`` (no copy for torch, numpy and cupy via DLPack), on ``device`` if given;
+    detached, so a classifier's parameters can be passed as they are."""
     if isinstance(array, Tensor):
-        tensor = array
+        tensor = array.detach()
     elif isinstance(array, np.ndarray):
         tensor = torch.from_numpy(np.asarray(array)) if array.flags.writeable else torch.from_numpy(np.array(array))
     elif hasattr(array, "__dlpack__"):
@@ -84,7 +85,7 @@ def iter_row_chunks(array: ArrayLike, name: str, device: torch.device,
 def gather_rows(array: ArrayLike, rows: Tensor, name: str, device: torch.device) -> Tensor:
     """``array[rows]`` on ``device``; a memory-mapped array is read from its file in ascending row order."""
     if isinstance(array, Tensor):
-        return array[rows.to(array.device)].to(device)
+        return array.detach()[rows.to(array.device)].to(device)
     if isinstance(array, np.ndarray):
         rows_np = rows.cpu().numpy()
         order = np.argsort(rows_np, kind="stable")
@@ -114,6 +115,8 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
 
 
 def check_features(x: ArrayLike, name: str, dim: int | None = None) -> None:
+    if not hasattr(x, "shape"):  # features are read in row chunks, as arrays
+        raise TypeError(f"{name}: expected a torch tensor, numpy array or cupy array, got {type(x).__name__}")
     if len(x.shape) != 2:
         raise ValueError(f"{name} must be a 2-D array [samples, features], got shape {tuple(x.shape)}")
     if dim is not None and x.shape[1] != dim:

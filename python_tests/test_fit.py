@@ -163,6 +163,27 @@ def test_inputs_are_not_modified(problem):
     assert all(torch.equal(a, b) for a, b in zip(copies, (problem.train_x, problem.train_y, problem.weight, problem.bias)))
 
 
+def test_a_modules_parameters_and_features_with_grad_are_accepted(problem):
+    # as a training script has them: the last layer's parameters, features from a forward pass
+    layer = torch.nn.Linear(problem.weight.shape[1], problem.weight.shape[0])
+    with torch.no_grad():
+        layer.weight.copy_(problem.weight)
+        layer.bias.copy_(problem.bias)
+    features = problem.train_x.clone().requires_grad_()
+    from_module = alphanet_ext.fit(features, problem.train_y, layer.weight, layer.bias, epochs=2, progress=False)
+    plain = alphanet_ext.fit(problem.train_x, problem.train_y, problem.weight, problem.bias, epochs=2, progress=False)
+    assert torch.equal(from_module.weight, plain.weight) and not from_module.weight.requires_grad
+    assert layer.weight.grad is None and torch.equal(layer.weight, problem.weight)
+    scores = alphanet_ext.evaluate(layer.weight, layer.bias, features, problem.train_y, plain.splits)
+    expected = alphanet_ext.evaluate(problem.weight, problem.bias, problem.train_x, problem.train_y, plain.splits)
+    torch.testing.assert_close(scores, expected, rtol=0, atol=0)
+
+
+def test_features_that_are_not_arrays_are_named():
+    with pytest.raises(TypeError, match="train_x: expected a torch tensor, numpy array or cupy array, got list"):
+        alphanet_ext.fit([[1.0, 2.0]], [0], torch.ones(2, 2), progress=False)
+
+
 def test_without_val_keeps_the_last_epoch(problem):
     result = alphanet_ext.fit(problem.train_x, problem.train_y, problem.weight, problem.bias, progress=False)
     assert len(result.history) == 10 and result.best_epochs == [10] and result.trial_val_top1 == []
