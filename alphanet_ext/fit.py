@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Sequence
 
 import torch
@@ -55,7 +55,6 @@ class FitResult:
         return _apply_correction(weight, bias, self.splits["few"], self.neighbors, self.trial_alphas[trial],
                                  self.trial_few_bias[trial])
 
-
     def summary(self) -> dict[str, dict[str, float]]:
         """Mean and standard deviation over trials of the val top-1 per split."""
         out = {}
@@ -86,8 +85,20 @@ def _apply_correction(weight: ArrayLike, bias: ArrayLike | None, few: Tensor, ne
 
 
 def load(path: str | os.PathLike) -> FitResult:
-    """Reads a result written by :meth:`FitResult.save`."""
-    data = torch.load(path, map_location="cpu", weights_only=False)
+    """Reads a result written by :meth:`FitResult.save`. Only tensors and plain
+    containers are read (``weights_only``), so a file cannot run code."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as error:  # noqa: BLE001  (corrupt, truncated or foreign files)
+        raise ValueError(f"{os.fspath(path)}: not a result saved by FitResult.save (torch.load raised "
+                         f"{type(error).__name__})") from None
+    names = {item.name for item in fields(FitResult)}
+    required = {item.name for item in fields(FitResult) if item.default is MISSING and item.default_factory is MISSING}
+    if not isinstance(data, dict) or not required <= data.keys() or not data.keys() <= names:
+        found = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"{os.fspath(path)}: not a result saved by FitResult.save (found {found})")
     return FitResult(**data)
 
 

@@ -193,6 +193,8 @@ def load_author_splits(folder: str) -> dict[str, torch.Tensor] | None:
 
 def write_atomic(path: str, write: Callable[[str], None]) -> None:
     """Calls ``write(temporary_path)`` then renames it onto ``path``: readers never see half a file."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a folder; give the path of a file to write")
     directory = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(directory, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])

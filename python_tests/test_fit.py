@@ -1,4 +1,6 @@
 import importlib
+import os
+import pickle
 import sys
 
 import numpy as np
@@ -202,6 +204,33 @@ def test_save_and_load(problem, tmp_path):
     loaded = alphanet_ext.load(path)
     assert torch.equal(loaded.weight, result.weight) and loaded.history == result.history
     assert [p.name for p in tmp_path.iterdir()] == ["result.pt"]  # no temporary left behind
+
+
+def test_load_refuses_what_save_did_not_write(problem, tmp_path):
+    result = quick_fit(problem, epochs=2)
+    with pytest.raises(IsADirectoryError, match="is a folder; give the path of a file"):
+        result.save(tmp_path)
+    torch.save({"weight": problem.weight}, tmp_path / "classifier.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"not a torch file")
+    result.save(tmp_path / "result.pt")
+    (tmp_path / "truncated.pt").write_bytes((tmp_path / "result.pt").read_bytes()[:2000])
+    for name, found in (("classifier.pt", r"found \['weight'\]"), ("garbage.pt", "torch.load raised"),
+                        ("truncated.pt", "torch.load raised")):
+        with pytest.raises(ValueError, match=f"{name}: not a result saved by FitResult.save " + f"\\(.*{found}"):
+            alphanet_ext.load(tmp_path / name)
+    # a pickle that would run code is refused, not run
+    (tmp_path / "code.pt").write_bytes(pickle.dumps(Exploit(str(tmp_path / "ran")), protocol=2))
+    with pytest.raises(ValueError, match="torch.load raised"):
+        alphanet_ext.load(tmp_path / "code.pt")
+    assert not (tmp_path / "ran").exists()
+
+
+class Exploit:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mknod, (self.path,))
 
 
 def test_corrects_the_few_split_and_beats_random_neighbours():
