@@ -196,8 +196,11 @@ def write_atomic(path: str, write: Callable[[str], None]) -> None:
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path} is a folder; give the path of a file to write")
     directory = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    try:
+        os.makedirs(directory, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    except OSError as error:
+        raise type(error)(f"cannot write {path}: {error.strerror}") from None
     os.close(handle)
     try:
         write(temporary)

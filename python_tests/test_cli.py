@@ -192,6 +192,21 @@ def test_bad_files_fail_cleanly(problem, tmp_path, breakage, message, capsys):
     assert not out.exists() and not (out.parent.exists() and os.listdir(out.parent))
 
 
+def test_unwritable_output_fails_cleanly(problem, tmp_path, capsys):
+    train = write_features(tmp_path, "train", problem.train_x, problem.train_y, "npz")
+    classifier = tmp_path / "classifier.pt"
+    torch.save({"weight": problem.weight, "bias": problem.bias}, classifier)
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "folder.pt").mkdir()
+    for out, message in ((tmp_path / "a_file" / "c.pt", "cannot write"), (tmp_path / "folder.pt", "is a folder")):
+        capsys.readouterr()
+        assert run("fit", "--train", train, "--classifier", classifier, "--out", out, "--epochs", 1, "--quiet") == 1
+        error = capsys.readouterr().err.strip()
+        assert error.startswith("alphanet: error:") and message in error and "\n" not in error
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "classifier.pt", "folder.pt", "train.npz"]
+    assert not os.listdir(tmp_path / "folder.pt")
+
+
 def test_usage_errors_exit_2():
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["fit", "--train", "x.npz"])
