@@ -156,7 +156,9 @@ def knn(queries: Tensor, keys: Tensor, k: int, metric: str = "euclidean") -> tup
         (and for the queries CUDA ranks again) the lower-index rule can only
         fail when more than 8 keys beyond the k-th tie with it to within float32
         (float64 on CUDA) rounding, as in degenerate data such as 1-d cosine;
-        the screened CPU path has no such limit.
+        the screened CPU path has no such limit. The distances are
+        differentiable with respect to queries and keys (zero gradient where a
+        distance is zero); the indices are constant.
     """
     if not HAS_EXTENSION:
         _fallback("knn")
@@ -228,6 +230,34 @@ if HAS_EXTENSION:
         _check_one_device("knn", queries=queries, keys=keys)
         return (queries.new_empty(queries.shape[0], k, dtype=_acc_dtype(queries.dtype)),
                 queries.new_empty(queries.shape[0], k, dtype=torch.long))
+
+    def _knn_setup(ctx, inputs, output):
+        queries, keys, _, metric = inputs
+        ctx.save_for_backward(queries, keys, output[1])
+        ctx.metric = metric
+
+    def _knn_backward(ctx, grad_distances, _):
+        # The indices are piecewise constant, so the distances' gradient is the
+        # distance formula's at the chosen pairs: float64, a chunk of queries at a time.
+        queries, keys, indices = ctx.saved_tensors
+        need_queries, need_keys = ctx.needs_input_grad[:2]
+        grad_queries = torch.zeros_like(queries) if need_queries else None
+        grad_keys = keys.new_zeros(keys.shape, dtype=torch.float64) if need_keys else None
+        chunk = max(1, (1 << 22) // max(1, indices.shape[1] * queries.shape[1]))
+        for begin in range(0, queries.shape[0], chunk):
+            rows = indices[begin:begin + chunk]
+            with torch.enable_grad():
+                q = queries[begin:begin + chunk].detach().double().requires_grad_()
+                neighbors = keys.detach()[rows].double().requires_grad_()
+                distances = reference.pair_distances(q, neighbors, ctx.metric)
+                grad_q, grad_n = torch.autograd.grad(distances, (q, neighbors), grad_distances[begin:begin + chunk])
+            if need_queries:
+                grad_queries[begin:begin + chunk] = grad_q
+            if need_keys:
+                grad_keys.index_add_(0, rows.flatten(), grad_n.flatten(0, 1))
+        return grad_queries, grad_keys.to(keys.dtype) if need_keys else None, None, None
+
+    torch.library.register_autograd("alphanet::knn", _knn_backward, setup_context=_knn_setup)
 
     @torch.library.register_fake("alphanet::alpha_combine")
     def _alpha_combine_fake(source, targets, neighbors, alphas, dim=0):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["class_means", "knn", "alpha_combine"]
+__all__ = ["class_means", "pairwise_distances", "pair_distances", "knn", "alpha_combine"]
 
 
 def class_means(x: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
@@ -31,6 +31,17 @@ def pairwise_distances(queries: Tensor, keys: Tensor, metric: str = "euclidean")
     if metric != "euclidean":
         raise ValueError(f"knn: metric must be 'euclidean' or 'cosine', got {metric!r}")
     return torch.cdist(q, k, compute_mode="donot_use_mm_for_euclid_dist")
+
+
+def pair_distances(queries: Tensor, neighbors: Tensor, metric: str = "euclidean") -> Tensor:
+    """Distances ``[q, k]`` from each query ``[q, d]`` to its own rows of ``neighbors [q, k, d]``
+    (the formulas of :func:`pairwise_distances`; differentiable, zero gradient at zero distance)."""
+    q, n = queries.double().unsqueeze(1), neighbors.double()
+    if metric == "cosine":
+        q = q / q.norm(dim=2, keepdim=True).clamp_min(1e-12)
+        n = n / n.norm(dim=2, keepdim=True).clamp_min(1e-12)
+        return 1.0 - (q * n).sum(dim=2)
+    return torch.linalg.vector_norm(q - n, dim=2)
 
 
 def knn(queries: Tensor, keys: Tensor, k: int, metric: str = "euclidean",

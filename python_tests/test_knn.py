@@ -126,6 +126,30 @@ def test_same_result_for_any_thread_count(device, generator):
     assert torch.equal(one[0], several[0]) and torch.equal(one[1], several[1])
 
 
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_distances_are_differentiable(device, generator, metric):
+    queries = rand(9, 6, dtype=torch.float64, generator=generator).to(device).requires_grad_()
+    keys = rand(25, 6, dtype=torch.float64, generator=generator).to(device).requires_grad_()
+    assert torch.autograd.gradcheck(lambda q, x: alphanet_ext.knn(q, x, 4, metric)[0], (queries, keys))
+    # against autograd of the reference, with keys shared by several queries
+    weights = rand(9, 4, dtype=torch.float64, generator=generator).to(device)
+    (alphanet_ext.knn(queries, keys, 4, metric)[0] * weights).sum().backward()
+    q, x = queries.detach().cpu().requires_grad_(), keys.detach().cpu().requires_grad_()
+    (reference.knn(q, x, 4, metric)[0] * weights.cpu()).sum().backward()
+    torch.testing.assert_close(queries.grad.cpu(), q.grad)
+    torch.testing.assert_close(keys.grad.cpu(), x.grad)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_gradient_at_zero_distance_is_zero_and_in_the_input_dtype(device, generator, dtype):
+    keys = rand(12, 5, dtype=dtype, generator=generator).to(device)
+    queries = keys[3:5].clone().requires_grad_()  # each query is also a key, at distance 0
+    distances, indices = alphanet_ext.knn(queries, keys, 1)
+    distances.sum().backward()
+    assert indices.flatten().tolist() == [3, 4] and queries.grad.dtype == dtype
+    assert torch.equal(queries.grad, torch.zeros_like(queries))
+
+
 @pytest.mark.parametrize("queries,keys,k,metric,message", [
     (torch.ones(2, 3), torch.ones(4, 3), 5, "euclidean", r"k \(5\) is larger than the number of keys \(4\)"),
     (torch.ones(2, 3), torch.ones(4, 3), 0, "euclidean", "k must be at least 1"),
