@@ -20,16 +20,17 @@ def test_torch_compile_traces_every_op(device):
         return combined.sum() + distances.sum() + counts.sum()
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
-    x = torch.randn(60, 8, device=device)
+    x = torch.randn(60, 8, device=device, requires_grad=True)  # gradients flow back through all three ops
     labels = torch.arange(60, device=device) % 6
     alphas = torch.rand(2, 3, device=device, requires_grad=True)
-    eager_alphas = alphas.detach().clone().requires_grad_()
+    eager_x, eager_alphas = (t.detach().clone().requires_grad_() for t in (x, alphas))
     result = compiled(x, labels, alphas)
     result.backward()
-    expected = step(x, labels, eager_alphas)
+    expected = step(eager_x, labels, eager_alphas)
     expected.backward()
     torch.testing.assert_close(result, expected)
     torch.testing.assert_close(alphas.grad, eager_alphas.grad)
+    torch.testing.assert_close(x.grad, eager_x.grad)
 
 
 def test_fake_tensors_give_output_shapes():
