@@ -5,6 +5,7 @@ Exit codes: 0 success, 1 failure (one-line error on stderr), 2 usage error.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -138,8 +139,6 @@ class UsageError(Exception):
 
 
 def _check_fit_options(args: argparse.Namespace) -> None:
-    if args.levels < 0:
-        raise UsageError(f"--levels must be at least 0, got {args.levels}")
     if args.hierarchy and not args.report:
         raise UsageError("--hierarchy is used by the report: add --report DIR")
     if "auto" in args.rho and args.rho != ["auto"]:
@@ -357,13 +356,34 @@ def run_demo(args: argparse.Namespace) -> int:
         return run_fit(fit_args)
 
 
+def _bounded(kind: type, low: float, high: float | None = None, low_open: bool = False):
+    """An argparse type: a finite ``kind`` in [low, high] ((low, high] with ``low_open``),
+    so a value no fit could use is a usage error before any file is read."""
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        below = value <= low if low_open else value < low
+        if below or (high is not None and value > high):
+            bounds = f"in {'(' if low_open else '['}{low:g}, {high:g}]" if high is not None else \
+                f"{'above' if low_open else 'at least'} {low:g}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+        return value
+    return convert
+
+
+_non_negative = _bounded(float, 0.0)
+
+
 def _rho_value(text: str) -> float | str:
-    if text == "auto":
-        return text
     try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"rho must be a number or 'auto', got {text!r}") from None
+        return text if text == "auto" else _non_negative(text)
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(f"{error} (or 'auto')") from None
 
 
 def _device(text: str) -> str:
@@ -385,20 +405,22 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--device", type=_device, default=None,
                          help="cpu, cuda, cuda:1 ... (default: cuda when available)")
         sub.add_argument("--quiet", action="store_true", help="no progress output")
-        sub.add_argument("--few-threshold", type=int, default=20, help="few split: fewer train samples than this")
-        sub.add_argument("--many-threshold", type=int, default=100, help="many split: more train samples than this")
+        sub.add_argument("--few-threshold", type=_bounded(int, 1), default=20,
+                         help="few split: fewer train samples than this")
+        sub.add_argument("--many-threshold", type=_bounded(int, 0), default=100,
+                         help="many split: more train samples than this")
 
     def training_options(sub: argparse.ArgumentParser, metrics: tuple[str, ...], rho_default: list,
                          rho_type, rho_help: str) -> None:
-        sub.add_argument("--k", type=int, nargs="+", default=[5],
+        sub.add_argument("--k", type=_bounded(int, 1), nargs="+", default=[5],
                          help="neighbours per few class; several values sweep k (default 5)")
         sub.add_argument("--rho", type=rho_type, nargs="+", default=rho_default, help=rho_help)
         sub.add_argument("--metric", choices=metrics, default="euclidean")
-        sub.add_argument("--epochs", type=int, default=None, help="default 25 with --val, else 10")
-        sub.add_argument("--batch-size", type=int, default=64)
-        sub.add_argument("--trials", type=int, default=1)
+        sub.add_argument("--epochs", type=_bounded(int, 1), default=None, help="default 25 with --val, else 10")
+        sub.add_argument("--batch-size", type=_bounded(int, 1), default=64)
+        sub.add_argument("--trials", type=_bounded(int, 1), default=1)
         sub.add_argument("--seed", type=int, default=0)
-        sub.add_argument("--pred-scale", type=float, default=1.0)
+        sub.add_argument("--pred-scale", type=_bounded(float, 0.0, low_open=True), default=1.0)
 
     fit_parser = commands.add_parser("fit", help="correct a classifier from feature files")
     fit_parser.add_argument("--train", required=True, help="train features (.npz, NAME_x.npy, .pt, .safetensors, "
@@ -410,13 +432,13 @@ def build_parser() -> argparse.ArgumentParser:
     fit_parser.add_argument("--report", help="folder for report.json, report.md and plots")
     training_options(fit_parser, ("euclidean", "cosine", "random"), [1.0], _rho_value,
                      "one value, several to sweep, or 'auto' (sweep %s on val)" % (AUTO_RHOS,))
-    fit_parser.add_argument("--max-overall-drop", type=float, default=1.0,
+    fit_parser.add_argument("--max-overall-drop", type=_non_negative, default=1.0,
                             help="with --rho auto: the most overall val top-1 (points) to give up for the few split")
     fit_parser.add_argument("--control", action="store_true",
                             help="also fit the random-neighbour control for every k and rho (report tables only)")
     fit_parser.add_argument("--hierarchy", help="class hierarchy for the report: a text file of 'CHILD PARENT' lines, "
                             "classes named by their index, inner nodes by any other name")
-    fit_parser.add_argument("--levels", type=int, default=4,
+    fit_parser.add_argument("--levels", type=_bounded(int, 0), default=4,
                             help="with --hierarchy: a prediction sharing an ancestor at most this many levels above "
                             "the true class counts as semantically close (default 4)")
     common(fit_parser)
@@ -428,7 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare_parser.add_argument("--val", help="validation features (choose tau, epochs and trials)")
     compare_parser.add_argument("--test", help="test features (the table's data; else val, else train)")
     compare_parser.add_argument("--report", help="folder for compare.json, compare.md and frontier.png")
-    training_options(compare_parser, ("euclidean", "cosine"), [0.5, 1.0, 1.5], float, "values of rho to compare")
+    training_options(compare_parser, ("euclidean", "cosine"), [0.5, 1.0, 1.5], _non_negative,
+                     "values of rho to compare")
     common(compare_parser)
     compare_parser.set_defaults(handler=run_compare)
 
@@ -442,9 +465,11 @@ def build_parser() -> argparse.ArgumentParser:
     synth_parser = commands.add_parser("synth", help="write a synthetic long-tailed problem")
     synth_parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
     synth_parser.add_argument("--out", required=True)
-    synth_parser.add_argument("--scale", type=float, default=1.0, help="fraction of the preset's classes (0, 1]")
+    synth_parser.add_argument("--scale", type=_bounded(float, 0.0, 1.0, low_open=True), default=1.0,
+                              help="fraction of the preset's classes (0, 1]")
     synth_parser.add_argument("--seed", type=int, default=0)
-    synth_parser.add_argument("--dim", type=int, default=None, help="feature dimension (default: the preset's)")
+    synth_parser.add_argument("--dim", type=_bounded(int, 1), default=None,
+                              help="feature dimension (default: the preset's)")
     common(synth_parser)
     synth_parser.set_defaults(handler=run_synth)
 
@@ -460,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.few_threshold > args.many_threshold + 1:
+            raise UsageError(f"--few-threshold ({args.few_threshold}) cannot exceed --many-threshold + 1 "
+                             f"({args.many_threshold + 1}): the medium split would overlap the others")
         return args.handler(args)
     except KeyboardInterrupt:
         print("alphanet: interrupted", file=sys.stderr)

@@ -221,7 +221,7 @@ def test_usage_errors_exit_2():
 
 
 @pytest.mark.parametrize("arguments,message", [
-    (["--levels", "-1"], "--levels must be at least 0, got -1"),
+    (["--few-threshold", "50", "--many-threshold", "10"], "--few-threshold (50) cannot exceed --many-threshold + 1"),
     (["--hierarchy", "tree.txt"], "--hierarchy is used by the report: add --report DIR"),
     (["--rho", "auto", "0.5"], "--rho auto cannot be mixed with numbers"),
     (["--rho", "auto"], "--rho auto needs --val"),
@@ -231,6 +231,34 @@ def test_option_conflicts_exit_2_before_any_file_is_read(arguments, message, cap
     assert run("fit", "--train", "absent.npz", "--classifier", "absent.pt", "--out", "x.pt", *arguments) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("alphanet fit: error:") and message in error
+
+
+@pytest.mark.parametrize("command,option,value,message", [
+    ("fit", "--k", "0", "must be at least 1, got 0"),
+    ("fit", "--rho", "-0.5", "must be at least 0, got -0.5 (or 'auto')"),
+    ("fit", "--rho", "nan", "must be a finite number, got nan"),
+    ("fit", "--epochs", "2.5", "expected an integer, got '2.5'"),
+    ("fit", "--batch-size", "0", "must be at least 1"),
+    ("fit", "--trials", "-1", "must be at least 1"),
+    ("fit", "--pred-scale", "0", "must be above 0, got 0"),
+    ("fit", "--max-overall-drop", "-1", "must be at least 0"),
+    ("fit", "--levels", "-1", "must be at least 0, got -1"),
+    ("compare", "--rho", "-1", "must be at least 0, got -1"),
+    ("eval", "--few-threshold", "0", "must be at least 1, got 0"),
+    ("synth", "--scale", "0", "must be in (0, 1], got 0"),
+    ("synth", "--scale", "1.5", "must be in (0, 1], got 1.5"),
+    ("synth", "--dim", "0", "must be at least 1, got 0"),
+])
+def test_values_no_fit_can_use_exit_2_before_any_file_is_read(command, option, value, message, capsys):
+    files = {"fit": ["--train", "absent.npz", "--classifier", "absent.pt", "--out", "x.pt"],
+             "compare": ["--train", "absent.npz", "--classifier", "absent.pt"],
+             "eval": ["--classifier", "absent.pt", "--data", "absent.npz"],
+             "synth": ["--preset", "cifar100-lt", "--out", "absent"]}[command]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, *files, option, value])
+    assert exit_info.value.code == 2
+    assert f"alphanet {command}: error: argument {option}: {message}" in capsys.readouterr().err
+    assert not os.path.exists("absent")
 
 
 def test_eval_without_known_splits_exits_2(problem, tmp_path, capsys):
