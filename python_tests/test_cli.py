@@ -298,6 +298,14 @@ def test_compare(problem, tmp_path, capsys):
     data = json.loads((report / "compare.json").read_text())
     assert len(data["methods"]) == 8
     assert (report / "frontier.png").exists() == HAS_MATPLOTLIB
+    # a folder of NAME_x.npy pairs gives the same table: its val and test sets are used
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for role in ("train", "val", "test"):
+        write_features(folder, role, getattr(problem, f"{role}_x"), getattr(problem, f"{role}_y"), "npy")
+    assert run("compare", "--train", folder, "--classifier", classifier, "--rho", 0.5, "--epochs", 2,
+               "--report", tmp_path / "by_folder", "--quiet") == 0
+    assert json.loads((tmp_path / "by_folder" / "compare.json").read_text())["methods"] == data["methods"]
 
 
 def test_k_sweep_control_and_analyses_in_the_report(problem, tmp_path):
