@@ -275,7 +275,8 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
     Args:
         train_x, train_y: training features ``[N, d]`` and labels ``[N]`` (torch,
             numpy — memory-mapped arrays are read in chunks — or cupy arrays).
-        weight, bias: the trained classifier ``[C, d]`` and ``[C]`` (bias may be None).
+        weight, bias: the trained classifier ``[C, d]`` and ``[C]`` (bias may be None);
+            a module's parameters (``model.fc.weight``) can be passed as they are.
         val_x, val_y: optional validation set; selects the epoch (best overall
             top-1 among epochs ``>= min_epochs``) and the best trial.
         k: neighbours per few class. rho: base samples drawn per few sample each epoch.
