@@ -187,7 +187,6 @@ constexpr double kHighCodeScale = 254.0;   // lo counts in units of 1/254 of hi'
 constexpr double kBoundSlack = 1e-9;       // float64 rounding in the estimates, bounds and recheck
 
 std::atomic<int64_t> rechecked_queries{0};  // queries the int8 bound could not certify, since load
-std::atomic<bool> int8_products_unavailable{false};
 
 int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
 
@@ -217,7 +216,8 @@ at::Tensor quantize(const at::Tensor& rows, bool cosine, const at::Tensor& cente
 }
 
 // Raised when the library's int8 matmul refuses (a GPU or build without it):
-// knn then ranks with float matmuls, as ALPHANET_KNN_RANKING=matmul.
+// knn then ranks with float matmuls, as ALPHANET_KNN_RANKING=matmul. Running
+// out of memory is not a refusal: it propagates.
 struct Int8ProductsUnavailable {
   std::string reason;
 };
@@ -225,8 +225,11 @@ struct Int8ProductsUnavailable {
 at::Tensor int8_products(const at::Tensor& rows, const at::Tensor& columns) {
   try {
     return at::_int_mm(rows, columns);
-  } catch (const c10::Error& error) {
-    throw Int8ProductsUnavailable{error.what_without_backtrace()};
+  } catch (const c10::OutOfMemoryError&) {
+    throw;
+  } catch (const std::exception& error) {
+    const std::string what = error.what();
+    throw Int8ProductsUnavailable{what.substr(0, what.find('\n'))};
   }
 }
 
@@ -242,7 +245,7 @@ at::Tensor framed(const at::Tensor& rows, bool cosine, const at::Tensor& center)
 }
 
 bool use_int8(const at::Tensor& queries, int64_t candidates, int64_t num_keys) {
-  return uses_cuda_kernels(queries) && int8_ranking_selected() && !int8_products_unavailable &&
+  return uses_cuda_kernels(queries) && int8_ranking_selected() &&
          candidates < num_keys && candidates <= kMaxCandidates && queries.size(1) > 0 &&
          round_up(queries.size(1), kCodeAlignment) <= kMaxQuantDims;
 }
@@ -383,8 +386,8 @@ std::tuple<at::Tensor, at::Tensor> knn(const at::Tensor& queries, const at::Tens
       auto [best_distances, best_indices] = int8_knn(queries, keys, k, candidates, cosine);
       return {best_distances.to(value_type), best_indices};
     } catch (const Int8ProductsUnavailable& error) {
-      int8_products_unavailable = true;
-      TORCH_WARN(kOp, ": the int8 matmul is unavailable (", error.reason, "); ranking with float matmuls instead");
+      TORCH_WARN(kOp, ": the int8 matmul is unavailable (", error.reason, "); ranking with float matmuls instead "
+                 "(ALPHANET_KNN_RANKING=matmul skips the attempt)");
     }
   }
   const auto [key_offset, key_scale] = ranking_terms(keys, cosine, value_type);

@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 
@@ -277,6 +279,28 @@ def test_int8_screening_of_zero_rows(int8_device):
     for metric in ("euclidean", "cosine"):
         distances, indices = alphanet_ext.knn(queries, keys, 4, metric)
         check_against_reference(queries, keys, 4, metric, distances, indices, torch.float32)
+
+
+def test_without_the_int8_matmul_knn_ranks_with_float_matmuls(int8_device, generator, capfd):
+    # a GPU or build whose int8 matmul refuses: knn warns and takes the matmul path
+    library = torch.library.Library("aten", "IMPL")
+    def refuse(rows, columns):
+        raise RuntimeError("int8 matmul not supported here")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that the kernel is overridden
+        library.impl("_int_mm", refuse, "CUDA" if int8_device == "cuda" else "CPU")
+    try:
+        queries = rand(40, 24, generator=generator).to(int8_device)
+        keys = rand(300, 24, generator=generator).to(int8_device)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            distances, indices = alphanet_ext.knn(queries, keys, 5)
+    finally:
+        library._destroy()
+    check_against_reference(queries, keys, 5, "euclidean", distances, indices, torch.float32)
+    # C++ warnings of custom ops reach Python's warnings only in newer torch; else stderr
+    said = capfd.readouterr().err + " ".join(str(warning.message) for warning in caught)
+    assert "knn: the int8 matmul is unavailable (RuntimeError: int8 matmul not supported here)" in said
 
 
 def test_unknown_ranking_setting_is_named(int8_device, monkeypatch):
