@@ -97,6 +97,7 @@ class ClassMeanAccumulator:
 
     Sums are kept in float32 (float64 if ``dtype=torch.float64``); adding chunks
     of one dataset in order gives the same bits as one ``class_means`` call.
+    It keeps statistics, not a graph: for gradients use ``class_means``.
     """
 
     def __init__(self, num_classes: int, dim: int, device: torch.device | str | None = None,
