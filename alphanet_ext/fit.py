@@ -76,8 +76,8 @@ def _apply_correction(weight: ArrayLike, bias: ArrayLike | None, few: Tensor, ne
                       few_bias: Tensor) -> tuple[Tensor, Tensor]:
     """The input classifier (on the CPU) with its few rows corrected: base rows keep
     the caller's exact values and dtype."""
-    w = as_tensor(weight, "weight").detach().cpu().clone()
-    b = torch.zeros(w.shape[0]) if bias is None else as_tensor(bias, "bias").detach().cpu().clone()
+    w = as_tensor(weight, "weight").cpu().clone()
+    b = torch.zeros(w.shape[0]) if bias is None else as_tensor(bias, "bias").cpu().clone()
     few, neighbors = few.cpu(), neighbors.cpu()
     w[few] = ops.alpha_combine(w, few, neighbors, alphas.detach().cpu())
     b[few] = few_bias.detach().cpu().to(b.dtype)
