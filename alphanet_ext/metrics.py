@@ -26,9 +26,20 @@ def make_splits(counts: Tensor, few_threshold: int = 20, many_threshold: int = 1
 
 def split_of_classes(splits: Mapping[str, Tensor], num_classes: int) -> Tensor:
     """Split index (0 many, 1 medium, 2 few, -1 none) of every class."""
+    unknown = sorted(set(splits) - set(SPLIT_NAMES))
+    if unknown:
+        raise ValueError(f"splits: unknown split {unknown[0]!r} (the splits are {', '.join(SPLIT_NAMES)})")
     which = torch.full((num_classes,), -1, dtype=torch.long)
     for index, name in enumerate(SPLIT_NAMES):
-        ids = torch.as_tensor(splits.get(name, []), dtype=torch.long)
+        ids = torch.as_tensor(splits.get(name, []), dtype=torch.long).cpu().flatten()
+        outside = ids[(ids < 0) | (ids >= num_classes)]
+        if outside.numel():
+            raise ValueError(f"splits[{name!r}] has class {int(outside[0])}, outside the classifier's "
+                             f"{num_classes} classes")
+        taken = which[ids]
+        if bool((taken >= 0).any()):
+            other = SPLIT_NAMES[int(taken[taken >= 0][0])]
+            raise ValueError(f"splits: class {int(ids[taken >= 0][0])} is in both {other!r} and {name!r}")
         which[ids] = index
     return which
 

@@ -1,4 +1,5 @@
 import importlib
+import math
 import os
 import pickle
 import sys
@@ -281,6 +282,13 @@ def test_evaluate_hand_computed():
     assert result["top5"]["overall"] == 100.0
     assert result["per_class_top1"].tolist() == [100.0, 50.0, 0.0]
     assert result["predictions"].tolist() == [0, 1, 2, 0]
+    # a split left out scores NaN; splits that cannot be right are named
+    assert math.isnan(alphanet_ext.evaluate(weight, None, x, y, {"many": [0, 1]})["top1"]["few"])
+    for bad, message in (({"many": [0, 1], "medium": [1]}, "class 1 is in both 'many' and 'medium'"),
+                         ({"few": [3]}, r"splits\['few'\] has class 3, outside the classifier's 3 classes"),
+                         ({"tail": [2]}, "unknown split 'tail'")):
+        with pytest.raises(ValueError, match=message):
+            alphanet_ext.evaluate(weight, None, x, y, bad)
 
 
 @pytest.mark.parametrize("change,message", [
