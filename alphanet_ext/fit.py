@@ -11,7 +11,9 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from numbers import Integral
 from typing import Any, Sequence
 
 import torch
@@ -300,6 +302,18 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
     started = time.perf_counter()
     timings: dict[str, float] = {}
     device = resolve_device(device)
+    integers = dict(k=k, epochs=epochs, min_epochs=min_epochs, batch_size=batch_size, lr_step=lr_step,
+                  few_threshold=few_threshold, many_threshold=many_threshold, trials=trials, seed=seed)
+    for name, value in integers.items():
+        if not (value is None and name == "epochs") and (isinstance(value, bool) or not isinstance(value, Integral)):
+            raise TypeError(f"{name} must be an integer, got {value!r}")
+    k, min_epochs, batch_size, lr_step, few_threshold, many_threshold, trials, seed = (
+        int(value) for value in (k, min_epochs, batch_size, lr_step, few_threshold, many_threshold, trials, seed))
+    epochs = None if epochs is None else int(epochs)  # numpy integers become Python ones
+    widths = tuple(hidden) if isinstance(hidden, Iterable) and not isinstance(hidden, (str, bytes)) else None
+    if widths is None or not all(isinstance(width, Integral) and not isinstance(width, bool) for width in widths):
+        raise TypeError(f"hidden must be a sequence of layer widths such as (32, 32, 32), got {hidden!r}")
+    hidden = tuple(int(width) for width in widths)
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if k < 1:

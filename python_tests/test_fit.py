@@ -328,6 +328,25 @@ def test_bad_input(problem, change, message):
         alphanet_ext.fit(**args)
 
 
+@pytest.mark.parametrize("change,message", [
+    (dict(k=2.5), "k must be an integer, got 2.5"),
+    (dict(epochs=2.0), "epochs must be an integer, got 2.0"),
+    (dict(seed=None), "seed must be an integer, got None"),
+    (dict(trials=True), "trials must be an integer, got True"),
+    (dict(hidden=32), r"hidden must be a sequence of layer widths such as \(32, 32, 32\), got 32"),
+    (dict(hidden=(32, 8.0)), "hidden must be a sequence of layer widths"),
+])
+def test_arguments_of_the_wrong_type_are_named(problem, change, message):
+    with pytest.raises(TypeError, match=message):
+        alphanet_ext.fit(problem.train_x, problem.train_y, problem.weight, problem.bias, progress=False, **change)
+
+
+def test_hidden_widths_may_be_any_iterable_and_numpy_integers_count(problem):
+    widths = quick_fit(problem, epochs=2, hidden=iter([8, 4]), k=np.int64(3), seed=np.int32(1))
+    assert widths.config["hidden"] == [8, 4] and widths.neighbors.shape[1] == 3
+    assert torch.equal(widths.weight, quick_fit(problem, epochs=2, hidden=(8, 4), k=3, seed=1).weight)
+
+
 def test_fused_adamw_matches_torch_optim():
     from alphanet_ext.fit import _FusedAdamW
     generator = torch.Generator().manual_seed(0)
