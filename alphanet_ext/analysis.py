@@ -3,6 +3,7 @@ closeness over a class hierarchy, and the distance correlation."""
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Mapping, Sequence, Union
 
 import torch
@@ -76,6 +77,11 @@ class Hierarchy:
                 raise ValueError(f"hierarchy: node {parent!r} is used as a parent but names class {parent}; classes "
                                  "are leaves, so give inner nodes names that are not class indices (e.g. 'g" +
                                  parent + "')")
+        inner = set(links.values())
+        for child in links:
+            if child not in class_names and child not in inner:
+                raise ValueError(f"hierarchy: {child!r} has a parent but is neither a class (0 to {num_classes - 1}) "
+                                 "nor the parent of another node; are the class ids 0-based?")
         chains = []
         for c in range(num_classes):
             chain, node = [], str(c)
@@ -85,6 +91,13 @@ class Hierarchy:
                     raise ValueError(f"hierarchy: the parent links of class {c} form a cycle through {node!r}")
                 chain.append(node)
             chains.append(chain)
+        orphans = [c for c in range(num_classes) if str(c) not in links]
+        if len(orphans) == num_classes:
+            raise ValueError(f"hierarchy: none of the {num_classes} classes has a parent")
+        if orphans:
+            shown = ", ".join(map(str, orphans[:5])) + (", ..." if len(orphans) > 5 else "")
+            warnings.warn(f"hierarchy: {len(orphans)} of {num_classes} classes have no parent ({shown}); "
+                          "a prediction is close to them only when it is exact", stacklevel=2)
         return cls(chains, num_classes)
 
     @classmethod

@@ -10,6 +10,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -437,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit_parser.add_argument("--control", action="store_true",
                             help="also fit the random-neighbour control for every k and rho (report tables only)")
     fit_parser.add_argument("--hierarchy", help="class hierarchy for the report: a text file of 'CHILD PARENT' lines, "
-                            "classes named by their index, inner nodes by any other name")
+                            "classes named by their 0-based index, inner nodes by any other name")
     fit_parser.add_argument("--levels", type=_bounded(int, 0), default=4,
                             help="with --hierarchy: a prediction sharing an ancestor at most this many levels above "
                             "the true class counts as semantically close (default 4)")
@@ -482,8 +483,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"alphanet: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         if args.few_threshold > args.many_threshold + 1:
             raise UsageError(f"--few-threshold ({args.few_threshold}) cannot exceed --many-threshold + 1 "

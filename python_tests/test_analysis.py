@@ -1,4 +1,5 @@
 import math
+import warnings
 import pytest
 import torch
 
@@ -54,8 +55,13 @@ LINKS = {0: "dogs", 1: "dogs", 2: "cats", "dogs": "animals", "cats": "animals", 
          "animals": "life", "plants": "life"}
 
 
+def five_class_tree():
+    with pytest.warns(UserWarning, match=r"1 of 5 classes have no parent \(4\)"):
+        return analysis.Hierarchy.from_parents(LINKS, 5)
+
+
 def test_hierarchy_levels():
-    tree = analysis.Hierarchy.from_parents(LINKS, 5)
+    tree = five_class_tree()
     truth = torch.tensor([0, 0, 0, 0, 0, 4, 4])
     guess = torch.tensor([0, 1, 2, 3, 4, 4, 0])
     assert tree.close(truth, guess, 0).tolist() == [True, False, False, False, False, True, False]
@@ -71,9 +77,13 @@ def test_hierarchy_levels():
 def test_hierarchy_from_a_file_and_from_parent_ids(tmp_path):
     path = tmp_path / "tree.txt"
     path.write_text("# child parent\n0 dogs\n1, dogs\n2 cats\n\ndogs animals  # comment\ncats animals\n")
-    tree = analysis.Hierarchy.read(path, 4)
+    with pytest.warns(UserWarning, match=r"1 of 4 classes have no parent \(3\)"):
+        tree = analysis.Hierarchy.read(path, 4)
     assert tree.close(torch.tensor([0, 0, 0]), torch.tensor([1, 2, 3]), 2).tolist() == [True, True, False]
     flat = analysis.Hierarchy.from_parents(torch.tensor([7, 7, 0, 1]), 4)  # parent ids are not class ids
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every class has a parent: no warning
+        analysis.Hierarchy.read(path, 3)
     assert flat.close(torch.tensor([0, 0, 2, 3]), torch.tensor([1, 2, 0, 0]), 1).tolist() == [True, False, False, False]
 
 
@@ -82,6 +92,9 @@ def test_hierarchy_from_a_file_and_from_parent_ids(tmp_path):
     ("0 1\n", "names class 1"),
     ("0 a b\n", "expected 'CHILD PARENT'"),
     ("0 a\n0 b\n", "already has parent"),
+    ("1 a\n2 a\n3 a\n", "'3' has a parent but is neither a class \\(0 to 2\\) nor the parent"),  # 1-based ids
+    ("x a\n", "'x' has a parent but is neither"),
+    ("# no links\n", "none of the 3 classes has a parent"),
 ])
 def test_bad_hierarchy_files(tmp_path, text, message):
     path = tmp_path / "tree.txt"
@@ -91,7 +104,7 @@ def test_bad_hierarchy_files(tmp_path, text, message):
 
 
 def test_semantic_accuracy_and_changes_by_construction():
-    tree = analysis.Hierarchy.from_parents(LINKS, 5)
+    tree = five_class_tree()
     labels = torch.tensor([0, 0, 1, 2, 3])
     predicted = torch.tensor([0, 1, 2, 0, 0])
     splits = {"many": torch.tensor([0, 1]), "medium": torch.tensor([2]), "few": torch.tensor([3, 4])}

@@ -86,16 +86,18 @@ def test_rho_sweep_report_and_eval(problem, tmp_path, capsys):
     assert run("eval", "--classifier", classifier, "--data", paths["test"], "--splits-from", paths["train"]) == 0
 
 
-def test_report_without_matplotlib_has_tables_and_no_plots(problem, tmp_path, monkeypatch):
+def test_report_without_matplotlib_has_tables_and_no_plots(problem, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
     paths = {role: write_features(tmp_path, role, getattr(problem, f"{role}_x"), getattr(problem, f"{role}_y"), "npz")
              for role in ("train", "test")}
     classifier = tmp_path / "classifier.pt"
     torch.save({"weight": problem.weight, "bias": problem.bias}, classifier)
     report = tmp_path / "report"
-    with pytest.warns(UserWarning, match="matplotlib is not installed"):
-        assert run("fit", "--train", paths["train"], "--test", paths["test"], "--classifier", classifier, "--out",
-                   tmp_path / "c.pt", "--epochs", 1, "--report", report, "--quiet") == 0
+    capsys.readouterr()
+    assert run("fit", "--train", paths["train"], "--test", paths["test"], "--classifier", classifier, "--out",
+               tmp_path / "c.pt", "--epochs", 1, "--report", report, "--quiet") == 0
+    assert capsys.readouterr().err.strip() == ("alphanet: warning: matplotlib is not installed, so the report has "
+                                               "no PNG plots (pip install matplotlib)")
     assert (report / "report.json").stat().st_size > 0 and (report / "report.md").stat().st_size > 0
     assert not list(report.glob("*.png"))
 
@@ -347,6 +349,27 @@ def test_k_sweep_control_and_analyses_in_the_report(problem, tmp_path):
 
     assert run("fit", "--train", paths["train"], "--classifier", classifier, "--out", tmp_path / "d.pt",
                "--hierarchy", tree, "--quiet") == 2  # the hierarchy is for the report
+
+
+def test_hierarchy_files_with_missing_or_shifted_classes(problem, tmp_path, capsys):
+    train = write_features(tmp_path, "train", problem.train_x, problem.train_y, "npz")
+    classifier = tmp_path / "classifier.pt"
+    torch.save({"weight": problem.weight, "bias": problem.bias}, classifier)
+    groups = problem.groups.tolist()
+    shifted = tmp_path / "one_based.txt"
+    shifted.write_text("".join(f"{c + 1} group{g}\n" for c, g in enumerate(groups)))
+    command = ["fit", "--train", train, "--classifier", classifier, "--out", tmp_path / "c.pt", "--epochs", 1,
+               "--report", tmp_path / "report", "--quiet", "--hierarchy"]
+    capsys.readouterr()
+    assert run(*command, shifted) == 1
+    assert capsys.readouterr().err.strip() == ("alphanet: error: hierarchy: '30' has a parent but is neither a class "
+                                               "(0 to 29) nor the parent of another node; are the class ids 0-based?")
+    assert not (tmp_path / "c.pt").exists()  # refused before fitting
+    partial = tmp_path / "partial.txt"
+    partial.write_text("".join(f"{c} group{g}\n" for c, g in enumerate(groups) if c not in (3, 7)))
+    assert run(*command, partial) == 0
+    assert capsys.readouterr().err.strip() == ("alphanet: warning: hierarchy: 2 of 30 classes have no parent (3, 7); "
+                                               "a prediction is close to them only when it is exact")
 
 
 def test_rho_auto_respects_the_overall_drop(problem, tmp_path):
