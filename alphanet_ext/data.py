@@ -99,7 +99,10 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
     """``device``, checked to be usable here, or CUDA when available (and built), else the CPU."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() and ops.compiled_with_cuda() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device {device!r} is not a device: use 'cpu', 'cuda' or 'cuda:N'") from error
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {str(device)!r}: CUDA is not available (torch {torch.__version__}, "
@@ -153,9 +156,20 @@ def check_classifier(weight: ArrayLike, bias: ArrayLike | None, device: torch.de
             raise ValueError(f"bias must have shape [{w.shape[0]}] to match weight, got {tuple(b.shape)}")
     w = w.to(device=device, dtype=torch.float32)
     b = b.to(device=device, dtype=torch.float32)
-    if not all_finite(w) or not all_finite(b):
-        raise ValueError("the classifier (weight or bias) contains NaN or inf")
+    for name, values in (("weight", w), ("bias", b)):
+        if not all_finite(values):
+            raise non_finite_error(f"the classifier's {name}", values.view(values.shape[0], -1), 0)
     return w, b
+
+
+def non_finite_error(name: str, rows: Tensor, begin: int) -> ValueError:
+    """Names the first NaN or inf of ``rows`` (a chunk starting at row ``begin``; known to hold one)."""
+    bad = torch.nonzero(~torch.isfinite(rows))
+    row, column = bad[0].tolist()
+    where = f"row {begin + row}" + (f", column {column}" if rows.shape[1] > 1 else "")
+    others = bad.shape[0] - 1
+    return ValueError(f"{name} contains NaN or inf: {rows[row, column].item()} at {where}"
+                      + (f" ({others} more values in rows {begin}..{begin + rows.shape[0] - 1})" if others else ""))
 
 
 def all_finite(tensor: Tensor) -> bool:
@@ -172,6 +186,6 @@ def logits(x: ArrayLike, weight: Tensor, name: str, device: torch.device) -> Ten
     for begin, chunk in iter_row_chunks(x, name, device, chunk_rows=16384):
         chunk = chunk.float()
         if not all_finite(chunk):
-            raise ValueError(f"{name} contains NaN or inf (in rows {begin}..{begin + chunk.shape[0] - 1})")
+            raise non_finite_error(name, chunk, begin)
         torch.mm(chunk, weight.T, out=out[begin:begin + chunk.shape[0]])
     return out

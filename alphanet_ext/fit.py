@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import __version__, ops
 from .data import (ArrayLike, as_tensor, check_classifier, check_features, check_labels, gather_rows, iter_row_chunks,
-                   logits, resolve_device)
+                   logits, non_finite_error, resolve_device)
 from .metrics import SPLIT_NAMES, accuracy_by_split, make_splits
 
 __all__ = ["fit", "FitResult", "load", "combine_experts"]
@@ -327,8 +327,9 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
         raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay}")
     if any(width < 1 for width in hidden):
         raise ValueError(f"hidden layer widths must be at least 1, got {tuple(hidden)}")
-    if trials < 1 or batch_size < 1 or lr_step < 1:
-        raise ValueError(f"trials, batch_size and lr_step must be at least 1, got {trials}, {batch_size}, {lr_step}")
+    for name, value in (("trials", trials), ("batch_size", batch_size), ("lr_step", lr_step)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
     if (val_x is None) != (val_y is None):
         raise ValueError("give both val_x and val_y, or neither")
     has_val = val_x is not None
@@ -362,7 +363,7 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
             accumulator.add(chunk, labels[begin:begin + chunk.shape[0]])
         except RuntimeError as error:
             if "NaN or inf" in str(error):
-                raise ValueError(f"train_x contains NaN or inf (in rows {begin}..{begin + chunk.shape[0] - 1})") from None
+                raise non_finite_error("train_x", chunk, begin) from None
             raise
     bar.close()
     if resident is not None:
@@ -377,6 +378,9 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
                          "sample per class for its class mean")
     if few.numel() == 0:
         raise ValueError(f"no few-split class (fewer than {few_threshold} training samples): nothing to correct")
+    if base.numel() == 0:
+        raise ValueError(f"no base class (many or medium split, at least {few_threshold} training samples): "
+                         "few classes have no neighbours to borrow from")
     if k > base.numel():
         raise ValueError(f"k={k} is larger than the base split ({base.numel()} classes)")
     timings["class_means"] = time.perf_counter() - tic

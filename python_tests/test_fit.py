@@ -300,8 +300,14 @@ def test_evaluate_hand_computed():
     (dict(val_y=None), "give both val_x and val_y"),
     (dict(weight=torch.zeros(40, 7)), "train_x has 24 features but the classifier expects 7"),
     (dict(bias=torch.zeros(3)), r"bias must have shape \[40\]"),
-    (dict(train_x="nan"), "train_x contains NaN or inf"),
-    (dict(val_x="nan"), "val_x contains NaN or inf"),
+    (dict(train_x="nan"), r"train_x contains NaN or inf: nan at row 3, column 2 \(1 more values in rows 0\.\."),
+    (dict(val_x="nan"), r"val_x contains NaN or inf: nan at row 3, column 2 \(1 more values in rows 0\.\."),
+    (dict(weight="inf"), r"the classifier's weight contains NaN or inf: inf at row 3, column 2 \(1 more"),
+    (dict(bias="inf"), r"the classifier's bias contains NaN or inf: -inf at row 3$"),
+    (dict(few_threshold=500, many_threshold=1000), "no base class"),
+    (dict(batch_size=0), "batch_size must be at least 1, got 0"),
+    (dict(lr_step=0), "lr_step must be at least 1, got 0"),
+    (dict(trials=0), "trials must be at least 1, got 0"),
     (dict(train_y="drop_class"), r"class\(es\) have no training samples \(7\)"),
     (dict(few_threshold=1), "no few-split class"),
     (dict(pred_scale=float("nan")), "pred_scale must be a finite number > 0, got nan"),
@@ -310,6 +316,7 @@ def test_evaluate_hand_computed():
     (dict(hidden=(32, 0)), r"hidden layer widths must be at least 1, got \(32, 0\)"),
     (dict(device="mps"), "device 'mps': alphanet_ext runs on 'cpu' or 'cuda'"),
     (dict(device="cuda:64"), "device 'cuda:64': "),
+    (dict(device="gpu"), "device 'gpu' is not a device: use 'cpu', 'cuda' or 'cuda:N'"),
 ])
 def test_bad_input(problem, change, message):
     args = dict(train_x=problem.train_x, train_y=problem.train_y, weight=problem.weight, bias=problem.bias,
@@ -320,7 +327,13 @@ def test_bad_input(problem, change, message):
     for key in ("train_x", "val_x"):
         if isinstance(args[key], str):
             args[key] = problem.__dict__[key].clone()
-            args[key][3, 2] = float("nan")
+            args[key][3, 2] = args[key][6, 5] = float("nan")
+    if isinstance(args["weight"], str):
+        args["weight"] = problem.weight.clone()
+        args["weight"][3, 2] = args["weight"][8, 0] = float("inf")
+    if isinstance(args["bias"], str):
+        args["bias"] = problem.bias.clone()
+        args["bias"][3] = -float("inf")
     if isinstance(args["train_y"], str):
         keep = problem.train_y != 7
         args["train_x"], args["train_y"] = problem.train_x[keep], problem.train_y[keep]
