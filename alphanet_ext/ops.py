@@ -8,6 +8,7 @@ float64 references in :mod:`alphanet_ext.reference`.
 from __future__ import annotations
 
 import warnings
+from numbers import Integral
 
 import torch
 from torch import Tensor
@@ -102,16 +103,22 @@ class ClassMeanAccumulator:
 
     def __init__(self, num_classes: int, dim: int, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32):
-        if num_classes < 1 or dim < 0:
-            raise ValueError(f"ClassMeanAccumulator: need num_classes >= 1 and dim >= 0, got {num_classes}, {dim}")
+        for name, value, least in (("num_classes", num_classes, 1), ("dim", dim, 0)):
+            if isinstance(value, bool) or not isinstance(value, Integral):
+                raise TypeError(f"ClassMeanAccumulator: {name} must be an integer, got {value!r}")
+            if value < least:
+                raise ValueError(f"ClassMeanAccumulator: {name} must be at least {least}, got {value}")
         acc = _acc_dtype(dtype)
         self.sums = torch.zeros(num_classes, dim, dtype=acc, device=device)
         self.counts = torch.zeros(num_classes, dtype=torch.long, device=device)
 
     def add(self, x: Tensor, labels: Tensor) -> None:
-        """Adds one chunk of rows and their labels."""
-        x = x.to(self.sums.device)
-        labels = labels.to(self.sums.device)
+        """Adds one chunk of rows ``[n, dim]`` and their labels ``[n]`` (tensors or arrays)."""
+        x = torch.as_tensor(x, device=self.sums.device)
+        labels = torch.as_tensor(labels, device=self.sums.device)
+        if x.dim() != 2 or x.shape[1] != self.sums.shape[1]:
+            raise ValueError(f"ClassMeanAccumulator.add: x must be [rows, {self.sums.shape[1]}], "
+                             f"got shape {list(x.shape)}")
         if _acc_dtype(x.dtype) != self.sums.dtype:
             x = x.to(self.sums.dtype)
         if HAS_EXTENSION:

@@ -58,6 +58,11 @@ def test_streaming_equals_one_pass(device, generator):
     assert torch.equal(counts, one_pass_counts)
     # chunks regroup the four-row additions, so equal up to float32 rounding only
     torch.testing.assert_close(means, one_pass_means, rtol=1e-6, atol=1e-6)
+    if device == "cpu":  # numpy chunks (memory-mapped files) are taken as they are
+        from_arrays = alphanet_ext.ClassMeanAccumulator(9, 33)
+        for begin in range(0, 1001, 128):
+            from_arrays.add(x[begin:begin + 128].numpy(), labels[begin:begin + 128].numpy())
+        assert torch.equal(from_arrays.means()[0], means) and torch.equal(from_arrays.counts, counts)
 
 
 def test_result_does_not_depend_on_thread_count(generator):
@@ -132,5 +137,11 @@ def test_bad_features_and_arguments():
         alphanet_ext.class_means(torch.ones(3, 2), torch.zeros(3, dtype=torch.long), 0)
     with pytest.raises(RuntimeError, match="x is on cpu but labels is on meta"):
         alphanet_ext.class_means(torch.ones(3, 2), torch.zeros(3, dtype=torch.long, device="meta"), 2)
-    with pytest.raises(RuntimeError, match="sums must be"):
+    with pytest.raises(ValueError, match=r"ClassMeanAccumulator.add: x must be \[rows, 5\], got shape \[2, 4\]"):
         alphanet_ext.ClassMeanAccumulator(3, 5).add(torch.ones(2, 4), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"x must be \[rows, 5\], got shape \[5\]"):
+        alphanet_ext.ClassMeanAccumulator(3, 5).add(torch.ones(5), torch.zeros(1, dtype=torch.long))
+    with pytest.raises(TypeError, match="num_classes must be an integer, got 3.5"):
+        alphanet_ext.ClassMeanAccumulator(3.5, 5)
+    with pytest.raises(ValueError, match="dim must be at least 0, got -1"):
+        alphanet_ext.ClassMeanAccumulator(3, -1)
