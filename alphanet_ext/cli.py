@@ -21,7 +21,7 @@ from . import __version__
 from .data import resolve_device
 from .fit import FitResult, fit
 from .io import (Features, InputError, folder_features, load_author_splits, load_classifier, load_features,
-                 read_metadata, save_classifier, write_atomic)
+                 check_writable, classifier_format, read_metadata, save_classifier, write_atomic)
 from .metrics import evaluate, make_splits
 from .analysis import Hierarchy, neighbor_views, pearson_with_interval, prediction_changes, semantic_accuracy
 from .report import COLUMNS, mean_std, pyplot, run_label, save_figure, write_report, write_text
@@ -148,8 +148,18 @@ def _check_fit_options(args: argparse.Namespace) -> None:
         raise UsageError("--rho auto needs --val (it picks rho on the validation set)")
 
 
+def _check_outputs(args: argparse.Namespace, classifier: str | None = None) -> None:
+    """Output paths that could not be written fail now, not after the fit."""
+    if classifier:
+        classifier_format(classifier)
+        check_writable(classifier)
+    if args.report:
+        check_writable(args.report, folder=True)
+
+
 def run_fit(args: argparse.Namespace) -> int:
     _check_fit_options(args)
+    _check_outputs(args, args.out)
     train, val, test = _load_train_val_test(args)
     weight, bias = load_classifier(args.classifier)
     if bias is None:
@@ -227,6 +237,7 @@ def _load_train_val_test(args: argparse.Namespace) -> tuple[Features, Features |
 
 def run_compare(args: argparse.Namespace) -> int:
     from . import baselines
+    _check_outputs(args)
     train, val, test = _load_train_val_test(args)
     weight, bias = load_classifier(args.classifier)
     bias = torch.zeros(weight.shape[0], dtype=weight.dtype) if bias is None else bias
@@ -318,6 +329,7 @@ def _write_npy(path: str, array: np.ndarray) -> None:
 
 def run_synth(args: argparse.Namespace) -> int:
     tic = time.perf_counter()
+    check_writable(args.out, folder=True)
     problem = make_preset(args.preset, scale=args.scale, seed=args.seed, dim=args.dim)
     os.makedirs(args.out, exist_ok=True)
     for role in ("train", "val", "test"):

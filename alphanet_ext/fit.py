@@ -69,9 +69,9 @@ class FitResult:
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the result atomically (a temporary file renamed into place)."""
-        from .io import write_atomic
+        from .io import save_torch, write_atomic
         data = asdict(self)
-        write_atomic(os.fspath(path), lambda temporary: torch.save(data, temporary))
+        write_atomic(os.fspath(path), lambda temporary: save_torch(data, temporary))
 
 
 def _apply_correction(weight: ArrayLike, bias: ArrayLike | None, few: Tensor, neighbors: Tensor, alphas: Tensor,

@@ -13,6 +13,7 @@ Classifiers: ``.pt`` / ``.pth`` state dict or dict with ``weight`` / ``bias``
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import os
 import pickle
@@ -214,6 +215,37 @@ def write_atomic(path: str, write: Callable[[str], None]) -> None:
         raise
 
 
+CLASSIFIER_FORMATS = (".pt", ".pth", ".npz", ".safetensors")
+
+
+def classifier_format(path: str) -> str:
+    """The extension naming ``path``'s output format; refuses one we cannot write."""
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in CLASSIFIER_FORMATS:
+        raise InputError(f"{path}: unknown output format (use {', '.join(CLASSIFIER_FORMATS[:-1])} or "
+                         f"{CLASSIFIER_FORMATS[-1]})")
+    if extension == ".safetensors" and importlib.util.find_spec("safetensors") is None:
+        raise InputError(f"{path}: writing .safetensors needs the safetensors package (pip install safetensors)")
+    return extension
+
+
+def check_writable(path: str, folder: bool = False) -> None:
+    """Refuses, before any work, an output file (or, with ``folder``, an output
+    folder) that could not be written: a folder where a file goes or the reverse,
+    a missing parent that cannot be made, no write permission."""
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"{path} is a file; give a folder to write into")
+    if not folder and os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a folder; give the path of a file to write")
+    existing = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise NotADirectoryError(f"cannot write {path}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write {path}: {existing} is not writable")
+
+
 def save_classifier(path: str, weight: torch.Tensor, bias: torch.Tensor, metadata: dict) -> None:
     """Writes ``{weight, bias}`` in the format ``path``'s extension names, with ``metadata``.
 
@@ -221,23 +253,28 @@ def save_classifier(path: str, weight: torch.Tensor, bias: torch.Tensor, metadat
     (metadata rides in the state dict's ``_metadata``); ``.npz`` adds a
     ``metadata`` JSON string; ``.safetensors`` keeps it in the header.
     """
-    lower = path.lower()
+    extension = classifier_format(path)
     text = json.dumps(metadata)
-    if lower.endswith((".pt", ".pth")):
+    if extension in (".pt", ".pth"):
         state = OrderedDict(weight=weight.contiguous(), bias=bias.contiguous())
         state._metadata = OrderedDict({"": {"version": 1}, "alphanet": {"json": text}})
-        write_atomic(path, lambda temporary: torch.save(state, temporary))
-    elif lower.endswith(".npz"):
+        write_atomic(path, lambda temporary: save_torch(state, temporary))
+    elif extension == ".npz":
         def write(temporary: str) -> None:
             with open(temporary, "wb") as stream:
                 np.savez(stream, weight=weight.numpy(), bias=bias.numpy(), metadata=np.array(text))
         write_atomic(path, write)
-    elif lower.endswith(".safetensors"):
+    else:
         from safetensors.torch import save_file
         write_atomic(path, lambda temporary: save_file({"weight": weight.contiguous(), "bias": bias.contiguous()},
                                                        temporary, metadata={"alphanet": text}))
-    else:
-        raise InputError(f"{path}: unknown output format (use .pt, .pth, .npz or .safetensors)")
+
+
+def save_torch(data: object, path: str) -> None:
+    """``torch.save`` through a stream: given a file name, torch names the archive's
+    records after it, and refuses names such as ``.tmp-x`` that leave nothing to use."""
+    with open(path, "wb") as stream:
+        torch.save(data, stream)
 
 
 def read_metadata(path: str) -> dict | None:

@@ -11,12 +11,19 @@ from .data import ArrayLike, check_classifier, check_features, check_labels, log
 SPLIT_NAMES = ("many", "medium", "few")
 
 
-def make_splits(counts: Tensor, few_threshold: int = 20, many_threshold: int = 100) -> dict[str, Tensor]:
-    """Class ids per split from per-class train counts: few ``n < few_threshold``,
-    many ``n > many_threshold``, medium in between (inclusive)."""
+def make_splits(counts: ArrayLike, few_threshold: int = 20, many_threshold: int = 100) -> dict[str, Tensor]:
+    """Class ids per split from per-class train counts ``[C]`` (a tensor, array or
+    list; e.g. ``torch.bincount(train_y)``): few ``n < few_threshold``, many
+    ``n > many_threshold``, medium in between (inclusive)."""
     if not 0 < few_threshold <= many_threshold + 1:
         raise ValueError(f"need 0 < few_threshold <= many_threshold + 1, got {few_threshold}, {many_threshold}")
-    counts = counts.cpu()
+    counts = torch.as_tensor(counts).cpu()
+    if counts.dim() != 1:
+        raise ValueError(f"counts must be 1-D, one per class, got shape {tuple(counts.shape)}")
+    if counts.is_floating_point() and not bool(torch.isfinite(counts).all()):
+        raise ValueError("counts contains NaN or inf")
+    if bool((counts < 0).any()):
+        raise ValueError(f"counts must be >= 0, got {counts.min().item()} (class {int(counts.argmin())})")
     return {
         "many": torch.nonzero(counts > many_threshold).flatten(),
         "medium": torch.nonzero((counts >= few_threshold) & (counts <= many_threshold)).flatten(),
@@ -56,15 +63,17 @@ def accuracy_by_split(correct: Tensor, labels: Tensor, splits: Mapping[str, Tens
 
 
 def evaluate(weight: ArrayLike, bias: ArrayLike | None, x: ArrayLike, y: ArrayLike,
-             splits: Mapping[str, Tensor], device: torch.device | str | None = None) -> dict:
+             splits: Mapping[str, ArrayLike] | None = None, device: torch.device | str | None = None) -> dict:
     """Top-1 and top-5 accuracy (percent) of the linear classifier on ``(x, y)``.
 
     Returns ``{"top1": {many, medium, few, overall}, "top5": {...},
     "per_class_top1": Tensor [C] (NaN for classes without samples), "samples": N,
     "predictions": Tensor [N] (top-1 class of every sample, on the CPU)}``.
     ``splits`` is a mapping with ``many`` / ``medium`` / ``few`` class ids
-    (for instance ``FitResult.splits``).
+    (for instance ``FitResult.splits`` or ``make_splits(counts)``); a split
+    it leaves out, or all three with ``splits=None``, scores NaN.
     """
+    splits = {} if splits is None else splits
     device = resolve_device(device or "cpu")
     w, b = check_classifier(weight, bias, device)
     check_features(x, "x", w.shape[1])

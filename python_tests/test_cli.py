@@ -194,17 +194,37 @@ def test_bad_files_fail_cleanly(problem, tmp_path, breakage, message, capsys):
     assert not out.exists() and not (out.parent.exists() and os.listdir(out.parent))
 
 
-def test_unwritable_output_fails_cleanly(problem, tmp_path, capsys):
+def test_unwritable_output_fails_before_reading_the_data(problem, tmp_path, capsys, monkeypatch):
     train = write_features(tmp_path, "train", problem.train_x, problem.train_y, "npz")
     classifier = tmp_path / "classifier.pt"
     torch.save({"weight": problem.weight, "bias": problem.bias}, classifier)
     (tmp_path / "a_file").write_text("")
     (tmp_path / "folder.pt").mkdir()
-    for out, message in ((tmp_path / "a_file" / "c.pt", "cannot write"), (tmp_path / "folder.pt", "is a folder")):
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the data was read before the outputs were checked")
+    monkeypatch.setattr(cli, "load_features", refuse)
+    good = tmp_path / "new" / "c.pt"
+    cases = [(["--out", tmp_path / "a_file" / "c.pt"], f"cannot write {tmp_path / 'a_file' / 'c.pt'}: "
+              f"{tmp_path / 'a_file'} is a file"),
+             (["--out", tmp_path / "folder.pt"], f"{tmp_path / 'folder.pt'} is a folder; give the path of a file to write"),
+             (["--out", tmp_path / "corrected"], f"{tmp_path / 'corrected'}: unknown output format (use .pt, "
+              ".pth, .npz or .safetensors)"),
+             (["--out", good, "--report", tmp_path / "a_file"], f"{tmp_path / 'a_file'} is a file; give a folder to write into"),
+             (["--out", good, "--report", tmp_path / "a_file" / "r"], f"cannot write {tmp_path / 'a_file' / 'r'}: "
+              f"{tmp_path / 'a_file'} is a file")]
+    for options, message in cases:
         capsys.readouterr()
-        assert run("fit", "--train", train, "--classifier", classifier, "--out", out, "--epochs", 1, "--quiet") == 1
-        error = capsys.readouterr().err.strip()
-        assert error.startswith("alphanet: error:") and message in error and "\n" not in error
+        assert run("fit", "--train", train, "--classifier", classifier, *options, "--quiet") == 1
+        assert capsys.readouterr().err.strip() == f"alphanet: error: {message}"
+    capsys.readouterr()
+    assert run("compare", "--train", train, "--classifier", classifier, "--report", tmp_path / "a_file") == 1
+    assert capsys.readouterr().err.strip() == f"alphanet: error: {tmp_path / 'a_file'} is a file; give a folder to write into"
+    assert run("synth", "--preset", "cifar100-lt", "--out", tmp_path / "a_file", "--quiet") == 1
+    assert capsys.readouterr().err.strip() == f"alphanet: error: {tmp_path / 'a_file'} is a file; give a folder to write into"
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # a read-only folder (root may write anywhere)
+    assert run("fit", "--train", train, "--classifier", classifier, "--out", good, "--quiet") == 1
+    assert capsys.readouterr().err.strip().endswith(f"alphanet: error: cannot write {good}: {tmp_path} is not writable")
     assert sorted(os.listdir(tmp_path)) == ["a_file", "classifier.pt", "folder.pt", "train.npz"]
     assert not os.listdir(tmp_path / "folder.pt")
 

@@ -10,6 +10,7 @@ import torch
 
 import alphanet_ext
 from alphanet_ext import synthetic
+from alphanet_ext.metrics import SPLIT_NAMES
 from conftest import HAS_EMULATION, on_backend
 
 
@@ -198,13 +199,14 @@ def test_other_metrics(problem, metric):
     assert torch.isfinite(result.weight).all()
 
 
-def test_save_and_load(problem, tmp_path):
+@pytest.mark.parametrize("name", ["result.pt", "result", ".result", "result.v2.bin"])
+def test_save_and_load(problem, tmp_path, name):
     result = quick_fit(problem, epochs=2)
-    path = tmp_path / "result.pt"
+    path = tmp_path / name
     result.save(path)
     loaded = alphanet_ext.load(path)
     assert torch.equal(loaded.weight, result.weight) and loaded.history == result.history
-    assert [p.name for p in tmp_path.iterdir()] == ["result.pt"]  # no temporary left behind
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # no temporary left behind
 
 
 def test_load_refuses_what_save_did_not_write(problem, tmp_path):
@@ -284,11 +286,24 @@ def test_evaluate_hand_computed():
     assert result["predictions"].tolist() == [0, 1, 2, 0]
     # a split left out scores NaN; splits that cannot be right are named
     assert math.isnan(alphanet_ext.evaluate(weight, None, x, y, {"many": [0, 1]})["top1"]["few"])
+    without = alphanet_ext.evaluate(weight, None, x, y)
+    assert without["top1"]["overall"] == 50.0 and all(math.isnan(without["top1"][name]) for name in SPLIT_NAMES)
     for bad, message in (({"many": [0, 1], "medium": [1]}, "class 1 is in both 'many' and 'medium'"),
                          ({"few": [3]}, r"splits\['few'\] has class 3, outside the classifier's 3 classes"),
                          ({"tail": [2]}, "unknown split 'tail'")):
         with pytest.raises(ValueError, match=message):
             alphanet_ext.evaluate(weight, None, x, y, bad)
+
+
+def test_make_splits_takes_counts_of_any_array_kind():
+    counts = [3, 20, 100, 101, 0]
+    expected = {"many": [3], "medium": [1, 2], "few": [0, 4]}
+    for kind in (list, np.array, torch.tensor, lambda c: torch.tensor(c, dtype=torch.float64)):
+        assert {name: ids.tolist() for name, ids in alphanet_ext.make_splits(kind(counts)).items()} == expected
+    for bad, message in (([3, -1], r"counts must be >= 0, got -1 \(class 1\)"), ([[3, 4]], "counts must be 1-D"),
+                         ([3.0, float("nan")], "counts contains NaN or inf")):
+        with pytest.raises(ValueError, match=message):
+            alphanet_ext.make_splits(bad)
 
 
 @pytest.mark.parametrize("change,message", [
