@@ -161,7 +161,7 @@ def run_fit(args: argparse.Namespace) -> int:
     _check_fit_options(args)
     _check_outputs(args, args.out)
     train, val, test = _load_train_val_test(args)
-    weight, bias = load_classifier(args.classifier)
+    weight, bias = load_classifier(args.classifier, args.classifier_key)
     if bias is None:
         bias = torch.zeros(weight.shape[0], dtype=weight.dtype)
     evaluated = test or val or train
@@ -239,7 +239,7 @@ def run_compare(args: argparse.Namespace) -> int:
     from . import baselines
     _check_outputs(args)
     train, val, test = _load_train_val_test(args)
-    weight, bias = load_classifier(args.classifier)
+    weight, bias = load_classifier(args.classifier, args.classifier_key)
     bias = torch.zeros(weight.shape[0], dtype=weight.dtype) if bias is None else bias
     evaluated, evaluated_on = (test, "test") if test else ((val, "val") if val else (train, "train"))
     counts = torch.bincount(torch.as_tensor(np.asarray(train.y), dtype=torch.long), minlength=weight.shape[0])
@@ -302,7 +302,7 @@ def _frontier_plot(rows: list[dict], path: str) -> bool:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    weight, bias = load_classifier(args.classifier)
+    weight, bias = load_classifier(args.classifier, args.classifier_key)
     if args.splits_from:
         splits = _splits_from_labels(load_features(args.splits_from, "train").y, weight.shape[0],
                                      args.few_threshold, args.many_threshold)
@@ -423,6 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--many-threshold", type=_bounded(int, 0), default=100,
                          help="many split: more train samples than this")
 
+    def classifier_key(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--classifier-key", default=None, metavar="LAYER",
+                         help="the last layer's name in a whole model's state dict (e.g. fc, module.head): reads "
+                              "LAYER.weight and LAYER.bias (default: the file's only 2-D weight)")
+
     def training_options(sub: argparse.ArgumentParser, metrics: tuple[str, ...], rho_default: list,
                          rho_type, rho_help: str) -> None:
         sub.add_argument("--k", type=_bounded(int, 1), nargs="+", default=[5],
@@ -439,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit_parser.add_argument("--train", required=True, help="train features (.npz, NAME_x.npy, .pt, .safetensors, "
                             "or a folder: alphanet synth's or the authors' layout, whose val and test are used too)")
     fit_parser.add_argument("--classifier", required=True, help="classifier (.pt/.pth, .npz, .safetensors)")
+    classifier_key(fit_parser)
     fit_parser.add_argument("--val", help="validation features (selects epoch, trial and rho)")
     fit_parser.add_argument("--test", help="test features (for the printed table and the report)")
     fit_parser.add_argument("--out", required=True, help="corrected classifier (.pt, .pth, .npz or .safetensors)")
@@ -460,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare_parser = commands.add_parser("compare", help="AlphaNet against post-hoc peers, in one table")
     compare_parser.add_argument("--train", required=True, help="train features, as for fit")
     compare_parser.add_argument("--classifier", required=True)
+    classifier_key(compare_parser)
     compare_parser.add_argument("--val", help="validation features (choose tau, epochs and trials)")
     compare_parser.add_argument("--test", help="test features (the table's data; else val, else train)")
     compare_parser.add_argument("--report", help="folder for compare.json, compare.md and frontier.png")
@@ -470,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     eval_parser = commands.add_parser("eval", help="top-1/top-5 per split of a classifier")
     eval_parser.add_argument("--classifier", required=True)
+    classifier_key(eval_parser)
     eval_parser.add_argument("--data", required=True)
     eval_parser.add_argument("--splits-from", help="train features whose labels define the splits")
     common(eval_parser)

@@ -137,23 +137,57 @@ def load_features(path: str, role: str = "train") -> Features:
     raise InputError(f"{path}: unknown feature format (use .npz, .npy, .pt, .safetensors or an authors' folder)")
 
 
-def _classifier_from_mapping(data: Any, path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    keys = list(data.keys())
-    weight_keys = [key for key in keys if key == "weight" or key.endswith(".weight")]
-    if len(weight_keys) != 1:
-        raise InputError(f"{path}: expected one 'weight' entry (a [classes, dims] matrix), found {weight_keys or 'none'}")
-    weight = torch.as_tensor(np.asarray(data[weight_keys[0]]) if not isinstance(data[weight_keys[0]], torch.Tensor)
-                             else data[weight_keys[0]])
-    bias_key = weight_keys[0][:-len("weight")] + "bias"
-    bias = data[bias_key] if bias_key in keys else None
-    bias = None if bias is None else torch.as_tensor(np.asarray(bias) if not isinstance(bias, torch.Tensor) else bias)
+CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model")
+
+
+def _as_tensor(value: Any) -> torch.Tensor:
+    return value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+
+
+def _classifier_from_mapping(data: Any, path: str, key: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ``weight``/``bias`` pair of a dict or state dict: ``KEY.weight`` with
+    ``key``, else the only 2-D ``*weight`` entry (a whole model's state dict has
+    one 2-D weight when its last layer is its only linear one). A training
+    checkpoint's ``state_dict``/``model`` entry is looked into."""
+    nested = [name for name in CHECKPOINT_KEYS if hasattr(data.get(name), "keys")] if hasattr(data, "get") else []
+    if nested and not any(isinstance(name, str) and name.endswith("weight") for name in data.keys()):
+        data = data[nested[0]]
+    keys = [name for name in data.keys() if isinstance(name, str)]
+    if key is not None:
+        weight_key = f"{key}.weight" if key else "weight"
+        if weight_key not in keys:
+            raise InputError(f"{path}: no entry {weight_key!r} (--classifier-key {key}); 2-D weights there: "
+                             f"{_describe(data, _matrices(data, keys)) or 'none'}")
+    else:
+        candidates = [name for name in keys if name == "weight" or name.endswith(".weight")]
+        if len(candidates) > 1:
+            candidates = _matrices(data, candidates)
+        if len(candidates) != 1:
+            hint = f"; choose one with --classifier-key (e.g. {candidates[-1][:-len('.weight')]!r})" if candidates else ""
+            raise InputError(f"{path}: expected one 'weight' entry (a [classes, dims] matrix), found "
+                             f"{_describe(data, candidates) or 'none'}{hint}")
+        weight_key = candidates[0]
+    weight = _as_tensor(data[weight_key])
+    bias_key = weight_key[:-len("weight")] + "bias"
+    bias = _as_tensor(data[bias_key]) if bias_key in keys else None
     if weight.dim() != 2:
-        raise InputError(f"{path}: weight must be 2-D [classes, dims], got shape {tuple(weight.shape)}")
+        raise InputError(f"{path}: {weight_key} must be 2-D [classes, dims], got shape {tuple(weight.shape)}")
     return weight, bias
 
 
-def load_classifier(path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(weight [C, d], bias [C] or None)``; an ensemble (list) becomes one ``[C, E*d]`` classifier."""
+def _matrices(data: Any, keys: list[str]) -> list[str]:
+    return [name for name in keys if name.endswith("weight") and len(getattr(data[name], "shape", ())) == 2]
+
+
+def _describe(data: Any, keys: list[str]) -> str:
+    shown = ", ".join(f"{name} {list(getattr(data[name], 'shape', []))}" for name in keys[:6])
+    return shown + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+
+
+def load_classifier(path: str, key: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight [C, d], bias [C] or None)``; an ensemble (list) becomes one ``[C, E*d]`` classifier.
+    ``key`` names the layer in a whole model's state dict (``"fc"`` reads
+    ``fc.weight`` and ``fc.bias``)."""
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file")
     lower = path.lower()
@@ -162,7 +196,7 @@ def load_classifier(path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
             data = torch.load(path, map_location="cpu", weights_only=True)
         elif lower.endswith(".npz"):
             with np.load(path, allow_pickle=False) as archive:
-                data = {key: archive[key] for key in archive.files}
+                data = {name: archive[name] for name in archive.files}
         elif lower.endswith(".safetensors"):
             from safetensors.torch import load_file
             data = load_file(path)
@@ -173,12 +207,12 @@ def load_classifier(path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     except Exception as error:  # noqa: BLE001
         raise InputError(f"{path}: cannot read classifier ({type(error).__name__})") from None
     if isinstance(data, (list, tuple)):
-        parts = [_classifier_from_mapping(entry, path) for entry in data]
+        parts = [_classifier_from_mapping(entry, path, key) for entry in data]
         biases = None if any(b is None for _, b in parts) else [b for _, b in parts]
         return combine_experts([w for w, _ in parts], biases)
     if not hasattr(data, "keys"):
         raise InputError(f"{path}: expected a dict with weight/bias or a list of them")
-    return _classifier_from_mapping(data, path)
+    return _classifier_from_mapping(data, path, key)
 
 
 def load_author_splits(folder: str) -> dict[str, torch.Tensor] | None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from alphanet_ext import cli, synthetic
+from alphanet_ext import cli, evaluate, synthetic
 from alphanet_ext.io import read_metadata
 
 # Optional packages (the `cli` extra); a GPU image may lack them.
@@ -100,6 +100,33 @@ def test_report_without_matplotlib_has_tables_and_no_plots(problem, tmp_path, mo
                                                "no PNG plots (pip install matplotlib)")
     assert (report / "report.json").stat().st_size > 0 and (report / "report.md").stat().st_size > 0
     assert not list(report.glob("*.png"))
+
+
+def test_classifier_inside_a_whole_model_or_checkpoint(problem, tmp_path, capsys):
+    train = write_features(tmp_path, "train", problem.train_x, problem.train_y, "npz")
+    head = torch.nn.Linear(16, 30)
+    head.load_state_dict({"weight": problem.weight, "bias": problem.bias})
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16), torch.nn.Flatten())
+    model = torch.nn.Sequential(backbone, head)  # one 2-D weight: the head
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    torch.save({"epoch": 90, "state_dict": model.state_dict()}, tmp_path / "checkpoint.pth")
+    mlp_head = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), head)  # two: needs --classifier-key
+    torch.save(mlp_head.state_dict(), tmp_path / "mlp.pt")
+    for classifier, key in (("model.pt", []), ("checkpoint.pth", []), ("mlp.pt", ["--classifier-key", "2"])):
+        capsys.readouterr()
+        assert run("eval", "--classifier", tmp_path / classifier, *key, "--data", train, "--splits-from", train) == 0
+        out = capsys.readouterr().out
+        reference = evaluate(problem.weight, problem.bias, problem.train_x, problem.train_y, None)["top1"]["overall"]
+        assert f"{reference:.1f}" in out
+    for key, message in (([], "expected one 'weight' entry (a [classes, dims] matrix), found 0.weight [16, 16], "
+                              "2.weight [30, 16]; choose one with --classifier-key (e.g. '2')"),
+                         (["--classifier-key", "fc"], "no entry 'fc.weight' (--classifier-key fc); 2-D weights there: "
+                                                      "0.weight [16, 16], 2.weight [30, 16]"),
+                         (["--classifier-key", "1"], "no entry '1.weight' (--classifier-key 1); 2-D weights there: "
+                                                     "0.weight [16, 16], 2.weight [30, 16]")):
+        capsys.readouterr()
+        assert run("eval", "--classifier", tmp_path / "mlp.pt", *key, "--data", train, "--splits-from", train) == 1
+        assert capsys.readouterr().err.strip() == f"alphanet: error: {tmp_path / 'mlp.pt'}: {message}"
 
 
 def test_authors_layout_and_ensemble_classifier(problem, tmp_path):
