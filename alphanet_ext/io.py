@@ -2,11 +2,12 @@
 
 Features: ``.npz`` (keys ``x``/``y`` or ``features``/``labels``), ``.npy`` pairs
 (``NAME_x.npy`` + ``NAME_y.npy`` or ``features.npy`` + ``labels.npy``, opened
-memory-mapped), ``.pt`` / ``.pth`` and ``.safetensors`` (same keys), or a
-folder: ``ROLE_x.npy`` pairs as ``alphanet synth`` writes them, or the authors'
-layout (``splits/{many,medium,few}.txt``, ``train*.pkl``, ``val*.pkl``,
-``test*.pkl`` with ``feats`` / ``labels``; a pickled list of such dicts is an
-ensemble whose features are concatenated).
+memory-mapped), ``.pt`` / ``.pth`` (same keys, or an ``(x, y)`` pair),
+``.safetensors`` (same keys), or a folder: ``ROLE_x.npy`` pairs as
+``alphanet synth`` writes them, or the authors' layout
+(``splits/{many,medium,few}.txt``, ``train*.pkl``, ``val*.pkl``, ``test*.pkl``
+with ``feats`` / ``labels``; a pickled list of such dicts is an ensemble whose
+features are concatenated).
 Classifiers: ``.pt`` / ``.pth`` state dict or dict with ``weight`` / ``bias``
 (a list of them is an ensemble), ``.npz``, ``.safetensors``.
 """
@@ -42,11 +43,14 @@ class Features:
 
 
 def _pick_keys(data: Any, path: str) -> tuple[Any, Any]:
+    if isinstance(data, (list, tuple)) and len(data) == 2:  # torch.save((x, y), path)
+        return data[0], data[1]
     keys = set(data.keys()) if hasattr(data, "keys") else set()
     for feature_key, label_key in FEATURE_KEYS:
         if feature_key in keys and label_key in keys:
             return data[feature_key], data[label_key]
-    raise InputError(f"{path}: expected keys x/y or features/labels, found {sorted(keys) or 'none'}")
+    found = sorted(map(str, keys)) if keys else f"a {type(data).__name__}"
+    raise InputError(f"{path}: expected keys x/y or features/labels (or an (x, y) pair), found {found}")
 
 
 def _labels(values: Any, path: str) -> np.ndarray:

@@ -35,6 +35,9 @@ def write_features(folder, name, x, y, fmt):
     elif fmt == "pt":
         path = os.path.join(folder, f"{name}.pt")
         torch.save({"features": x, "labels": y}, path)
+    elif fmt == "pt-pair":
+        path = os.path.join(folder, f"{name}.pt")
+        torch.save((x, y), path)
     elif fmt == "safetensors":
         from safetensors.torch import save_file
         path = os.path.join(folder, f"{name}.safetensors")
@@ -46,7 +49,7 @@ def run(*argv):
     return cli.main([str(a) for a in argv])
 
 
-@pytest.mark.parametrize("fmt", ["npz", "npy", "pt", pytest.param("safetensors", marks=needs_safetensors)])
+@pytest.mark.parametrize("fmt", ["npz", "npy", "pt", "pt-pair", pytest.param("safetensors", marks=needs_safetensors)])
 def test_fit_every_feature_format(problem, tmp_path, fmt, capsys):
     train = write_features(tmp_path, "train", problem.train_x, problem.train_y, fmt)
     val = write_features(tmp_path, "val", problem.val_x, problem.val_y, fmt)
