@@ -5,6 +5,7 @@ Exit codes: 0 success, 1 failure (one-line error on stderr), 2 usage error.
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import os
 import sys
@@ -49,7 +50,8 @@ def _metadata(result: FitResult, rho: float) -> dict:
     return {"alphanet_ext_version": __version__, "k": result.config["k"], "rho": rho,
             "metric": result.config["metric"], "seed": result.config["seed"], "trials": result.config["trials"],
             "best_trial": result.best_trial, "best_epochs": result.best_epochs,
-            "pred_scale": result.config["pred_scale"], "few_classes": result.splits["few"].tolist(),
+            "pred_scale": result.config["pred_scale"], "config": {**result.config, "rho": rho},
+            "few_classes": result.splits["few"].tolist(),
             "splits": {name: ids.tolist() for name, ids in result.splits.items()},
             "neighbors": result.neighbors.tolist(), "alphas": result.alphas.tolist()}
 
@@ -81,7 +83,9 @@ def _fit_grid(args: argparse.Namespace, train: Features, weight: torch.Tensor, b
                 _say(args, f"fitting rho={rho} ({args.trials} trial(s), k={k}, metric={metric}) ...")
                 tic = time.perf_counter()
                 result = fit(train.x, train.y, weight, bias, val.x if val else None, val.y if val else None,
-                             k=k, rho=rho, metric=metric, epochs=args.epochs, batch_size=args.batch_size,
+                             k=k, rho=rho, metric=metric, epochs=args.epochs, min_epochs=args.min_epochs,
+                             batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                             lr_step=args.lr_step, lr_gamma=args.lr_gamma, hidden=args.hidden,
                              trials=args.trials, seed=args.seed, device=args.device, pred_scale=args.pred_scale,
                              few_threshold=args.few_threshold, many_threshold=args.many_threshold,
                              progress=not args.quiet)
@@ -97,6 +101,7 @@ def _per_trial(result: FitResult, trials: int, weight: torch.Tensor, bias: torch
 
 
 AUTO_RHOS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+FIT_DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(fit).parameters.items()}
 
 
 def _auto_index(candidates: list[Run], weight: torch.Tensor, bias: torch.Tensor, val: Features,
@@ -435,10 +440,25 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--rho", type=rho_type, nargs="+", default=rho_default, help=rho_help)
         sub.add_argument("--metric", choices=metrics, default="euclidean")
         sub.add_argument("--epochs", type=_bounded(int, 1), default=None, help="default 25 with --val, else 10")
-        sub.add_argument("--batch-size", type=_bounded(int, 1), default=64)
-        sub.add_argument("--trials", type=_bounded(int, 1), default=1)
-        sub.add_argument("--seed", type=int, default=0)
-        sub.add_argument("--pred-scale", type=_bounded(float, 0.0, low_open=True), default=1.0)
+        sub.add_argument("--min-epochs", type=_bounded(int, 1), default=FIT_DEFAULTS["min_epochs"],
+                         help="with --val: the epoch kept is the best on val from this one on (default %(default)s)")
+        sub.add_argument("--batch-size", type=_bounded(int, 1), default=FIT_DEFAULTS["batch_size"],
+                         help="training samples per step, few and drawn base together (default %(default)s)")
+        sub.add_argument("--lr", type=_bounded(float, 0.0, low_open=True), default=FIT_DEFAULTS["lr"],
+                         help="AdamW learning rate (default %(default)s)")
+        sub.add_argument("--weight-decay", type=_non_negative, default=FIT_DEFAULTS["weight_decay"],
+                         help="AdamW weight decay (default %(default)s)")
+        sub.add_argument("--lr-step", type=_bounded(int, 1), default=FIT_DEFAULTS["lr_step"],
+                         help="epochs between learning-rate decays (default %(default)s)")
+        sub.add_argument("--lr-gamma", type=_bounded(float, 0.0, low_open=True), default=FIT_DEFAULTS["lr_gamma"],
+                         help="learning-rate decay factor (default %(default)s)")
+        sub.add_argument("--hidden", type=_bounded(int, 1), nargs="*", default=list(FIT_DEFAULTS["hidden"]),
+                         help="hidden widths of the coefficient network (default %(default)s; none: linear)")
+        sub.add_argument("--trials", type=_bounded(int, 1), default=1,
+                         help="independently seeded models, trained together (default 1)")
+        sub.add_argument("--seed", type=int, default=0, help="trial t uses seed + t (default 0)")
+        sub.add_argument("--pred-scale", type=_bounded(float, 0.0, low_open=True), default=FIT_DEFAULTS["pred_scale"],
+                         help="multiplies every score while training (default %(default)s)")
 
     fit_parser = commands.add_parser("fit", help="correct a classifier from feature files")
     fit_parser.add_argument("--train", required=True, help="train features (.npz, NAME_x.npy, .pt, .safetensors, "

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import alphanet_ext
 from alphanet_ext import cli, evaluate, synthetic
 from alphanet_ext.io import read_metadata
 
@@ -62,6 +63,24 @@ def test_fit_every_feature_format(problem, tmp_path, fmt, capsys):
     layer.load_state_dict(torch.load(out, weights_only=True))
     metadata = read_metadata(str(out))
     assert metadata["k"] == 5 and len(metadata["neighbors"]) == len(metadata["splits"]["few"])
+
+
+@pytest.mark.parametrize("hidden", [["8", "4"], []])
+def test_training_options_reach_fit(problem, tmp_path, hidden):
+    train = write_features(tmp_path, "train", problem.train_x, problem.train_y, "npz")
+    val = write_features(tmp_path, "val", problem.val_x, problem.val_y, "npz")
+    classifier = tmp_path / "classifier.pt"
+    torch.save({"weight": problem.weight, "bias": problem.bias}, classifier)
+    options = dict(epochs=4, min_epochs=2, batch_size=32, lr=0.01, weight_decay=0.0, lr_step=3, lr_gamma=0.5,
+                   pred_scale=2.0, seed=7)
+    flags = [item for name, value in options.items() for item in (f"--{name.replace('_', '-')}", value)]
+    assert run("fit", "--train", train, "--val", val, "--classifier", classifier, "--out", tmp_path / "c.pt",
+               *flags, "--hidden", *hidden, "--quiet", "--device", "cpu") == 0
+    config = read_metadata(str(tmp_path / "c.pt"))["config"]
+    assert {name: config[name] for name in options} == options and config["hidden"] == [int(h) for h in hidden]
+    direct = alphanet_ext.fit(problem.train_x, problem.train_y, problem.weight, problem.bias, problem.val_x,
+                              problem.val_y, hidden=[int(h) for h in hidden], progress=False, device="cpu", **options)
+    assert torch.equal(torch.load(tmp_path / "c.pt", weights_only=True)["weight"], direct.weight)
 
 
 @needs_safetensors
