@@ -536,6 +536,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     try:
+        if hasattr(args, "device"):  # one device for the fits and the evaluations alike
+            args.device = str(resolve_device(args.device))
         if args.few_threshold > args.many_threshold + 1:
             raise UsageError(f"--few-threshold ({args.few_threshold}) cannot exceed --many-threshold + 1 "
                              f"({args.many_threshold + 1}): the medium split would overlap the others")

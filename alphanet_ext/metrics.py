@@ -71,10 +71,13 @@ def evaluate(weight: ArrayLike, bias: ArrayLike | None, x: ArrayLike, y: ArrayLi
     "predictions": Tensor [N] (top-1 class of every sample, on the CPU)}``.
     ``splits`` is a mapping with ``many`` / ``medium`` / ``few`` class ids
     (for instance ``FitResult.splits`` or ``make_splits(counts)``); a split
-    it leaves out, or all three with ``splits=None``, scores NaN.
+    it leaves out, or all three with ``splits=None``, scores NaN. ``device``
+    defaults to ``weight``'s when it is a CUDA tensor, else the CPU.
     """
     splits = {} if splits is None else splits
-    device = resolve_device(device or "cpu")
+    if device is None:
+        device = weight.device if isinstance(weight, Tensor) and weight.is_cuda else "cpu"
+    device = resolve_device(device)
     w, b = check_classifier(weight, bias, device)
     check_features(x, "x", w.shape[1])
     labels = check_labels(y, "y", x.shape[0], w.shape[0], device)
