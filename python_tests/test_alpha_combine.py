@@ -76,6 +76,43 @@ def test_gradients_match_reference(device, generator, dim, dtype, elems, n):
     torch.testing.assert_close(s.grad.cpu().double(), s_ref.grad, **tol)
 
 
+@pytest.mark.parametrize("layout", ["transposed", "every_other"])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_gradients_of_non_contiguous_source_and_grad_out(device, generator, dim, layout):
+    if layout == "transposed":
+        source = rand(90, 70, device=device, generator=generator).T  # [70, 90], strides (1, 70)
+    else:
+        source = rand(70, 180, device=device, generator=generator)[:, ::2]  # [70, 90], strides (180, 2)
+    lines = source.shape[dim]
+    targets = torch.randint(0, lines, (12,), generator=generator).to(device)
+    neighbors = torch.randint(0, lines, (12, 4), generator=generator).to(device)
+    alphas = rand(12, 4, device=device, generator=generator)
+    shape = (12, source.shape[1]) if dim == 0 else (source.shape[0], 12)
+    grad_out = rand(shape[1], shape[0], device=device, generator=generator).T  # transposed view
+    s, a = source.detach().requires_grad_(), alphas.clone().requires_grad_()
+    alphanet_ext.alpha_combine(s, targets, neighbors, a, dim=dim).backward(grad_out)
+    s_ref, a_ref = source.cpu().double().requires_grad_(), alphas.cpu().double().requires_grad_()
+    reference.alpha_combine(s_ref, targets.cpu(), neighbors.cpu(), a_ref, dim).backward(grad_out.cpu().double())
+    torch.testing.assert_close(s.grad.cpu().double(), s_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.grad.cpu().double(), a_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_gradients_do_not_depend_on_thread_count(generator, dim):
+    source, targets, neighbors, alphas = make_case(300, 257, 70, 5, dim, generator=generator)
+    grad_out = rand(*((70, 257) if dim == 0 else (257, 70)), generator=generator)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, max(2, threads)):
+            torch.set_num_threads(count)
+            results.append(torch.ops.alphanet.alpha_combine_backward(grad_out, source, targets, neighbors, alphas,
+                                                                     dim, True, True))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(one, many) for one, many in zip(*results))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_wide_logit_rows(device, generator, dtype):
     # 6,200 columns: a float32 row fits the CUDA kernel's shared-memory copy of a

@@ -20,6 +20,25 @@ std::vector<A> normalized_alphas(const CombineParams& p) {
   return weights;
 }
 
+// sum_j a[j] * b[j] over unit-stride rows, in kLanes interleaved partial sums
+// folded pairwise: one running sum would wait on every add's latency, and the
+// compiler may not reorder a floating-point sum itself. The order is fixed,
+// so the result does not depend on the thread count.
+template <typename A, typename T>
+A unit_stride_dot(const T* a, const T* b, int64_t n) {
+  constexpr int kLanes = 16;
+  A lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) lanes[l] += static_cast<A>(a[j + l]) * static_cast<A>(b[j + l]);
+  }
+  for (int l = 0; j < n; ++j, ++l) lanes[l] += static_cast<A>(a[j]) * static_cast<A>(b[j]);
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+  }
+  return lanes[0];
+}
+
 // Calls visit(c, line, weight) for the target (weight 1) then each neighbour of
 // output line c: the one accumulation order every kernel here uses.
 template <typename A, typename F>
@@ -78,26 +97,36 @@ void backward(const CombineBackwardParams& b) {
 
   if (b.grad_alphas != nullptr) {
     A* grad_alphas = static_cast<A*>(b.grad_alphas);
+    // Each gradient of a normalised coefficient is a dot product over the elements.
     at::parallel_for(0, p.num_out, 1, [&](int64_t c_begin, int64_t c_end) {
-      std::vector<A> grad_normalized(p.k);
-      for (int64_t c = c_begin; c < c_end; ++c) {
-        for (int64_t i = 0; i < p.k; ++i) {
-          const T* src = source + p.neighbors[c * p.k + i] * p.line_stride;
+      std::vector<A> dots((c_end - c_begin) * p.k, A(0));
+      if (p.elem_stride == 1 && p.out_elem_stride == 1) {  // rows: unit strides, vectorisable
+        for (int64_t c = c_begin; c < c_end; ++c) {
           const T* grad_row = grad_out + c * p.out_line_stride;
-          A dot = A(0);
-          if (p.elem_stride == 1 && p.out_elem_stride == 1) {  // rows: unit strides, vectorisable
-            for (int64_t j = 0; j < p.elems; ++j) dot += static_cast<A>(grad_row[j]) * static_cast<A>(src[j]);
-          } else {
-            for (int64_t j = 0; j < p.elems; ++j) {
-              dot += static_cast<A>(grad_row[j * p.out_elem_stride]) * static_cast<A>(src[j * p.elem_stride]);
-            }
+          for (int64_t i = 0; i < p.k; ++i) {
+            const T* src = source + p.neighbors[c * p.k + i] * p.line_stride;
+            dots[(c - c_begin) * p.k + i] = unit_stride_dot<A>(grad_row, src, p.elems);
           }
-          grad_normalized[i] = dot;
         }
+      } else {
+        // Columns: element j is a row of source and of grad_out. Walking those
+        // rows once, in order, reads each from cache for all classes; a dot
+        // product per class and neighbour would stride through all of memory.
+        for (int64_t j = 0; j < p.elems; ++j) {
+          const T* src = source + j * p.elem_stride;
+          const T* grad_row = grad_out + j * p.out_elem_stride;
+          for (int64_t c = c_begin; c < c_end; ++c) {
+            const A g = static_cast<A>(grad_row[c * p.out_line_stride]);
+            A* dot = dots.data() + (c - c_begin) * p.k;
+            for (int64_t i = 0; i < p.k; ++i) dot[i] += g * static_cast<A>(src[p.neighbors[c * p.k + i] * p.line_stride]);
+          }
+        }
+      }
+      for (int64_t c = c_begin; c < c_end; ++c) {
         const A norm = l1_norm<A>(alphas + c * p.k, 1, p.k);
+        const A* grad_normalized = dots.data() + (c - c_begin) * p.k;
         for (int64_t i = 0; i < p.k; ++i) {
-          grad_alphas[c * p.k + i] =
-              l1_normalized_grad<A>(alphas + c * p.k, 1, grad_normalized.data(), p.k, i, norm);
+          grad_alphas[c * p.k + i] = l1_normalized_grad<A>(alphas + c * p.k, 1, grad_normalized, p.k, i, norm);
         }
       }
     });
@@ -115,7 +144,17 @@ void backward(const CombineBackwardParams& b) {
           grad_source[line * b.grad_line_stride + j * b.grad_elem_stride] += weight * g;
         });
       };
-      if (b.grad_elem_stride == 1) {
+      if (b.grad_elem_stride == 1 && p.out_elem_stride == 1) {
+        // Rows: a line's elements are contiguous, so the element loop goes
+        // innermost (vectorised); each element still takes its terms in order.
+        for (int64_t c = 0; c < p.num_out; ++c) {
+          const T* grad_row = grad_out + c * p.out_line_stride;
+          for_each_term(p, weights, c, [&](int64_t line, A weight) {
+            A* dst = grad_source + line * b.grad_line_stride;
+            for (int64_t j = j_begin; j < j_end; ++j) dst[j] += weight * static_cast<A>(grad_row[j]);
+          });
+        }
+      } else if (b.grad_elem_stride == 1) {
         for (int64_t c = 0; c < p.num_out; ++c)
           for (int64_t j = j_begin; j < j_end; ++j) add_class(c, j);
       } else {
