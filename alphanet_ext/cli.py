@@ -165,8 +165,8 @@ def _check_outputs(args: argparse.Namespace, classifier: str | None = None) -> N
 def run_fit(args: argparse.Namespace) -> int:
     _check_fit_options(args)
     _check_outputs(args, args.out)
-    train, val, test = _load_train_val_test(args)
     weight, bias = load_classifier(args.classifier, args.classifier_key)
+    train, val, test = _load_train_val_test(args, weight)
     if bias is None:
         bias = torch.zeros(weight.shape[0], dtype=weight.dtype)
     evaluated = test or val or train
@@ -230,21 +230,36 @@ def _folder_has(path: str, role: str) -> bool:
     return os.path.isdir(path) and folder_features(path, role) is not None
 
 
-def _load_train_val_test(args: argparse.Namespace) -> tuple[Features, Features | None, Features | None]:
-    """--train, --val and --test; a --train folder also gives val and test where it has them."""
-    train = load_features(args.train, "train")
+def _check_against(features: Features, role: str, weight: torch.Tensor) -> Features:
+    """Features that do not fit the classifier fail when read, not after a fit."""
+    num_classes, dim = weight.shape
+    if features.x.shape[1] != dim:
+        raise InputError(f"{features.source}: the {role} features have {features.x.shape[1]} dims but the classifier "
+                         f"expects {dim}")
+    outside = (features.y < 0) | (features.y >= num_classes)
+    if outside.any():
+        raise InputError(f"{features.source}: {role} label {features.y[outside.argmax()]} is outside the "
+                         f"classifier's {num_classes} classes [0, {num_classes})")
+    return features
+
+
+def _load_train_val_test(args: argparse.Namespace, weight: torch.Tensor
+                         ) -> tuple[Features, Features | None, Features | None]:
+    """--train, --val and --test, checked against the classifier; a --train folder
+    also gives val and test where it has them."""
+    train = _check_against(load_features(args.train, "train"), "train", weight)
     loaded = []
     for role in ("val", "test"):
         path = getattr(args, role) or (args.train if _folder_has(args.train, role) else None)
-        loaded.append(load_features(path, role) if path else None)
+        loaded.append(_check_against(load_features(path, role), role, weight) if path else None)
     return train, loaded[0], loaded[1]
 
 
 def run_compare(args: argparse.Namespace) -> int:
     from . import baselines
     _check_outputs(args)
-    train, val, test = _load_train_val_test(args)
     weight, bias = load_classifier(args.classifier, args.classifier_key)
+    train, val, test = _load_train_val_test(args, weight)
     bias = torch.zeros(weight.shape[0], dtype=weight.dtype) if bias is None else bias
     evaluated, evaluated_on = (test, "test") if test else ((val, "val") if val else (train, "train"))
     counts = torch.bincount(torch.as_tensor(np.asarray(train.y), dtype=torch.long), minlength=weight.shape[0])
@@ -309,8 +324,8 @@ def _frontier_plot(rows: list[dict], path: str) -> bool:
 def run_eval(args: argparse.Namespace) -> int:
     weight, bias = load_classifier(args.classifier, args.classifier_key)
     if args.splits_from:
-        splits = _splits_from_labels(load_features(args.splits_from, "train").y, weight.shape[0],
-                                     args.few_threshold, args.many_threshold)
+        train = _check_against(load_features(args.splits_from, "train"), "train", weight)
+        splits = _splits_from_labels(train.y, weight.shape[0], args.few_threshold, args.many_threshold)
     elif os.path.isdir(args.data) and load_author_splits(args.data) is not None:
         splits = load_author_splits(args.data)
     else:
@@ -319,7 +334,7 @@ def run_eval(args: argparse.Namespace) -> int:
             raise UsageError("no class splits known: the classifier file has none, so pass --splits-from TRAIN "
                              "(the training labels)")
         splits = {name: torch.tensor(ids, dtype=torch.long) for name, ids in metadata["splits"].items()}
-    data = load_features(args.data, "test")
+    data = _check_against(load_features(args.data, "test"), "evaluation", weight)
     result = evaluate(weight, bias, data.x, data.y, splits, device=args.device)
     print(_table([("top-1", result["top1"]), ("top-5", result["top5"])]).replace("| model |", "| metric |"))
     return 0

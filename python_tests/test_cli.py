@@ -206,8 +206,10 @@ def test_report_when_the_distance_correlation_is_undefined(tmp_path):
 
 @pytest.mark.parametrize("breakage,message", [
     ("missing_keys", "expected keys x/y or features/labels"),
-    ("dims", "train_x has 7 features but the classifier expects 16"),
-    ("labels", "train_y has label 30 outside the classifier's 30 classes"),
+    ("dims", "train.npz: the train features have 7 dims but the classifier expects 16"),
+    ("labels", "train.npz: train label 30 is outside the classifier's 30 classes [0, 30)"),
+    ("test_dims", "test.npz: the test features have 7 dims but the classifier expects 16"),
+    ("test_labels", "test.npz: test label 30 is outside the classifier's 30 classes [0, 30)"),
     ("truncated", "cannot read features"),
     ("missing_file", "no such file"),
     ("classifier_keys", "expected one 'weight' entry"),
@@ -235,9 +237,16 @@ def test_bad_files_fail_cleanly(problem, tmp_path, breakage, message, capsys):
         train.mkdir()
     elif breakage == "classifier_keys":
         torch.save({"matrix": problem.weight}, classifier)
+    test = []
+    if breakage.startswith("test_"):  # found before the fit, not after it
+        labels = problem.test_y.clone()
+        labels[3] = 30
+        x = problem.test_x[:, :7] if breakage == "test_dims" else problem.test_x
+        np.savez(tmp_path / "test.npz", x=x.numpy(), y=(labels if breakage == "test_labels" else problem.test_y).numpy())
+        test = ["--test", tmp_path / "test.npz"]
     out = tmp_path / "out" / "corrected.pt"
     capsys.readouterr()
-    assert run("fit", "--train", train, "--classifier", classifier, "--out", out, "--quiet") == 1
+    assert run("fit", "--train", train, *test, "--classifier", classifier, "--out", out, "--quiet") == 1
     error = capsys.readouterr().err.strip()
     assert error.startswith("alphanet: error:") and message in error and "\n" not in error
     assert not out.exists() and not (out.parent.exists() and os.listdir(out.parent))
