@@ -211,9 +211,11 @@ def semantic_accuracy(predicted: Tensor, labels: Tensor, splits: Mapping[str, Te
 def pearson_with_interval(x: Tensor, y: Tensor, resamples: int = 10_000, seed: int = 0) -> dict[str, float]:
     """Pearson r and its bootstrap 95 % interval (percentile method); all NaN
     when r is undefined (a constant series)."""
-    x, y = x.double().flatten(), y.double().flatten()
+    x, y = torch.as_tensor(x).double().flatten(), torch.as_tensor(y).double().flatten()
     if x.numel() != y.numel() or x.numel() < 3:
         raise ValueError("pearson_with_interval: need two series of the same length, at least 3")
+    if not bool(torch.isfinite(x).all() and torch.isfinite(y).all()):
+        raise ValueError("pearson_with_interval: the series contain NaN or inf (drop those pairs first)")
 
     def r(a: Tensor, b: Tensor) -> Tensor:
         a, b = a - a.mean(dim=-1, keepdim=True), b - b.mean(dim=-1, keepdim=True)

@@ -42,13 +42,19 @@ def tau_normalize(weight: ArrayLike, bias: ArrayLike | None, tau: float) -> tupl
     return w / w.norm(dim=1, keepdim=True).clamp_min(1e-12).pow(tau), b.clone()
 
 
-def logit_adjust(weight: ArrayLike, bias: ArrayLike | None, counts: Tensor, tau: float) -> tuple[Tensor, Tensor]:
-    """Subtracts ``tau * log prior_c`` (prior from train counts) from every class's score."""
+def logit_adjust(weight: ArrayLike, bias: ArrayLike | None, counts: ArrayLike, tau: float) -> tuple[Tensor, Tensor]:
+    """Subtracts ``tau * log prior_c`` (prior from train counts ``[C]``) from every class's score."""
     w = as_tensor(weight, "weight").float()
     b = torch.zeros(w.shape[0]) if bias is None else as_tensor(bias, "bias").float()
-    prior = counts.double() / counts.sum()
-    if bool((prior <= 0).any()):
-        raise ValueError("logit_adjust: every class needs a positive train count")
+    counts = torch.as_tensor(counts).double().cpu()
+    if counts.shape != (w.shape[0],):
+        raise ValueError(f"logit_adjust: counts must have shape [{w.shape[0]}], got {tuple(counts.shape)}")
+    unusable = ~(torch.isfinite(counts) & (counts > 0))
+    if bool(unusable.any()):
+        first = int(unusable.nonzero()[0])
+        raise ValueError(f"logit_adjust: every class needs a positive train count; class {first} has "
+                         f"{counts[first].item():g} ({int(unusable.sum())} such classes)")
+    prior = counts / counts.sum()
     return w.clone(), (b.double() - tau * prior.log()).float()
 
 
@@ -66,7 +72,7 @@ def choose_tau(weight: ArrayLike, bias: ArrayLike | None, val_x: ArrayLike | Non
     return _best_on_val([(tau, tau_normalize(weight, bias, tau)) for tau in grid], val_x, val_y, splits)
 
 
-def choose_logit_adjustment(weight: ArrayLike, bias: ArrayLike | None, counts: Tensor, val_x: ArrayLike | None,
+def choose_logit_adjustment(weight: ArrayLike, bias: ArrayLike | None, counts: ArrayLike, val_x: ArrayLike | None,
                             val_y: ArrayLike | None, splits: dict,
                             grid: Sequence[float] = DEFAULT_GRID) -> tuple[float, tuple[Tensor, Tensor]]:
     """Logit adjustment with tau chosen on val; tau=1 without a val set."""

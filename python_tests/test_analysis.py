@@ -130,5 +130,7 @@ def test_pearson_with_interval():
     assert perfect["r"] == pytest.approx(-1) and perfect["high"] == pytest.approx(-1)
     with pytest.raises(ValueError):
         analysis.pearson_with_interval(x[:2], x[:2])
+    with pytest.raises(ValueError, match="contain NaN or inf"):
+        analysis.pearson_with_interval(torch.tensor([1.0, float("nan"), 3.0, 4.0]), torch.tensor([1.0, 2.0, 3.0, 5.0]))
     undefined = analysis.pearson_with_interval(x, torch.full_like(x, 3.0), resamples=100)  # constant y
     assert all(math.isnan(value) for value in undefined.values())

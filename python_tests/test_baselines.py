@@ -1,3 +1,5 @@
+import numpy as np
+import pytest
 import torch
 
 import alphanet_ext
@@ -30,6 +32,12 @@ def test_tau_normalize():
 def test_logit_adjust_hand_computed():
     weight, bias = baselines.logit_adjust(torch.eye(2), torch.zeros(2), torch.tensor([3, 1]), 1.0)
     torch.testing.assert_close(bias, -torch.log(torch.tensor([0.75, 0.25])))
+    for counts in ([3, 1], np.array([3, 1])):
+        torch.testing.assert_close(baselines.logit_adjust(torch.eye(2), None, counts, 1.0)[1], bias)
+    for counts, message in (([3, 0], "class 1 has 0 \\(1 such classes\\)"), ([0, 0], "class 0 has 0 \\(2 such"),
+                            ([3.0, float("nan")], "class 1 has nan"), ([3, 1, 1], r"counts must have shape \[2\]")):
+        with pytest.raises(ValueError, match=message):
+            baselines.logit_adjust(torch.eye(2), None, counts, 1.0)
 
 
 def test_peers_help_the_few_split_and_choose_tau_on_val():
