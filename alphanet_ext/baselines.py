@@ -27,7 +27,9 @@ def ncm(train_x: ArrayLike, train_y: ArrayLike, num_classes: int, metric: str = 
     labels = check_labels(train_y, "train_y", x.shape[0], num_classes, x.device)
     means, counts = class_means(x, labels, num_classes)
     if bool((counts == 0).any()):
-        raise ValueError("ncm: every class needs at least one training sample")
+        empty = (counts == 0).nonzero().flatten()
+        raise ValueError(f"ncm: every class needs at least one training sample; class {int(empty[0])} has none "
+                         f"({empty.numel()} such classes)")
     if metric == "cosine":
         return means / means.norm(dim=1, keepdim=True).clamp_min(1e-12), torch.zeros(num_classes)
     if metric == "euclidean":

@@ -17,6 +17,8 @@ def test_ncm_hand_computed():
     # (2.9, 2.9) is equally far from both means (3, 0) and (0, 3): equal scores.
     scores = torch.tensor([[2.9, 2.9]]) @ weight.T + bias
     assert scores[0, 0] == scores[0, 1]
+    with pytest.raises(ValueError, match=r"class 2 has none \(2 such classes\)"):
+        baselines.ncm(x, y, 4)
 
 
 def test_tau_normalize():
