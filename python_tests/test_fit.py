@@ -193,6 +193,43 @@ def test_without_val_keeps_the_last_epoch(problem):
     assert len(result.history) == 10 and result.best_epochs == [10] and result.trial_val_top1 == []
 
 
+def test_epoch_selection_learning_rate_schedule_and_epoch_size(problem, monkeypatch):
+    steps = []  # the learning rate of every optimiser step
+    fit_module = importlib.import_module("alphanet_ext.fit")  # alphanet_ext.fit is the function
+    original_step = fit_module._FusedAdamW.step
+
+    def recording_step(self, grads):
+        steps.append(self.lr)
+        original_step(self, grads)
+    monkeypatch.setattr(fit_module._FusedAdamW, "step", recording_step)
+    # a small val set, so epochs often tie on val accuracy: the first best one must win
+    keep = torch.arange(problem.val_y.numel()) % 6 == 0
+    val_x, val_y = problem.val_x[keep], problem.val_y[keep]
+    result = alphanet_ext.fit(problem.train_x, problem.train_y, problem.weight, problem.bias, val_x, val_y,
+                              epochs=12, min_epochs=4, lr=0.01, lr_step=5, lr_gamma=0.5, rho=0.7, batch_size=1,
+                              trials=2, seed=4, progress=False, device="cpu")  # here: epochs 1-3 score best, trial 1 wins
+    few_samples = int(torch.isin(problem.train_y, result.splits["few"]).sum())
+    epoch_size = few_samples + round(0.7 * few_samples)  # base samples drawn per epoch: round(rho * few samples)
+    assert len(steps) == 12 * epoch_size  # batch 1: one step per sample
+    assert steps == [0.01 * 0.5 ** ((epoch - 1) // 5) for epoch in range(1, 13) for _ in range(epoch_size)]
+    for t in range(2):
+        scores = [record["val_top1"][t]["overall"] for record in result.history]
+        eligible = scores[3:]
+        assert result.best_epochs[t] == 4 + eligible.index(max(eligible))
+        assert [record["chosen"][t] for record in result.history] == \
+            [record["epoch"] == result.best_epochs[t] for record in result.history]
+    best = result.best_trial
+    assert best == max(range(2), key=lambda t: result.history[result.best_epochs[t] - 1]["val_top1"][t]["overall"])
+    # the classifier returned is the one the chosen epoch scored on val
+    chosen_val = result.history[result.best_epochs[best] - 1]["val_top1"][best]
+    assert alphanet_ext.evaluate(result.weight, result.bias, val_x, val_y, result.splits)["top1"] == \
+        pytest.approx(chosen_val, nan_ok=True)
+    for epochs, min_epochs in ((5, 5), (3, 9)):  # the last epoch, however the earlier ones scored
+        late = alphanet_ext.fit(problem.train_x, problem.train_y, problem.weight, problem.bias, val_x, val_y,
+                                epochs=epochs, min_epochs=min_epochs, trials=3, progress=False)
+        assert late.best_epochs == [epochs] * 3
+
+
 @pytest.mark.parametrize("metric", ["cosine", "random"])
 def test_other_metrics(problem, metric):
     result = quick_fit(problem, metric=metric, epochs=2)
