@@ -224,10 +224,50 @@ def test_epoch_selection_learning_rate_schedule_and_epoch_size(problem, monkeypa
     chosen_val = result.history[result.best_epochs[best] - 1]["val_top1"][best]
     assert alphanet_ext.evaluate(result.weight, result.bias, val_x, val_y, result.splits)["top1"] == \
         pytest.approx(chosen_val, nan_ok=True)
+    scaled = alphanet_ext.fit(problem.train_x, problem.train_y, problem.weight, problem.bias, val_x, val_y, epochs=3,
+                              min_epochs=1, pred_scale=3.0, progress=False)
+    assert alphanet_ext.evaluate(scaled.weight, scaled.bias, val_x, val_y, scaled.splits)["top1"] == \
+        pytest.approx(scaled.history[scaled.best_epochs[0] - 1]["val_top1"][0], nan_ok=True)
     for epochs, min_epochs in ((5, 5), (3, 9)):  # the last epoch, however the earlier ones scored
         late = alphanet_ext.fit(problem.train_x, problem.train_y, problem.weight, problem.bias, val_x, val_y,
                                 epochs=epochs, min_epochs=min_epochs, trials=3, progress=False)
         assert late.best_epochs == [epochs] * 3
+
+
+def test_epoch_samples_and_loss_follow_the_method(problem, monkeypatch):
+    """Every few-split sample once per epoch plus rho * F base samples, each a uniform
+    base class then a uniform member; the loss is the cross-entropy of the corrected
+    classifier over them (lr ~ 0 keeps the classifier at the one returned)."""
+    fit_module = importlib.import_module("alphanet_ext.fit")
+    gathered = []
+    original_gather = fit_module.gather_rows
+
+    def recording_gather(x, rows, *args):
+        gathered.append(rows.cpu().clone())
+        return original_gather(x, rows, *args)
+    monkeypatch.setattr(fit_module, "gather_rows", recording_gather)
+    rho, pred_scale = 20.0, 1.5
+    result = alphanet_ext.fit(problem.train_x, problem.train_y, problem.weight, problem.bias, epochs=1, rho=rho,
+                              lr=1e-12, pred_scale=pred_scale, progress=False, device="cpu")
+    rows = torch.cat(gathered)
+    is_few = torch.isin(problem.train_y, result.splits["few"])
+    few_rows, base_rows = rows[is_few[rows]], rows[~is_few[rows]]
+    assert torch.equal(few_rows.sort().values, torch.nonzero(is_few).flatten())  # each few sample once
+    assert base_rows.numel() == round(rho * few_rows.numel())
+    base_classes = torch.cat([result.splits["many"], result.splits["medium"]])
+    per_class = torch.bincount(problem.train_y[base_rows], minlength=40)[base_classes].double()
+    expected = base_rows.numel() / base_classes.numel()  # the same for a class of 20 samples and of 300
+    assert (per_class - expected).abs().max() < 5 * expected ** 0.5
+    largest = base_classes[torch.bincount(problem.train_y, minlength=40)[base_classes].argmax()]
+    drawn = base_rows[problem.train_y[base_rows] == largest]
+    size = int((problem.train_y == largest).sum())
+    distinct = size * (1 - (1 - 1 / size) ** drawn.numel())  # expected distinct members under uniform draws
+    assert abs(drawn.unique().numel() - distinct) < 0.15 * distinct
+
+    samples = torch.cat([few_rows, base_rows])
+    scores = pred_scale * (problem.train_x[samples] @ result.weight.T + result.bias)
+    loss = torch.nn.functional.cross_entropy(scores.double(), problem.train_y[samples])
+    assert result.history[0]["loss"][0] == pytest.approx(float(loss), rel=1e-4)
 
 
 @pytest.mark.parametrize("metric", ["cosine", "random"])
