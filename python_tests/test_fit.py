@@ -363,6 +363,9 @@ def test_evaluate_hand_computed():
     assert result["predictions"].tolist() == [0, 1, 2, 0]
     # a split left out scores NaN; splits that cannot be right are named
     assert math.isnan(alphanet_ext.evaluate(weight, None, x, y, {"many": [0, 1]})["top1"]["few"])
+    ranked = torch.tensor([[7.0, 6, 5, 4, 3, 2, 1]]).repeat(4, 1)  # class c ranks c + 1 in every row
+    ranks = alphanet_ext.evaluate(torch.eye(7), None, ranked, torch.tensor([0, 3, 4, 5]))
+    assert ranks["top1"]["overall"] == 25.0 and ranks["top5"]["overall"] == 75.0  # ranks 1 and 4, 5 are in; 6 is not
     without = alphanet_ext.evaluate(weight, None, x, y)
     assert without["top1"]["overall"] == 50.0 and all(math.isnan(without["top1"][name]) for name in SPLIT_NAMES)
     for bad, message in (({"many": [0, 1], "medium": [1]}, "class 1 is in both 'many' and 'medium'"),
