@@ -56,3 +56,9 @@ def test_peers_help_the_few_split_and_choose_tau_on_val():
     assert alphanet_ext.evaluate(w, b, problem.test_x, problem.test_y, splits)["top1"]["few"] > base
     tau, _ = baselines.choose_tau(problem.weight, problem.bias, None, None, splits)
     assert tau == 1.0
+    # where tau changes nothing (unit rows, equal counts), every tau ties on val: the smallest is kept
+    unit = problem.weight / problem.weight.norm(dim=1, keepdim=True)
+    grid = (0.5, 1.0, 1.5)
+    assert baselines.choose_tau(unit, problem.bias, problem.val_x, problem.val_y, splits, grid)[0] == 0.5
+    assert baselines.choose_logit_adjustment(unit, problem.bias, torch.full((40,), 7), problem.val_x, problem.val_y,
+                                             splits, grid)[0] == 0.5
