@@ -119,6 +119,10 @@ def test_semantic_accuracy_and_changes_by_construction():
                                           candidates=torch.tensor([2]))
     assert changes["before"] == {"correct": 1, "as_neighbor": 1, "elsewhere": 1}
     assert changes["after"] == {"correct": 3, "as_neighbor": 0, "elsewhere": 0}
+    # a correct prediction counts once, as correct, though a class is within any levels of itself
+    changes = analysis.prediction_changes(predicted, labels, labels, torch.tensor([0, 1, 2]), tree, 2)
+    assert changes["before"] == {"correct": 1, "as_neighbor": 3, "elsewhere": 0}  # siblings and cousins
+    assert changes["after"] == {"correct": 4, "as_neighbor": 0, "elsewhere": 0}
 
 
 def test_pearson_with_interval():
