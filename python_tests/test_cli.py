@@ -11,7 +11,8 @@ import torch
 
 import alphanet_ext
 from alphanet_ext import cli, evaluate, synthetic
-from alphanet_ext.io import read_metadata
+from alphanet_ext.analysis import pearson_with_interval
+from alphanet_ext.io import load_classifier, read_metadata
 
 # Optional packages (the `cli` extra); a GPU image may lack them.
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -72,7 +73,7 @@ def test_training_options_reach_fit(problem, tmp_path, hidden):
     classifier = tmp_path / "classifier.pt"
     torch.save({"weight": problem.weight, "bias": problem.bias}, classifier)
     options = dict(epochs=4, min_epochs=2, batch_size=32, lr=0.01, weight_decay=0.0, lr_step=3, lr_gamma=0.5,
-                   pred_scale=2.0, seed=7)
+                   pred_scale=2.0, seed=7, trials=3)
     flags = [item for name, value in options.items() for item in (f"--{name.replace('_', '-')}", value)]
     assert run("fit", "--train", train, "--val", val, "--classifier", classifier, "--out", tmp_path / "c.pt",
                *flags, "--hidden", *hidden, "--quiet", "--device", "cpu") == 0
@@ -81,6 +82,7 @@ def test_training_options_reach_fit(problem, tmp_path, hidden):
     direct = alphanet_ext.fit(problem.train_x, problem.train_y, problem.weight, problem.bias, problem.val_x,
                               problem.val_y, hidden=[int(h) for h in hidden], progress=False, device="cpu", **options)
     assert torch.equal(torch.load(tmp_path / "c.pt", weights_only=True)["weight"], direct.weight)
+    assert read_metadata(str(tmp_path / "c.pt"))["best_trial"] == direct.best_trial
 
 
 @needs_safetensors
@@ -91,17 +93,31 @@ def test_rho_sweep_report_and_eval(problem, tmp_path, capsys):
     np.savez(classifier, weight=problem.weight.numpy(), bias=problem.bias.numpy())
     out, report = tmp_path / "corrected.safetensors", tmp_path / "report"
     code = run("fit", "--train", paths["train"], "--val", paths["val"], "--test", paths["test"], "--classifier",
-               classifier, "--out", out, "--report", report, "--rho", 0.5, 1.0, "--trials", 2, "--epochs", 6,
+               classifier, "--out", out, "--report", report, "--rho", 1.0, 0.5, "--trials", 2, "--epochs", 6,
                "--quiet")
     assert code == 0
     data = json.loads((report / "report.json").read_text())
-    assert [r["rho"] for r in data["runs"]] == [0.5, 1.0] and sum(r["best"] for r in data["runs"]) == 1
+    assert [r["rho"] for r in data["runs"]] == [1.0, 0.5] and sum(r["best"] for r in data["runs"]) == 1
     assert set(data["runs"][0]["top1"]) == {"many", "medium", "few", "overall"}
     assert "std" in data["runs"][0]["top1"]["few"]
     plots = ("split_accuracy.png", "per_class_change.png", "rho_sweep.png") if HAS_MATPLOTLIB else ()
     for name in ("report.md",) + plots:
         assert (report / name).stat().st_size > 0
     assert "(best on val)" in (report / "report.md").read_text()
+    val_means = [r["val_top1"]["overall"]["mean"] for r in data["runs"]]
+    chosen = val_means.index(max(val_means))  # here rho 0.5, the second run
+    assert [r["best"] for r in data["runs"]] == [i == chosen for i in range(2)]
+    metadata = read_metadata(str(out))
+    assert metadata["rho"] == data["runs"][chosen]["rho"]
+    # the distance correlation: per few class, accuracy change against mean distance to its neighbours
+    few, neighbors = torch.tensor(metadata["splits"]["few"]), torch.tensor(metadata["neighbors"])
+    means, _ = alphanet_ext.class_means(problem.train_x, problem.train_y, 30)
+    distance = (means[few][:, None] - means[neighbors]).norm(dim=2).mean(dim=1)
+    corrected = load_classifier(str(out))
+    change = (evaluate(*corrected, problem.test_x, problem.test_y)["per_class_top1"][few]
+              - evaluate(problem.weight, problem.bias, problem.test_x, problem.test_y)["per_class_top1"][few])
+    expected = pearson_with_interval(distance, change, resamples=10)["r"]
+    assert data["distance_correlation"] == pytest.approx(expected, rel=1e-5)
     capsys.readouterr()
     assert run("eval", "--classifier", out, "--data", paths["test"]) == 0  # splits from the file's metadata
     assert "top-1" in capsys.readouterr().out
