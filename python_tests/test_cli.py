@@ -26,6 +26,9 @@ def problem():
                                       test_per_class=10, seed=2)
 
 
+N_TRAIN = int(synthetic.long_tail_counts(30, 200, 4).sum())  # the problem fixture's train size
+
+
 def write_features(folder, name, x, y, fmt):
     if fmt == "npz":
         path = os.path.join(folder, f"{name}.npz")
@@ -230,6 +233,8 @@ def test_report_when_the_distance_correlation_is_undefined(tmp_path):
     ("missing_file", "no such file"),
     ("classifier_keys", "expected one 'weight' entry"),
     ("empty_folder", "no train_x.npy (alphanet synth's layout) or train*.pkl (the authors' layout)"),
+    ("row_count", f"train.npz: {N_TRAIN} feature rows but {N_TRAIN - 1} labels"),
+    ("ensemble_labels", "train_feats.pkl: the ensemble members have different labels"),
 ])
 def test_bad_files_fail_cleanly(problem, tmp_path, breakage, message, capsys):
     train = write_features(tmp_path, "train", problem.train_x, problem.train_y, "npz")
@@ -253,6 +258,15 @@ def test_bad_files_fail_cleanly(problem, tmp_path, breakage, message, capsys):
         train.mkdir()
     elif breakage == "classifier_keys":
         torch.save({"matrix": problem.weight}, classifier)
+    elif breakage == "row_count":
+        np.savez(train, x=problem.train_x.numpy(), y=problem.train_y[:-1].numpy())
+    elif breakage == "ensemble_labels":
+        train = tmp_path / "authors"
+        train.mkdir()
+        shuffled = problem.train_y[torch.randperm(problem.train_y.numel(), generator=torch.Generator().manual_seed(0))]
+        with open(train / "train_feats.pkl", "wb") as stream:
+            pickle.dump([{"feats": problem.train_x[:, :8], "labels": problem.train_y.tolist()},
+                         {"feats": problem.train_x[:, 8:], "labels": shuffled.tolist()}], stream)
     test = []
     if breakage.startswith("test_"):  # found before the fit, not after it
         labels = problem.test_y.clone()
