@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -294,7 +295,7 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
             On a GPU, host features (even memory-mapped ones) are copied to the
             device once if they take at most a quarter of its free memory;
             otherwise each chunk's rows are read from the host.
-        progress: show progress bars (tqdm) when on a terminal.
+        progress: show progress bars (tqdm) on a terminal or in a Jupyter notebook.
 
     Returns:
         A :class:`FitResult` with the corrected classifier of the best trial.
@@ -336,7 +337,7 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
     epochs = (25 if has_val else 10) if epochs is None else epochs
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
-    progress = progress and os.isatty(2)
+    progress = progress and (os.isatty(2) or "ipykernel" in sys.modules)  # a terminal or a notebook
 
     w, b = check_classifier(weight, bias, device)
     num_classes, dim = w.shape

@@ -551,6 +551,10 @@ def test_progress_bars_only_on_a_terminal(problem, monkeypatch, capsys):
     assert "alphanet fit" in err and "epoch 2/2" in err and "val top-1" in err
     alphanet_ext.fit(*args, epochs=2, progress=False)
     assert capsys.readouterr().err == ""
+    monkeypatch.setattr(fit_module.os, "isatty", lambda fd: False)
+    monkeypatch.setitem(sys.modules, "ipykernel", sys)  # a Jupyter kernel: not a terminal, bars wanted
+    alphanet_ext.fit(*args, epochs=2, progress=True)
+    assert "alphanet fit" in capsys.readouterr().err
 
 
 def test_fit_without_tqdm_is_silent(problem, monkeypatch, capsys):
