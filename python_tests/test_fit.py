@@ -225,7 +225,7 @@ def test_epoch_selection_learning_rate_schedule_and_epoch_size(problem, monkeypa
     assert alphanet_ext.evaluate(result.weight, result.bias, val_x, val_y, result.splits)["top1"] == \
         pytest.approx(chosen_val, nan_ok=True)
     scaled = alphanet_ext.fit(problem.train_x, problem.train_y, problem.weight, problem.bias, val_x, val_y, epochs=3,
-                              min_epochs=1, pred_scale=3.0, progress=False)
+                              min_epochs=1, pred_scale=3.0, progress=False, device="cpu")
     assert alphanet_ext.evaluate(scaled.weight, scaled.bias, val_x, val_y, scaled.splits)["top1"] == \
         pytest.approx(scaled.history[scaled.best_epochs[0] - 1]["val_top1"][0], nan_ok=True)
     for epochs, min_epochs in ((5, 5), (3, 9)):  # the last epoch, however the earlier ones scored
