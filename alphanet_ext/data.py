@@ -38,9 +38,15 @@ def as_tensor(array: ArrayLike, name: str, device: torch.device | None = None) -
 def _backing_file(array: ArrayLike) -> tuple[str, int] | None:
     """``(path, byte offset of row 0)`` for a C-ordered array memory-mapped
     straight from a file (``np.load(mmap_mode="r")``, ``np.memmap``); None otherwise."""
-    if (isinstance(array, np.memmap) and isinstance(array.filename, str) and isinstance(array.base, mmap.mmap)
-            and array.flags.c_contiguous):
-        return array.filename, array.offset
+    if not (isinstance(array, np.memmap) and array.flags.c_contiguous):
+        return None
+    root = array  # a row slice is a view of the memmap that owns the mapping
+    while isinstance(root.base, np.memmap):
+        root = root.base
+    if not (isinstance(root.base, mmap.mmap) and isinstance(root.filename, (str, os.PathLike))):
+        return None
+    # np.load(pathlib.Path) keeps the Path; a view's `offset` is its root's, so count from the root's start
+    return os.fspath(root.filename), root.offset + (array.ctypes.data - root.ctypes.data)
     return None
 
 

@@ -473,18 +473,27 @@ def test_fused_adamw_matches_torch_optim():
 
 
 def test_memmap_rows_and_slices_read_correctly(tmp_path):
-    from alphanet_ext.data import gather_rows, iter_row_chunks
+    from alphanet_ext.data import _backing_file, gather_rows, iter_row_chunks
     array = np.arange(60, dtype=np.float32).reshape(20, 3)
     np.save(tmp_path / "a.npy", array)
-    mapped = np.load(tmp_path / "a.npy", mmap_mode="r")
+    mapped = np.load(tmp_path / "a.npy", mmap_mode="r")  # a pathlib.Path: numpy keeps it as the filename
+    by_name = np.load(str(tmp_path / "a.npy"), mmap_mode="r")
     np.save(tmp_path / "f.npy", np.asfortranarray(array))
     fortran = np.load(tmp_path / "f.npy", mmap_mode="r")
-    for source, expected in ((mapped, array), (mapped[5:], array[5:]), (fortran, array)):
+    # C-ordered mappings are read with file reads (not through the mapping), Fortran-ordered ones are not
+    assert _backing_file(mapped) == _backing_file(by_name) == (str(tmp_path / "a.npy"), 128)
+    assert _backing_file(mapped[5:]) == (str(tmp_path / "a.npy"), 128 + 5 * 12) and _backing_file(fortran) is None
+    assert _backing_file(mapped[:, 1:]) is None  # not whole rows
+    for source, expected in ((mapped, array), (by_name, array), (mapped[5:], array[5:]), (mapped[2:][1:], array[3:]),
+                             (fortran, array)):
         chunks = torch.cat([chunk for _, chunk in iter_row_chunks(source, "x", torch.device("cpu"), chunk_rows=4)])
         assert torch.equal(chunks, torch.from_numpy(expected))
         for rows in (torch.tensor([7, 0, 7, 3, 4, 5, 14]), torch.tensor([], dtype=torch.long)):
             assert torch.equal(gather_rows(source, rows, "x", torch.device("cpu")),
                                torch.from_numpy(expected[rows.numpy()]))
+    os.truncate(tmp_path / "a.npy", 128 + 10 * 12)  # the file shrinks under the mapping: rows 10+ are gone
+    with pytest.raises(OSError, match=r"a.npy: file ended early \(truncated\?\) while reading row 12"):
+        gather_rows(mapped, torch.tensor([3, 12]), "x", torch.device("cpu"))
 
 
 def test_fused_step_gradients_match_autograd_of_the_full_softmax():
