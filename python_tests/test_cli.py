@@ -13,6 +13,7 @@ import alphanet_ext
 from alphanet_ext import cli, evaluate, synthetic
 from alphanet_ext.analysis import pearson_with_interval
 from alphanet_ext.io import load_classifier, read_metadata
+from alphanet_ext.report import mean_std
 
 # Optional packages (the `cli` extra); a GPU image may lack them.
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -235,6 +236,7 @@ def test_report_when_the_distance_correlation_is_undefined(tmp_path):
     ("empty_folder", "no train_x.npy (alphanet synth's layout) or train*.pkl (the authors' layout)"),
     ("row_count", f"train.npz: {N_TRAIN} feature rows but {N_TRAIN - 1} labels"),
     ("ensemble_labels", "train_feats.pkl: the ensemble members have different labels"),
+    ("two_pickles", "authors: expected one train*.pkl in the authors' layout, found 2"),
 ])
 def test_bad_files_fail_cleanly(problem, tmp_path, breakage, message, capsys):
     train = write_features(tmp_path, "train", problem.train_x, problem.train_y, "npz")
@@ -260,6 +262,12 @@ def test_bad_files_fail_cleanly(problem, tmp_path, breakage, message, capsys):
         torch.save({"matrix": problem.weight}, classifier)
     elif breakage == "row_count":
         np.savez(train, x=problem.train_x.numpy(), y=problem.train_y[:-1].numpy())
+    elif breakage == "two_pickles":
+        train = tmp_path / "authors"
+        train.mkdir()
+        for name in ("train_a.pkl", "train_b.pkl"):
+            with open(train / name, "wb") as stream:
+                pickle.dump({"feats": problem.train_x, "labels": problem.train_y.tolist()}, stream)
     elif breakage == "ensemble_labels":
         train = tmp_path / "authors"
         train.mkdir()
@@ -315,6 +323,10 @@ def test_unwritable_output_fails_before_reading_the_data(problem, tmp_path, caps
     assert capsys.readouterr().err.strip().endswith(f"alphanet: error: cannot write {good}: {tmp_path} is not writable")
     assert sorted(os.listdir(tmp_path)) == ["a_file", "classifier.pt", "folder.pt", "train.npz"]
     assert not os.listdir(tmp_path / "folder.pt")
+
+
+def test_mean_std_over_trials_is_the_population_std():
+    assert mean_std([1.0, 3.0]) == {"mean": 2.0, "std": 1.0} and mean_std([5.0]) == {"mean": 5.0, "std": 0.0}
 
 
 def test_usage_errors_exit_2():
