@@ -5,6 +5,7 @@ accepts, so every method is scored the same way.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -37,8 +38,14 @@ def ncm(train_x: ArrayLike, train_y: ArrayLike, num_classes: int, metric: str = 
     raise ValueError(f"ncm: metric must be 'cosine' or 'euclidean', got {metric!r}")
 
 
+def _check_tau(tau: float, method: str) -> None:
+    if not math.isfinite(tau):
+        raise ValueError(f"{method}: tau must be a finite number, got {tau}")
+
+
 def tau_normalize(weight: ArrayLike, bias: ArrayLike | None, tau: float) -> tuple[Tensor, Tensor]:
     """``w_c / ||w_c||^tau`` (tau=0: unchanged, tau=1: unit-norm rows); the bias is kept."""
+    _check_tau(tau, "tau_normalize")
     w = as_tensor(weight, "weight").float()
     b = torch.zeros(w.shape[0]) if bias is None else as_tensor(bias, "bias").float()
     return w / w.norm(dim=1, keepdim=True).clamp_min(1e-12).pow(tau), b.clone()
@@ -46,6 +53,7 @@ def tau_normalize(weight: ArrayLike, bias: ArrayLike | None, tau: float) -> tupl
 
 def logit_adjust(weight: ArrayLike, bias: ArrayLike | None, counts: ArrayLike, tau: float) -> tuple[Tensor, Tensor]:
     """Subtracts ``tau * log prior_c`` (prior from train counts ``[C]``) from every class's score."""
+    _check_tau(tau, "logit_adjust")
     w = as_tensor(weight, "weight").float()
     b = torch.zeros(w.shape[0]) if bias is None else as_tensor(bias, "bias").float()
     counts = torch.as_tensor(counts).double().cpu()

@@ -40,6 +40,10 @@ def test_logit_adjust_hand_computed():
                             ([3.0, float("nan")], "class 1 has nan"), ([3, 1, 1], r"counts must have shape \[2\]")):
         with pytest.raises(ValueError, match=message):
             baselines.logit_adjust(torch.eye(2), None, counts, 1.0)
+    for method in (lambda tau: baselines.logit_adjust(torch.eye(2), None, [3, 1], tau),
+                   lambda tau: baselines.tau_normalize(torch.eye(2), None, tau)):
+        with pytest.raises(ValueError, match="tau must be a finite number, got nan"):
+            method(float("nan"))
 
 
 def test_peers_help_the_few_split_and_choose_tau_on_val():
