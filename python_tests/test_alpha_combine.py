@@ -113,6 +113,26 @@ def test_gradients_do_not_depend_on_thread_count(generator, dim):
     assert all(torch.equal(one, many) for one, many in zip(*results))
 
 
+# rows: packed (whole 16-byte packs) and element-wise; columns: staged in shared
+# memory (a row fits in 48 KB) and read from global memory (6200 float64 lines do not)
+@pytest.mark.parametrize("dim,lines,elems,dtype", [(0, 50, 96, torch.float32), (0, 50, 37, torch.float32),
+                                                  (1, 40, 30, torch.float32), (1, 6200, 3, torch.float64)])
+def test_cuda_kernels_read_nan_for_lines_outside_the_source(device, generator, dim, lines, elems, dtype):
+    """The CUDA op skips the value checks (the Python wrapper runs them, and a compiled
+    graph cannot); a bad index must then give NaN, never an out-of-bounds read."""
+    if not runs_cuda_kernels(device):
+        pytest.skip("the CPU op checks every index before reading")
+    source, targets, neighbors, alphas = make_case(lines, elems, 4, 3, dim, dtype, device, generator)
+    bad_neighbors, bad_targets = neighbors.clone(), targets.clone()
+    bad_neighbors[1, 2], bad_targets[2] = lines + 5, -1
+    out = torch.ops.alphanet.alpha_combine(source, bad_targets, bad_neighbors, alphas, dim).cpu()
+    expected = reference.alpha_combine(source.cpu(), targets.cpu(), neighbors.cpu(), alphas.cpu(), dim)
+    per_class = out if dim == 0 else out.T
+    assert per_class[1:3].isnan().all()
+    torch.testing.assert_close(per_class[[0, 3]].double(), (expected if dim == 0 else expected.T)[[0, 3]],
+                               **TOLERANCE[dtype])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_wide_logit_rows(device, generator, dtype):
     # 6,200 columns: a float32 row fits the CUDA kernel's shared-memory copy of a
