@@ -47,6 +47,18 @@ def test_non_contiguous_inputs(device, generator):
                                    **TOLERANCE[torch.float32])
 
 
+@pytest.mark.parametrize("cols", [1, 4])  # one column per thread, and a 16-byte pack per thread
+def test_more_classes_than_a_grid_dimension_holds(device, generator, cols):
+    """CUDA grids hold at most 65,535 blocks along y, which the kernels use for classes."""
+    num_classes = 65_535 + 40
+    labels = torch.cat([torch.arange(num_classes), torch.randint(0, num_classes, (500,), generator=generator)])
+    x = rand(labels.numel(), cols, generator=generator)
+    means, counts = alphanet_ext.class_means(x.to(device), labels.to(device), num_classes)
+    expected, expected_counts = reference.class_means(x, labels, num_classes)
+    assert torch.equal(counts.cpu(), expected_counts)
+    torch.testing.assert_close(means.cpu().double(), expected, **TOLERANCE[torch.float32])
+
+
 def test_streaming_equals_one_pass(device, generator):
     x = rand(1001, 33, device=device, generator=generator)
     labels = torch.randint(0, 9, (1001,), generator=generator).to(device)
