@@ -133,6 +133,26 @@ def test_cuda_kernels_read_nan_for_lines_outside_the_source(device, generator, d
                                **TOLERANCE[dtype])
 
 
+def test_more_elements_and_classes_than_the_kernels_grids_hold(device, generator):
+    """The column forward launches at most 2^20 blocks (one per logit row) and the
+    row alpha gradient at most 65,535 (one per class); grid-stride loops do the rest."""
+    if device != "cuda":
+        pytest.skip("about 26 s under the CPU emulator; instant on a GPU")
+    elems = (1 << 20) + 7
+    source, targets, neighbors, alphas = make_case(3, elems, 2, 1, 1, device=device, generator=generator)
+    out = alphanet_ext.alpha_combine(source, targets, neighbors, alphas, dim=1)
+    expected = reference.alpha_combine(source.cpu(), targets.cpu(), neighbors.cpu(), alphas.cpu(), 1)
+    torch.testing.assert_close(out.cpu().double(), expected, **TOLERANCE[torch.float32])
+    n = 65_535 + 9
+    source, targets, neighbors, alphas = make_case(4, 3, n, 2, 0, device=device, generator=generator)
+    grad_out = rand(n, 3, device=device, generator=generator)
+    a = alphas.clone().requires_grad_()
+    alphanet_ext.alpha_combine(source, targets, neighbors, a).backward(grad_out)
+    a_ref = alphas.cpu().double().requires_grad_()
+    reference.alpha_combine(source.cpu(), targets.cpu(), neighbors.cpu(), a_ref, 0).backward(grad_out.cpu().double())
+    torch.testing.assert_close(a.grad.cpu().double(), a_ref.grad, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_wide_logit_rows(device, generator, dtype):
     # 6,200 columns: a float32 row fits the CUDA kernel's shared-memory copy of a
