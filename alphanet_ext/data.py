@@ -47,7 +47,6 @@ def _backing_file(array: ArrayLike) -> tuple[str, int] | None:
         return None
     # np.load(pathlib.Path) keeps the Path; a view's `offset` is its root's, so count from the root's start
     return os.fspath(root.filename), root.offset + (array.ctypes.data - root.ctypes.data)
-    return None
 
 
 def _read_rows(array: np.memmap, rows: np.ndarray) -> np.ndarray:
