@@ -23,9 +23,9 @@ from .data import resolve_device
 from .fit import FitResult, fit
 from .io import (Features, InputError, folder_features, load_author_splits, load_classifier, load_features,
                  check_writable, classifier_format, read_metadata, save_classifier, write_atomic)
-from .metrics import evaluate, make_splits
+from .metrics import evaluate, make_splits, mean_std
 from .analysis import Hierarchy, neighbor_views, pearson_with_interval, prediction_changes, semantic_accuracy
-from .report import COLUMNS, mean_std, pyplot, run_label, save_figure, write_report, write_text
+from .report import COLUMNS, pyplot, run_label, save_figure, write_report, write_text
 from .synthetic import PRESETS, make_preset
 
 

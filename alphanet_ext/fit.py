@@ -24,7 +24,7 @@ from torch import Tensor
 from . import __version__, ops
 from .data import (ArrayLike, as_tensor, check_classifier, check_features, check_labels, gather_rows, iter_row_chunks,
                    logits, non_finite_error, resolve_device)
-from .metrics import SPLIT_NAMES, accuracy_by_split, make_splits
+from .metrics import SPLIT_NAMES, accuracy_by_split, make_splits, mean_std
 
 __all__ = ["fit", "FitResult", "load", "combine_experts"]
 
@@ -60,13 +60,9 @@ class FitResult:
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Mean and standard deviation over trials of the val top-1 per split."""
-        out = {}
-        for name in SPLIT_NAMES + ("overall",):
-            values = torch.tensor([trial[name] for trial in self.trial_val_top1], dtype=torch.float64)
-            if values.numel():
-                out[name] = {"mean": float(values.mean()),
-                             "std": float(values.std(unbiased=False)) if values.numel() > 1 else 0.0}
-        return out
+        if not self.trial_val_top1:
+            return {}
+        return {name: mean_std([trial[name] for trial in self.trial_val_top1]) for name in SPLIT_NAMES + ("overall",)}
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the result atomically (a temporary file renamed into place)."""

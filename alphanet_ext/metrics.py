@@ -1,7 +1,7 @@
 """Splits by training frequency, and top-1 / top-5 accuracy per split."""
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -9,6 +9,12 @@ from torch import Tensor
 from .data import ArrayLike, check_classifier, check_features, check_labels, logits, resolve_device
 
 SPLIT_NAMES = ("many", "medium", "few")
+
+
+def mean_std(values: Sequence[float]) -> dict[str, float]:
+    """Mean and population standard deviation (over trials)."""
+    tensor = torch.tensor(list(values), dtype=torch.float64)
+    return {"mean": float(tensor.mean()), "std": float(tensor.std(unbiased=False)) if tensor.numel() > 1 else 0.0}
 
 
 def make_splits(counts: ArrayLike, few_threshold: int = 20, many_threshold: int = 100) -> dict[str, Tensor]:

@@ -5,7 +5,6 @@ import json
 import math
 import os
 import warnings
-from typing import Sequence
 
 import torch
 
@@ -13,11 +12,6 @@ from .io import write_atomic
 from .metrics import SPLIT_NAMES
 
 COLUMNS = SPLIT_NAMES + ("overall",)
-
-
-def mean_std(values: Sequence[float]) -> dict[str, float]:
-    tensor = torch.tensor(list(values), dtype=torch.float64)
-    return {"mean": float(tensor.mean()), "std": float(tensor.std(unbiased=False)) if tensor.numel() > 1 else 0.0}
 
 
 def _cell(entry: dict) -> str:

@@ -13,7 +13,7 @@ import alphanet_ext
 from alphanet_ext import cli, evaluate, synthetic
 from alphanet_ext.analysis import pearson_with_interval
 from alphanet_ext.io import load_classifier, read_metadata
-from alphanet_ext.report import mean_std
+from alphanet_ext.metrics import mean_std
 
 # Optional packages (the `cli` extra); a GPU image may lack them.
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
