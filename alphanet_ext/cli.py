@@ -158,6 +158,11 @@ def _check_outputs(args: argparse.Namespace, classifier: str | None = None) -> N
     if classifier:
         classifier_format(classifier)
         check_writable(classifier)
+        for flag in ("classifier", "train", "val", "test", "hierarchy"):
+            given = getattr(args, flag, None)
+            if given and os.path.isfile(given) and os.path.exists(classifier) and os.path.samefile(given, classifier):
+                raise InputError(f"--out {classifier} is the --{flag} file; write the corrected classifier to "
+                                 "another path (inputs are never overwritten)")
     if args.report:
         check_writable(args.report, folder=True)
 

@@ -309,6 +309,14 @@ def test_unwritable_output_fails_before_reading_the_data(problem, tmp_path, caps
              (["--out", good, "--report", tmp_path / "a_file"], f"{tmp_path / 'a_file'} is a file; give a folder to write into"),
              (["--out", good, "--report", tmp_path / "a_file" / "r"], f"cannot write {tmp_path / 'a_file' / 'r'}: "
               f"{tmp_path / 'a_file'} is a file")]
+    val = write_features(tmp_path, "val", problem.val_x, problem.val_y, "pt")
+    (tmp_path / "tree.pt").write_text("0 root\n")
+    for flag, path in [("classifier", f"{tmp_path}/../{tmp_path.name}/classifier.pt"), ("train", train),
+                       ("val", val), ("hierarchy", tmp_path / "tree.pt")]:
+        cases.append((["--val", val, "--hierarchy", tmp_path / "tree.pt", "--report", tmp_path / "r", "--out", path],
+                      f"--out {path} is the --{flag} file; write the corrected classifier to another path "
+                      "(inputs are never overwritten)"))
+    inputs = {name: (tmp_path / name).read_bytes() for name in ("classifier.pt", "train.npz", "val.pt", "tree.pt")}
     for options, message in cases:
         capsys.readouterr()
         assert run("fit", "--train", train, "--classifier", classifier, *options, "--quiet") == 1
@@ -321,7 +329,8 @@ def test_unwritable_output_fails_before_reading_the_data(problem, tmp_path, caps
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # a read-only folder (root may write anywhere)
     assert run("fit", "--train", train, "--classifier", classifier, "--out", good, "--quiet") == 1
     assert capsys.readouterr().err.strip().endswith(f"alphanet: error: cannot write {good}: {tmp_path} is not writable")
-    assert sorted(os.listdir(tmp_path)) == ["a_file", "classifier.pt", "folder.pt", "train.npz"]
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "classifier.pt", "folder.pt", "train.npz", "tree.pt", "val.pt"]
+    assert {name: (tmp_path / name).read_bytes() for name in inputs} == inputs
     assert not os.listdir(tmp_path / "folder.pt")
 
 
