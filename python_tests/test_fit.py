@@ -618,9 +618,9 @@ def test_packed_network_inputs_that_do_not_fit_are_refused():
     args = (rest, biases, few_bias, torch.randn(4, 20), torch.arange(10), torch.randint(10, 20, (10, 3)),
             torch.randn(4, 1), torch.full((4, 1), -1), torch.randn(4, 1), 1.0)
     torch.ops.alphanet._coefficient_grads(packed, first, *args)  # fits
-    with pytest.raises(RuntimeError, match="does not fit a first layer of 30 rows"):
+    with pytest.raises(RuntimeError, match="packed inputs hold 12 rows, which does not fit a first layer of 30 rows"):
         torch.ops.alphanet._coefficient_grads(packed, torch.randn(30, 16), *args)
-    with pytest.raises(RuntimeError, match="does not fit 3 few classes"):
+    with pytest.raises(RuntimeError, match="packed inputs hold 2 panels, which does not fit 3 few classes"):
         torch.ops.alphanet._coefficient_grads(packed, first, rest, biases, torch.randn(1, 3), *args[3:])
     with pytest.raises(RuntimeError, match="multiple of 16 columns"):
         torch.ops.alphanet._coefficient_grads(packed, torch.randn(12, 8), *args)
