@@ -439,10 +439,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def common(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--device", type=_device, default=None,
-                         help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    def common(sub: argparse.ArgumentParser, device: bool = True, splits: bool = True) -> None:
+        if device:
+            sub.add_argument("--device", type=_device, default=None,
+                             help="cpu, cuda, cuda:1 ... (default: cuda when available)")
         sub.add_argument("--quiet", action="store_true", help="no progress output")
+        if not splits:
+            return
         sub.add_argument("--few-threshold", type=_bounded(int, 1), default=20,
                          help="few split: fewer train samples than this")
         sub.add_argument("--many-threshold", type=_bounded(int, 0), default=100,
@@ -458,7 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--k", type=_bounded(int, 1), nargs="+", default=[5],
                          help="neighbours per few class; several values sweep k (default 5)")
         sub.add_argument("--rho", type=rho_type, nargs="+", default=rho_default, help=rho_help)
-        sub.add_argument("--metric", choices=metrics, default="euclidean")
+        sub.add_argument("--metric", choices=metrics, default="euclidean",
+                         help="each few class's neighbours: the base classes whose train-feature means are nearest"
+                              + ("; random: chosen at random, the control" if "random" in metrics else "")
+                              + " (default euclidean)")
         sub.add_argument("--epochs", type=_bounded(int, 1), default=None, help="default 25 with --val, else 10")
         sub.add_argument("--min-epochs", type=_bounded(int, 1), default=FIT_DEFAULTS["min_epochs"],
                          help="with --val: the epoch kept is the best on val from this one on (default %(default)s)")
@@ -505,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare_parser = commands.add_parser("compare", help="AlphaNet against post-hoc peers, in one table")
     compare_parser.add_argument("--train", required=True, help="train features, as for fit")
-    compare_parser.add_argument("--classifier", required=True)
+    compare_parser.add_argument("--classifier", required=True, help="classifier (.pt/.pth, .npz, .safetensors)")
     classifier_key(compare_parser)
     compare_parser.add_argument("--val", help="validation features (choose tau, epochs and trials)")
     compare_parser.add_argument("--test", help="test features (the table's data; else val, else train)")
@@ -516,29 +522,32 @@ def build_parser() -> argparse.ArgumentParser:
     compare_parser.set_defaults(handler=run_compare)
 
     eval_parser = commands.add_parser("eval", help="top-1/top-5 per split of a classifier")
-    eval_parser.add_argument("--classifier", required=True)
+    eval_parser.add_argument("--classifier", required=True, help="classifier to score (.pt/.pth, .npz, "
+                             ".safetensors); alphanet fit's output carries its class splits")
     classifier_key(eval_parser)
-    eval_parser.add_argument("--data", required=True)
+    eval_parser.add_argument("--data", required=True, help="labelled features to score, in any format fit reads "
+                             "(a folder: its test set)")
     eval_parser.add_argument("--splits-from", help="train features whose labels define the splits")
     common(eval_parser)
     eval_parser.set_defaults(handler=run_eval)
 
     synth_parser = commands.add_parser("synth", help="write a synthetic long-tailed problem")
     synth_parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
-    synth_parser.add_argument("--out", required=True)
+    synth_parser.add_argument("--out", required=True, help="folder for {train,val,test}_{x,y}.npy, classifier.pt "
+                              "and hierarchy.txt")
     synth_parser.add_argument("--scale", type=_bounded(float, 0.0, 1.0, low_open=True), default=1.0,
                               help="fraction of the preset's classes (0, 1]")
-    synth_parser.add_argument("--seed", type=int, default=0)
+    synth_parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     synth_parser.add_argument("--dim", type=_bounded(int, 1), default=None,
                               help="feature dimension (default: the preset's)")
-    common(synth_parser)
+    common(synth_parser, device=False, splits=False)
     synth_parser.set_defaults(handler=run_synth)
 
     demo_parser = commands.add_parser("demo", help="generate, correct and report a small problem (< 1 minute)")
     demo_parser.add_argument("--out", help="also write the corrected classifier here")
     demo_parser.add_argument("--report", help="also write a report folder")
-    demo_parser.add_argument("--seed", type=int, default=0)
-    common(demo_parser)
+    demo_parser.add_argument("--seed", type=int, default=0, help="random seed of the problem and the fit (default 0)")
+    common(demo_parser, splits=False)
     demo_parser.set_defaults(handler=run_demo)
     return parser
 
@@ -558,7 +567,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if hasattr(args, "device"):  # one device for the fits and the evaluations alike
             args.device = str(resolve_device(args.device))
-        if args.few_threshold > args.many_threshold + 1:
+        if hasattr(args, "few_threshold") and args.few_threshold > args.many_threshold + 1:
             raise UsageError(f"--few-threshold ({args.few_threshold}) cannot exceed --many-threshold + 1 "
                              f"({args.many_threshold + 1}): the medium split would overlap the others")
         return args.handler(args)

@@ -338,13 +338,21 @@ def test_mean_std_over_trials_is_the_population_std():
     assert mean_std([1.0, 3.0]) == {"mean": 2.0, "std": 1.0} and mean_std([5.0]) == {"mean": 5.0, "std": 0.0}
 
 
-def test_usage_errors_exit_2():
+def test_usage_errors_exit_2(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["fit", "--train", "x.npz"])
     assert exit_info.value.code == 2
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["synth", "--preset", "nope", "--out", "x"])
     assert exit_info.value.code == 2
+    # options a command would ignore are refused, not accepted silently
+    out = str(tmp_path / "out")
+    for argv in (["synth", "--preset", "cifar100-lt", "--out", out, "--device", "cpu"],
+                 ["synth", "--preset", "cifar100-lt", "--out", out, "--few-threshold", "5"],
+                 ["demo", "--many-threshold", "50"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == 2
     for device in ("mps", "cuda:64"):  # refused before any file is read
         with pytest.raises(SystemExit) as exit_info:
             cli.main(["fit", "--train", "absent.npz", "--classifier", "absent.pt", "--out", "x.pt", "--device", device])
