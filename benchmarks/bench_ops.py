@@ -92,6 +92,19 @@ def card_rates(device):
     return rates
 
 
+def screening_counts(queries, keys, k, label):
+    """How much of knn's work its screening left to float64 (CUDA: queries ranked again; CPU: keys ranked)."""
+    if queries.is_cuda:
+        before = torch.ops.alphanet._knn_rechecked_queries()
+        alphanet_ext.knn(queries, keys, k)
+        return (f"(int8 screening{label}: {torch.ops.alphanet._knn_rechecked_queries() - before} of "
+                f"{queries.shape[0]} queries ranked again in float64)")
+    before = torch.ops.alphanet._knn_screened_candidates()
+    alphanet_ext.knn(queries, keys, k)
+    ranked = torch.ops.alphanet._knn_screened_candidates() - before
+    return f"(int16 screening{label}: {ranked / max(queries.shape[0], 1):.1f} keys per query ranked in float64)"
+
+
 def row(name, size, ours, peer, device, repeats, peer_name, rates=None, moved_bytes=None, flops=None, int8_ops=None):
     t_ours, t_peer = compare(ours, peer, device, repeats)
     mem_ours, mem_peer = peak_extra_memory(ours, device), peak_extra_memory(peer, device)
@@ -161,17 +174,21 @@ def main():
             keys = torch.randn(m, dims, generator=generator).to(device)
             t_cdist = compare(lambda: peer_knn_cdist(queries, keys, k), lambda: peer_knn_mm(queries, keys, k), device,
                               args.repeats)
-            best_peer = (lambda: peer_knn_cdist(queries, keys, k)) if t_cdist[0] <= t_cdist[1] else \
-                (lambda: peer_knn_mm(queries, keys, k))
+            best_peer_of = peer_knn_cdist if t_cdist[0] <= t_cdist[1] else peer_knn_mm
+            best_peer = lambda: best_peer_of(queries, keys, k)  # noqa: E731
             peer_name = "cdist+topk" if t_cdist[0] <= t_cdist[1] else "mm+topk"
             int8_ops = 6 * q * m * dims if device.startswith("cuda") else None
             row("knn euclidean", f"{q}x{m}x{dims}, k={k}", lambda: alphanet_ext.knn(queries, keys, k), best_peer,
                 device, args.repeats, peer_name, rates, flops=2 * q * m * dims, int8_ops=int8_ops)
+            # a large shared offset, as post-ReLU features and their class means have (the screenings centre it out)
+            shifted_queries, shifted_keys = queries + 10, keys + 10
+            row("knn euclidean, rows offset by 10", f"{q}x{m}x{dims}, k={k}",
+                lambda: alphanet_ext.knn(shifted_queries, shifted_keys, k),
+                lambda: best_peer_of(shifted_queries, shifted_keys, k), device, args.repeats, peer_name, rates,
+                flops=2 * q * m * dims, int8_ops=int8_ops)
+            for label, (rows_q, rows_k) in (("", (queries, keys)), (", offset 10", (shifted_queries, shifted_keys))):
+                print(screening_counts(rows_q, rows_k, k, label))
             if device.startswith("cuda"):  # A/B: float matmul tiles instead of the int8 screening
-                rechecked = torch.ops.alphanet._knn_rechecked_queries()
-                alphanet_ext.knn(queries, keys, k)
-                print(f"(int8 screening: {torch.ops.alphanet._knn_rechecked_queries() - rechecked} of {q} queries "
-                      "ranked again in float64)")
                 row("knn euclidean, float matmul ranking", f"{q}x{m}x{dims}, k={k}",
                     with_environment("ALPHANET_KNN_RANKING", "matmul", lambda: alphanet_ext.knn(queries, keys, k)),
                     best_peer, device, args.repeats, peer_name, rates, flops=2 * q * m * dims)

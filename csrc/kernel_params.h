@@ -123,6 +123,7 @@ struct ScreenedKnnParams {
   int64_t query_stride, key_stride, num_queries, num_keys, dims;
   int64_t k;                   // in [1, num_keys]
   bool cosine;
+  const double* center;        // [dims]: the ranking frame's origin (rows are unit-normalised first for cosine)
   void* distances;             // [num_queries, k] of acc_t, contiguous
   int64_t* indices;            // [num_queries, k], contiguous
 };
@@ -193,6 +194,7 @@ void knn_recheck(const RecheckParams& p);
 void knn_finish(const FinishParams& p);
 bool knn_screening_supported();
 void knn_screened(const ScreenedKnnParams& p);
+int64_t knn_screened_candidates();
 void alpha_combine(const CombineParams& p);
 void alpha_combine_backward(const CombineBackwardParams& p);
 void alpha_combine_checks(const CombineCheckParams& p);

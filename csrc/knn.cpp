@@ -37,6 +37,22 @@ Tiles tile_sizes(const at::Tensor& queries, int64_t num_keys) {
   return {std::max<int64_t>(4096, kTileValues / keys), kTileKeys};
 }
 
+at::Tensor unit_rows(const at::Tensor& rows) {
+  return rows / at::linalg_vector_norm(rows, 2, {1}, true).clamp_min(kNormFloor);
+}
+
+// The origin of the screenings' ranking frame, [dims] float64: the keys' mean
+// (of the unit rows, for cosine). Any origin keeps the result exact; this one
+// keeps the bound tight where the rows share a large offset, as post-ReLU
+// features and their class means do.
+// One matrix-vector product, so no copy of the keys (beyond 16-bit ones' upcast).
+at::Tensor frame_center(const at::Tensor& keys, bool cosine) {
+  const at::Tensor rows = keys.to(acc_type(keys.scalar_type()));
+  const at::Tensor weights = cosine ? at::linalg_vector_norm(rows, 2, {1}).clamp_min(kNormFloor).reciprocal()
+                                    : at::ones({rows.size(0)}, rows.options());
+  return at::mv(rows.t(), weights).to(at::kDouble) / static_cast<double>(rows.size(0));
+}
+
 // The fields the kernels' parameter structs share; q and x have unit column stride.
 template <typename Params>
 void set_rows(Params& params, const at::Tensor& q, const at::Tensor& x) {
@@ -72,6 +88,8 @@ std::tuple<at::Tensor, at::Tensor> screened_knn(const at::Tensor& queries, const
   const at::Tensor q = unit_column_stride(queries), x = unit_column_stride(keys);
   set_rows(params, q, x);
   params.cosine = cosine;
+  const at::Tensor center = frame_center(keys, cosine);
+  params.center = center.data_ptr<double>();
   params.num_queries = queries.size(0);
   params.num_keys = keys.size(0);
   params.k = k;
@@ -233,10 +251,6 @@ at::Tensor int8_products(const at::Tensor& rows, const at::Tensor& columns) {
   }
 }
 
-at::Tensor unit_rows(const at::Tensor& rows) {
-  return rows / at::linalg_vector_norm(rows, 2, {1}, true).clamp_min(kNormFloor);
-}
-
 // Rows in the int8 screening's ranking frame, in float64 (quantize_kernel's, to
 // rounding; equal rows stay equal, so ties stay ties).
 at::Tensor framed(const at::Tensor& rows, bool cosine, const at::Tensor& center) {
@@ -255,12 +269,7 @@ std::tuple<at::Tensor, at::Tensor> int8_knn(const at::Tensor& queries, const at:
   const int64_t num_queries = queries.size(0), num_keys = keys.size(0);
   const int64_t dims = round_up(queries.size(1), kCodeAlignment);
   const auto double_options = queries.options().dtype(at::kDouble);
-  const at::ScalarType value_type = acc_type(queries.scalar_type());
-
-  // The frame's center: the keys' mean (of the unit rows, for cosine). Any
-  // center keeps the result exact; this one keeps the bound tight.
-  const at::Tensor unit_keys = cosine ? unit_rows(keys.to(value_type)) : keys;
-  const at::Tensor center = at::sum(unit_keys, {0}, false, at::kDouble) / static_cast<double>(num_keys);
+  const at::Tensor center = frame_center(keys, cosine);
 
   const int64_t padded_keys = round_up(num_keys, kCodedKeyAlignment);
   const at::Tensor key_stats = at::empty({kQuantStats, num_keys}, double_options);
@@ -405,6 +414,8 @@ TORCH_LIBRARY_FRAGMENT(alphanet, m) {
   // Queries whose int8 ranking bound could not certify them, since the library
   // loaded (they were ranked again in float64): for tests and benchmarks.
   m.def("_knn_rechecked_queries() -> int", &knn_rechecked_queries);
+  // Keys the CPU's int16 screening could not rule out (ranked in float64), since load.
+  m.def("_knn_screened_candidates() -> int", &cpu::knn_screened_candidates);
 }
 
 TORCH_LIBRARY_IMPL(alphanet, CPU, m) { m.impl("knn", &knn); }

@@ -27,6 +27,7 @@ SHAPES = [  # queries, keys, dims, k
     (0, 5, 3, 2), (1, 1, 1, 1), (1, 10, 4, 10), (7, 3, 2, 3), (33, 97, 1, 5), (100, 300, 64, 5),
     (600, 4100, 3, 7),   # crosses the CPU tiles (512 queries, 4096 keys)
     (150, 700, 37, 9),   # dims not a multiple of the int8 code alignment (16)
+    (30, 200, 517, 5),   # odd dims over several of the CPU screening's int32 chunks (256) and packing columns
     (20, 150, 16, 70),   # more candidates than the select kernel keeps: the library top-k path
 ]
 
@@ -276,13 +277,32 @@ def test_int8_bound_needs_each_of_its_terms(int8_device, generator, dtype, case)
     check_against_reference(queries, keys, 1, "euclidean", distances, indices, dtype)
 
 
-def test_int8_screening_of_zero_rows(int8_device):
+def test_zero_rows(device):
     # zero rows have no quantisation scale; a zero query ties every key under cosine
-    keys = torch.cat([torch.zeros(3, 16), torch.arange(1.0, 31.0).outer(torch.ones(16))]).to(int8_device)
-    queries = torch.cat([torch.zeros(1, 16), torch.full((1, 16), 2.2)]).to(int8_device)
+    keys = torch.cat([torch.zeros(3, 16), torch.arange(1.0, 31.0).outer(torch.ones(16))]).to(device)
+    queries = torch.cat([torch.zeros(1, 16), torch.full((1, 16), 2.2)]).to(device)
     for metric in ("euclidean", "cosine"):
         distances, indices = alphanet_ext.knn(queries, keys, 4, metric)
         check_against_reference(queries, keys, 4, metric, distances, indices, torch.float32)
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"), reason="needs AVX2")
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("offset,scale", [(0.0, 1.0), (100.0, 1.0), (0.0, 1e-3)])
+def test_cpu_screening_rules_out_nearly_every_key(generator, monkeypatch, metric, offset, scale):
+    # Random rows of 301 features, also with a large shared offset (as post-ReLU
+    # features and their class means have) or tiny values. The int16 bound rules
+    # out all but about k keys per query, so few keys are ranked in float64. A
+    # broken code or a loose bound would still give exact results, only slowly:
+    # this counts the keys.
+    monkeypatch.setenv("ALPHANET_KNN_SCREENING", "1")
+    queries = offset + scale * rand(150, 301, dtype=torch.float64, generator=generator)
+    keys = offset + scale * rand(700, 301, dtype=torch.float64, generator=generator)
+    before = torch.ops.alphanet._knn_screened_candidates()
+    distances, indices = alphanet_ext.knn(queries, keys, 5, metric)
+    ranked = torch.ops.alphanet._knn_screened_candidates() - before
+    assert 150 * 5 <= ranked <= 150 * 8
+    check_against_reference(queries, keys, 5, metric, distances, indices, torch.float64)
 
 
 def test_without_the_int8_matmul_knn_ranks_with_float_matmuls(int8_device, generator, capfd):

@@ -2,6 +2,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -17,6 +18,12 @@
 #include "../kernel_params.h"
 
 namespace alphanet::cpu {
+
+namespace {
+std::atomic<int64_t> screened_candidates{0};  // keys the int16 screening kept and ranked in float64, since load
+}  // namespace
+
+int64_t knn_screened_candidates() { return screened_candidates; }
 
 void knn_select(const SelectParams& p) {
   TORCH_CHECK(p.cross == nullptr, "knn: int8 screening runs on CUDA only");
@@ -102,7 +109,7 @@ constexpr int64_t kKeyTile = 4096;    // keys packed at a time, so memory stays 
 constexpr double kRoundingSlack = 1e-9;  // covers float64 rounding in both the bound and the recheck
 
 struct RowStats {
-  double scale = 0, norm = 0, error_norm = 0;
+  double scale = 0, norm = 0, error_norm = 0, center_dot = 0;  // of the row in the frame
 };
 
 template <typename T>
@@ -122,41 +129,58 @@ __attribute__((target("avx2"))) inline double lane_sum(__m256d v) {
   return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
 }
 
-// A row's norm and quantisation scale (of the unit-normalised row for cosine).
-// Rounding in these is harmless: the error is measured afterwards, and the
-// norm's rounding is far inside kRoundingSlack.
 template <typename T>
-__attribute__((target("avx2,fma"))) RowStats row_scale(const T* row, int64_t dims, bool cosine, double* normalize) {
-  const __m256d sign = _mm256_set1_pd(-0.0);
-  __m256d norm2 = _mm256_setzero_pd(), max_abs = _mm256_setzero_pd();
+__attribute__((target("avx2,fma"))) double squared_norm(const T* row, int64_t dims) {
+  __m256d norm2 = _mm256_setzero_pd();
   int64_t j = 0;
   for (; j + 4 <= dims; j += 4) {
     const __m256d v = load4(row + j);
     norm2 = _mm256_fmadd_pd(v, v, norm2);
+  }
+  double total = lane_sum(norm2);
+  for (; j < dims; ++j) total += to_double(row[j]) * to_double(row[j]);
+  return total;
+}
+
+// A row's statistics in the ranking frame: the row (unit-normalised for cosine)
+// less `center`. Rounding in these is harmless: the quantisation error is
+// measured afterwards, and the rest is far inside kRoundingSlack.
+template <typename T>
+__attribute__((target("avx2,fma"))) RowStats row_scale(const T* row, int64_t dims, bool cosine, const double* center,
+                                                       double* normalize) {
+  *normalize = cosine ? 1.0 / std::max(std::sqrt(squared_norm(row, dims)), 1e-12) : 1.0;
+  const __m256d sign = _mm256_set1_pd(-0.0), to_unit = _mm256_set1_pd(*normalize);
+  __m256d norm2 = _mm256_setzero_pd(), max_abs = _mm256_setzero_pd(), center_dot = _mm256_setzero_pd();
+  int64_t j = 0;
+  for (; j + 4 <= dims; j += 4) {
+    const __m256d c = _mm256_loadu_pd(center + j);
+    const __m256d v = _mm256_sub_pd(_mm256_mul_pd(load4(row + j), to_unit), c);
+    norm2 = _mm256_fmadd_pd(v, v, norm2);
+    center_dot = _mm256_fmadd_pd(v, c, center_dot);
     max_abs = _mm256_max_pd(max_abs, _mm256_andnot_pd(sign, v));
   }
   alignas(32) double highest[4];
   _mm256_store_pd(highest, max_abs);
+  RowStats stats;
   double row_norm2 = lane_sum(norm2);
+  stats.center_dot = lane_sum(center_dot);
   double row_max = std::max(std::max(highest[0], highest[1]), std::max(highest[2], highest[3]));
   for (; j < dims; ++j) {
-    const double v = to_double(row[j]);
+    const double v = to_double(row[j]) * *normalize - center[j];
     row_norm2 += v * v;
+    stats.center_dot += v * center[j];
     row_max = std::max(row_max, std::abs(v));
   }
-  const double row_norm = std::sqrt(row_norm2);
-  *normalize = cosine ? 1.0 / std::max(row_norm, 1e-12) : 1.0;
-  RowStats stats;
-  stats.norm = row_norm * *normalize;
-  stats.scale = row_max > 0 ? row_max * *normalize / kQuantMax : 1.0;
+  stats.norm = std::sqrt(row_norm2);
+  stats.scale = row_max > 0 ? row_max / kQuantMax : 1.0;
   return stats;
 }
 
-// Quantise features [begin, end) of a row (begin even): feature j goes to
-// out[(j / 2) * pitch + j % 2]. Returns the sum of squared rounding errors.
+// Quantise features [begin, end) of a row in the frame (begin even): feature j
+// goes to out[(j / 2) * pitch + j % 2]. Returns the sum of squared rounding errors.
 template <typename T>
-__attribute__((target("avx2,fma"))) double quantize_columns(const T* row, int64_t begin, int64_t end,
-                                                            double normalize, double scale, int16_t* out,
+__attribute__((target("avx2,fma"))) double quantize_columns(const T* row, const double* center, int64_t begin,
+                                                            int64_t end, double normalize, double scale, int16_t* out,
                                                             int64_t pitch) {
   const __m256d to_unit = _mm256_set1_pd(normalize), inverse_scale = _mm256_set1_pd(1.0 / scale);
   const __m256d step = _mm256_set1_pd(scale), limit = _mm256_set1_pd(kQuantMax);
@@ -164,7 +188,7 @@ __attribute__((target("avx2,fma"))) double quantize_columns(const T* row, int64_
   __m256d error2 = _mm256_setzero_pd();
   int64_t j = begin;
   for (; j + 4 <= end; j += 4) {
-    const __m256d v = _mm256_mul_pd(load4(row + j), to_unit);
+    const __m256d v = _mm256_sub_pd(_mm256_mul_pd(load4(row + j), to_unit), _mm256_loadu_pd(center + j));
     __m256d q = _mm256_round_pd(_mm256_mul_pd(v, inverse_scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     q = _mm256_min_pd(_mm256_max_pd(q, negative_limit), limit);
     const __m256d residual = _mm256_fnmadd_pd(q, step, v);
@@ -176,7 +200,7 @@ __attribute__((target("avx2,fma"))) double quantize_columns(const T* row, int64_
   }
   double total = lane_sum(error2);
   for (; j < end; ++j) {
-    const double v = to_double(row[j]) * normalize;
+    const double v = to_double(row[j]) * normalize - center[j];
     const double q = std::min<double>(kQuantMax, std::max<double>(-kQuantMax, std::nearbyint(v / scale)));
     out[(j >> 1) * pitch + (j & 1)] = static_cast<int16_t>(q);
     total += (v - q * scale) * (v - q * scale);
@@ -189,8 +213,8 @@ __attribute__((target("avx2,fma"))) double quantize_columns(const T* row, int64_
 // `count` are zero, with zero statistics. A panel is quantised kPackColumns
 // features at a time across its rows, so the interleaved stores stay in L1.
 template <typename T>
-void pack_rows(const T* x, int64_t stride, int64_t begin, int64_t count, int64_t dims, bool cosine, int panel,
-               int16_t* packed, RowStats* stats) {
+void pack_rows(const T* x, int64_t stride, int64_t begin, int64_t count, int64_t dims, bool cosine,
+               const double* center, int panel, int16_t* packed, RowStats* stats) {
   constexpr int64_t kPackColumns = 256;
   const int64_t steps = (dims + 1) / 2;
   const int64_t panels = (count + panel - 1) / panel;
@@ -201,7 +225,7 @@ void pack_rows(const T* x, int64_t stride, int64_t begin, int64_t count, int64_t
     for (int64_t r = 0; r < panel; ++r) {
       error2[r] = 0;
       if (r < rows) {
-        stats[p * panel + r] = row_scale(x + (begin + p * panel + r) * stride, dims, cosine, &normalize[r]);
+        stats[p * panel + r] = row_scale(x + (begin + p * panel + r) * stride, dims, cosine, center, &normalize[r]);
       } else {
         stats[p * panel + r] = RowStats{};
         for (int64_t t = 0; t < steps; ++t) panel_out[(t * panel + r) * 2] = panel_out[(t * panel + r) * 2 + 1] = 0;
@@ -209,7 +233,7 @@ void pack_rows(const T* x, int64_t stride, int64_t begin, int64_t count, int64_t
     }
     for (int64_t first = 0; first < dims; first += kPackColumns) {
       for (int64_t r = 0; r < rows; ++r) {
-        error2[r] += quantize_columns(x + (begin + p * panel + r) * stride, first,
+        error2[r] += quantize_columns(x + (begin + p * panel + r) * stride, center, first,
                                       std::min(dims, first + kPackColumns), normalize[r],
                                       stats[p * panel + r].scale, panel_out + r * 2, 2 * panel);
       }
@@ -353,7 +377,7 @@ struct KeyTile {
       for (int64_t panel = first; panel < last; ++panel) {
         const int64_t row = panel * kPanelKeys;
         pack_rows(static_cast<const T*>(p.keys), p.key_stride, begin + row,
-                  std::min<int64_t>(kPanelKeys, count - row), p.dims, p.cosine, kPanelKeys,
+                  std::min<int64_t>(kPanelKeys, count - row), p.dims, p.cosine, p.center, kPanelKeys,
                   packed.data() + row * steps * 2, stats.data() + row);
       }
     });
@@ -362,7 +386,7 @@ struct KeyTile {
       scale[j] = stats[j].scale;
       norm[j] = stats[j].norm;
       error_norm[j] = stats[j].error_norm;
-      offset[j] = p.cosine ? 0.0 : stats[j].norm * stats[j].norm;
+      offset[j] = p.cosine ? -stats[j].center_dot : stats[j].norm * stats[j].norm;
       slack[j] = kRoundingSlack * (p.cosine ? 0.5 : offset[j]);
     }
   }
@@ -375,8 +399,8 @@ void screen_block(const ScreenedKnnParams& p, const KeyTile& keys, int64_t q_beg
   const int64_t q_panels = (q_count + kPanelQueries - 1) / kPanelQueries;
   std::vector<int16_t> packed(q_panels * kPanelQueries * steps * 2);
   std::vector<RowStats> q_stats(q_panels * kPanelQueries);
-  pack_rows(static_cast<const T*>(p.queries), p.query_stride, q_begin, q_count, p.dims, p.cosine, kPanelQueries,
-            packed.data(), q_stats.data());
+  pack_rows(static_cast<const T*>(p.queries), p.query_stride, q_begin, q_count, p.dims, p.cosine, p.center,
+            kPanelQueries, packed.data(), q_stats.data());
   std::vector<double> products(q_panels * kPanelQueries * kPanelKeys);
   const double factor = p.cosine ? 1.0 : 2.0;
 
@@ -420,8 +444,9 @@ void screen_block(const ScreenedKnnParams& p, const KeyTile& keys, int64_t q_beg
   }
 }
 
+// Ranks the query's remaining candidates in float64; returns how many there were.
 template <typename T>
-void finish_query(const ScreenedKnnParams& p, int64_t q, QueryCandidates& state) {
+int64_t finish_query(const ScreenedKnnParams& p, int64_t q, QueryCandidates& state) {
   using V = acc_t<T>;
   const T* queries = static_cast<const T*>(p.queries);
   const T* keys = static_cast<const T*>(p.keys);
@@ -438,6 +463,7 @@ void finish_query(const ScreenedKnnParams& p, int64_t q, QueryCandidates& state)
     distances[i] = static_cast<V>(ranked[i].first);
     p.indices[q * p.k + i] = ranked[i].second;
   }
+  return static_cast<int64_t>(ranked.size());
 }
 
 }  // namespace
@@ -464,7 +490,9 @@ void knn_screened(const ScreenedKnnParams& p) {
       });
     }
     at::parallel_for(0, p.num_queries, 16, [&](int64_t first, int64_t last) {
-      for (int64_t q = first; q < last; ++q) finish_query<T>(p, q, states[q]);
+      int64_t ranked = 0;
+      for (int64_t q = first; q < last; ++q) ranked += finish_query<T>(p, q, states[q]);
+      screened_candidates += ranked;
     });
   });
 }
