@@ -95,6 +95,16 @@ def folder_features(folder: str, role: str) -> str | None:
     return matches[0] if matches else None
 
 
+def _load_tensors(path: str, saving_hint: str, **options: Any) -> Any:
+    """``torch.load`` of tensors and containers only. A file of other pickled
+    objects (a whole model) is refused with what to save instead."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, **options)
+    except pickle.UnpicklingError:
+        raise InputError(f"{path}: holds pickled Python objects, which are not loaded because unpickling can run "
+                         f"code; save tensors instead: {saving_hint}") from None
+
+
 def load_features(path: str, role: str = "train") -> Features:
     """Features and labels from a file or a folder (``role`` picks its train, val or test file)."""
     if not os.path.exists(path):
@@ -124,7 +134,7 @@ def load_features(path: str, role: str = "train") -> Features:
                 raise InputError(f"{path}: labels file {label_path} is missing")
             return _check_pair(np.load(path, mmap_mode="r"), _labels(np.load(label_path), label_path), path)
         if lower.endswith((".pt", ".pth")):
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            data = _load_tensors(path, "torch.save({'x': features, 'y': labels}, PATH)", mmap=True)
             x, y = _pick_keys(data, path)
             return _check_pair(x, _labels(y, path), path)
         if lower.endswith(".safetensors"):
@@ -197,7 +207,8 @@ def load_classifier(path: str, key: str | None = None) -> tuple[torch.Tensor, to
     lower = path.lower()
     try:
         if lower.endswith((".pt", ".pth")):
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            data = _load_tensors(path, "for a whole model, torch.save(model.state_dict(), PATH), or only the last "
+                                 "layer's: torch.save(model.fc.state_dict(), PATH)")
         elif lower.endswith(".npz"):
             with np.load(path, allow_pickle=False) as archive:
                 data = {name: archive[name] for name in archive.files}

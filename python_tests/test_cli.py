@@ -237,6 +237,10 @@ def test_report_when_the_distance_correlation_is_undefined(tmp_path):
     ("row_count", f"train.npz: {N_TRAIN} feature rows but {N_TRAIN - 1} labels"),
     ("ensemble_labels", "train_feats.pkl: the ensemble members have different labels"),
     ("two_pickles", "authors: expected one train*.pkl in the authors' layout, found 2"),
+    ("whole_model", "classifier.pt: holds pickled Python objects, which are not loaded because unpickling can run "
+     "code; save tensors instead: for a whole model, torch.save(model.state_dict(), PATH)"),
+    ("pickled_features", "train.pt: holds pickled Python objects, which are not loaded because unpickling can run "
+     "code; save tensors instead: torch.save({'x': features, 'y': labels}, PATH)"),
 ])
 def test_bad_files_fail_cleanly(problem, tmp_path, breakage, message, capsys):
     train = write_features(tmp_path, "train", problem.train_x, problem.train_y, "npz")
@@ -260,6 +264,11 @@ def test_bad_files_fail_cleanly(problem, tmp_path, breakage, message, capsys):
         train.mkdir()
     elif breakage == "classifier_keys":
         torch.save({"matrix": problem.weight}, classifier)
+    elif breakage == "whole_model":
+        torch.save(torch.nn.Linear(16, 30), classifier)
+    elif breakage == "pickled_features":
+        train = tmp_path / "train.pt"
+        torch.save({"x": problem.train_x, "y": problem.train_y, "model": torch.nn.Linear(16, 30)}, train)
     elif breakage == "row_count":
         np.savez(train, x=problem.train_x.numpy(), y=problem.train_y[:-1].numpy())
     elif breakage == "two_pickles":
