@@ -148,7 +148,7 @@ __attribute__((target("avx2,fma"))) double squared_norm(const T* row, int64_t di
 template <typename T>
 __attribute__((target("avx2,fma"))) RowStats row_scale(const T* row, int64_t dims, bool cosine, const double* center,
                                                        double* normalize) {
-  *normalize = cosine ? 1.0 / std::max(std::sqrt(squared_norm(row, dims)), 1e-12) : 1.0;
+  *normalize = cosine ? 1.0 / std::max(std::sqrt(squared_norm(row, dims)), kNormFloor) : 1.0;
   const __m256d sign = _mm256_set1_pd(-0.0), to_unit = _mm256_set1_pd(*normalize);
   __m256d norm2 = _mm256_setzero_pd(), max_abs = _mm256_setzero_pd(), center_dot = _mm256_setzero_pd();
   int64_t j = 0;
