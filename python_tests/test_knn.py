@@ -29,6 +29,7 @@ SHAPES = [  # queries, keys, dims, k
     (150, 700, 37, 9),   # dims not a multiple of the int8 code alignment (16)
     (30, 200, 517, 5),   # odd dims over several of the CPU screening's int32 chunks (256) and packing columns
     (20, 150, 16, 70),   # more candidates than the select kernel keeps: the library top-k path
+    (20, 200, 16, 56),   # k + 8 = 64 candidates: the select kernel's longest list
 ]
 
 
