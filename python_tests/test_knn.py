@@ -208,6 +208,17 @@ def test_int8_screening_certifies_separated_queries(int8_device, generator, metr
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_int8_screening_certifies_a_single_query(int8_device, generator, metric):
+    # one query row, padded to the int8 matmul's minimum of 17 rows
+    queries = rand(1, 64, generator=generator).to(int8_device)
+    keys = rand(300, 64, generator=generator).to(int8_device)
+    before = rechecked_queries()
+    distances, indices = alphanet_ext.knn(queries, keys, 5, metric)
+    assert rechecked_queries() == before
+    check_against_reference(queries, keys, 5, metric, distances, indices, torch.float32)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 def test_int8_screening_ranks_uncertified_queries_in_float64(int8_device, generator, metric):
     # The first 3 queries sit by a cluster of keys 1e-6 apart, which int8 codes
     # cannot order: exactly those are ranked again, and every answer is exact.
