@@ -133,11 +133,15 @@ def plots(report: dict, per_class: dict, folder: str) -> list[str]:
     positions = torch.arange(len(COLUMNS)).float()
     before = [report["baseline"]["top1"][c]["mean"] for c in COLUMNS]
     after = [best["top1"][c]["mean"] for c in COLUMNS]
-    axis.bar(positions - 0.2, before, 0.4, label="baseline")
-    axis.bar(positions + 0.2, after, 0.4, yerr=[best["top1"][c]["std"] for c in COLUMNS], label=f"AlphaNet ρ={best['rho']}")
+    for offset, values, errors, label in ((-0.2, before, None, "baseline"),
+                                          (0.2, after, [best["top1"][c]["std"] for c in COLUMNS],
+                                           f"AlphaNet ρ={best['rho']}")):
+        bars = axis.bar(positions + offset, values, 0.4, yerr=errors, label=label)
+        axis.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
     axis.set_xticks(positions.tolist(), COLUMNS)
+    axis.set_ylim(0, 112)
     axis.set_ylabel(f"top-1 accuracy (%), {report['evaluated_on']}")
-    axis.legend()
+    axis.legend(loc="upper center", ncol=2, fontsize=8, frameon=False)
     save_figure(figure, os.path.join(folder, "split_accuracy.png"))
     plt.close(figure)
     written.append("split_accuracy.png")
@@ -174,9 +178,10 @@ def plots(report: dict, per_class: dict, folder: str) -> list[str]:
             if control and column == "few":
                 axis.plot([run["rho"] for run in control], [run["top1"]["few"]["mean"] for run in control],
                           linestyle="--", marker="x", color=color, label="few, random neighbours")
+        axis.plot([], [], linestyle=":", linewidth=0.8, color="k", label="baseline of each split")
         axis.set_xlabel("ρ")
         axis.set_ylabel("top-1 accuracy (%)")
-        axis.legend(fontsize=8)
+        axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
         save_figure(figure, os.path.join(folder, "rho_sweep.png"))
         plt.close(figure)
         written.append("rho_sweep.png")
