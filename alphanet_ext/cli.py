@@ -341,6 +341,7 @@ def run_eval(args: argparse.Namespace) -> int:
         splits = {name: torch.tensor(ids, dtype=torch.long) for name, ids in metadata["splits"].items()}
     data = _check_against(load_features(args.data, "test"), "evaluation", weight)
     result = evaluate(weight, bias, data.x, data.y, splits, device=args.device)
+    _say(args, f"{args.classifier} on {data.source} ({result['samples']} samples), accuracy in percent:")
     print(_table([("top-1", result["top1"]), ("top-5", result["top5"])]).replace("| model |", "| metric |"))
     return 0
 

@@ -171,7 +171,7 @@ def test_classifier_inside_a_whole_model_or_checkpoint(problem, tmp_path, capsys
         assert capsys.readouterr().err.strip() == f"alphanet: error: {tmp_path / 'mlp.pt'}: {message}"
 
 
-def test_authors_layout_and_ensemble_classifier(problem, tmp_path):
+def test_authors_layout_and_ensemble_classifier(problem, tmp_path, capsys):
     folder = tmp_path / "authors"
     (folder / "splits").mkdir(parents=True)
     counts = torch.bincount(problem.train_y, minlength=30)
@@ -192,7 +192,9 @@ def test_authors_layout_and_ensemble_classifier(problem, tmp_path):
     assert run("fit", "--train", folder, "--classifier", classifier, "--out", out, "--epochs", 2, "--quiet") == 0
     with np.load(out) as archive:
         assert archive["weight"].shape == (30, 16) and "metadata" in archive.files
+    capsys.readouterr()
     assert run("eval", "--classifier", classifier, "--data", folder) == 0
+    assert f"on {folder / 'test_feats.pkl'} (300 samples)" in capsys.readouterr().out  # which of the folder's sets
 
 
 def test_synth_then_fit(tmp_path):
