@@ -29,6 +29,8 @@ from .metrics import SPLIT_NAMES, accuracy_by_split, make_splits, mean_std
 __all__ = ["fit", "FitResult", "load", "combine_experts"]
 
 METRICS = ("euclidean", "cosine", "random")
+_ROW_BLOCK = 4096            # rows of the few-split and val logits handled at once (bounds temporaries)
+_CHUNK_VALUES = 1 << 25      # logits per training chunk: samples * trials * classes
 
 
 @dataclass
@@ -417,8 +419,8 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
     few_logits = torch.empty(few_rows.numel(), num_classes, device=device)
     few_base_lse = torch.empty(few_rows.numel(), device=device)
     bar = _bar(progress, total=few_rows.numel(), desc="few-split logits", unit="row", leave=False)
-    for begin in range(0, few_rows.numel(), 4096):
-        rows = few_rows[begin:begin + 4096]
+    for begin in range(0, few_rows.numel(), _ROW_BLOCK):
+        rows = few_rows[begin:begin + _ROW_BLOCK]
         bar.update(rows.numel())
         block = few_logits[begin:begin + rows.numel()]
         torch.mm(gather_rows(train_x, rows, "train_x", device).float(), w.T, out=block)
@@ -437,9 +439,10 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
         # best base class of every val sample, which no correction changes
         val_base_best = torch.empty(val_logits.shape[0], device=device)
         val_base_class = torch.empty(val_logits.shape[0], dtype=torch.long, device=device)
-        for begin in range(0, val_logits.shape[0], 4096):
-            scores = val_logits[begin:begin + 4096].add(b).mul_(pred_scale).index_fill_(1, few, -math.inf)
-            torch.max(scores, dim=1, out=(val_base_best[begin:begin + 4096], val_base_class[begin:begin + 4096]))
+        for begin in range(0, val_logits.shape[0], _ROW_BLOCK):
+            end = begin + _ROW_BLOCK
+            scores = val_logits[begin:end].add(b).mul_(pred_scale).index_fill_(1, few, -math.inf)
+            torch.max(scores, dim=1, out=(val_base_best[begin:end], val_base_class[begin:end]))
         timings["val_logits"] = time.perf_counter() - tic
 
     def draw_epoch(generator: torch.Generator) -> Tensor:
@@ -450,7 +453,7 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
         entries = torch.cat([-(torch.arange(num_few, device=device) + 1), base_rows])
         return entries[torch.randperm(epoch_size, generator=generator).to(device)]
 
-    chunk_samples = max(batch_size, ((1 << 25) // (trials * num_classes)) // batch_size * batch_size)
+    chunk_samples = max(batch_size, (_CHUNK_VALUES // (trials * num_classes)) // batch_size * batch_size)
     # Buffers reused by every chunk: allocating them per chunk costs page faults on every step.
     chunk_buffer = torch.empty(min(chunk_samples, epoch_size) * trials, num_classes, device=device)
     base_buffer = torch.empty_like(chunk_buffer)
@@ -484,18 +487,19 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
         """Val top-1 per split for every trial, from the cached logits: O(N_val * T * C_f * k)."""
         correct = torch.empty(trials, val_logits.shape[0], dtype=torch.bool, device=device)
         flat_alphas = alphas.reshape(-1, k)
-        for begin in range(0, val_logits.shape[0], 4096):
-            block = val_logits[begin:begin + 4096]
+        for begin in range(0, val_logits.shape[0], _ROW_BLOCK):
+            end = begin + _ROW_BLOCK
+            block = val_logits[begin:end]
             few_scores = torch.ops.alphanet.alpha_combine(
                 block, few.repeat(trials), neighbors.repeat(trials, 1), flat_alphas, 1)
             few_scores = pred_scale * (few_scores.view(-1, trials, few.numel()) + few_bias.detach())
             few_best, few_index = few_scores.max(dim=2)
             few_class = few[few_index]
-            base_best, base_class = val_base_best[begin:begin + 4096, None], val_base_class[begin:begin + 4096, None]
+            base_best, base_class = val_base_best[begin:end, None], val_base_class[begin:end, None]
             # argmax over all classes, ties to the lower class id
             take_few = (few_best > base_best) | ((few_best == base_best) & (few_class < base_class))
             predicted = torch.where(take_few, few_class, base_class)
-            correct[:, begin:begin + block.shape[0]] = (predicted == val_labels[begin:begin + 4096, None]).T
+            correct[:, begin:end] = (predicted == val_labels[begin:end, None]).T
         return [accuracy_by_split(correct[t], val_labels, splits, num_classes) for t in range(trials)]
 
     history: list[dict] = []

@@ -129,6 +129,24 @@ def test_features_held_on_the_device_give_the_same_result(problem, tmp_path, mon
     assert torch.equal(result.weight, expected.weight) and result.history == expected.history
 
 
+def test_blocked_logits_and_chunked_epochs_give_the_same_fit(problem, monkeypatch):
+    """Few-split and val logits go in row blocks and each epoch in chunks of
+    batches; at iNaturalist size there are many of each. Small blocks (7 rows)
+    and chunks (3 batches, the last one short) must not change the fit."""
+    options = dict(epochs=3, batch_size=8, trials=2, seed=3)
+    expected = quick_fit(problem, **options)
+    fit_module = importlib.import_module("alphanet_ext.fit")
+    monkeypatch.setattr(fit_module, "_ROW_BLOCK", 7)
+    monkeypatch.setattr(fit_module, "_CHUNK_VALUES", 3 * 8 * 2 * 40)
+    few_samples = int(torch.isin(problem.train_y, expected.splits["few"]).sum())
+    assert (2 * few_samples) % 24 and few_samples > 7 and problem.val_x.shape[0] % 7
+    result = quick_fit(problem, **options)
+    torch.testing.assert_close(result.weight, expected.weight, rtol=1e-5, atol=1e-6)
+    assert [e["val_top1"] for e in result.history] == [e["val_top1"] for e in expected.history]
+    assert result.best_epochs == expected.best_epochs
+    torch.testing.assert_close([e["loss"] for e in result.history], [e["loss"] for e in expected.history])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or not alphanet_ext.compiled_with_cuda(), reason="needs a GPU")
 def test_fit_on_cuda_from_host_features_matches_device_features(problem, tmp_path):
     path = tmp_path / "train.npy"
@@ -286,6 +304,18 @@ def test_save_and_load(problem, tmp_path, name):
     assert [p.name for p in tmp_path.iterdir()] == [name]  # no temporary left behind
 
 
+def test_load_reads_results_without_the_optional_fields(problem, tmp_path):
+    """A file from a version that had not yet added FitResult's optional fields still loads."""
+    from dataclasses import MISSING, asdict, fields
+    result = quick_fit(problem, epochs=2)
+    optional = {f.name for f in fields(alphanet_ext.FitResult)
+                if f.default is not MISSING or f.default_factory is not MISSING}
+    assert {"class_means", "mlp_state", "version"} <= optional
+    torch.save({key: value for key, value in asdict(result).items() if key not in optional}, tmp_path / "old.pt")
+    loaded = alphanet_ext.load(tmp_path / "old.pt")
+    assert torch.equal(loaded.weight, result.weight) and loaded.class_means is None and loaded.mlp_state == {}
+
+
 def test_load_refuses_what_save_did_not_write(problem, tmp_path):
     result = quick_fit(problem, epochs=2)
     with pytest.raises(IsADirectoryError, match="is a folder; give the path of a file"):
@@ -340,6 +370,10 @@ def test_combine_experts_matches_the_average_of_experts():
     weight, bias = alphanet_ext.combine_experts(weights, biases)
     average = sum(x @ w.T + b for x, w, b in zip(features, weights, biases)) / 2
     torch.testing.assert_close(torch.cat(features, dim=1) @ weight.T + bias, average)
+    alone = alphanet_ext.combine_experts(weights[:1])
+    assert torch.equal(alone[0], weights[0]) and torch.equal(alone[1], torch.zeros(7))
+    with pytest.raises(ValueError, match="same number of classes"):
+        alphanet_ext.combine_experts([weights[0][:6], weights[1], weights[1]])
 
 
 def test_unusable_devices_are_named():
@@ -453,6 +487,7 @@ def test_hidden_widths_may_be_any_iterable_and_numpy_integers_count(problem):
     widths = quick_fit(problem, epochs=2, hidden=iter([8, 4]), k=np.int64(3), seed=np.int32(1))
     assert widths.config["hidden"] == [8, 4] and widths.neighbors.shape[1] == 3
     assert torch.equal(widths.weight, quick_fit(problem, epochs=2, hidden=(8, 4), k=3, seed=1).weight)
+    assert quick_fit(problem, epochs=1, hidden=(1,)).mlp_state["0.weight"].shape == (1, 6 * 24)  # width 1 is legal
 
 
 def test_fused_adamw_matches_torch_optim():
@@ -494,6 +529,27 @@ def test_memmap_rows_and_slices_read_correctly(tmp_path):
     os.truncate(tmp_path / "a.npy", 128 + 10 * 12)  # the file shrinks under the mapping: rows 10+ are gone
     with pytest.raises(OSError, match=r"a.npy: file ended early \(truncated\?\) while reading row 12"):
         gather_rows(mapped, torch.tensor([3, 12]), "x", torch.device("cpu"))
+
+
+def test_coefficient_networks_start_as_torch_linear_layers_do():
+    """Each trial's layers are initialised as torch.nn.Linear's defaults (the
+    authors' model): weights and biases uniform in +-1/sqrt(fan_in)."""
+    from alphanet_ext.fit import _CoefficientNets
+    sizes = [600, 64, 48, 5]
+    nets = _CoefficientNets(sizes, [torch.Generator().manual_seed(t) for t in range(3)], torch.device("cpu"))
+    for trial in range(3):
+        state = nets.state(trial)
+        for layer, fan_in in enumerate(sizes[:-1]):
+            bound = 1 / math.sqrt(fan_in)
+            for name in ("weight", "bias"):
+                values = state[f"{2 * layer}.{name}"]
+                assert values.abs().max() <= bound and values.min() < -bound / 2 and values.max() > bound / 2
+            weight = state[f"{2 * layer}.weight"]
+            assert weight.shape == (sizes[layer + 1], fan_in)
+            spread = bound / math.sqrt(3)  # a uniform's standard deviation; 4 standard errors below
+            assert abs(weight.mean()) < 4 * spread / math.sqrt(weight.numel())
+            assert abs(weight.std() / spread - 1) < 4 * math.sqrt(0.2 / weight.numel())
+    assert not torch.equal(nets.state(0)["0.weight"], nets.state(1)["0.weight"])  # trials are seeded apart
 
 
 def test_fused_step_gradients_match_autograd_of_the_full_softmax():
