@@ -94,6 +94,17 @@ def test_batched_trials_match_separate_runs(problem):
     assert set(summary) == {"many", "medium", "few", "overall"} and summary["few"]["std"] >= 0
     overall = [t["overall"] for t in together.trial_val_top1]
     assert overall[together.best_trial] == max(overall)
+    # every trial's classifier, rebuilt from the input one, scores what the fit recorded for it on val
+    for trial in range(3):
+        weight, bias = together.trial_classifier(trial, problem.weight, problem.bias)
+        scored = alphanet_ext.evaluate(weight, bias, problem.val_x, problem.val_y, together.splits)["top1"]
+        assert scored == pytest.approx(together.trial_val_top1[trial], abs=1e-4)
+    weight, bias = together.trial_classifier(together.best_trial, problem.weight, problem.bias)
+    assert torch.equal(weight, together.weight) and torch.equal(bias, together.bias)
+    few = together.splits["few"]
+    weight, bias = together.trial_classifier(together.best_trial, problem.weight, None)  # no bias: zeros
+    assert torch.equal(weight, together.weight) and torch.equal(bias[few], together.bias[few])
+    assert bias.shape == (40,) and bias.count_nonzero() == few.numel()
 
 
 def test_numpy_and_memmap_inputs_give_the_same_result(problem, tmp_path):
