@@ -185,12 +185,14 @@ def all_finite(tensor: Tensor) -> bool:
         bool(torch.isfinite(tensor).all())
 
 
-def logits(x: ArrayLike, weight: Tensor, name: str, device: torch.device) -> Tensor:
-    """``x @ weight.T`` (no bias) in float32, computed chunk by chunk; checks ``x`` is finite."""
-    out = torch.empty(num_rows(x), weight.shape[0], dtype=torch.float32, device=device)
-    for begin, chunk in iter_row_chunks(x, name, device, chunk_rows=16384):
+def logits(x: ArrayLike, weight: Tensor, name: str, device: torch.device, start: int = 0,
+           stop: int | None = None) -> Tensor:
+    """``x[start:stop] @ weight.T`` (no bias) in float32, computed chunk by chunk; checks the rows are finite."""
+    rows = x[start:stop]
+    out = torch.empty(num_rows(rows), weight.shape[0], dtype=torch.float32, device=device)
+    for begin, chunk in iter_row_chunks(rows, name, device, chunk_rows=16384):
         chunk = chunk.float()
         if not all_finite(chunk):
-            raise non_finite_error(name, chunk, begin)
+            raise non_finite_error(name, chunk, start + begin)
         torch.mm(chunk, weight.T, out=out[begin:begin + chunk.shape[0]])
     return out

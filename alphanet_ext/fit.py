@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from numbers import Integral
@@ -241,6 +242,42 @@ def _keeps_features_on(device: torch.device, train_x: ArrayLike) -> bool:
     return as_tensor(train_x[:0], "train_x").element_size() * math.prod(train_x.shape) <= free // 4
 
 
+def _available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device``: free GPU memory, or the
+    host's ``MemAvailable`` (page cache included); None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as stream:
+            for line in stream:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _kept_logits(device: torch.device, num_classes: int, few_samples: int, val_samples: int) -> tuple[bool, bool]:
+    """Whether the few-split and the val logits (``[rows, C]`` float32 each) are
+    kept for the whole fit. Keeping them saves computing those rows' logits
+    again every epoch; each is kept while the kept ones take at most half of
+    the memory available, so a fit beyond iNaturalist scale slows down instead
+    of running out of memory."""
+    available = _available_memory(device)
+    budget = math.inf if available is None else available / 2
+    kept = []
+    for name, rows in (("few-split", few_samples), ("val", val_samples)):
+        size = rows * num_classes * 4
+        kept.append(size <= budget)
+        if kept[-1]:
+            budget -= size
+        else:
+            warnings.warn(f"the {name} samples' logits ({size / 2**30:.1f} GiB) would take more than half of the "
+                          f"{available / 2**30:.1f} GiB available on {device}: computing them every epoch instead "
+                          "of keeping them (slower, same result up to rounding)", stacklevel=3)
+    return kept[0], kept[1]
+
+
 class _NoBar:
     def update(self, n: int = 1) -> None:
         pass
@@ -412,20 +449,23 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
     few_position[few] = torch.arange(few.numel(), device=device)
     is_few_class = few_position >= 0
 
-    # Samples: every few-split sample each epoch (their logits computed once), plus
-    # rho * F base samples drawn with weight 1 / n_class: a uniform base class, then a uniform member.
+    # Samples: every few-split sample each epoch (their logits computed once where memory allows),
+    # plus rho * F base samples drawn with weight 1 / n_class: a uniform base class, then a uniform member.
     tic = time.perf_counter()
     few_rows = torch.nonzero(is_few_class[labels]).flatten()
-    few_logits = torch.empty(few_rows.numel(), num_classes, device=device)
-    few_base_lse = torch.empty(few_rows.numel(), device=device)
-    bar = _bar(progress, total=few_rows.numel(), desc="few-split logits", unit="row", leave=False)
-    for begin in range(0, few_rows.numel(), _ROW_BLOCK):
-        rows = few_rows[begin:begin + _ROW_BLOCK]
-        bar.update(rows.numel())
-        block = few_logits[begin:begin + rows.numel()]
-        torch.mm(gather_rows(train_x, rows, "train_x", device).float(), w.T, out=block)
-        few_base_lse[begin:begin + rows.numel()] = _base_logsumexp_(block.clone(), b, few, pred_scale)[0]
-    bar.close()
+    keep_few, keep_val = _kept_logits(device, num_classes, few_rows.numel(), val_x.shape[0] if has_val else 0)
+    few_logits = few_base_lse = None
+    if keep_few:
+        few_logits = torch.empty(few_rows.numel(), num_classes, device=device)
+        few_base_lse = torch.empty(few_rows.numel(), device=device)
+        bar = _bar(progress, total=few_rows.numel(), desc="few-split logits", unit="row", leave=False)
+        for begin in range(0, few_rows.numel(), _ROW_BLOCK):
+            rows = few_rows[begin:begin + _ROW_BLOCK]
+            bar.update(rows.numel())
+            block = few_logits[begin:begin + rows.numel()]
+            torch.mm(gather_rows(train_x, rows, "train_x", device).float(), w.T, out=block)
+            few_base_lse[begin:begin + rows.numel()] = _base_logsumexp_(block.clone(), b, few, pred_scale)[0]
+        bar.close()
     base_order = torch.argsort(labels, stable=True)
     class_offsets = torch.zeros(num_classes + 1, dtype=torch.long, device=device)
     class_offsets[1:] = counts.to(device).cumsum(0)
@@ -435,13 +475,18 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
 
     if has_val:
         tic = time.perf_counter()
-        val_logits = logits(val_x, w, "val_x", device)
+        num_val = val_x.shape[0]
+        val_logits = logits(val_x, w, "val_x", device) if keep_val else None
+
+        def val_block(begin: int, end: int) -> Tensor:
+            return val_logits[begin:end] if keep_val else logits(val_x, w, "val_x", device, begin, end)
+
         # best base class of every val sample, which no correction changes
-        val_base_best = torch.empty(val_logits.shape[0], device=device)
-        val_base_class = torch.empty(val_logits.shape[0], dtype=torch.long, device=device)
-        for begin in range(0, val_logits.shape[0], _ROW_BLOCK):
+        val_base_best = torch.empty(num_val, device=device)
+        val_base_class = torch.empty(num_val, dtype=torch.long, device=device)
+        for begin in range(0, num_val, _ROW_BLOCK):
             end = begin + _ROW_BLOCK
-            scores = val_logits[begin:end].add(b).mul_(pred_scale).index_fill_(1, few, -math.inf)
+            scores = val_block(begin, end).add(b).mul_(pred_scale).index_fill_(1, few, -math.inf)
             torch.max(scores, dim=1, out=(val_base_best[begin:end], val_base_class[begin:end]))
         timings["val_logits"] = time.perf_counter() - tic
 
@@ -461,35 +506,38 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
     def chunk_logits(entries: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """For a chunk of epoch entries ``[T, S]``: logits without bias ``[S, T, C]``, train
         labels ``[S, T]``, the log-sum-exp of the base-class scores ``[S, T]`` and the
-        score of the true class when it is a base class ``[S, T]`` (0 otherwise)."""
+        score of the true class ``[S, T]`` (read for base classes only; 0 or stale for few ones)."""
         flat = entries.T.reshape(-1)  # sample-major: row s*T + t
         out = chunk_buffer[:flat.numel()]
         base_lse = torch.empty(flat.numel(), device=device)
         target_score = torch.zeros(flat.numel(), device=device)
         is_few = flat < 0
-        few_at, base_at = torch.nonzero(is_few).flatten(), torch.nonzero(~is_few).flatten()
-        few_index = -flat[few_at] - 1
-        few_part = base_buffer[:few_at.numel()]  # free until the base rows are computed
-        out.index_copy_(0, few_at, torch.index_select(few_logits, 0, few_index, out=few_part))
-        base_lse[few_at] = few_base_lse[few_index]
         rows = torch.where(is_few, few_rows[(-flat - 1).clamp_min(0)], flat.clamp_min(0))
         chunk_labels = labels[rows]
-        if base_at.numel():
-            base_logits = base_buffer[:base_at.numel()]
-            torch.mm(gather_rows(train_x, flat[base_at], "train_x", device).float(), w.T, out=base_logits)
-            out.index_copy_(0, base_at, base_logits)
-            base_lse[base_at], target_score[base_at] = _base_logsumexp_(base_logits, b, few, pred_scale,
-                                                                        chunk_labels[base_at])
+        if keep_few:  # few rows from the kept logits, base rows computed
+            few_at, computed_at = torch.nonzero(is_few).flatten(), torch.nonzero(~is_few).flatten()
+            few_index = -flat[few_at] - 1
+            few_part = base_buffer[:few_at.numel()]  # free until the base rows are computed
+            out.index_copy_(0, few_at, torch.index_select(few_logits, 0, few_index, out=few_part))
+            base_lse[few_at] = few_base_lse[few_index]
+        else:
+            computed_at = torch.arange(flat.numel(), device=device)
+        if computed_at.numel():
+            computed = base_buffer[:computed_at.numel()]
+            torch.mm(gather_rows(train_x, rows[computed_at], "train_x", device).float(), w.T, out=computed)
+            out.index_copy_(0, computed_at, computed)
+            base_lse[computed_at], target_score[computed_at] = _base_logsumexp_(computed, b, few, pred_scale,
+                                                                                chunk_labels[computed_at])
         shape = (entries.shape[1], trials)
         return out.view(*shape, num_classes), chunk_labels.view(shape), base_lse.view(shape), target_score.view(shape)
 
     def val_top1(alphas: Tensor) -> list[dict[str, float]]:
         """Val top-1 per split for every trial, from the cached logits: O(N_val * T * C_f * k)."""
-        correct = torch.empty(trials, val_logits.shape[0], dtype=torch.bool, device=device)
+        correct = torch.empty(trials, num_val, dtype=torch.bool, device=device)
         flat_alphas = alphas.reshape(-1, k)
-        for begin in range(0, val_logits.shape[0], _ROW_BLOCK):
+        for begin in range(0, num_val, _ROW_BLOCK):
             end = begin + _ROW_BLOCK
-            block = val_logits[begin:end]
+            block = val_block(begin, end)
             few_scores = torch.ops.alphanet.alpha_combine(
                 block, few.repeat(trials), neighbors.repeat(trials, 1), flat_alphas, 1)
             few_scores = pred_scale * (few_scores.view(-1, trials, few.numel()) + few_bias.detach())

@@ -1,17 +1,22 @@
 """Full AlphaNet fits on synthetic data shaped like CIFAR-100-LT and ImageNet-LT.
 
     python benchmarks/bench_fit.py [--threads 2] [--sizes cifar100-lt,imagenet-lt-512,imagenet-lt-2048]
-                                   [--peer-epochs 1] [--device cpu]
+                                   [--peer-epochs 1] [--device cpu] [--logits kept|recomputed|both]
 
 Each size: our fit (25 epochs, rho=1, val selection; 10 epochs and no val for
 CIFAR-100-LT) with its time split by stage, then the naive per-class-loop peer
 (benchmarks/naive_peer.py) for --peer-epochs epochs in the same process, its
 total extrapolated to the same number of epochs (stated as such).
+``--logits recomputed`` makes the fit believe no memory is free, so it computes
+the few-split and val logits every epoch (what it does when they do not fit);
+``both`` runs each size both ways, alternating, in the same process.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import time
+import warnings
 
 import torch
 
@@ -19,6 +24,8 @@ import alphanet_ext
 from alphanet_ext import synthetic
 from common import machine, setup_threads
 from naive_peer import naive_epochs
+
+fit_module = importlib.import_module("alphanet_ext.fit")  # the module; alphanet_ext.fit is the function
 
 SIZES = {"cifar100-lt": ("cifar100-lt", None), "imagenet-lt-512": ("imagenet-lt", 512),
          "imagenet-lt-2048": ("imagenet-lt", 2048)}
@@ -30,7 +37,10 @@ def main():
     parser.add_argument("--sizes", default=",".join(SIZES))
     parser.add_argument("--peer-epochs", type=int, default=1, help="0 skips the peer")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--logits", choices=("kept", "recomputed", "both"), default="kept")
     args = parser.parse_args()
+    modes = ("kept", "recomputed") if args.logits == "both" else (args.logits,)
+    available_memory = fit_module._available_memory
     threads = setup_threads(args.threads)
     print(f"machine: {machine()}; device {args.device}; torch {torch.__version__}; threads {threads}")
     print("| problem | ours total s | class means | neighbours | few logits | val logits | train | validation "
@@ -42,32 +52,43 @@ def main():
         has_val = problem.val_x.shape[0] > 0
         val = (problem.val_x, problem.val_y) if has_val else (None, None)
         epochs = 25 if has_val else 10
-        if args.device != "cpu":
-            torch.cuda.synchronize()
-        tic = time.perf_counter()
-        result = alphanet_ext.fit(problem.train_x, problem.train_y, problem.weight, problem.bias, *val, rho=1.0,
-                                  epochs=epochs, device=args.device, progress=False)
-        if args.device != "cpu":
-            torch.cuda.synchronize()
-        wall = time.perf_counter() - tic
-        t = result.timings
-        before = alphanet_ext.evaluate(problem.weight, problem.bias, problem.test_x, problem.test_y, result.splits)
-        after = alphanet_ext.evaluate(result.weight, result.bias, problem.test_x, problem.test_y, result.splits)
-        peer, ratio = "skipped", ""
-        if args.peer_epochs > 0:
-            few = result.splits["few"]
-            base = torch.cat([result.splits["many"], result.splits["medium"]]).sort().values
-            peer_times = naive_epochs(problem.train_x, problem.train_y, problem.weight, problem.bias,
-                                      problem.val_x if has_val else problem.test_x[:0],
-                                      problem.val_y if has_val else problem.test_y[:0], few, base,
-                                      epochs=args.peer_epochs, mean_loop_rows=20000)
-            peer_total = (peer_times["class_means"] + peer_times["neighbors"] +
-                          epochs * (peer_times["train_per_epoch"] + peer_times["val_per_epoch"]))
-            peer, ratio = f"{peer_total:.1f}", f"{peer_total / wall:.0f}x"
-        print(f"| {size} ({problem.train_x.shape[0]} train, d={problem.train_x.shape[1]}, {epochs} epochs) "
-              f"| {wall:.2f} | {t['class_means']:.2f} | {t['neighbors']:.2f} | {t['few_logits']:.2f} "
-              f"| {t.get('val_logits', 0):.2f} | {t['train']:.2f} | {t['validation']:.2f} | {peer} | {ratio} "
-              f"| {before['top1']['few']:.1f} -> {after['top1']['few']:.1f} |", flush=True)
+        for mode in modes:
+            fit_module._available_memory = available_memory if mode == "kept" else (lambda device: 0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the recomputed mode's warnings
+                run(args, size, problem, val, epochs, "" if len(modes) == 1 else f", logits {mode}")
+        fit_module._available_memory = available_memory
+
+
+def run(args: argparse.Namespace, size: str, problem: synthetic.LongTailedProblem, val: tuple, epochs: int,
+        label: str) -> None:
+    has_val = val[0] is not None
+    if args.device != "cpu":
+        torch.cuda.synchronize()
+    tic = time.perf_counter()
+    result = alphanet_ext.fit(problem.train_x, problem.train_y, problem.weight, problem.bias, *val, rho=1.0,
+                              epochs=epochs, device=args.device, progress=False)
+    if args.device != "cpu":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - tic
+    t = result.timings
+    before = alphanet_ext.evaluate(problem.weight, problem.bias, problem.test_x, problem.test_y, result.splits)
+    after = alphanet_ext.evaluate(result.weight, result.bias, problem.test_x, problem.test_y, result.splits)
+    peer, ratio = "skipped", ""
+    if args.peer_epochs > 0:
+        few = result.splits["few"]
+        base = torch.cat([result.splits["many"], result.splits["medium"]]).sort().values
+        peer_times = naive_epochs(problem.train_x, problem.train_y, problem.weight, problem.bias,
+                                  problem.val_x if has_val else problem.test_x[:0],
+                                  problem.val_y if has_val else problem.test_y[:0], few, base,
+                                  epochs=args.peer_epochs, mean_loop_rows=20000)
+        peer_total = (peer_times["class_means"] + peer_times["neighbors"] +
+                      epochs * (peer_times["train_per_epoch"] + peer_times["val_per_epoch"]))
+        peer, ratio = f"{peer_total:.1f}", f"{peer_total / wall:.0f}x"
+    print(f"| {size} ({problem.train_x.shape[0]} train, d={problem.train_x.shape[1]}, {epochs} epochs{label}) "
+          f"| {wall:.2f} | {t['class_means']:.2f} | {t['neighbors']:.2f} | {t['few_logits']:.2f} "
+          f"| {t.get('val_logits', 0):.2f} | {t['train']:.2f} | {t['validation']:.2f} | {peer} | {ratio} "
+          f"| {before['top1']['few']:.1f} -> {after['top1']['few']:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

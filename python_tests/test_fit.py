@@ -3,6 +3,7 @@ import math
 import os
 import pickle
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -156,6 +157,46 @@ def test_blocked_logits_and_chunked_epochs_give_the_same_fit(problem, monkeypatc
     assert [e["val_top1"] for e in result.history] == [e["val_top1"] for e in expected.history]
     assert result.best_epochs == expected.best_epochs
     torch.testing.assert_close([e["loss"] for e in result.history], [e["loss"] for e in expected.history])
+
+
+@pytest.mark.parametrize("kept", ["none", "few-split only", "both, to the byte"])
+def test_logits_too_large_to_keep_are_computed_every_epoch(problem, monkeypatch, kept):
+    """Beyond iNaturalist scale the few-split and val logits may not fit in
+    memory; the fit then computes them every epoch, with a warning, and gets
+    the same result up to rounding."""
+    options = dict(epochs=3, batch_size=16, trials=2, seed=8)
+    fit_module = importlib.import_module("alphanet_ext.fit")
+    monkeypatch.setattr(fit_module, "_ROW_BLOCK", 300)  # several val blocks
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about with the memory this machine has
+        expected = quick_fit(problem, **options)
+    few_samples = int(torch.isin(problem.train_y, expected.splits["few"]).sum())
+    few_bytes, val_bytes = few_samples * 40 * 4, problem.val_x.shape[0] * 40 * 4
+    # half of what is available may be kept: nothing; both but for 1 byte; both exactly
+    available, warned = {"none": (0, ["the few-split", "the val"]),
+                         "few-split only": (2 * (few_bytes + val_bytes) - 2, ["the val"]),
+                         "both, to the byte": (2 * (few_bytes + val_bytes), [])}[kept]
+    monkeypatch.setattr(fit_module, "_available_memory", lambda device: available)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = quick_fit(problem, **options)
+    assert [str(w.message).split(" samples")[0] for w in caught] == warned
+    assert all("computing them every epoch" in str(w.message) for w in caught)
+    torch.testing.assert_close(result.weight, expected.weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(result.bias, expected.bias, rtol=1e-5, atol=1e-6)
+    assert [e["val_top1"] for e in result.history] == [e["val_top1"] for e in expected.history]
+    torch.testing.assert_close([e["loss"] for e in result.history], [e["loss"] for e in expected.history])
+
+
+def test_val_rows_that_are_not_finite_are_named_when_not_kept(problem, monkeypatch):
+    fit_module = importlib.import_module("alphanet_ext.fit")
+    monkeypatch.setattr(fit_module, "_ROW_BLOCK", 300)
+    monkeypatch.setattr(fit_module, "_available_memory", lambda device: 0)
+    val_x = problem.val_x.clone()
+    val_x[700, 3] = math.inf
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="val_x contains NaN or inf: inf at row 700, column 3"):
+        alphanet_ext.fit(problem.train_x, problem.train_y, problem.weight, problem.bias, val_x, problem.val_y,
+                         epochs=1, progress=False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not alphanet_ext.compiled_with_cuda(), reason="needs a GPU")
@@ -387,13 +428,24 @@ def test_combine_experts_matches_the_average_of_experts():
         alphanet_ext.combine_experts([weights[0][:6], weights[1], weights[1]])
 
 
-def test_unusable_devices_are_named():
+def test_unusable_devices_are_named(monkeypatch):
     x, y, splits = torch.ones(2, 3), torch.zeros(2, dtype=torch.long), {"few": torch.tensor([0])}
     with pytest.raises(ValueError, match="device 'cuda:64': "):
         alphanet_ext.evaluate(torch.ones(1, 3), None, x, y, splits, device="cuda:64")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="device 'cuda': CUDA is not available"):
             alphanet_ext.fit(x, y, torch.ones(1, 3), device="cuda")
+    # a GPU, but an extension built without its CUDA kernels
+    from alphanet_ext import data, ops
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(ops, "compiled_with_cuda", lambda: True)
+    assert data.resolve_device(None) == data.resolve_device("cuda") == torch.device("cuda")
+    monkeypatch.setattr(ops, "compiled_with_cuda", lambda: False)
+    assert data.resolve_device(None) == torch.device("cpu")
+    if ops.HAS_EXTENSION:
+        with pytest.raises(ValueError, match="device 'cuda': alphanet_ext was built without its CUDA kernels"):
+            data.resolve_device("cuda")
 
 
 def test_evaluate_hand_computed():
@@ -479,6 +531,26 @@ def test_bad_input(problem, change, message):
         args["train_x"], args["train_y"] = problem.train_x[keep], problem.train_y[keep]
     with pytest.raises(ValueError, match=message):
         alphanet_ext.fit(**args)
+
+
+def test_labels_features_and_classifier_of_the_wrong_kind_are_named(problem):
+    def fit(**change):
+        args = dict(train_x=problem.train_x, train_y=problem.train_y, weight=problem.weight, bias=problem.bias,
+                    epochs=1, progress=False)
+        return alphanet_ext.fit(**{**args, **change})
+
+    for labels in (problem.train_y.float(), problem.train_y.bool(), problem.train_y.to(torch.complex64)):
+        with pytest.raises(ValueError, match=f"train_y must hold integer class ids, got {labels.dtype}"):
+            fit(train_y=labels)
+    with pytest.raises(ValueError, match="train_x must hold floating-point features, got torch.int64"):
+        fit(train_x=problem.train_x.long())
+    with pytest.raises(ValueError, match=r"weight must be a floating-point \[classes, features\] matrix, got torch.int32"):
+        fit(weight=problem.weight.int())
+    with pytest.raises(ValueError, match=r"weight must be a floating-point \[classes, features\] matrix, got "
+                                         r"torch.float32 \(960,\)"):
+        fit(weight=problem.weight.flatten())
+    for labels in (problem.train_y.int(), problem.train_y.to(torch.uint8), problem.train_y.numpy().astype(np.int16)):
+        assert torch.equal(fit(train_y=labels, seed=2).weight, fit(seed=2).weight)  # any integer type
 
 
 @pytest.mark.parametrize("change,message", [
