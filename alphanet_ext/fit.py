@@ -243,10 +243,12 @@ def _keeps_features_on(device: torch.device, train_x: ArrayLike) -> bool:
 
 
 def _available_memory(device: torch.device) -> int | None:
-    """Bytes that can still be allocated on ``device``: free GPU memory, or the
-    host's ``MemAvailable`` (page cache included); None where unknown."""
+    """Bytes that can still be allocated on ``device``: free GPU memory (with what
+    torch's allocator holds unused), or the host's ``MemAvailable`` (page cache
+    included); None where unknown."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + unused
     try:
         with open("/proc/meminfo") as stream:
             for line in stream:

@@ -188,6 +188,17 @@ def test_logits_too_large_to_keep_are_computed_every_epoch(problem, monkeypatch,
     torch.testing.assert_close([e["loss"] for e in result.history], [e["loss"] for e in expected.history])
 
 
+def test_available_memory_is_the_hosts():
+    from alphanet_ext.fit import _available_memory
+    available = _available_memory(torch.device("cpu"))
+    if not os.path.exists("/proc/meminfo"):
+        assert available is None
+        return
+    page = os.sysconf("SC_PAGE_SIZE")
+    total, free = os.sysconf("SC_PHYS_PAGES") * page, os.sysconf("SC_AVPHYS_PAGES") * page
+    assert free / 2 <= available <= total
+
+
 def test_val_rows_that_are_not_finite_are_named_when_not_kept(problem, monkeypatch):
     fit_module = importlib.import_module("alphanet_ext.fit")
     monkeypatch.setattr(fit_module, "_ROW_BLOCK", 300)
