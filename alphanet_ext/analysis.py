@@ -208,6 +208,9 @@ def semantic_accuracy(predicted: Tensor, labels: Tensor, splits: Mapping[str, Te
     return accuracy_by_split(correct, labels, splits, hierarchy.num_classes)
 
 
+BOOTSTRAP_VALUES = 1 << 20  # resampled values drawn at a time by pearson_with_interval
+
+
 def pearson_with_interval(x: Tensor, y: Tensor, resamples: int = 10_000, seed: int = 0) -> dict[str, float]:
     """Pearson r and its bootstrap 95 % interval (percentile method); all NaN
     when r is undefined (a constant series)."""
@@ -222,8 +225,12 @@ def pearson_with_interval(x: Tensor, y: Tensor, resamples: int = 10_000, seed: i
         return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
 
     generator = torch.Generator().manual_seed(seed)
-    picks = torch.randint(x.numel(), (resamples, x.numel()), generator=generator)
-    samples = r(x[picks], y[picks])
+    block = max(1, BOOTSTRAP_VALUES // x.numel())  # resamples at a time: all at once take resamples * n values
+    samples = []
+    for begin in range(0, resamples, block):
+        picks = torch.randint(x.numel(), (min(block, resamples - begin), x.numel()), generator=generator)
+        samples.append(r(x[picks], y[picks]))
+    samples = torch.cat(samples)
     samples = samples[~torch.isnan(samples)]
     if samples.numel() == 0:  # a constant series: r is undefined
         return {"r": float("nan"), "low": float("nan"), "high": float("nan")}

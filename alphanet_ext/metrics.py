@@ -9,6 +9,7 @@ from torch import Tensor
 from .data import ArrayLike, check_classifier, check_features, check_labels, logits, resolve_device
 
 SPLIT_NAMES = ("many", "medium", "few")
+EVALUATION_ROWS = 4096  # samples scored at once by evaluate()
 
 
 def mean_std(values: Sequence[float]) -> dict[str, float]:
@@ -87,8 +88,10 @@ def evaluate(weight: ArrayLike, bias: ArrayLike | None, x: ArrayLike, y: ArrayLi
     w, b = check_classifier(weight, bias, device)
     check_features(x, "x", w.shape[1])
     labels = check_labels(y, "y", x.shape[0], w.shape[0], device)
-    scores = logits(x, w, "x", device) + b
-    top = scores.topk(min(5, w.shape[0]), dim=1).indices
+    top = torch.empty(labels.numel(), min(5, w.shape[0]), dtype=torch.long, device=device)
+    for begin in range(0, labels.numel(), EVALUATION_ROWS):  # all scores at once ([N, C]) may not fit in memory
+        scores = logits(x, w, "x", device, begin, begin + EVALUATION_ROWS).add_(b)
+        top[begin:begin + scores.shape[0]] = scores.topk(top.shape[1], dim=1).indices
     correct1 = top[:, 0] == labels
     correct5 = (top == labels[:, None]).any(dim=1)
     per_class_total = torch.bincount(labels, minlength=w.shape[0]).float()

@@ -483,6 +483,28 @@ def test_evaluate_hand_computed():
             alphanet_ext.evaluate(weight, None, x, y, bad)
 
 
+def test_evaluate_in_row_blocks_scores_every_row(problem, monkeypatch):
+    metrics = importlib.import_module("alphanet_ext.metrics")
+    splits = alphanet_ext.make_splits(torch.bincount(problem.train_y, minlength=40))
+    x, y = problem.test_x[:1996], problem.test_y[:1996]
+    expected = alphanet_ext.evaluate(problem.weight, problem.bias, x, y, splits)
+    monkeypatch.setattr(metrics, "EVALUATION_ROWS", 7)  # 1996 rows: 285 blocks of 7 and one of 1
+    blocked = alphanet_ext.evaluate(problem.weight, problem.bias, x, y, splits)
+    assert torch.equal(blocked["predictions"], expected["predictions"])
+    assert blocked["top1"] == expected["top1"] and blocked["top5"] == expected["top5"]
+    best = (x.double() @ problem.weight.double().T + problem.bias.double()).topk(2, dim=1)
+    clear = best.values[:, 0] - best.values[:, 1] > 1e-3  # rows whose top class no rounding can change
+    assert clear[-1] and clear.float().mean() > 0.99  # the last block's one row too
+    assert torch.equal(blocked["predictions"][clear], best.indices[clear, 0])
+    assert torch.equal(blocked["per_class_top1"], expected["per_class_top1"])
+    x = problem.test_x.clone()
+    x[1500, 4] = math.nan
+    with pytest.raises(ValueError, match="x contains NaN or inf: nan at row 1500, column 4"):
+        alphanet_ext.evaluate(problem.weight, problem.bias, x, problem.test_y, splits)
+    empty = alphanet_ext.evaluate(problem.weight, problem.bias, problem.test_x[:0], problem.test_y[:0], splits)
+    assert empty["samples"] == 0 and empty["predictions"].shape == (0,)
+
+
 def test_make_splits_takes_counts_of_any_array_kind():
     counts = [3, 20, 100, 101, 0]
     expected = {"many": [3], "medium": [1, 2], "few": [0, 4]}
