@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .data import ArrayLike, as_tensor, check_labels
+from .data import ArrayLike, as_tensor, cache_budget, check_labels, gather_rows, logits, num_rows
 from .metrics import evaluate
 from .ops import class_means
 
@@ -96,23 +96,28 @@ def lws(weight: ArrayLike, bias: ArrayLike | None, train_x: ArrayLike, train_y: 
     """Learnable weight scaling: one scale per class (``s_c w_c``, ``s_c b_c``), the
     classifier itself fixed, trained with class-balanced sampling (each class
     equally likely, then a uniform member)."""
-    w = as_tensor(weight, "weight").float()
-    b = torch.zeros(w.shape[0]) if bias is None else as_tensor(bias, "bias").float()
-    x = as_tensor(train_x, "train_x").float()
-    labels = check_labels(train_y, "train_y", x.shape[0], w.shape[0], x.device)
-    logits = x @ w.T
+    device = as_tensor(train_x[:0], "train_x").device
+    w = as_tensor(weight, "weight").float().to(device)
+    b = torch.zeros(w.shape[0], device=device) if bias is None else as_tensor(bias, "bias").float().to(device)
+    samples = num_rows(train_x)
+    labels = check_labels(train_y, "train_y", samples, w.shape[0], device)
+    # every sample's logits, computed once where they fit (11.5 GB at iNaturalist size); otherwise each batch's
+    all_logits = logits(train_x, w, "train_x", device) if samples * w.shape[0] * 4 <= cache_budget(device) else None
     counts = torch.bincount(labels, minlength=w.shape[0])
     present = torch.nonzero(counts).flatten()
     order = torch.argsort(labels, stable=True)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
     generator = torch.Generator().manual_seed(seed)
-    scales = torch.ones(w.shape[0], requires_grad=True)
+    scales = torch.ones(w.shape[0], device=device, requires_grad=True)
     optimizer = torch.optim.SGD([scales], lr=lr, momentum=0.9)
     for _ in range(epochs):
-        for _ in range(max(1, x.shape[0] // batch_size)):
-            picked = present[torch.randint(present.numel(), (batch_size,), generator=generator)]
-            rows = order[offsets[picked] + (torch.rand(batch_size, generator=generator) * counts[picked]).long()]
-            loss = torch.nn.functional.cross_entropy(scales * (logits[rows] + b), labels[rows])
+        for _ in range(max(1, samples // batch_size)):
+            picked = present[torch.randint(present.numel(), (batch_size,), generator=generator).to(device)]
+            within = torch.rand(batch_size, generator=generator).to(device) * counts[picked]
+            rows = order[offsets[picked] + within.long()]
+            batch = (all_logits[rows] if all_logits is not None
+                     else gather_rows(train_x, rows, "train_x", device).float() @ w.T)
+            loss = torch.nn.functional.cross_entropy(scales * (batch + b), labels[rows])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

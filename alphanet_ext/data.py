@@ -122,6 +122,30 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
     return device
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device``: free GPU memory (with what
+    torch's allocator holds unused), or the host's ``MemAvailable`` (page cache
+    included); None where unknown."""
+    if device.type == "cuda":
+        unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + unused
+    try:
+        with open("/proc/meminfo") as stream:
+            for line in stream:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def cache_budget(device: torch.device) -> float:
+    """Bytes that caches kept for a whole computation may take on ``device``:
+    half of what is available (inf when unknown)."""
+    available = available_memory(device)
+    return math.inf if available is None else available / 2
+
+
 def check_features(x: ArrayLike, name: str, dim: int | None = None) -> None:
     if not hasattr(x, "shape"):  # features are read in row chunks, as arrays
         raise TypeError(f"{name}: expected a torch tensor, numpy array or cupy array, got {type(x).__name__}")

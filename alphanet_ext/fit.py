@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import __version__, ops
-from .data import (ArrayLike, as_tensor, check_classifier, check_features, check_labels, gather_rows, iter_row_chunks,
-                   logits, non_finite_error, resolve_device)
+from .data import (ArrayLike, as_tensor, cache_budget, check_classifier, check_features, check_labels,
+                   gather_rows, iter_row_chunks, logits, non_finite_error, resolve_device)
 from .metrics import SPLIT_NAMES, accuracy_by_split, make_splits, mean_std
 
 __all__ = ["fit", "FitResult", "load", "combine_experts"]
@@ -242,31 +242,14 @@ def _keeps_features_on(device: torch.device, train_x: ArrayLike) -> bool:
     return as_tensor(train_x[:0], "train_x").element_size() * math.prod(train_x.shape) <= free // 4
 
 
-def _available_memory(device: torch.device) -> int | None:
-    """Bytes that can still be allocated on ``device``: free GPU memory (with what
-    torch's allocator holds unused), or the host's ``MemAvailable`` (page cache
-    included); None where unknown."""
-    if device.type == "cuda":
-        unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return torch.cuda.mem_get_info(device)[0] + unused
-    try:
-        with open("/proc/meminfo") as stream:
-            for line in stream:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def _kept_logits(device: torch.device, num_classes: int, few_samples: int, val_samples: int) -> tuple[bool, bool]:
     """Whether the few-split and the val logits (``[rows, C]`` float32 each) are
     kept for the whole fit. Keeping them saves computing those rows' logits
     again every epoch; each is kept while the kept ones take at most half of
     the memory available, so a fit beyond iNaturalist scale slows down instead
     of running out of memory."""
-    available = _available_memory(device)
-    budget = math.inf if available is None else available / 2
+    budget = cache_budget(device)
+    available = 2 * budget
     kept = []
     for name, rows in (("few-split", few_samples), ("val", val_samples)):
         size = rows * num_classes * 4

@@ -40,7 +40,7 @@ def main():
     parser.add_argument("--logits", choices=("kept", "recomputed", "both"), default="kept")
     args = parser.parse_args()
     modes = ("kept", "recomputed") if args.logits == "both" else (args.logits,)
-    available_memory = fit_module._available_memory
+    measured_budget = fit_module.cache_budget
     threads = setup_threads(args.threads)
     print(f"machine: {machine()}; device {args.device}; torch {torch.__version__}; threads {threads}")
     print("| problem | ours total s | class means | neighbours | few logits | val logits | train | validation "
@@ -53,11 +53,11 @@ def main():
         val = (problem.val_x, problem.val_y) if has_val else (None, None)
         epochs = 25 if has_val else 10
         for mode in modes:
-            fit_module._available_memory = available_memory if mode == "kept" else (lambda device: 0)
+            fit_module.cache_budget = measured_budget if mode == "kept" else (lambda device: 0)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the recomputed mode's warnings
                 run(args, size, problem, val, epochs, "" if len(modes) == 1 else f", logits {mode}")
-        fit_module._available_memory = available_memory
+        fit_module.cache_budget = measured_budget
 
 
 def run(args: argparse.Namespace, size: str, problem: synthetic.LongTailedProblem, val: tuple, epochs: int,

@@ -66,3 +66,20 @@ def test_peers_help_the_few_split_and_choose_tau_on_val():
     assert baselines.choose_tau(unit, problem.bias, problem.val_x, problem.val_y, splits, grid)[0] == 0.5
     assert baselines.choose_logit_adjustment(unit, problem.bias, torch.full((40,), 7), problem.val_x, problem.val_y,
                                              splits, grid)[0] == 0.5
+
+
+def test_lws_computes_each_batch_when_the_logits_do_not_fit(monkeypatch, tmp_path):
+    """LWS keeps every sample's logits where half the memory available holds them
+    (11.5 GB at iNaturalist size), else it computes each batch's, from a memory
+    map too; the scales agree up to rounding, and the inputs are read as given."""
+    problem = synthetic.make_long_tailed(num_classes=40, dim=24, max_count=300, min_count=4, seed=3)
+    expected = baselines.lws(problem.weight, problem.bias, problem.train_x, problem.train_y, epochs=2)
+    np.save(tmp_path / "x.npy", problem.train_x.numpy())
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    monkeypatch.setattr(baselines, "cache_budget", lambda device: 0)
+    monkeypatch.setattr(baselines, "logits", None)  # every sample's logits at once: not with no memory to spare
+    for features in (problem.train_x, mapped):
+        weight, bias = baselines.lws(problem.weight, problem.bias, features, problem.train_y, epochs=2)
+        torch.testing.assert_close(weight, expected[0], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(bias, expected[1], rtol=1e-4, atol=1e-6)
+    assert not torch.equal(expected[0], problem.weight)  # the scales moved

@@ -176,7 +176,7 @@ def test_logits_too_large_to_keep_are_computed_every_epoch(problem, monkeypatch,
     available, warned = {"none": (0, ["the few-split", "the val"]),
                          "few-split only": (2 * (few_bytes + val_bytes) - 2, ["the val"]),
                          "both, to the byte": (2 * (few_bytes + val_bytes), [])}[kept]
-    monkeypatch.setattr(fit_module, "_available_memory", lambda device: available)
+    monkeypatch.setattr(fit_module, "cache_budget", lambda device: available / 2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = quick_fit(problem, **options)
@@ -189,8 +189,8 @@ def test_logits_too_large_to_keep_are_computed_every_epoch(problem, monkeypatch,
 
 
 def test_available_memory_is_the_hosts():
-    from alphanet_ext.fit import _available_memory
-    available = _available_memory(torch.device("cpu"))
+    from alphanet_ext.data import available_memory
+    available = available_memory(torch.device("cpu"))
     if not os.path.exists("/proc/meminfo"):
         assert available is None
         return
@@ -202,7 +202,7 @@ def test_available_memory_is_the_hosts():
 def test_val_rows_that_are_not_finite_are_named_when_not_kept(problem, monkeypatch):
     fit_module = importlib.import_module("alphanet_ext.fit")
     monkeypatch.setattr(fit_module, "_ROW_BLOCK", 300)
-    monkeypatch.setattr(fit_module, "_available_memory", lambda device: 0)
+    monkeypatch.setattr(fit_module, "cache_budget", lambda device: 0)
     val_x = problem.val_x.clone()
     val_x[700, 3] = math.inf
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="val_x contains NaN or inf: inf at row 700, column 3"):
