@@ -157,3 +157,9 @@ def test_bad_features_and_arguments():
         alphanet_ext.ClassMeanAccumulator(3.5, 5)
     with pytest.raises(ValueError, match="dim must be at least 0, got -1"):
         alphanet_ext.ClassMeanAccumulator(3, -1)
+    with pytest.raises(ValueError, match="num_classes must be at least 1, got 0"):
+        alphanet_ext.ClassMeanAccumulator(0, 5)
+    smallest = alphanet_ext.ClassMeanAccumulator(1, 0)  # the least of each is allowed
+    smallest.add(torch.ones(2, 0), torch.zeros(2, dtype=torch.long))
+    means, counts = smallest.means()
+    assert means.shape == (1, 0) and counts.tolist() == [2]

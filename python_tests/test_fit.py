@@ -718,6 +718,16 @@ def test_fused_step_gradients_match_autograd_of_the_full_softmax():
     for ours, theirs in zip(grads, expected_grads):
         assert theirs.abs().sum() > 0
         torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    # its fake implementation (for torch.compile) gives the real outputs' shapes and dtypes
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    mode = FakeTensorMode()
+    args = (inputs_t, detached[0], rest, biases, detached[-1], raw.reshape(rows, -1), (offsets + few).reshape(-1),
+            (offsets[:, :, None] + neighbors).reshape(-1, k), base_scores[:, :, base].logsumexp(dim=2), target_few,
+            torch.zeros(rows, trials, dtype=torch.float64))
+    fake_args = [[mode.from_tensor(t) for t in a] if isinstance(a, list) else mode.from_tensor(a) for a in args]
+    with mode:
+        fake_losses, fake_grads = torch.ops.alphanet._coefficient_grads(*fake_args, scale)
+    assert [(t.shape, t.dtype) for t in [fake_losses, *fake_grads]] == [(t.shape, t.dtype) for t in [losses, *grads]]
 
 
 def test_progress_bars_only_on_a_terminal(problem, monkeypatch, capsys):
