@@ -6,13 +6,14 @@ accepts, so every method is scored the same way.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from .data import ArrayLike, as_tensor, cache_budget, check_labels, gather_rows, logits, num_rows
-from .metrics import evaluate
+from .data import (ArrayLike, as_tensor, cache_budget, check_classifier, check_features, check_labels, gather_rows,
+                   logits, num_rows)
+from .metrics import EVALUATION_ROWS, split_of_classes
 from .ops import class_means
 
 __all__ = ["ncm", "tau_normalize", "choose_tau", "logit_adjust", "choose_logit_adjustment", "lws"]
@@ -56,22 +57,42 @@ def logit_adjust(weight: ArrayLike, bias: ArrayLike | None, counts: ArrayLike, t
     _check_tau(tau, "logit_adjust")
     w = as_tensor(weight, "weight").float()
     b = torch.zeros(w.shape[0]) if bias is None else as_tensor(bias, "bias").float()
+    return w.clone(), (b.double() - tau * _log_prior(counts, w.shape[0])).float()
+
+
+def _log_prior(counts: ArrayLike, num_classes: int) -> Tensor:
+    """log(n_c / sum n), float64 on the CPU, from train counts ``[C]``."""
     counts = torch.as_tensor(counts).double().cpu()
-    if counts.shape != (w.shape[0],):
-        raise ValueError(f"logit_adjust: counts must have shape [{w.shape[0]}], got {tuple(counts.shape)}")
+    if counts.shape != (num_classes,):
+        raise ValueError(f"logit_adjust: counts must have shape [{num_classes}], got {tuple(counts.shape)}")
     unusable = ~(torch.isfinite(counts) & (counts > 0))
     if bool(unusable.any()):
         first = int(unusable.nonzero()[0])
         raise ValueError(f"logit_adjust: every class needs a positive train count; class {first} has "
                          f"{counts[first].item():g} ({int(unusable.sum())} such classes)")
-    prior = counts / counts.sum()
-    return w.clone(), (b.double() - tau * prior.log()).float()
+    return (counts / counts.sum()).log()
 
 
-def _best_on_val(candidates, val_x, val_y, splits) -> tuple[float, tuple[Tensor, Tensor]]:
-    scored = [(evaluate(w, b, val_x, val_y, splits)["top1"]["overall"], tau, (w, b)) for tau, (w, b) in candidates]
-    best = max(scored, key=lambda item: (item[0], -item[1]))  # ties: the smaller tau
-    return best[1], best[2]
+def _best_on_val(weight: ArrayLike, bias: ArrayLike | None, val_x: ArrayLike, val_y: ArrayLike, splits: dict,
+                 grid: Sequence[float], scores: Callable[[Tensor, Tensor, float], Tensor]) -> float:
+    """The ``tau`` of ``grid`` with the best overall val top-1 (ties: the smaller).
+    ``scores(logits, bias, tau)`` rescores a block of val logits for one ``tau``, so
+    the val features are multiplied by the classifier once, not once per ``tau``."""
+    for tau in grid:
+        _check_tau(tau, "the tau grid")
+    device = weight.device if isinstance(weight, Tensor) and weight.is_cuda else torch.device("cpu")
+    w, b = check_classifier(weight, bias, device)
+    check_features(val_x, "val_x", w.shape[1])
+    labels = check_labels(val_y, "val_y", num_rows(val_x), w.shape[0], device)
+    split_of_classes(splits, w.shape[0])  # checked as evaluate() would
+    correct = torch.zeros(len(grid), dtype=torch.long)
+    for begin in range(0, labels.numel(), EVALUATION_ROWS):
+        block = logits(val_x, w, "val_x", device, begin, begin + EVALUATION_ROWS)
+        truth = labels[begin:begin + block.shape[0]]
+        for index, tau in enumerate(grid):
+            correct[index] += int((scores(block, b, tau).argmax(dim=1) == truth).sum())
+    best = max(range(len(grid)), key=lambda index: (int(correct[index]), -grid[index]))
+    return grid[best]
 
 
 def choose_tau(weight: ArrayLike, bias: ArrayLike | None, val_x: ArrayLike | None, val_y: ArrayLike | None,
@@ -79,7 +100,10 @@ def choose_tau(weight: ArrayLike, bias: ArrayLike | None, val_x: ArrayLike | Non
     """tau-normalisation with tau chosen on val (overall top-1); tau=1 without a val set."""
     if val_x is None:
         return 1.0, tau_normalize(weight, bias, 1.0)
-    return _best_on_val([(tau, tau_normalize(weight, bias, tau)) for tau in grid], val_x, val_y, splits)
+    norms = as_tensor(weight, "weight").float().norm(dim=1).clamp_min(1e-12)
+    tau = _best_on_val(weight, bias, val_x, val_y, splits, grid,
+                       lambda block, b, tau: block / norms.to(block.device).pow(tau) + b)
+    return tau, tau_normalize(weight, bias, tau)
 
 
 def choose_logit_adjustment(weight: ArrayLike, bias: ArrayLike | None, counts: ArrayLike, val_x: ArrayLike | None,
@@ -88,7 +112,10 @@ def choose_logit_adjustment(weight: ArrayLike, bias: ArrayLike | None, counts: A
     """Logit adjustment with tau chosen on val; tau=1 without a val set."""
     if val_x is None:
         return 1.0, logit_adjust(weight, bias, counts, 1.0)
-    return _best_on_val([(tau, logit_adjust(weight, bias, counts, tau)) for tau in grid], val_x, val_y, splits)
+    log_prior = _log_prior(counts, num_rows(weight))
+    tau = _best_on_val(weight, bias, val_x, val_y, splits, grid,
+                       lambda block, b, tau: block + (b.double() - tau * log_prior.to(b.device)).float())
+    return tau, logit_adjust(weight, bias, counts, tau)
 
 
 def lws(weight: ArrayLike, bias: ArrayLike | None, train_x: ArrayLike, train_y: ArrayLike, epochs: int = 10,

@@ -83,3 +83,31 @@ def test_lws_computes_each_batch_when_the_logits_do_not_fit(monkeypatch, tmp_pat
         torch.testing.assert_close(weight, expected[0], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(bias, expected[1], rtol=1e-4, atol=1e-6)
     assert not torch.equal(expected[0], problem.weight)  # the scales moved
+
+
+def test_tau_choices_match_scoring_every_candidate_classifier(monkeypatch):
+    """The val logits are computed once (in row blocks) and rescored per tau; the
+    choice is the one that evaluating each candidate classifier in full gives."""
+    monkeypatch.setattr(baselines, "EVALUATION_ROWS", 7)  # 800 val rows: 115 blocks, the last of 2
+    problem = synthetic.make_long_tailed(num_classes=40, dim=24, max_count=300, min_count=4, seed=5)
+    counts = torch.bincount(problem.train_y, minlength=40)
+    splits = alphanet_ext.make_splits(counts)
+    val_x, val_y = problem.val_x.numpy(), problem.val_y.numpy()  # any array kind, as evaluate takes
+    for choose, build, extra in ((baselines.choose_tau, baselines.tau_normalize, ()),
+                                 (baselines.choose_logit_adjustment, baselines.logit_adjust, (counts,))):
+        scored = [(alphanet_ext.evaluate(*build(problem.weight, problem.bias, *extra, tau), val_x, val_y,
+                                         splits)["top1"]["overall"], -tau) for tau in baselines.DEFAULT_GRID]
+        expected = -max(scored)[1]
+        assert len({accuracy for accuracy, _ in scored}) > 3  # the curve is not flat
+        tau, (weight, bias) = choose(problem.weight, problem.bias, *extra, val_x, val_y, splits)
+        assert tau == expected
+        reference_weight, reference_bias = build(problem.weight, problem.bias, *extra, tau)
+        assert torch.equal(weight, reference_weight) and torch.equal(bias, reference_bias)
+    scored_rows = []
+    baselines._best_on_val(problem.weight, problem.bias, val_x, val_y, splits, (1.0,),
+                           lambda block, b, tau: scored_rows.append(block.shape[0]) or block)
+    assert sum(scored_rows) == 800 and scored_rows[-1] == 2  # every val row, once
+    with pytest.raises(ValueError, match="the tau grid: tau must be a finite number, got nan"):
+        baselines.choose_tau(problem.weight, problem.bias, val_x, val_y, splits, grid=(0.5, float("nan")))
+    with pytest.raises(ValueError, match=r"splits\['few'\] has class 40, outside the classifier's 40 classes"):
+        baselines.choose_tau(problem.weight, problem.bias, val_x, val_y, {"few": [40]})
