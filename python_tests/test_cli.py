@@ -142,6 +142,11 @@ def test_report_without_matplotlib_has_tables_and_no_plots(problem, tmp_path, mo
                                                "no PNG plots (pip install matplotlib)")
     assert (report / "report.json").stat().st_size > 0 and (report / "report.md").stat().st_size > 0
     assert not list(report.glob("*.png"))
+    compared = tmp_path / "compared"
+    assert run("compare", "--train", paths["train"], "--test", paths["test"], "--classifier", classifier,
+               "--epochs", 1, "--report", compared) == 0
+    assert f"report: {compared}/compare.json, compare.md\n" in capsys.readouterr().out  # no frontier.png named
+    assert sorted(p.name for p in compared.iterdir()) == ["compare.json", "compare.md"]
 
 
 def test_classifier_inside_a_whole_model_or_checkpoint(problem, tmp_path, capsys):
