@@ -202,7 +202,7 @@ def test_authors_layout_and_ensemble_classifier(problem, tmp_path, capsys):
     assert f"on {folder / 'test_feats.pkl'} (300 samples)" in capsys.readouterr().out  # which of the folder's sets
 
 
-def test_synth_then_fit(tmp_path):
+def test_synth_then_fit(tmp_path, capsys):
     data = tmp_path / "data"
     assert run("synth", "--preset", "places-lt", "--scale", 0.05, "--dim", 32, "--out", data, "--quiet") == 0
     assert {"train_x.npy", "train_y.npy", "val_x.npy", "test_x.npy", "classifier.pt", "hierarchy.txt"} <= \
@@ -219,6 +219,13 @@ def test_synth_then_fit(tmp_path):
         report["runs"][0].pop("timings")
     assert by_folder["runs"] == by_files["runs"]
     assert torch.equal(torch.load(tmp_path / "folder.pt")["weight"], torch.load(tmp_path / "files.pt")["weight"])
+    # eval on the folder: its test set, with the splits from the corrected file's metadata
+    capsys.readouterr()
+    assert run("eval", "--classifier", tmp_path / "folder.pt", "--data", data) == 0
+    table = capsys.readouterr().out
+    assert f"on {data / 'test_x.npy'}" in table and "nan" not in table
+    top1 = by_folder["runs"][0]["top1"]
+    assert f"| top-1 | {top1['many']['mean']:.1f} | {top1['medium']['mean']:.1f} | {top1['few']['mean']:.1f} |" in table
 
 
 def test_report_when_the_distance_correlation_is_undefined(tmp_path):
