@@ -62,8 +62,8 @@ def test_fit_every_feature_format(problem, tmp_path, fmt, capsys):
     classifier = tmp_path / "classifier.pt"
     torch.save({"weight": problem.weight, "bias": problem.bias}, classifier)
     out = tmp_path / "corrected.pt"
-    assert run("fit", "--train", train, "--val", val, "--classifier", classifier, "--out", out, "--epochs", 2,
-               "--quiet") == 0
+    assert run("fit", "--train", train, "--val", val, "--classifier", classifier, "--out", out, "--epochs", 2) == 0
+    assert f"wrote {out} (k=5, rho=1.0)\n" in capsys.readouterr().out
     layer = torch.nn.Linear(16, 30)
     layer.load_state_dict(torch.load(out, weights_only=True))
     metadata = read_metadata(str(out))
@@ -442,6 +442,7 @@ def test_demo(capsys):
     assert run("demo") == 0
     out = capsys.readouterr().out
     assert "| baseline |" in out and "| AlphaNet rho=0.5 |" in out
+    assert "wrote" not in out  # the demo's classifier goes to a temporary folder, not worth naming
 
 
 def test_compare(problem, tmp_path, capsys):
