@@ -38,6 +38,11 @@ def write_features(folder, name, x, y, fmt):
         path = os.path.join(folder, f"{name}_x.npy")
         np.save(path, x.numpy())
         np.save(os.path.join(folder, f"{name}_y.npy"), y.numpy())
+    elif fmt == "npy-named":  # features.npy with labels.npy, a folder per set
+        os.makedirs(os.path.join(folder, name), exist_ok=True)
+        path = os.path.join(folder, name, "features.npy")
+        np.save(path, x.numpy())
+        np.save(os.path.join(folder, name, "labels.npy"), y.numpy())
     elif fmt == "pt":
         path = os.path.join(folder, f"{name}.pt")
         torch.save({"features": x, "labels": y}, path)
@@ -55,7 +60,8 @@ def run(*argv):
     return cli.main([str(a) for a in argv])
 
 
-@pytest.mark.parametrize("fmt", ["npz", "npy", "pt", "pt-pair", pytest.param("safetensors", marks=needs_safetensors)])
+@pytest.mark.parametrize("fmt", ["npz", "npy", "npy-named", "pt", "pt-pair",
+                                 pytest.param("safetensors", marks=needs_safetensors)])
 def test_fit_every_feature_format(problem, tmp_path, fmt, capsys):
     train = write_features(tmp_path, "train", problem.train_x, problem.train_y, fmt)
     val = write_features(tmp_path, "val", problem.val_x, problem.val_y, fmt)
@@ -68,6 +74,16 @@ def test_fit_every_feature_format(problem, tmp_path, fmt, capsys):
     layer.load_state_dict(torch.load(out, weights_only=True))
     metadata = read_metadata(str(out))
     assert metadata["k"] == 5 and len(metadata["neighbors"]) == len(metadata["splits"]["few"])
+
+
+def test_a_npy_name_that_does_not_say_where_the_labels_are(problem, tmp_path, capsys):
+    np.save(tmp_path / "train.npy", problem.train_x.numpy())
+    np.save(tmp_path / "labels.npy", problem.train_y.numpy())
+    torch.save({"weight": problem.weight, "bias": problem.bias}, tmp_path / "classifier.pt")
+    assert run("fit", "--train", tmp_path / "train.npy", "--classifier", tmp_path / "classifier.pt", "--out",
+               tmp_path / "out.pt", "--quiet") == 1
+    assert "a .npy feature file must be NAME_x.npy (labels in NAME_y.npy) or features.npy" in capsys.readouterr().err
+    assert not (tmp_path / "out.pt").exists()
 
 
 @pytest.mark.parametrize("hidden", [["8", "4"], []])
