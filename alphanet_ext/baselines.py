@@ -11,9 +11,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .data import (ArrayLike, as_tensor, cache_budget, check_classifier, check_features, check_labels, gather_rows,
-                   logits, num_rows)
-from .metrics import EVALUATION_ROWS, split_of_classes
+from .data import ArrayLike, as_tensor, cache_budget, check_labels, gather_rows, logits, num_rows
+from .metrics import EVALUATION_ROWS, checked_scoring_inputs, split_of_classes
 from .ops import class_means
 
 __all__ = ["ncm", "tau_normalize", "choose_tau", "logit_adjust", "choose_logit_adjustment", "lws"]
@@ -80,10 +79,7 @@ def _best_on_val(weight: ArrayLike, bias: ArrayLike | None, val_x: ArrayLike, va
     the val features are multiplied by the classifier once, not once per ``tau``."""
     for tau in grid:
         _check_tau(tau, "the tau grid")
-    device = weight.device if isinstance(weight, Tensor) and weight.is_cuda else torch.device("cpu")
-    w, b = check_classifier(weight, bias, device)
-    check_features(val_x, "val_x", w.shape[1])
-    labels = check_labels(val_y, "val_y", num_rows(val_x), w.shape[0], device)
+    w, b, labels, device = checked_scoring_inputs(weight, bias, val_x, val_y, None, ("val_x", "val_y"))
     split_of_classes(splits, w.shape[0])  # checked as evaluate() would
     correct = torch.zeros(len(grid), dtype=torch.long)
     for begin in range(0, labels.numel(), EVALUATION_ROWS):

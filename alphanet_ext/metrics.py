@@ -69,6 +69,19 @@ def accuracy_by_split(correct: Tensor, labels: Tensor, splits: Mapping[str, Tens
     return result
 
 
+def checked_scoring_inputs(weight: ArrayLike, bias: ArrayLike | None, x: ArrayLike, y: ArrayLike,
+                           device: torch.device | str | None, names: tuple[str, str] = ("x", "y")
+                           ) -> tuple[Tensor, Tensor, Tensor, torch.device]:
+    """``(weight, bias, labels, device)`` for scoring ``x`` with the classifier, all
+    checked; ``device`` defaults to ``weight``'s when it is a CUDA tensor, else the CPU."""
+    if device is None:
+        device = weight.device if isinstance(weight, Tensor) and weight.is_cuda else "cpu"
+    device = resolve_device(device)
+    w, b = check_classifier(weight, bias, device)
+    check_features(x, names[0], w.shape[1])
+    return w, b, check_labels(y, names[1], x.shape[0], w.shape[0], device), device
+
+
 def evaluate(weight: ArrayLike, bias: ArrayLike | None, x: ArrayLike, y: ArrayLike,
              splits: Mapping[str, ArrayLike] | None = None, device: torch.device | str | None = None) -> dict:
     """Top-1 and top-5 accuracy (percent) of the linear classifier on ``(x, y)``.
@@ -82,12 +95,7 @@ def evaluate(weight: ArrayLike, bias: ArrayLike | None, x: ArrayLike, y: ArrayLi
     defaults to ``weight``'s when it is a CUDA tensor, else the CPU.
     """
     splits = {} if splits is None else splits
-    if device is None:
-        device = weight.device if isinstance(weight, Tensor) and weight.is_cuda else "cpu"
-    device = resolve_device(device)
-    w, b = check_classifier(weight, bias, device)
-    check_features(x, "x", w.shape[1])
-    labels = check_labels(y, "y", x.shape[0], w.shape[0], device)
+    w, b, labels, device = checked_scoring_inputs(weight, bias, x, y, device)
     top = torch.empty(labels.numel(), min(5, w.shape[0]), dtype=torch.long, device=device)
     for begin in range(0, labels.numel(), EVALUATION_ROWS):  # all scores at once ([N, C]) may not fit in memory
         scores = logits(x, w, "x", device, begin, begin + EVALUATION_ROWS).add_(b)
