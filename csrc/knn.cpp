@@ -353,9 +353,13 @@ std::tuple<at::Tensor, at::Tensor> int8_knn(const at::Tensor& queries, const at:
     rechecked_queries += uncertain.numel();
     const at::Tensor subset = queries.index_select(0, uncertain);
     const at::Tensor framed_keys = framed(keys, cosine, center);
-    const at::Tensor offset = cosine ? -at::mv(framed_keys, center) : framed_keys.square().sum(1);
-    const at::Tensor subset_indices = tile_candidates(framed(subset, cosine, center), framed_keys, offset,
-                                                      at::full_like(offset, scale), candidates);
+    // Cosine ranks by -<q / |q|, t_key> (the rank above, as <t_q + center, t_key>):
+    // a zero query's products are then exactly 0, so its exact ties stay ties
+    // and go to the lower index, where -<t_q, t_key> - <center, t_key> rounds apart.
+    const at::Tensor ranked_subset = cosine ? unit_rows(subset.to(at::kDouble)) : framed(subset, cosine, center);
+    const at::Tensor offset = cosine ? at::zeros({num_keys}, double_options) : framed_keys.square().sum(1);
+    const at::Tensor subset_indices =
+        tile_candidates(ranked_subset, framed_keys, offset, at::full_like(offset, scale), candidates);
     auto [subset_distances, subset_best] = best_of_candidates(subset, keys, subset_indices, k, cosine);
     best_distances.index_copy_(0, uncertain, subset_distances);
     best_indices.index_copy_(0, uncertain, subset_best);

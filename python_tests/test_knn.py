@@ -290,8 +290,14 @@ def test_int8_bound_needs_each_of_its_terms(int8_device, generator, dtype, case)
 
 
 def test_zero_rows(device):
-    # zero rows have no quantisation scale; a zero query ties every key under cosine
-    keys = torch.cat([torch.zeros(3, 16), torch.arange(1.0, 31.0).outer(torch.ones(16))]).to(device)
+    # zero rows have no quantisation scale; a zero query ties every key under cosine,
+    # exactly, so more keys than the candidate lists hold tie. The other keys lie at
+    # distinct angles: parallel ones would tie only up to float64 rounding, which
+    # differs between machines.
+    lengths = torch.arange(1.0, 31.0)
+    keys = torch.cat([torch.zeros(3, 16), lengths.outer(torch.ones(16))])
+    keys[3:, 0] += lengths.sqrt()
+    keys = keys.to(device)
     queries = torch.cat([torch.zeros(1, 16), torch.full((1, 16), 2.2)]).to(device)
     for metric in ("euclidean", "cosine"):
         distances, indices = alphanet_ext.knn(queries, keys, 4, metric)
