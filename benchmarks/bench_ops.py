@@ -69,6 +69,11 @@ def with_environment(variable, value, fn):
     return run
 
 
+def free_bytes(device):
+    """Free memory of a GPU; a CPU's peers are not limited here."""
+    return torch.cuda.mem_get_info()[0] if device.startswith("cuda") else float("inf")
+
+
 def card_rates(device):
     """Measured copy bandwidth (bytes/s, read + write) and fp32 matmul rate (FLOP/s) of a GPU."""
     if not device.startswith("cuda"):
@@ -117,6 +122,52 @@ def row(name, size, ours, peer, device, repeats, peer_name, rates=None, moved_by
             fraction += f"; int8 {int8_ops / t_ours / 1e12:.0f} TOP/s = {int8_ops / t_ours / rates['int8']:.0%} of int8 matmul"
     print(f"| {name} | {size} | {t_ours * 1e3:.2f} | {peer_name} {t_peer * 1e3:.2f} | {t_peer / t_ours:.2f}x "
           f"| {mib(mem_ours)} | {mib(mem_peer)} | {fraction} |", flush=True)
+
+
+def knn_rows(q, m, dims, k, device, repeats, rates, cupy_modules, generator):
+    """kNN against the faster torch peer that fits, the int8 and float rankings, and cupy."""
+    queries = torch.randn(q, dims, generator=generator).to(device)
+    keys = torch.randn(m, dims, generator=generator).to(device)
+    # the peers' q x m float32 temporaries: cdist holds one at a time, the mm expansion three
+    peers = [(name, fn) for name, fn, copies in (("cdist+topk", peer_knn_cdist, 1), ("mm+topk", peer_knn_mm, 3))
+             if copies * q * m * 4 < free_bytes(device)]
+    if len(peers) == 2:
+        t_cdist, t_mm = compare(lambda: peer_knn_cdist(queries, keys, k), lambda: peer_knn_mm(queries, keys, k),
+                                device, repeats)
+        peers = peers[:1] if t_cdist <= t_mm else peers[1:]
+    if not peers:
+        print(f"| knn euclidean | {q}x{m}x{dims}, k={k} | | torch peers: skipped, need "
+              f"{q * m * 4 / 2**30:.0f} GiB | | | | |")
+        return
+    peer_name, best_peer_of = peers[0]
+    best_peer = lambda: best_peer_of(queries, keys, k)  # noqa: E731
+    int8_ops = 6 * q * m * dims if device.startswith("cuda") else None
+    row("knn euclidean", f"{q}x{m}x{dims}, k={k}", lambda: alphanet_ext.knn(queries, keys, k), best_peer,
+        device, repeats, peer_name, rates, flops=2 * q * m * dims, int8_ops=int8_ops)
+    # a large shared offset, as post-ReLU features and their class means have (the screenings centre it out)
+    shifted_queries, shifted_keys = queries + 10, keys + 10
+    row("knn euclidean, rows offset by 10", f"{q}x{m}x{dims}, k={k}",
+        lambda: alphanet_ext.knn(shifted_queries, shifted_keys, k),
+        lambda: best_peer_of(shifted_queries, shifted_keys, k), device, repeats, peer_name, rates,
+        flops=2 * q * m * dims, int8_ops=int8_ops)
+    for label, (rows_q, rows_k) in (("", (queries, keys)), (", offset 10", (shifted_queries, shifted_keys))):
+        print(screening_counts(rows_q, rows_k, k, label))
+    if device.startswith("cuda"):  # A/B: float matmul tiles instead of the int8 screening
+        row("knn euclidean, float matmul ranking", f"{q}x{m}x{dims}, k={k}",
+            with_environment("ALPHANET_KNN_RANKING", "matmul", lambda: alphanet_ext.knn(queries, keys, k)),
+            best_peer, device, repeats, peer_name, rates, flops=2 * q * m * dims)
+    # the cupy peer holds three q x m float32 temporaries at once
+    if cupy_modules and 3 * q * m * 4 > free_bytes(device):
+        print(f"| knn euclidean | {q}x{m}x{dims}, k={k} | | cupy mm+argpartition: skipped, needs "
+              f"{3 * q * m * 4 / 2**30:.0f} GiB | | | | |")
+    elif cupy_modules:
+        cupy, _ = cupy_modules
+        q_cp, k_cp = cupy.from_dlpack(queries), cupy.from_dlpack(keys)
+        def cupy_knn():
+            squared = (q_cp * q_cp).sum(1)[:, None] - 2 * q_cp @ k_cp.T + (k_cp * k_cp).sum(1)[None]
+            return cupy.argpartition(squared, k, axis=1)[:, :k]
+        row("knn euclidean", f"{q}x{m}x{dims}, k={k}", lambda: alphanet_ext.knn(queries, keys, k), cupy_knn,
+            device, repeats, "cupy mm+argpartition", rates, flops=2 * q * m * dims)
 
 
 def cupy_peers():
@@ -168,42 +219,8 @@ def main():
                 lambda: peer_class_means(half, labels, classes), device, args.repeats, "index_add_", rates,
                 x.numel() * 2 + classes * dims * 4)
             del x, half
-        if "knn" in ops:
-            q, m, dims, k = size["knn"]
-            queries = torch.randn(q, dims, generator=generator).to(device)
-            keys = torch.randn(m, dims, generator=generator).to(device)
-            t_cdist = compare(lambda: peer_knn_cdist(queries, keys, k), lambda: peer_knn_mm(queries, keys, k), device,
-                              args.repeats)
-            best_peer_of = peer_knn_cdist if t_cdist[0] <= t_cdist[1] else peer_knn_mm
-            best_peer = lambda: best_peer_of(queries, keys, k)  # noqa: E731
-            peer_name = "cdist+topk" if t_cdist[0] <= t_cdist[1] else "mm+topk"
-            int8_ops = 6 * q * m * dims if device.startswith("cuda") else None
-            row("knn euclidean", f"{q}x{m}x{dims}, k={k}", lambda: alphanet_ext.knn(queries, keys, k), best_peer,
-                device, args.repeats, peer_name, rates, flops=2 * q * m * dims, int8_ops=int8_ops)
-            # a large shared offset, as post-ReLU features and their class means have (the screenings centre it out)
-            shifted_queries, shifted_keys = queries + 10, keys + 10
-            row("knn euclidean, rows offset by 10", f"{q}x{m}x{dims}, k={k}",
-                lambda: alphanet_ext.knn(shifted_queries, shifted_keys, k),
-                lambda: best_peer_of(shifted_queries, shifted_keys, k), device, args.repeats, peer_name, rates,
-                flops=2 * q * m * dims, int8_ops=int8_ops)
-            for label, (rows_q, rows_k) in (("", (queries, keys)), (", offset 10", (shifted_queries, shifted_keys))):
-                print(screening_counts(rows_q, rows_k, k, label))
-            if device.startswith("cuda"):  # A/B: float matmul tiles instead of the int8 screening
-                row("knn euclidean, float matmul ranking", f"{q}x{m}x{dims}, k={k}",
-                    with_environment("ALPHANET_KNN_RANKING", "matmul", lambda: alphanet_ext.knn(queries, keys, k)),
-                    best_peer, device, args.repeats, peer_name, rates, flops=2 * q * m * dims)
-            # the cupy peer holds three q x m float32 temporaries at once
-            if cupy_modules and 3 * q * m * 4 > torch.cuda.mem_get_info()[0]:
-                print(f"| knn euclidean | {q}x{m}x{dims}, k={k} | | cupy mm+argpartition: skipped, needs "
-                      f"{3 * q * m * 4 / 2**30:.0f} GiB | | | | |")
-            elif cupy_modules:
-                cupy, _ = cupy_modules
-                q_cp, k_cp = cupy.from_dlpack(queries), cupy.from_dlpack(keys)
-                def cupy_knn():
-                    squared = (q_cp * q_cp).sum(1)[:, None] - 2 * q_cp @ k_cp.T + (k_cp * k_cp).sum(1)[None]
-                    return cupy.argpartition(squared, k, axis=1)[:, :k]
-                row("knn euclidean", f"{q}x{m}x{dims}, k={k}", lambda: alphanet_ext.knn(queries, keys, k), cupy_knn,
-                    device, args.repeats, "cupy mm+argpartition", rates, flops=2 * q * m * dims)
+        if "knn" in ops and "knn" in size:
+            knn_rows(*size["knn"], device, args.repeats, rates, cupy_modules, generator)
         if "alpha_combine" in ops and "combine" in size:
             lines, dims, few, k, logit_rows = size["combine"]
             source = torch.randn(lines, dims, generator=generator).to(device)
