@@ -99,6 +99,10 @@ class ClassMeanAccumulator:
     Sums are kept in float32 (float64 if ``dtype=torch.float64``); adding chunks
     of one dataset in order gives the same bits as one ``class_means`` call.
     It keeps statistics, not a graph: for gradients use ``class_means``.
+    A chunk with a label out of range is refused before anything is added. One
+    with NaN or inf features is found only once added (a second pass over every
+    chunk would double the reading), so the accumulator then refuses all later
+    calls, naming the first error.
     """
 
     def __init__(self, num_classes: int, dim: int, device: torch.device | str | None = None,
@@ -111,9 +115,16 @@ class ClassMeanAccumulator:
         acc = _acc_dtype(dtype)
         self.sums = torch.zeros(num_classes, dim, dtype=acc, device=device)
         self.counts = torch.zeros(num_classes, dtype=torch.long, device=device)
+        self._spoiled_by: str | None = None
+
+    def _check_intact(self) -> None:
+        if self._spoiled_by is not None:
+            raise RuntimeError("ClassMeanAccumulator: an earlier chunk was refused after it had been added "
+                               f"({self._spoiled_by}), so the sums are lost; start a new accumulator")
 
     def add(self, x: Tensor, labels: Tensor) -> None:
         """Adds one chunk of rows ``[n, dim]`` and their labels ``[n]`` (tensors or arrays)."""
+        self._check_intact()
         x = torch.as_tensor(x, device=self.sums.device)
         labels = torch.as_tensor(labels, device=self.sums.device)
         if x.dim() != 2 or x.shape[1] != self.sums.shape[1]:
@@ -122,7 +133,13 @@ class ClassMeanAccumulator:
         if _acc_dtype(x.dtype) != self.sums.dtype:
             x = x.to(self.sums.dtype)
         if HAS_EXTENSION:
-            torch.ops.alphanet.class_sums_(self.sums, self.counts, x, labels)
+            counts_before = self.counts.clone()
+            try:
+                torch.ops.alphanet.class_sums_(self.sums, self.counts, x, labels)
+            except RuntimeError as error:
+                if not torch.equal(self.counts, counts_before):
+                    self._spoiled_by = str(error).splitlines()[0]
+                raise
         else:
             _fallback("ClassMeanAccumulator")
             means, counts = reference.class_means(x, labels, self.sums.shape[0])
@@ -131,6 +148,7 @@ class ClassMeanAccumulator:
 
     def means(self) -> tuple[Tensor, Tensor]:
         """``(means [C, d], counts [C])`` of everything added so far."""
+        self._check_intact()
         return self.sums / self.counts.clamp_min(1).unsqueeze(1).to(self.sums.dtype), self.counts.clone()
 
 

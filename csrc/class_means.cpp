@@ -1,5 +1,9 @@
 #include <torch/library.h>
 
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
 #include "op_utils.h"
 
 namespace alphanet {
@@ -25,29 +29,55 @@ ClassSumsParams sums_params(const at::Tensor& sums, const at::Tensor& features, 
   return params;
 }
 
+// The label range check from the label sort's two ends, which may be clamped
+// to [-1, num_classes] (a label out of range then shows as -1 or num_classes):
+// the exact offending label is looked up only to word the error.
+void check_label_ends(double lowest, double highest, const at::Tensor& label_ids, int64_t num_classes) {
+  if (lowest >= 0 && highest < static_cast<double>(num_classes)) return;
+  const auto [low, high] = at::aminmax(label_ids);
+  check_index_range(low.item<int64_t>(), high.item<int64_t>(), num_classes, kOp, "labels", "num_classes");
+}
+
 // The CUDA kernels take the rows stably sorted by label and each class's
-// segment of them. The sort gives the label range (its ends: one device sync
-// for the check) and the segments (a binary search per class), with no
-// bincount, whose CUDA version syncs to size its output.
-void cuda_class_sums(at::Tensor& sums, at::Tensor& counts, const at::Tensor& x, const at::Tensor& label_ids) {
+// segment of them (a binary search per class), with no bincount, whose CUDA
+// version syncs to size its output. Labels sort as int32 where the classes
+// allow (half the radix passes of int64), clamped first so that no label out of
+// range wraps into it. Adding to sums checks the label range from the sort's
+// ends before the kernel (one device sync), so a bad call leaves sums as they
+// were; writing means (`means`, into a fresh tensor) checks the range and the
+// sums' finiteness after it, in one sync.
+void cuda_class_sums(at::Tensor& sums, at::Tensor& counts, const at::Tensor& x, const at::Tensor& label_ids,
+                     bool means) {
   const int64_t num_classes = sums.size(0);
   if (label_ids.numel() == 0) return;
-  auto [sorted_labels, sorted_rows] = label_ids.sort(/*stable=*/true, 0, false);
-  const at::Tensor ends = at::stack({sorted_labels[0], sorted_labels[-1]}).cpu();
-  check_index_range(ends[0].item<int64_t>(), ends[1].item<int64_t>(), num_classes, kOp, "labels", "num_classes");
+  const at::Tensor label_keys = num_classes < std::numeric_limits<int32_t>::max()
+                                    ? label_ids.clamp(-1, num_classes).to(at::kInt)
+                                    : label_ids;
+  auto [sorted_labels, sorted_rows] = label_keys.sort(/*stable=*/true, 0, false);
+  const at::Tensor ends = at::stack({sorted_labels[0], sorted_labels[-1]}).to(at::kDouble);
+  if (!means) {
+    const at::Tensor host_ends = ends.cpu();
+    check_label_ends(host_ends[0].item<double>(), host_ends[1].item<double>(), label_ids, num_classes);
+  }
   const at::Tensor segment_offsets =
-      at::searchsorted(sorted_labels, at::arange(num_classes + 1, label_ids.options()));
+      at::searchsorted(sorted_labels, at::arange(num_classes + 1, label_keys.options()));
   counts.add_(segment_offsets.diff());
-  if (x.size(1) == 0) return;
   const at::Tensor features = unit_column_stride(x);
   ClassSumsParams params = sums_params(sums, features, label_ids);
   params.sorted_rows = sorted_rows.data_ptr<int64_t>();
   params.segment_offsets = segment_offsets.data_ptr<int64_t>();
-  run_kernel(x, &cpu::class_sums, ALPHANET_CUDA_KERNEL(class_sums), params);
-  check_finite_sums(sums);
+  params.means = means;
+  if (x.size(1) > 0) run_kernel(x, &cpu::class_sums, ALPHANET_CUDA_KERNEL(class_sums), params);
+  if (!means) return check_finite_sums(sums);
+  const at::Tensor host = at::cat({ends, sums.sum(sums.scalar_type()).to(at::kDouble).reshape({1})}).cpu();
+  check_label_ends(host[0].item<double>(), host[1].item<double>(), label_ids, num_classes);
+  if (!std::isfinite(host[2].item<double>())) check_finite_sums(sums);
 }
 
-void class_sums_(at::Tensor& sums, at::Tensor& counts, const at::Tensor& x, const at::Tensor& labels) {
+// Adds x's rows into sums and counts by label, or (means, CUDA kernels only)
+// writes the class means over sums.
+void add_class_sums(at::Tensor& sums, at::Tensor& counts, const at::Tensor& x, const at::Tensor& labels,
+                    bool means) {
   check_float_matrix(x, kOp, "x");
   check_backend(x, kOp);
   check_same_device(x, labels, kOp, "x", "labels");
@@ -65,7 +95,7 @@ void class_sums_(at::Tensor& sums, at::Tensor& counts, const at::Tensor& x, cons
               ": counts must be an int64 tensor of shape [", num_classes, "], got ", counts.scalar_type(), " ",
               counts.sizes());
   const at::OptionalDeviceGuard guard(at::device_of(x));
-  if (uses_cuda_kernels(x)) return cuda_class_sums(sums, counts, x, integer_indices(labels, kOp, "labels"));
+  if (uses_cuda_kernels(x)) return cuda_class_sums(sums, counts, x, integer_indices(labels, kOp, "labels"), means);
   const at::Tensor label_ids = checked_indices(labels, num_classes, kOp, "labels", "num_classes");
   if (x.size(0) == 0 || x.size(1) == 0) {
     counts.add_(at::bincount(label_ids, {}, num_classes));
@@ -77,13 +107,21 @@ void class_sums_(at::Tensor& sums, at::Tensor& counts, const at::Tensor& x, cons
   check_finite_sums(sums);
 }
 
+void class_sums_(at::Tensor& sums, at::Tensor& counts, const at::Tensor& x, const at::Tensor& labels) {
+  add_class_sums(sums, counts, x, labels, /*means=*/false);
+}
+
 std::tuple<at::Tensor, at::Tensor> class_means(const at::Tensor& x, const at::Tensor& labels, int64_t num_classes) {
   check_float_matrix(x, kOp, "x");
   TORCH_CHECK(num_classes >= 1, kOp, ": num_classes must be at least 1, got ", num_classes);
-  at::Tensor sums = at::zeros({num_classes, x.size(1)}, x.options().dtype(acc_type(x.scalar_type())));
+  // The CUDA kernels write every class's mean when there are rows to sum.
+  const bool written_whole = uses_cuda_kernels(x) && x.size(0) > 0;
+  const auto options = x.options().dtype(acc_type(x.scalar_type()));
+  at::Tensor sums = written_whole ? at::empty({num_classes, x.size(1)}, options)
+                                  : at::zeros({num_classes, x.size(1)}, options);
   at::Tensor counts = at::zeros({num_classes}, x.options().dtype(at::kLong));
-  class_sums_(sums, counts, x, labels);
-  sums.div_(counts.clamp_min(1).unsqueeze(1).to(sums.scalar_type()));
+  add_class_sums(sums, counts, x, labels, written_whole);
+  if (!written_whole) sums.div_(counts.clamp_min(1).unsqueeze(1).to(sums.scalar_type()));
   return {sums, counts};
 }
 

@@ -45,6 +45,8 @@ struct ClassSumsParams {
   const int64_t* segment_offsets;  // CUDA only: [num_classes + 1] offsets into sorted_rows
   int64_t num_classes;
   void* sums;                      // [num_classes, cols] of acc_t, contiguous
+  bool means;                      // CUDA only: write each sum divided by its count (0 for an
+                                   // empty class) over sums, rather than add to them
 };
 
 // knn: fold one tile of query-key dot products into every query's running

@@ -77,6 +77,31 @@ def test_streaming_equals_one_pass(device, generator):
         assert torch.equal(from_arrays.means()[0], means) and torch.equal(from_arrays.counts, counts)
 
 
+@pytest.mark.parametrize("bad", ["label", "feature"])
+def test_a_refused_chunk_leaves_the_accumulator_as_it_was_or_refuses_it(device, generator, bad):
+    x = rand(40, 8, device=device, generator=generator)
+    labels = torch.randint(0, 5, (40,), generator=generator).to(device)
+    accumulator = alphanet_ext.ClassMeanAccumulator(5, 8, device=device)
+    accumulator.add(x[:20], labels[:20])
+    bad_x, bad_labels = x[20:].clone(), labels[20:].clone()
+    if bad == "label":
+        bad_labels[3] = 5
+    else:
+        bad_x[3, 2] = float("nan")
+    with pytest.raises(RuntimeError, match="labels must lie" if bad == "label" else "NaN or inf"):
+        accumulator.add(bad_x, bad_labels)
+    if bad == "feature":  # found only once added: every later call says so
+        for later_call in (accumulator.means, lambda: accumulator.add(x[:20], labels[:20])):
+            with pytest.raises(RuntimeError, match=r"earlier chunk was refused after it had been added "
+                                                   r"\(class_means: x .*NaN or inf\).*start a new accumulator"):
+                later_call()
+        return
+    means, counts = accumulator.means()
+    expected_means, expected_counts = alphanet_ext.class_means(x[:20], labels[:20], 5)
+    assert torch.equal(counts, expected_counts)
+    torch.testing.assert_close(means, expected_means, rtol=1e-6, atol=1e-6)
+
+
 def test_result_does_not_depend_on_thread_count(generator):
     x = rand(5000, 37, generator=generator)
     labels = torch.randint(0, 11, (5000,), generator=generator)
@@ -131,6 +156,9 @@ def test_non_finite_features(device, bad, message):
 @pytest.mark.parametrize("labels,message", [
     (torch.tensor([0, 1, 5]), r"labels must lie in \[0, 3\).*found 5"),
     (torch.tensor([0, -1, 2]), r"labels must lie in \[0, 3\).*found -1"),
+    # beyond int32 (the CUDA path sorts labels as int32): 2^32 + 1 must not wrap to 1
+    (torch.tensor([0, 2**32 + 1, 2]), r"labels must lie in \[0, 3\).*found 4294967297"),
+    (torch.tensor([-2**40, 1, 2]), r"labels must lie in \[0, 3\).*found -1099511627776"),
     (torch.tensor([0.0, 1.0, 2.0]), "labels must be an integer tensor"),
     (torch.tensor([0, 1]), "one entry per row"),
     (torch.tensor([[0, 1, 2]]), "one entry per row"),
