@@ -24,9 +24,15 @@ def on_backend(name):
     schedule_seed = torch.randint(1, 2**62, ()).item()
     print(f"schedule_seed={schedule_seed}")
     ops._C._set_cuda_emulation(True, schedule_seed)
+    # torch.empty's memory comes back NaN-filled (and integers at their largest)
+    # in deterministic mode: a kernel that leaves part of an output unwritten then
+    # shows, where fresh CPU pages would be zeros on a GPU's garbage
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
     try:
         yield "cpu"
     finally:
+        torch.use_deterministic_algorithms(deterministic)
         ops._C._set_cuda_emulation(False)
 FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 

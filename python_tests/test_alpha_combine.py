@@ -58,8 +58,9 @@ def test_gradcheck(device, generator, dim, elems):
 
 
 # 96: whole 16-byte packs for every dtype; 290 x 60: CUDA's column alpha gradient
-# in 5 chunks of elements and 2 blocks of (class, neighbour) pairs
-@pytest.mark.parametrize("elems,n", [(70, 20), (96, 20), (290, 60)])
+# in 5 chunks of elements (8 staged rows at a time, then 2); 40 x 300: in one
+# chunk, its classes shared by 2 blocks
+@pytest.mark.parametrize("elems,n", [(70, 20), (96, 20), (290, 60), (40, 300)])
 @pytest.mark.parametrize("dim", [0, 1])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_gradients_match_reference(device, generator, dim, dtype, elems, n):
@@ -114,9 +115,9 @@ def test_gradients_do_not_depend_on_thread_count(generator, dim):
 
 
 # rows: packed (whole 16-byte packs) and element-wise; columns: staged in shared
-# memory (a row fits in 48 KB) and read from global memory (6200 float64 lines do not)
+# memory (rows fit in 112 KB) and read from global memory (15000 float64 lines do not)
 @pytest.mark.parametrize("dim,lines,elems,dtype", [(0, 50, 96, torch.float32), (0, 50, 37, torch.float32),
-                                                  (1, 40, 30, torch.float32), (1, 6200, 3, torch.float64)])
+                                                  (1, 40, 30, torch.float32), (1, 15000, 3, torch.float64)])
 def test_cuda_kernels_read_nan_for_lines_outside_the_source(device, generator, dim, lines, elems, dtype):
     """The CUDA op skips the value checks (the Python wrapper runs them, and a compiled
     graph cannot); a bad index must then give NaN, never an out-of-bounds read."""
@@ -153,14 +154,36 @@ def test_more_elements_and_classes_than_the_kernels_grids_hold(device, generator
     torch.testing.assert_close(a.grad.cpu().double(), a_ref.grad, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_wide_logit_rows(device, generator, dtype):
-    # 6,200 columns: a float32 row fits the CUDA kernel's shared-memory copy of a
-    # logit row (48 KB), a float64 row does not
-    source, targets, neighbors, alphas = make_case(6200, 3, 40, 5, 1, dtype, device, generator)
-    out = alphanet_ext.alpha_combine(source, targets, neighbors, alphas, dim=1)
-    expected = reference.alpha_combine(source.cpu(), targets.cpu(), neighbors.cpu(), alphas.cpu(), 1)
-    torch.testing.assert_close(out.cpu().double(), expected, **TOLERANCE[dtype])
+# The CUDA column kernels copy logit rows to shared memory, as many as fit in
+# 112 KB (up to 8): 6,200 float32 columns, 4 rows (above the 48 KB a kernel
+# gets without opting in); float64, 2 rows; 15,000 float64 columns, none (the
+# kernels that read global memory).
+@pytest.mark.parametrize("lines,dtype", [(6200, torch.float32), (6200, torch.float64), (15000, torch.float64)])
+def test_wide_logit_rows(device, generator, lines, dtype):
+    source, targets, neighbors, alphas = make_case(lines, 11, 40, 5, 1, dtype, device, generator)
+    grad_out = rand(11, 40, dtype=dtype, device=device, generator=generator)
+    s, a = source.clone().requires_grad_(), alphas.clone().requires_grad_()
+    out = alphanet_ext.alpha_combine(s, targets, neighbors, a, dim=1)
+    out.backward(grad_out)
+    s_ref, a_ref = source.cpu().double().requires_grad_(), alphas.cpu().double().requires_grad_()
+    expected = reference.alpha_combine(s_ref, targets.cpu(), neighbors.cpu(), a_ref, 1)
+    expected.backward(grad_out.cpu().double())
+    torch.testing.assert_close(out.detach().cpu().double(), expected.detach(), **TOLERANCE[dtype])
+    torch.testing.assert_close(a.grad.cpu().double(), a_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s.grad.cpu().double(), s_ref.grad, **TOLERANCE[dtype])
+
+
+def test_alpha_gradient_over_more_logit_rows_than_its_chunks_hold(device, generator):
+    # 65,543 rows: the column alpha gradient's 1,024 chunks of 65 rows leave the
+    # last ones empty, and their partial sums must still be zero
+    source, targets, neighbors, alphas = make_case(3, 65_536 + 7, 2, 1, 1, device=device, generator=generator)
+    grad_out = rand(65_536 + 7, 2, device=device, generator=generator)
+    a = alphas.clone().requires_grad_()
+    alphanet_ext.alpha_combine(source, targets, neighbors, a, dim=1).backward(grad_out)
+    a_ref = alphas.cpu().double().requires_grad_()
+    reference.alpha_combine(source.cpu().double(), targets.cpu(), neighbors.cpu(), a_ref, 1).backward(
+        grad_out.cpu().double())
+    torch.testing.assert_close(a.grad.cpu().double(), a_ref.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_only_alpha_gradient_when_source_is_fixed(generator):
@@ -244,6 +267,22 @@ def test_bad_input(device):
         alphanet_ext.alpha_combine(source, targets.float(), neighbors, alphas)
     with pytest.raises(RuntimeError, match="is on"):
         alphanet_ext.alpha_combine(source, targets, neighbors, alphas.to("meta"))
+
+
+# k = 11: CUDA's row alpha gradient takes 8 neighbours per pass over a gradient
+# row, then 3; k = 300: more pairs per class than a block of the column
+# gradient's second pass has threads
+@pytest.mark.parametrize("k", [11, 300])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_alpha_gradient_with_many_neighbours(device, generator, dim, k):
+    source, targets, neighbors, alphas = make_case(400, 70, 3, k, dim, device=device, generator=generator)
+    grad_out = rand(*((3, 70) if dim == 0 else (70, 3)), device=device, generator=generator)
+    a = alphas.clone().requires_grad_()
+    alphanet_ext.alpha_combine(source, targets, neighbors, a, dim=dim).backward(grad_out)
+    a_ref = alphas.cpu().double().requires_grad_()
+    reference.alpha_combine(source.cpu().double(), targets.cpu(), neighbors.cpu(), a_ref, dim).backward(
+        grad_out.cpu().double())
+    torch.testing.assert_close(a.grad.cpu().double(), a_ref.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_alpha_gradient_neighbour_limit_on_cuda(device, generator):

@@ -88,10 +88,10 @@ __global__ void forward_kernel(CombineParams p) {
   }
 }
 
-// Columns of the logits (lines of the output contiguous): a block takes whole
-// elements j (rows of the logits) and its threads the classes, so the row a
-// block gathers from is read into one multiprocessor's cache, not into those of
-// every block that shares it.
+// Columns of the logits (lines of the output contiguous) whose rows are too long
+// for forward_staged_kernel: a block takes whole elements j (rows of the
+// logits) and its threads the classes, so the row a block gathers from is read
+// into one multiprocessor's cache, not into those of every block that shares it.
 template <typename T, typename A>
 __global__ void forward_by_element_kernel(CombineParams p) {
   const T* source = static_cast<const T*>(p.source);
@@ -101,23 +101,67 @@ __global__ void forward_by_element_kernel(CombineParams p) {
   }
 }
 
-// forward_by_element_kernel with the row first copied to shared memory
-// (coalesced), so the classes' scattered reads hit shared memory rather than a
-// different cache line each. For rows that fit in kMaxStagedBytes.
-template <typename T, typename A>
-__global__ void forward_staged_kernel(CombineParams p) {
-  const T* source = static_cast<const T*>(p.source);
-  T* row = dynamic_shared<T>();  // [num_lines]
-  for (int64_t j = blockIdx.x; j < p.elems; j += gridDim.x) {
-    __syncthreads();  // the previous row's reads are done
+// Logit rows held in shared memory at once by the staged kernels (the registers
+// of a thread's per-row sums bound it).
+constexpr int kMaxStagedRows = 8;
+
+// Copies `rows` logit rows from `first` on to shared memory, [rows, num_lines] (coalesced).
+template <typename T>
+__device__ __forceinline__ void stage_rows(const CombineParams& p, const T* source, int64_t first, int rows,
+                                           T* staged) {
+  for (int r = 0; r < rows; ++r) {
     for (int64_t line = threadIdx.x; line < p.num_lines; line += blockDim.x) {
-      row[line] = source[line * p.line_stride + j * p.elem_stride];
+      staged[r * p.num_lines + line] = source[line * p.line_stride + (first + r) * p.elem_stride];
     }
+  }
+}
+
+// Staged row r's value of `line`, or NaN for a line outside the source (as load_line).
+template <typename A, typename T>
+__device__ __forceinline__ A staged_value(const CombineParams& p, const T* staged, int r, int64_t line) {
+  if (line < 0 || line >= p.num_lines) return std::numeric_limits<A>::quiet_NaN();
+  return static_cast<A>(staged[r * p.num_lines + line]);
+}
+
+// forward_by_element_kernel with `staged_rows` logit rows at a time first copied
+// to shared memory, so the classes' scattered reads hit shared memory rather
+// than a different cache line each, and each class's indices and coefficients
+// are read once for all the staged rows rather than once per row. Each output
+// element gets combine_element's arithmetic, in its order.
+template <typename T, typename A>
+__global__ void forward_staged_kernel(CombineParams p, int staged_rows) {
+  const T* source = static_cast<const T*>(p.source);
+  const A* alphas = static_cast<const A*>(p.alphas);
+  T* out = static_cast<T*>(p.out);
+  T* staged = dynamic_shared<T>();  // [staged_rows, num_lines]
+  for (int64_t first = static_cast<int64_t>(blockIdx.x) * staged_rows; first < p.elems;
+       first += static_cast<int64_t>(gridDim.x) * staged_rows) {
+    const int rows = static_cast<int>(std::min<int64_t>(staged_rows, p.elems - first));
+    __syncthreads();  // the previous rows' reads are done
+    stage_rows(p, source, first, rows, staged);
     __syncthreads();
-    const auto load = [&](int64_t line) {
-      return line < 0 || line >= p.num_lines ? std::numeric_limits<A>::quiet_NaN() : static_cast<A>(row[line]);
-    };
-    for (int64_t c = threadIdx.x; c < p.num_out; c += blockDim.x) combine_element<T, A>(p, c, j, load);
+    for (int64_t c = threadIdx.x; c < p.num_out; c += blockDim.x) {
+      const A* row_alphas = alphas + c * p.k;
+      const A norm = l1_norm<A>(row_alphas, 1, static_cast<int>(p.k));
+      A acc[kMaxStagedRows];
+      const int64_t target = p.targets[c];
+#pragma unroll
+      for (int r = 0; r < kMaxStagedRows; ++r) {
+        if (r < rows) acc[r] = staged_value<A>(p, staged, r, target);
+      }
+      for (int64_t i = 0; i < p.k; ++i) {
+        const int64_t line = p.neighbors[c * p.k + i];
+        const A weight = row_alphas[i] / norm;
+#pragma unroll
+        for (int r = 0; r < kMaxStagedRows; ++r) {
+          if (r < rows) acc[r] += weight * staged_value<A>(p, staged, r, line);
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < kMaxStagedRows; ++r) {
+        if (r < rows) out[c * p.out_line_stride + (first + r) * p.out_elem_stride] = static_cast<T>(acc[r]);
+      }
+    }
   }
 }
 
@@ -130,42 +174,65 @@ __device__ __forceinline__ void store_alpha_grad(const CombineBackwardParams& b,
       l1_normalized_grad<A>(row_alphas, 1, dots, k, static_cast<int>(i), l1_norm<A>(row_alphas, 1, k));
 }
 
-// One block per class: the k dot products <grad_out[c], source[n_ci]> by a
-// fixed-shape block reduction (deterministic), then the L1-normalisation gradient.
-// `packed`: grad_out and source rows are contiguous and aligned (see packable).
+// Neighbours whose dot products grad_alphas_kernel sums in one pass over the
+// gradient row (one register each per thread).
+constexpr int kNeighborGroup = 8;
+
+// One block per class: the k dot products <grad_out[c], source[n_ci]>, up to
+// kNeighborGroup of them per pass over the class's gradient row (each thread a
+// strided share of the elements, one register per neighbour), each summed by a
+// fixed butterfly within warps, then over the warps in order (deterministic);
+// then the L1-normalisation gradient. `packed`: grad_out and source rows are
+// contiguous and aligned (see packable).
 template <typename T, typename A>
 __global__ void grad_alphas_kernel(CombineBackwardParams b, bool packed) {
   const CombineParams& p = b.forward;
-  A* partial = dynamic_shared<A>();                  // [blockDim.x]
-  A* grad_normalized = partial + blockDim.x;         // [k]
+  const int warps = static_cast<int>(blockDim.x) / kWarp;  // blockDim.x: whole warps
+  A* warp_sums = dynamic_shared<A>();                      // [warps, kNeighborGroup]
+  A* grad_normalized = warp_sums + warps * kNeighborGroup;  // [k]
   const T* source = static_cast<const T*>(p.source);
   const T* grad_out = static_cast<const T*>(b.grad_out);
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   for (int64_t c = blockIdx.x; c < p.num_out; c += gridDim.x) {
-    for (int64_t i = 0; i < p.k; ++i) {
-      const int64_t line = p.neighbors[c * p.k + i];
-      A dot = A(0);
+    const int64_t* lines = p.neighbors + c * p.k;
+    for (int64_t group = 0; group < p.k; group += kNeighborGroup) {
+      const int count = static_cast<int>(std::min<int64_t>(kNeighborGroup, p.k - group));
+      A dots[kNeighborGroup];
+#pragma unroll
+      for (int i = 0; i < kNeighborGroup; ++i) dots[i] = A(0);
       if (packed) {
         constexpr int V = Pack<T>::kSize;
         A gradient[V], values[V];
         for (int64_t pack = threadIdx.x; pack < p.elems / V; pack += blockDim.x) {
           load_pack(grad_out + c * p.out_line_stride + pack * V, gradient);
-          load_line_pack(p, source, line, pack, values);
 #pragma unroll
-          for (int u = 0; u < V; ++u) dot += gradient[u] * values[u];
+          for (int i = 0; i < kNeighborGroup; ++i) {
+            if (i >= count) break;
+            load_line_pack(p, source, lines[group + i], pack, values);
+#pragma unroll
+            for (int u = 0; u < V; ++u) dots[i] += gradient[u] * values[u];
+          }
         }
       } else {
         for (int64_t j = threadIdx.x; j < p.elems; j += blockDim.x) {
-          dot += static_cast<A>(grad_out[c * p.out_line_stride + j * p.out_elem_stride]) *
-                 load_line<A>(p, source, line, j);
+          const A gradient = static_cast<A>(grad_out[c * p.out_line_stride + j * p.out_elem_stride]);
+#pragma unroll
+          for (int i = 0; i < kNeighborGroup; ++i) {
+            if (i < count) dots[i] += gradient * load_line<A>(p, source, lines[group + i], j);
+          }
         }
       }
-      partial[threadIdx.x] = dot;
-      __syncthreads();
-      for (int half = blockDim.x / 2; half > 0; half /= 2) {
-        if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
-        __syncthreads();
+#pragma unroll
+      for (int i = 0; i < kNeighborGroup; ++i) {
+        const A total = warp_sum(dots[i]);
+        if (lane == 0) warp_sums[warp * kNeighborGroup + i] = total;
       }
-      if (threadIdx.x == 0) grad_normalized[i] = partial[0];
+      __syncthreads();
+      if (threadIdx.x < count) {
+        A total = A(0);
+        for (int w = 0; w < warps; ++w) total += warp_sums[w * kNeighborGroup + threadIdx.x];
+        grad_normalized[group + threadIdx.x] = total;
+      }
       __syncthreads();
     }
     for (int64_t i = threadIdx.x; i < p.k; i += blockDim.x) store_alpha_grad(b, c, grad_normalized, i);
@@ -196,20 +263,74 @@ __global__ void alpha_partials_kernel(CombineBackwardParams b, int64_t chunk) {
   }
 }
 
-// Second pass, a thread per class: the chunks' sums in chunk order (into chunk
-// 0's slots), then the L1-normalisation gradient.
+// alpha_partials_kernel for logit rows that fit in shared memory: a block takes
+// a chunk (blockIdx.y) and a share of the classes (blockIdx.x), and copies the
+// chunk's logit rows to shared memory `staged_rows` at a time. Each thread then
+// adds the staged rows' products to the chunk's partial sums of its (class,
+// neighbour) pairs, which no other thread touches. So the neighbours' logits
+// come from shared memory instead of a 32-byte sector each, and every sum runs
+// over the chunk's rows in order, as in alpha_partials_kernel (the same bits).
+template <typename T, typename A>
+__global__ void alpha_partials_staged_kernel(CombineBackwardParams b, int64_t chunk, int staged_rows) {
+  const CombineParams& p = b.forward;
+  const T* source = static_cast<const T*>(p.source);
+  const T* grad_out = static_cast<const T*>(b.grad_out);
+  A* partials = static_cast<A*>(b.alpha_partials) + blockIdx.y * p.num_out * p.k;
+  T* staged = dynamic_shared<T>();  // [staged_rows, num_lines]
+  const int64_t begin = blockIdx.y * chunk, end = std::min(p.elems, begin + chunk);
+  const int64_t first_class = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t class_step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  if (begin >= end) {  // an empty last chunk: its sums are zero
+    for (int64_t pair = first_class; pair < p.num_out * p.k; pair += class_step) partials[pair] = A(0);
+    return;
+  }
+  for (int64_t first = begin; first < end; first += staged_rows) {
+    const int rows = static_cast<int>(std::min<int64_t>(staged_rows, end - first));
+    __syncthreads();  // the previous rows' reads are done
+    stage_rows(p, source, first, rows, staged);
+    __syncthreads();
+    for (int64_t c = first_class; c < p.num_out; c += class_step) {
+      A gradient[kMaxStagedRows];
+#pragma unroll
+      for (int r = 0; r < kMaxStagedRows; ++r) {
+        if (r < rows) gradient[r] = static_cast<A>(grad_out[c * p.out_line_stride + (first + r) * p.out_elem_stride]);
+      }
+      for (int64_t i = 0; i < p.k; ++i) {
+        const int64_t line = p.neighbors[c * p.k + i];
+        A dot = first == begin ? A(0) : partials[c * p.k + i];
+#pragma unroll
+        for (int r = 0; r < kMaxStagedRows; ++r) {
+          if (r < rows) dot += gradient[r] * staged_value<A>(p, staged, r, line);
+        }
+        partials[c * p.k + i] = dot;
+      }
+    }
+  }
+}
+
+// Second pass: a block takes whole classes and a thread each (class, neighbour)
+// pair, whose chunk sums it adds in chunk order (into chunk 0's slots; threads
+// read consecutive slots of each chunk); then, once the block's classes are
+// summed, the L1-normalisation gradient.
 template <typename A>
-__global__ void alphas_from_partials_kernel(CombineBackwardParams b) {
+__global__ void alphas_from_partials_kernel(CombineBackwardParams b, int64_t classes_per_block) {
   const CombineParams& p = b.forward;
   A* partials = static_cast<A*>(b.alpha_partials);
-  for (int64_t c = global_thread(); c < p.num_out; c += grid_threads()) {
-    A* sums = partials + c * p.k;
-    for (int64_t i = 0; i < p.k; ++i) {
-      A total = sums[i];
-      for (int64_t chunk = 1; chunk < b.alpha_chunks; ++chunk) total += partials[(chunk * p.num_out + c) * p.k + i];
-      sums[i] = total;
+  const int64_t chunk_pairs = p.num_out * p.k;
+  for (int64_t first_class = blockIdx.x * classes_per_block; first_class < p.num_out;
+       first_class += static_cast<int64_t>(gridDim.x) * classes_per_block) {
+    const int64_t pairs = std::min(classes_per_block, p.num_out - first_class) * p.k;
+    A* sums = partials + first_class * p.k;
+    for (int64_t pair = threadIdx.x; pair < pairs; pair += blockDim.x) {
+      A total = sums[pair];
+      for (int64_t chunk = 1; chunk < b.alpha_chunks; ++chunk) total += sums[chunk * chunk_pairs + pair];
+      sums[pair] = total;
     }
-    for (int64_t i = 0; i < p.k; ++i) store_alpha_grad(b, c, sums, i);
+    __syncthreads();
+    for (int64_t pair = threadIdx.x; pair < pairs; pair += blockDim.x) {
+      store_alpha_grad(b, first_class + pair / p.k, sums + pair / p.k * p.k, pair % p.k);
+    }
+    __syncthreads();
   }
 }
 
@@ -286,8 +407,19 @@ __global__ void __launch_bounds__(kThreads) checks_kernel(CombineCheckParams c) 
   if (threadIdx.x == 0) *c.summary = partial[0];
 }
 
-// Shared memory a block may take without opting in to more.
-constexpr int64_t kMaxStagedBytes = 48 * 1024;
+// Shared memory for a staged kernel's rows: two blocks fit on a Hopper or
+// Ampere multiprocessor (228 or 164 KB).
+constexpr int64_t kStagedBytes = 112 * 1024;
+
+// Logit rows a staged kernel holds at once (0: a row does not fit), with the
+// kernel allowed the shared memory they take.
+template <typename T, typename... Params>
+int staged_rows_for(void (*kernel)(Params...), int64_t num_lines) {
+  const int64_t row_bytes = std::max<int64_t>(1, num_lines) * static_cast<int64_t>(sizeof(T));
+  const int64_t rows = std::min<int64_t>(kMaxStagedRows, std::min(kStagedBytes, max_shared_per_block()) / row_bytes);
+  if (rows > 0 && rows * row_bytes > 48 * 1024) allow_shared_memory(kernel, rows * row_bytes);
+  return static_cast<int>(rows);
+}
 
 }  // namespace
 
@@ -299,12 +431,14 @@ void alpha_combine(const CombineParams& p) {
       launch(forward_packed_kernel<T, acc_t<T>>, blocks_for(p.num_out * (p.elems / Pack<T>::kSize)), kThreads, 0, p);
     } else if (p.out_line_stride == 1) {
       const int threads = static_cast<int>(std::min<int64_t>(kThreads, (p.num_out + 31) / 32 * 32));
-      const auto blocks = static_cast<unsigned int>(std::min<int64_t>(p.elems, 1 << 20));
-      const int64_t row_bytes = p.num_lines * static_cast<int64_t>(sizeof(T));
-      if (row_bytes <= kMaxStagedBytes) {
-        launch(forward_staged_kernel<T, acc_t<T>>, blocks, threads, row_bytes, p);
+      const auto kernel = forward_staged_kernel<T, acc_t<T>>;
+      const int staged_rows = staged_rows_for<T>(kernel, p.num_lines);
+      if (staged_rows > 0) {
+        const auto blocks = static_cast<unsigned int>(std::min<int64_t>((p.elems + staged_rows - 1) / staged_rows, 1 << 20));
+        launch(kernel, blocks, threads, staged_rows * p.num_lines * sizeof(T), p, staged_rows);
       } else {
-        launch(forward_by_element_kernel<T, acc_t<T>>, blocks, threads, 0, p);
+        launch(forward_by_element_kernel<T, acc_t<T>>, static_cast<unsigned int>(std::min<int64_t>(p.elems, 1 << 20)),
+               threads, 0, p);
       }
     } else {
       launch(forward_kernel<T, acc_t<T>>, blocks_for(p.num_out * p.elems), kThreads, 0, p);
@@ -323,11 +457,23 @@ void alpha_combine_backward(const CombineBackwardParams& b) {
     using A = acc_t<T>;
     if (b.grad_alphas != nullptr && p.num_out > 0 && b.alpha_partials != nullptr) {
       const int64_t chunk = (p.elems + b.alpha_chunks - 1) / b.alpha_chunks;
-      const dim3 grid(blocks_for(p.num_out * p.k), static_cast<unsigned int>(b.alpha_chunks));
-      launch(alpha_partials_kernel<T, A>, grid, kThreads, 0, b, chunk);
-      launch(alphas_from_partials_kernel<A>, blocks_for(p.num_out), kThreads, 0, b);
+      const auto staged_kernel = alpha_partials_staged_kernel<T, A>;
+      const int staged_rows = staged_rows_for<T>(staged_kernel, p.num_lines);
+      if (staged_rows > 0) {
+        // enough blocks for two per multiprocessor, each with a share of the classes
+        const int64_t class_blocks = std::min<int64_t>((p.num_out + kThreads - 1) / kThreads,
+                                                       (2 * multiprocessors() + b.alpha_chunks - 1) / b.alpha_chunks);
+        const dim3 grid(static_cast<unsigned int>(class_blocks), static_cast<unsigned int>(b.alpha_chunks));
+        launch(staged_kernel, grid, kThreads, staged_rows * p.num_lines * sizeof(T), b, chunk, staged_rows);
+      } else {
+        const dim3 grid(blocks_for(p.num_out * p.k), static_cast<unsigned int>(b.alpha_chunks));
+        launch(alpha_partials_kernel<T, A>, grid, kThreads, 0, b, chunk);
+      }
+      const int64_t classes_per_block = std::max<int64_t>(1, kThreads / p.k);
+      launch(alphas_from_partials_kernel<A>, blocks_for(p.num_out, static_cast<int>(classes_per_block)), kThreads, 0,
+             b, classes_per_block);
     } else if (b.grad_alphas != nullptr && p.num_out > 0) {
-      const size_t shared = (kThreads + p.k) * sizeof(A);
+      const size_t shared = (kThreads / kWarp * kNeighborGroup + p.k) * sizeof(A);
       const auto blocks = static_cast<unsigned int>(std::min<int64_t>(p.num_out, 65535));
       const bool packed = packable<T>(p.source, p.line_stride, p.elem_stride, p.elems) &&
                           packable<T>(b.grad_out, p.out_line_stride, p.out_elem_stride, p.elems);

@@ -9,8 +9,6 @@
 namespace alphanet::cuda {
 namespace {
 
-constexpr int kWarp = 32;
-
 // One warp per query row, kSelectWarps rows per block. The warp keeps the row's
 // candidate list in shared memory, starting from the list of the earlier
 // tiles, and a threshold: the list's last value. Lanes read the row's values
@@ -148,11 +146,6 @@ void for_list_size(const SelectParams& p, F&& f) {
 // shuffles, which leaves the same bits in every lane (each step adds the same
 // two values, in swapped order), so the lanes agree on the norm and the scale.
 constexpr int kQuantWarps = 8;
-
-__device__ __forceinline__ double warp_sum(double value) {
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
-  return value;
-}
 
 template <typename T>
 __global__ void __launch_bounds__(kQuantWarps * kWarp) quantize_kernel(QuantizeParams p) {

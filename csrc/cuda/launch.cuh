@@ -16,16 +16,39 @@
 
 namespace alphanet::cuda {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 256, kWarp = 32;
 
 // kernel<<<grid, block, shared_bytes, current stream>>>(args...), checked.
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, const Args&... args) {
 #ifdef ALPHANET_CUDA_EMULATION
-  emulation::run(grid, block, shared_bytes, [&] { kernel(args...); });
+  emulation::run(reinterpret_cast<const void*>(kernel), grid, block, shared_bytes, [&] { kernel(args...); });
 #else
   kernel<<<grid, block, shared_bytes, c10::cuda::getCurrentCUDAStream().stream()>>>(args...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
+}
+
+// Dynamic shared memory a block may take on the current device with the opt-in
+// attribute (allow_shared_memory); 48 KB without it.
+inline int64_t max_shared_per_block() {
+#ifdef ALPHANET_CUDA_EMULATION
+  return static_cast<int64_t>(emulation::kMaxOptInShared);
+#else
+  int device = 0, bytes = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return bytes;
+#endif
+}
+
+// Lets `kernel` take up to `bytes` of dynamic shared memory (at most max_shared_per_block()).
+template <typename... Params>
+void allow_shared_memory(void (*kernel)(Params...), int64_t bytes) {
+#ifdef ALPHANET_CUDA_EMULATION
+  emulation::allow_dynamic_shared(reinterpret_cast<const void*>(kernel), static_cast<size_t>(bytes));
+#else
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 #endif
 }
 
@@ -72,6 +95,15 @@ inline unsigned int blocks_for(int64_t total, int threads = kThreads) {
 
 __device__ __forceinline__ int64_t global_thread() {
   return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+
+// The sum of a value over a warp's lanes by a butterfly of shuffles, which
+// leaves the same bits in every lane (each step adds the same two values, in
+// swapped order).
+template <typename A>
+__device__ __forceinline__ A warp_sum(A value) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
+  return value;
 }
 
 __device__ __forceinline__ int64_t grid_threads() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }

@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <mutex>
+#include <unordered_map>
 #include <string>
 #include <vector>
 
@@ -72,7 +74,8 @@ struct Launch {
   std::vector<Fiber> fibers;
   unsigned char* stacks = nullptr;  // kStackBytes per fiber
   std::vector<unsigned char> shuffle_buffers;  // per warp: 2 x 32 x 8 bytes
-  alignas(16) unsigned char shared[kMaxDynamicShared];
+  std::vector<unsigned char> shared_storage;  // at least shared_bytes, 16-byte aligned at `shared`
+  unsigned char* shared = nullptr;
   void* scheduler_stack_pointer = nullptr;
   Fiber* running = nullptr;
   const std::function<void()>* body = nullptr;
@@ -81,6 +84,17 @@ struct Launch {
 
 // One launch at a time per host thread; kernels never launch kernels.
 thread_local Launch* current = nullptr;
+
+// Dynamic shared memory each kernel opted in to (cudaFuncSetAttribute's
+// MaxDynamicSharedMemorySize), by kernel.
+std::mutex opt_in_mutex;
+std::unordered_map<const void*, size_t> opt_ins;
+
+size_t opted_in_shared(const void* kernel) {
+  const std::lock_guard<std::mutex> lock(opt_in_mutex);
+  const auto found = opt_ins.find(kernel);
+  return found == opt_ins.end() ? 0 : found->second;
+}
 
 Fiber& running_fiber() {
   TORCH_CHECK(current != nullptr && current->running != nullptr,
@@ -255,23 +269,34 @@ unsigned char* next_shuffle_buffer() {
   return buffer;
 }
 
+void allow_dynamic_shared(const void* kernel, size_t bytes) {
+  TORCH_CHECK(bytes <= kMaxOptInShared, "CUDA emulation: ", bytes,
+              " bytes of dynamic shared memory exceed the opt-in limit of ", kMaxOptInShared);
+  const std::lock_guard<std::mutex> lock(opt_in_mutex);
+  opt_ins[kernel] = bytes;
+}
+
 unsigned char* dynamic_shared() {
   running_fiber();
   return current->shared;
 }
 
-void run(dim3 grid, dim3 block, size_t shared_bytes, const std::function<void()>& thread_body) {
+void run(const void* kernel, dim3 grid, dim3 block, size_t shared_bytes, const std::function<void()>& thread_body) {
   const uint64_t threads = static_cast<uint64_t>(block.x) * block.y * block.z;
   TORCH_CHECK(threads >= 1 && threads <= kMaxBlockThreads && block.z <= 64,
               "CUDA emulation: invalid block shape (", block.x, ", ", block.y, ", ", block.z, ")");
   TORCH_CHECK(grid.x >= 1 && grid.x <= 0x7fffffffu && grid.y >= 1 && grid.y <= 65535 && grid.z >= 1 &&
                   grid.z <= 65535,
               "CUDA emulation: invalid grid shape (", grid.x, ", ", grid.y, ", ", grid.z, ")");
-  TORCH_CHECK(shared_bytes <= kMaxDynamicShared, "CUDA emulation: ", shared_bytes,
-              " bytes of dynamic shared memory exceed the default limit of ", kMaxDynamicShared);
+  const size_t limit = std::max(kMaxDynamicShared, opted_in_shared(kernel));
+  TORCH_CHECK(shared_bytes <= limit, "CUDA emulation: ", shared_bytes, " bytes of dynamic shared memory exceed ",
+              limit == kMaxDynamicShared ? "the default limit of " : "the kernel's opted-in limit of ", limit);
   TORCH_CHECK(current == nullptr, "CUDA emulation: a kernel launched another kernel");
 
   Launch launch;
+  launch.shared_storage.resize(shared_bytes + 16);
+  launch.shared = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(launch.shared_storage.data()) + 15) & ~uintptr_t{15});
   launch.body = &thread_body;
   launch.fibers.resize(threads);
   launch.stacks = fiber_stacks(threads);

@@ -59,17 +59,22 @@ void sync_block();
 int sync_block_or(int predicate);  // nonzero if any thread's predicate is
 void sync_warp(unsigned int mask);
 unsigned char* dynamic_shared();   // the launch's dynamic shared memory, 16-byte aligned
-// What the emulated device reports: small, so work splits as on a big GPU with big inputs.
+// What the emulated device reports: small, so work splits as on a big GPU with big
+// inputs; a block's dynamic shared memory with the opt-in attribute, as on Hopper.
 constexpr int kMultiprocessors = 2, kResidentBlocks = 1;
+constexpr size_t kMaxOptInShared = 227 * 1024;
+// cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes)
+void allow_dynamic_shared(const void* kernel, size_t bytes);
 // The warp's exchange buffer for this thread's next shuffle: 32 slots of 8
 // bytes. Consecutive shuffles alternate between two buffers, so one barrier
 // per shuffle suffices (no lane can write a buffer another has yet to read).
 unsigned char* next_shuffle_buffer();
 int lane();
 
-// Runs thread_body once per thread of every block of the grid, as a launch
-// would; checks the launch configuration against the limits of the hardware.
-void run(dim3 grid, dim3 block, size_t shared_bytes, const std::function<void()>& thread_body);
+// Runs thread_body once per thread of every block of the grid, as a launch of
+// `kernel` would; checks the launch configuration against the limits of the
+// hardware (and the shared memory the kernel opted in to).
+void run(const void* kernel, dim3 grid, dim3 block, size_t shared_bytes, const std::function<void()>& thread_body);
 
 template <typename T>
 T shuffle_xor(unsigned int mask, T value, int offset) {
