@@ -68,8 +68,9 @@ timeout "$(limit 60)" python benchmarks/profile_kernels.py 2>&1 | tee "$OUT/prof
 # hardware counters of our kernels where ncu can read them (Firecracker machines, not gVisor)
 if command -v ncu >/dev/null; then
   timeout "$(limit 60)" ncu --clock-control none --launch-count 12 --section SpeedOfLight --section Occupancy \
-    --kernel-name regex:"select_kernel|quantize_kernel|alpha_partials_kernel|forward_staged_kernel|class_sums" \
-    python benchmarks/profile_kernels.py --plain --cases class-means-large,knn-large,combine-columns-large >> "$OUT/profile.log" 2>&1
+    --kernel-name regex:"class_sums|alpha_partials|alphas_from_partials|forward_staged|forward_packed|grad_alphas" \
+    python benchmarks/profile_kernels.py --plain --cases class-means-large,combine-rows-large,combine-columns-large \
+    >> "$OUT/profile.log" 2>&1
 fi
 
 step "CPU-only tests"

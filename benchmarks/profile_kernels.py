@@ -1,7 +1,8 @@
 """Where the GPU time of class means, kNN and the training step's alpha_combine
 goes: per-kernel device time from torch.profiler, one table per case.
 
-    python benchmarks/profile_kernels.py [--cases class-means-large,knn-large,knn-large-matmul,knn-huge,combine-columns-large]
+    python benchmarks/profile_kernels.py [--cases class-means-large,knn-large,knn-large-matmul,knn-huge,
+                                           combine-rows-large,combine-columns-large]
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def kernel_table(label: str, fn, calls: int, plain: bool = False) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default="class-means-large,knn-large,knn-large-matmul,knn-huge,combine-columns-large")
+    parser.add_argument("--cases", default="class-means-large,knn-large,knn-large-matmul,knn-huge,combine-rows-large,"
+                                           "combine-columns-large")
     parser.add_argument("--plain", action="store_true", help="run the cases without torch.profiler (for ncu)")
     args = parser.parse_args()
     print(f"machine: {machine()}; torch {torch.__version__}")
@@ -62,6 +64,17 @@ def main() -> None:
             if case.endswith("matmul"):
                 fn = with_environment("ALPHANET_KNN_RANKING", "matmul", fn)
             kernel_table(f"{case} ({q}x{m}x{dims}, k={k})", fn, 1 if "huge" in case else 5, args.plain)
+        elif case == "combine-rows-large":
+            lines, dims, few, k, _ = SIZES["large"]["combine"]
+            source = torch.randn(lines, dims, generator=generator).cuda()
+            targets = torch.randint(0, lines, (few,), generator=generator).cuda()
+            neighbors = torch.randint(0, lines, (few, k), generator=generator).cuda()
+            alphas = torch.randn(few, k, generator=generator).cuda().requires_grad_()
+            grad = torch.randn(few, dims, generator=generator).cuda()
+            kernel_table(f"{case} (W {lines}x{dims}, n={few}, k={k}, forward + alpha gradient)",
+                         lambda: torch.autograd.grad(torch.ops.alphanet.alpha_combine(source, targets, neighbors,
+                                                                                      alphas, 0), alphas, grad), 5,
+                         args.plain)
         elif case == "combine-columns-large":
             lines, _, few, k, logit_rows = SIZES["large"]["combine"]
             logits = torch.randn(logit_rows, lines, generator=generator).cuda()

@@ -155,9 +155,10 @@ def test_more_elements_and_classes_than_the_kernels_grids_hold(device, generator
 
 
 # The CUDA column kernels copy logit rows to shared memory, as many as fit in
-# 112 KB (up to 8): 6,200 float32 columns, 4 rows (above the 48 KB a kernel
-# gets without opting in); float64, 2 rows; 15,000 float64 columns, none (the
-# kernels that read global memory).
+# 112 KB (up to 8; the forward takes fewer when there are few rows): 6,200
+# float32 columns, 4 rows (2 in the forward here; either is above the 48 KB a
+# kernel gets without opting in); float64, 2 rows; 15,000 float64 columns,
+# none (the kernels that read global memory).
 @pytest.mark.parametrize("lines,dtype", [(6200, torch.float32), (6200, torch.float64), (15000, torch.float64)])
 def test_wide_logit_rows(device, generator, lines, dtype):
     source, targets, neighbors, alphas = make_case(lines, 11, 40, 5, 1, dtype, device, generator)

@@ -432,7 +432,9 @@ void alpha_combine(const CombineParams& p) {
     } else if (p.out_line_stride == 1) {
       const int threads = static_cast<int>(std::min<int64_t>(kThreads, (p.num_out + 31) / 32 * 32));
       const auto kernel = forward_staged_kernel<T, acc_t<T>>;
-      const int staged_rows = staged_rows_for<T>(kernel, p.num_lines);
+      // fewer rows per block where that leaves under two blocks per multiprocessor (a training batch's logits)
+      const int staged_rows = static_cast<int>(std::min<int64_t>(
+          staged_rows_for<T>(kernel, p.num_lines), std::max<int64_t>(1, p.elems / (2 * multiprocessors()))));
       if (staged_rows > 0) {
         const auto blocks = static_cast<unsigned int>(std::min<int64_t>((p.elems + staged_rows - 1) / staged_rows, 1 << 20));
         launch(kernel, blocks, threads, staged_rows * p.num_lines * sizeof(T), p, staged_rows);
