@@ -1,9 +1,5 @@
 #include <torch/library.h>
 
-#include <cmath>
-#include <cstdint>
-#include <limits>
-
 #include "op_utils.h"
 
 namespace alphanet {
@@ -29,9 +25,8 @@ ClassSumsParams sums_params(const at::Tensor& sums, const at::Tensor& features, 
   return params;
 }
 
-// The label range check from the label sort's two ends, which may be clamped
-// to [-1, num_classes] (a label out of range then shows as -1 or num_classes):
-// the exact offending label is looked up only to word the error.
+// The label range check from the sorted labels' two ends, as doubles (rounded
+// beyond 2^53): the exact offending label is looked up only to word the error.
 void check_label_ends(double lowest, double highest, const at::Tensor& label_ids, int64_t num_classes) {
   if (lowest >= 0 && highest < static_cast<double>(num_classes)) return;
   const auto [low, high] = at::aminmax(label_ids);
@@ -39,39 +34,40 @@ void check_label_ends(double lowest, double highest, const at::Tensor& label_ids
 }
 
 // The CUDA kernels take the rows stably sorted by label and each class's
-// segment of them (a binary search per class), with no bincount, whose CUDA
-// version syncs to size its output. Labels sort as int32 where the classes
-// allow (half the radix passes of int64), clamped first so that no label out of
-// range wraps into it. Adding to sums checks the label range from the sort's
-// ends before the kernel (one device sync), so a bad call leaves sums as they
-// were; writing means (`means`, into a fresh tensor) checks the range and the
-// sums' finiteness after it, in one sync.
+// segment of them (class_segments, which also notes the lowest and highest
+// label), with no bincount, whose CUDA version syncs to size its output.
+// Adding to sums checks the label range before the kernel (one device sync),
+// so a bad call leaves sums as they were. Writing means (`means`, into fresh
+// tensors, x not empty) leaves the counts and the finiteness check to the
+// kernel too, and checks both after it, in one sync: few host-side ops, as on
+// a GPU each costs about as much as reading tens of MB.
 void cuda_class_sums(at::Tensor& sums, at::Tensor& counts, const at::Tensor& x, const at::Tensor& label_ids,
                      bool means) {
   const int64_t num_classes = sums.size(0);
   if (label_ids.numel() == 0) return;
-  const at::Tensor label_keys = num_classes < std::numeric_limits<int32_t>::max()
-                                    ? label_ids.clamp(-1, num_classes).to(at::kInt)
-                                    : label_ids;
-  auto [sorted_labels, sorted_rows] = label_keys.sort(/*stable=*/true, 0, false);
-  const at::Tensor ends = at::stack({sorted_labels[0], sorted_labels[-1]}).to(at::kDouble);
+  auto [sorted_labels, sorted_rows] = label_ids.sort(/*stable=*/true, 0, false);
+  const at::Tensor segment_offsets = at::empty({num_classes + 1}, label_ids.options());
+  const at::Tensor label_ends = at::empty({3}, label_ids.options().dtype(at::kDouble));
+  run_cuda_kernel(ALPHANET_CUDA_KERNEL(class_segments),
+                  ClassSegmentsParams{sorted_labels.data_ptr<int64_t>(), label_ids.numel(), num_classes,
+                                      segment_offsets.data_ptr<int64_t>(), label_ends.data_ptr<double>()});
   if (!means) {
-    const at::Tensor host_ends = ends.cpu();
+    const at::Tensor host_ends = label_ends.cpu();
     check_label_ends(host_ends[0].item<double>(), host_ends[1].item<double>(), label_ids, num_classes);
+    counts.add_(segment_offsets.diff());
   }
-  const at::Tensor segment_offsets =
-      at::searchsorted(sorted_labels, at::arange(num_classes + 1, label_keys.options()));
-  counts.add_(segment_offsets.diff());
   const at::Tensor features = unit_column_stride(x);
   ClassSumsParams params = sums_params(sums, features, label_ids);
   params.sorted_rows = sorted_rows.data_ptr<int64_t>();
   params.segment_offsets = segment_offsets.data_ptr<int64_t>();
   params.means = means;
+  params.counts = counts.data_ptr<int64_t>();
+  params.nonfinite = label_ends.data_ptr<double>() + 2;
   if (x.size(1) > 0) run_kernel(x, &cpu::class_sums, ALPHANET_CUDA_KERNEL(class_sums), params);
   if (!means) return check_finite_sums(sums);
-  const at::Tensor host = at::cat({ends, sums.sum(sums.scalar_type()).to(at::kDouble).reshape({1})}).cpu();
+  const at::Tensor host = label_ends.cpu();
   check_label_ends(host[0].item<double>(), host[1].item<double>(), label_ids, num_classes);
-  if (!std::isfinite(host[2].item<double>())) check_finite_sums(sums);
+  if (host[2].item<double>() != 0.0) check_finite_sums(sums);
 }
 
 // Adds x's rows into sums and counts by label, or (means, CUDA kernels only)
@@ -114,12 +110,13 @@ void class_sums_(at::Tensor& sums, at::Tensor& counts, const at::Tensor& x, cons
 std::tuple<at::Tensor, at::Tensor> class_means(const at::Tensor& x, const at::Tensor& labels, int64_t num_classes) {
   check_float_matrix(x, kOp, "x");
   TORCH_CHECK(num_classes >= 1, kOp, ": num_classes must be at least 1, got ", num_classes);
-  // The CUDA kernels write every class's mean when there are rows to sum.
-  const bool written_whole = uses_cuda_kernels(x) && x.size(0) > 0;
+  // The CUDA kernels write every class's mean and count when there is anything to sum.
+  const bool written_whole = uses_cuda_kernels(x) && x.numel() > 0;
   const auto options = x.options().dtype(acc_type(x.scalar_type()));
+  const auto count_options = x.options().dtype(at::kLong);
   at::Tensor sums = written_whole ? at::empty({num_classes, x.size(1)}, options)
                                   : at::zeros({num_classes, x.size(1)}, options);
-  at::Tensor counts = at::zeros({num_classes}, x.options().dtype(at::kLong));
+  at::Tensor counts = written_whole ? at::empty({num_classes}, count_options) : at::zeros({num_classes}, count_options);
   add_class_sums(sums, counts, x, labels, written_whole);
   if (!written_whole) sums.div_(counts.clamp_min(1).unsqueeze(1).to(sums.scalar_type()));
   return {sums, counts};

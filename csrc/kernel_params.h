@@ -45,8 +45,22 @@ struct ClassSumsParams {
   const int64_t* segment_offsets;  // CUDA only: [num_classes + 1] offsets into sorted_rows
   int64_t num_classes;
   void* sums;                      // [num_classes, cols] of acc_t, contiguous
-  bool means;                      // CUDA only: write each sum divided by its count (0 for an
-                                   // empty class) over sums, rather than add to them
+  // CUDA only: write each sum divided by its count (0 for an empty class) over
+  // sums, rather than add to them; then also write `counts` and set *nonfinite
+  // to 1 if a mean is NaN or inf.
+  bool means;
+  int64_t* counts;                 // [num_classes]
+  double* nonfinite;
+};
+
+// The CUDA class means' segments: from labels sorted ascending, segment_offsets[c]
+// = the number of labels below c, for c in [0, num_classes]; and label_ends[0],
+// label_ends[1] = the lowest and highest label, label_ends[2] = 0.
+struct ClassSegmentsParams {
+  const int64_t* sorted_labels;  // [rows], rows >= 1
+  int64_t rows, num_classes;
+  int64_t* segment_offsets;      // [num_classes + 1]
+  double* label_ends;            // [3]
 };
 
 // knn: fold one tile of query-key dot products into every query's running
@@ -207,6 +221,7 @@ void input_product_backward(const InputProductParams& p);  // out = inputs_t @ r
 
 namespace cuda {
 void class_sums(const ClassSumsParams& p);
+void class_segments(const ClassSegmentsParams& p);
 void knn_quantize(const QuantizeParams& p);
 void knn_select(const SelectParams& p);
 void knn_recheck(const RecheckParams& p);

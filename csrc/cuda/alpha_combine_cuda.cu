@@ -102,8 +102,10 @@ __global__ void forward_by_element_kernel(CombineParams p) {
 }
 
 // Logit rows held in shared memory at once by the staged kernels (the registers
-// of a thread's per-row sums bound it).
-constexpr int kMaxStagedRows = 8;
+// of a thread's per-row sums bound it), and their blocks' threads: with two
+// blocks of 112 KB per multiprocessor, 256-thread blocks left the H100 at a
+// quarter of its warps, latency-bound.
+constexpr int kMaxStagedRows = 8, kStagedThreads = 512;
 
 // Copies `rows` logit rows from `first` on to shared memory, [rows, num_lines] (coalesced).
 template <typename T>
@@ -129,7 +131,7 @@ __device__ __forceinline__ A staged_value(const CombineParams& p, const T* stage
 // are read once for all the staged rows rather than once per row. Each output
 // element gets combine_element's arithmetic, in its order.
 template <typename T, typename A>
-__global__ void forward_staged_kernel(CombineParams p, int staged_rows) {
+__global__ void __launch_bounds__(kStagedThreads, 2) forward_staged_kernel(CombineParams p, int staged_rows) {
   const T* source = static_cast<const T*>(p.source);
   const A* alphas = static_cast<const A*>(p.alphas);
   T* out = static_cast<T*>(p.out);
@@ -271,7 +273,8 @@ __global__ void alpha_partials_kernel(CombineBackwardParams b, int64_t chunk) {
 // come from shared memory instead of a 32-byte sector each, and every sum runs
 // over the chunk's rows in order, as in alpha_partials_kernel (the same bits).
 template <typename T, typename A>
-__global__ void alpha_partials_staged_kernel(CombineBackwardParams b, int64_t chunk, int staged_rows) {
+__global__ void __launch_bounds__(kStagedThreads, 2)
+    alpha_partials_staged_kernel(CombineBackwardParams b, int64_t chunk, int staged_rows) {
   const CombineParams& p = b.forward;
   const T* source = static_cast<const T*>(p.source);
   const T* grad_out = static_cast<const T*>(b.grad_out);
@@ -430,15 +433,15 @@ void alpha_combine(const CombineParams& p) {
         packable<T>(p.out, p.out_line_stride, p.out_elem_stride, p.elems)) {
       launch(forward_packed_kernel<T, acc_t<T>>, blocks_for(p.num_out * (p.elems / Pack<T>::kSize)), kThreads, 0, p);
     } else if (p.out_line_stride == 1) {
-      const int threads = static_cast<int>(std::min<int64_t>(kThreads, (p.num_out + 31) / 32 * 32));
       const auto kernel = forward_staged_kernel<T, acc_t<T>>;
       // fewer rows per block where that leaves under two blocks per multiprocessor (a training batch's logits)
       const int staged_rows = static_cast<int>(std::min<int64_t>(
           staged_rows_for<T>(kernel, p.num_lines), std::max<int64_t>(1, p.elems / (2 * multiprocessors()))));
       if (staged_rows > 0) {
         const auto blocks = static_cast<unsigned int>(std::min<int64_t>((p.elems + staged_rows - 1) / staged_rows, 1 << 20));
-        launch(kernel, blocks, threads, staged_rows * p.num_lines * sizeof(T), p, staged_rows);
+        launch(kernel, blocks, kStagedThreads, staged_rows * p.num_lines * sizeof(T), p, staged_rows);
       } else {
+        const int threads = static_cast<int>(std::min<int64_t>(kThreads, (p.num_out + 31) / 32 * 32));
         launch(forward_by_element_kernel<T, acc_t<T>>, static_cast<unsigned int>(std::min<int64_t>(p.elems, 1 << 20)),
                threads, 0, p);
       }
@@ -463,10 +466,10 @@ void alpha_combine_backward(const CombineBackwardParams& b) {
       const int staged_rows = staged_rows_for<T>(staged_kernel, p.num_lines);
       if (staged_rows > 0) {
         // enough blocks for two per multiprocessor, each with a share of the classes
-        const int64_t class_blocks = std::min<int64_t>((p.num_out + kThreads - 1) / kThreads,
+        const int64_t class_blocks = std::min<int64_t>((p.num_out + kStagedThreads - 1) / kStagedThreads,
                                                        (2 * multiprocessors() + b.alpha_chunks - 1) / b.alpha_chunks);
         const dim3 grid(static_cast<unsigned int>(class_blocks), static_cast<unsigned int>(b.alpha_chunks));
-        launch(staged_kernel, grid, kThreads, staged_rows * p.num_lines * sizeof(T), b, chunk, staged_rows);
+        launch(staged_kernel, grid, kStagedThreads, staged_rows * p.num_lines * sizeof(T), b, chunk, staged_rows);
       } else {
         const dim3 grid(blocks_for(p.num_out * p.k), static_cast<unsigned int>(b.alpha_chunks));
         launch(alpha_partials_kernel<T, A>, grid, kThreads, 0, b, chunk);

@@ -8,54 +8,81 @@ namespace {
 
 // A class's finished sum: added to what sums held, or (means) its mean, with
 // the CPU's arithmetic (zero plus the rows, then one division by the count).
+// A NaN or inf mean sets *p.nonfinite (x - x is 0 exactly when x is finite).
 template <typename A>
-__device__ __forceinline__ A finished(A sum, int64_t count, bool means) {
-  return means ? sum / static_cast<A>(count > 0 ? count : 1) : sum;
+__device__ __forceinline__ A finished(A sum, int64_t count, const ClassSumsParams& p) {
+  if (!p.means) return sum;
+  const A mean = sum / static_cast<A>(count > 0 ? count : 1);
+  if (!(mean - mean == A(0))) *p.nonfinite = 1.0;
+  return mean;
+}
+
+// The means' counts, by one thread per class.
+__device__ __forceinline__ void write_count(const ClassSumsParams& p, int64_t c, int64_t count) {
+  if (p.means && blockIdx.x == 0 && threadIdx.x == 0) p.counts[c] = count;
+}
+
+// One thread per boundary between sorted labels (and the two ends): the classes
+// above the label before it and up to the label after it (each clamped to
+// [-1, num_classes]) begin there.
+__global__ void class_segments_kernel(ClassSegmentsParams p) {
+  const auto clamped = [&](int64_t label) { return label < -1 ? -1 : (label > p.num_classes ? p.num_classes : label); };
+  for (int64_t i = global_thread(); i <= p.rows; i += grid_threads()) {
+    const int64_t below = i == 0 ? -1 : clamped(p.sorted_labels[i - 1]);
+    const int64_t above = i == p.rows ? p.num_classes : clamped(p.sorted_labels[i]);
+    for (int64_t c = below + 1; c <= above; ++c) {
+      if (c >= 0) p.segment_offsets[c] = i;
+    }
+  }
+  if (global_thread() == 0) {
+    p.label_ends[0] = static_cast<double>(p.sorted_labels[0]);
+    p.label_ends[1] = static_cast<double>(p.sorted_labels[p.rows - 1]);
+    p.label_ends[2] = 0.0;
+  }
 }
 
 // One thread per (class, column): it sums the class's rows in segment_sum's
 // order (rows were stably sorted by label), so there are no atomics and the
 // result is bit-identical run to run, and to the CPU kernel.
 template <typename T, typename A>
-__global__ void class_sums_kernel(const T* __restrict__ x, int64_t cols, int64_t row_stride,
-                                  const int64_t* __restrict__ sorted_rows, const int64_t* __restrict__ offsets,
-                                  int64_t num_classes, A* __restrict__ sums, bool means) {
+__global__ void class_sums_kernel(ClassSumsParams p) {
+  const T* __restrict__ x = static_cast<const T*>(p.x);
   const int64_t col = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (col >= cols) return;
-  for (int64_t c = blockIdx.y; c < num_classes; c += gridDim.y) {
-    const int64_t begin = offsets[c], end = offsets[c + 1];
-    if (begin == end && !means) continue;
-    A* out = sums + c * cols + col;
-    *out = finished(segment_sum<A>(means ? A(0) : *out, x, row_stride, sorted_rows, begin, end, col), end - begin,
-                    means);
+  if (col >= p.cols) return;
+  for (int64_t c = blockIdx.y; c < p.num_classes; c += gridDim.y) {
+    const int64_t begin = p.segment_offsets[c], end = p.segment_offsets[c + 1];
+    write_count(p, c, end - begin);
+    if (begin == end && !p.means) continue;
+    A* out = static_cast<A*>(p.sums) + c * p.cols + col;
+    *out = finished(segment_sum<A>(p.means ? A(0) : *out, x, p.row_stride, p.sorted_rows, begin, end, col),
+                    end - begin, p);
   }
 }
 
 // class_sums_kernel for rows of whole 16-byte packs: a thread per (class, pack
 // of columns), one vector load per row, each column summed in the same order.
 template <typename T, typename A>
-__global__ void class_sums_packed_kernel(const T* __restrict__ x, int64_t cols, int64_t row_stride,
-                                         const int64_t* __restrict__ sorted_rows,
-                                         const int64_t* __restrict__ offsets, int64_t num_classes,
-                                         A* __restrict__ sums, bool means) {
+__global__ void class_sums_packed_kernel(ClassSumsParams p) {
   constexpr int kSize = Pack<T>::kSize;
+  const T* __restrict__ x = static_cast<const T*>(p.x);
   const int64_t first_col = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * kSize;
-  if (first_col >= cols) return;
+  if (first_col >= p.cols) return;
   const auto load = [&](int64_t row) {
     Lanes<A, kSize> lanes;
-    load_pack(x + row * row_stride + first_col, lanes.v);
+    load_pack(x + row * p.row_stride + first_col, lanes.v);
     return lanes;
   };
-  for (int64_t c = blockIdx.y; c < num_classes; c += gridDim.y) {
-    const int64_t begin = offsets[c], end = offsets[c + 1];
-    if (begin == end && !means) continue;
-    A* out = sums + c * cols + first_col;
+  for (int64_t c = blockIdx.y; c < p.num_classes; c += gridDim.y) {
+    const int64_t begin = p.segment_offsets[c], end = p.segment_offsets[c + 1];
+    write_count(p, c, end - begin);
+    if (begin == end && !p.means) continue;
+    A* out = static_cast<A*>(p.sums) + c * p.cols + first_col;
     Lanes<A, kSize> sum;
 #pragma unroll
-    for (int u = 0; u < kSize; ++u) sum.v[u] = means ? A(0) : out[u];
-    sum = segment_sum_rows(sum, sorted_rows, begin, end, load);
+    for (int u = 0; u < kSize; ++u) sum.v[u] = p.means ? A(0) : out[u];
+    sum = segment_sum_rows(sum, p.sorted_rows, begin, end, load);
 #pragma unroll
-    for (int u = 0; u < kSize; ++u) out[u] = finished(sum.v[u], end - begin, means);
+    for (int u = 0; u < kSize; ++u) out[u] = finished(sum.v[u], end - begin, p);
   }
 }
 
@@ -72,10 +99,12 @@ void class_sums(const ClassSumsParams& p) {
     const int threads = static_cast<int>(std::min<int64_t>(kThreads, (lanes + 31) / 32 * 32));
     const dim3 grid(static_cast<unsigned int>((lanes + threads - 1) / threads),
                     static_cast<unsigned int>(std::min<int64_t>(p.num_classes, 65535)));
-    launch(packed ? class_sums_packed_kernel<T, A> : class_sums_kernel<T, A>, grid, threads, 0,
-           static_cast<const T*>(p.x), p.cols, p.row_stride, p.sorted_rows, p.segment_offsets, p.num_classes,
-           static_cast<A*>(p.sums), p.means);
+    launch(packed ? class_sums_packed_kernel<T, A> : class_sums_kernel<T, A>, grid, threads, 0, p);
   });
+}
+
+void class_segments(const ClassSegmentsParams& p) {
+  launch(class_segments_kernel, blocks_for(p.rows + 1), kThreads, 0, p);
 }
 
 }  // namespace alphanet::cuda
