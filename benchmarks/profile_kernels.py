@@ -64,27 +64,20 @@ def main() -> None:
             if case.endswith("matmul"):
                 fn = with_environment("ALPHANET_KNN_RANKING", "matmul", fn)
             kernel_table(f"{case} ({q}x{m}x{dims}, k={k})", fn, 1 if "huge" in case else 5, args.plain)
-        elif case == "combine-rows-large":
-            lines, dims, few, k, _ = SIZES["large"]["combine"]
-            source = torch.randn(lines, dims, generator=generator).cuda()
+        elif case in ("combine-rows-large", "combine-columns-large"):
+            # the training step's pattern: forward, then the gradient of the alphas only
+            lines, dims, few, k, logit_rows = SIZES["large"]["combine"]
+            dim = 0 if case == "combine-rows-large" else 1
+            shape, label = ((lines, dims), f"W {lines}x{dims}") if dim == 0 else ((logit_rows, lines),
+                                                                                 f"L {logit_rows}x{lines}")
+            source = torch.randn(*shape, generator=generator).cuda()
             targets = torch.randint(0, lines, (few,), generator=generator).cuda()
             neighbors = torch.randint(0, lines, (few, k), generator=generator).cuda()
             alphas = torch.randn(few, k, generator=generator).cuda().requires_grad_()
-            grad = torch.randn(few, dims, generator=generator).cuda()
-            kernel_table(f"{case} (W {lines}x{dims}, n={few}, k={k}, forward + alpha gradient)",
+            grad = torch.randn(*((few, dims) if dim == 0 else (logit_rows, few)), generator=generator).cuda()
+            kernel_table(f"{case} ({label}, n={few}, k={k}, forward + alpha gradient)",
                          lambda: torch.autograd.grad(torch.ops.alphanet.alpha_combine(source, targets, neighbors,
-                                                                                      alphas, 0), alphas, grad), 5,
-                         args.plain)
-        elif case == "combine-columns-large":
-            lines, _, few, k, logit_rows = SIZES["large"]["combine"]
-            logits = torch.randn(logit_rows, lines, generator=generator).cuda()
-            targets = torch.randint(0, lines, (few,), generator=generator).cuda()
-            neighbors = torch.randint(0, lines, (few, k), generator=generator).cuda()
-            alphas = torch.randn(few, k, generator=generator).cuda().requires_grad_()
-            grad = torch.randn(logit_rows, few, generator=generator).cuda()
-            kernel_table(f"{case} (L {logit_rows}x{lines}, n={few}, k={k}, forward + alpha gradient)",
-                         lambda: torch.autograd.grad(torch.ops.alphanet.alpha_combine(logits, targets, neighbors,
-                                                                                      alphas, 1), alphas, grad), 5,
+                                                                                      alphas, dim), alphas, grad), 5,
                          args.plain)
         else:
             raise SystemExit(f"unknown case {case}")
