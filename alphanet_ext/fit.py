@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import __version__, ops
+from . import __version__, ops, reference
 from .data import (ArrayLike, as_tensor, cache_budget, check_classifier, check_features, check_labels,
                    gather_rows, iter_row_chunks, logits, non_finite_error, resolve_device)
 from .metrics import SPLIT_NAMES, accuracy_by_split, make_splits, mean_std
@@ -139,6 +139,9 @@ class _FusedAdamW:
 
     def step(self, grads: list[Tensor]) -> None:
         """One update with ``grads`` (one per parameter, in order)."""
+        # the fused kernel walks a gradient's memory in its parameter's order:
+        # a transposed one (as autograd gives for a bmm's operand) would be misread
+        grads = [g.contiguous() for g in grads]
         torch._foreach_add_(self.steps, 1)
         torch._fused_adamw_(self.params, grads, self.exp_avgs, self.exp_avg_sqs, [], self.steps, lr=self.lr,
                             beta1=0.9, beta2=0.999, weight_decay=self.weight_decay, eps=1e-8, amsgrad=False,
@@ -153,7 +156,7 @@ class _CoefficientNets:
     all trials is one ``[D, T * hidden]`` matrix (trial t's ``Linear.weight.T``
     in columns ``t*hidden:(t+1)*hidden``) so it runs as one GEMM. Training steps
     go through ``torch.ops.alphanet._coefficient_grads``, which runs this same
-    forward pass and its backward pass in C++.
+    forward pass and its backward pass in C++ (``ops.coefficient_grads``).
     """
 
     def __init__(self, sizes: Sequence[int], generators: Sequence[torch.Generator], device: torch.device):
@@ -177,11 +180,7 @@ class _CoefficientNets:
             h = h.reshape(-1, self.first.shape[1])[:num_few]
         else:
             h = torch.mm(inputs.T, self.first)
-        h = h.view(-1, self.trials, self.hidden).transpose(0, 1)
-        h = h + self.biases[0][:, None, :]
-        for w, b in zip(self.rest, self.biases[1:]):
-            h = torch.baddbmm(b[:, None, :], F.leaky_relu(h, 0.01), w.transpose(1, 2))
-        return h
+        return reference.coefficient_alphas(h, self.rest, self.biases, self.trials)
 
     def state(self, trial: int) -> dict[str, Tensor]:
         """Trial ``trial``'s network as a ``torch.nn.Sequential`` state dict (Linear layers at 0, 2, 4, ...)."""
@@ -205,7 +204,7 @@ def _network_inputs(rows: Tensor, columns: int) -> Tensor:
     ``rows[6p + j, r]``, zero-padded, which the op's first layer streams
     without the per-step repacking a BLAS call does. Elsewhere: ``rows.T``.
     """
-    packable = (rows.device.type == "cpu" and rows.dtype == torch.float32 and columns % 16 == 0
+    packable = (ops.HAS_EXTENSION and rows.device.type == "cpu" and rows.dtype == torch.float32 and columns % 16 == 0
                 and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
     if not packable:
         return rows.T.contiguous()
@@ -523,7 +522,7 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
         for begin in range(0, num_val, _ROW_BLOCK):
             end = begin + _ROW_BLOCK
             block = val_block(begin, end)
-            few_scores = torch.ops.alphanet.alpha_combine(
+            few_scores = ops.combine_unchecked(
                 block, few.repeat(trials), neighbors.repeat(trials, 1), flat_alphas, 1)
             few_scores = pred_scale * (few_scores.view(-1, trials, few.numel()) + few_bias.detach())
             few_best, few_index = few_scores.max(dim=2)
@@ -556,7 +555,7 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
             for begin in range(0, chunk_raw.shape[0], batch_size):
                 raw = chunk_raw[begin:begin + batch_size]
                 rows = raw.shape[0]
-                losses, grads = torch.ops.alphanet._coefficient_grads(
+                losses, grads = ops.coefficient_grads(
                     net_inputs, nets.first, nets.rest, nets.biases, few_bias, raw.view(rows, trials * num_classes),
                     trial_targets, trial_neighbors, base_lse[begin:begin + rows], target_few[begin:begin + rows],
                     target_base_score[begin:begin + rows], pred_scale)

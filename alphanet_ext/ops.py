@@ -208,15 +208,37 @@ def alpha_combine(source: Tensor, targets: Tensor, neighbors: Tensor, alphas: Te
     ``L [N, C]`` in place, result ``[N, n]``) — no copy or transpose of ``source``.
     Differentiable with respect to ``alphas`` and ``source``.
     """
-    if not HAS_EXTENSION:
-        _fallback("alpha_combine")
-        return reference.alpha_combine(source, targets, neighbors, alphas, dim).to(source.dtype)
-    if not torch.compiler.is_compiling() and _runs_cuda_kernels(source):
+    if HAS_EXTENSION and not torch.compiler.is_compiling() and _runs_cuda_kernels(source):
         # The CUDA op skips the value checks (they sync the device, and training
         # loops call it every step); here they run in one kernel and one sync.
         # While compiling, values are unknown and the kernels' guarded reads remain.
         torch.ops.alphanet._check_combine_values(source, targets, neighbors, alphas, dim)
+    return combine_unchecked(source, targets, neighbors, alphas, dim)
+
+
+def combine_unchecked(source: Tensor, targets: Tensor, neighbors: Tensor, alphas: Tensor, dim: int = 0) -> Tensor:
+    """:func:`alpha_combine` without the CUDA value checks' device sync, for callers
+    whose indices and coefficients are valid by construction (the fit's loops)."""
+    if not HAS_EXTENSION:
+        _fallback("alpha_combine")
+        return reference.alpha_combine(source, targets, neighbors, alphas, dim).to(source.dtype)
     return torch.ops.alphanet.alpha_combine(source, targets, neighbors, alphas, dim)
+
+
+# --------------------------------------------------------------------------- the fit's training step
+
+def coefficient_grads(inputs_t: Tensor, first: Tensor, rest: list[Tensor], biases: list[Tensor], few_bias: Tensor,
+                      raw: Tensor, targets: Tensor, neighbors: Tensor, base_lse: Tensor, target_few: Tensor,
+                      target_base: Tensor, pred_scale: float) -> tuple[Tensor, list[Tensor]]:
+    """The fit's training step (``torch.ops.alphanet._coefficient_grads``; see
+    :func:`alphanet_ext.reference.coefficient_grads`, its pure-torch form, used
+    when the compiled module is missing)."""
+    args = (inputs_t, first, rest, biases, few_bias, raw, targets, neighbors, base_lse, target_few, target_base,
+            pred_scale)
+    if not HAS_EXTENSION:
+        _fallback("fit's training step")
+        return reference.coefficient_grads(*args)
+    return torch.ops.alphanet._coefficient_grads(*args)
 
 
 # --------------------------------------------------------------------------- torch.compile and autograd

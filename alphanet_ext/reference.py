@@ -1,15 +1,22 @@
-"""Pure-torch float64 implementations of the three ops.
+"""Pure-torch float64 implementations of the three ops and of the training step.
 
 They define what the kernels must compute: the tests compare every kernel with
 them, and :mod:`alphanet_ext.ops` falls back to them when the compiled module is
-missing. Results are float64 (indices int64) whatever the input dtype.
+missing. Results are float64 (indices int64) whatever the input dtype, except
+the training step's gradients, which come back in their parameters' dtypes.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["class_means", "pairwise_distances", "pair_distances", "knn", "alpha_combine"]
+__all__ = ["class_means", "pairwise_distances", "pair_distances", "knn", "alpha_combine", "coefficient_alphas",
+           "coefficient_grads"]
+
+LEAKY_SLOPE = 0.01  # the coefficient networks' activation (kLeakySlope in csrc/coefficient_grads.cpp)
 
 
 def class_means(x: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
@@ -70,3 +77,37 @@ def alpha_combine(source: Tensor, targets: Tensor, neighbors: Tensor, alphas: Te
     weights = alphas.double() / alphas.double().abs().sum(dim=1, keepdim=True)
     out = lines[targets.long()] + torch.einsum("ck,ckd->cd", weights, lines[neighbors.long()])
     return out if dim in (0, -2) else out.T
+
+
+def coefficient_alphas(first_layer: Tensor, rest: Sequence[Tensor], biases: Sequence[Tensor], trials: int) -> Tensor:
+    """The stacked coefficient networks after their first matmul: ``first_layer [C_f, T*H]``
+    (the shared input times every trial's first layer) -> ``alphas [T, C_f, k]``."""
+    h = first_layer.reshape(first_layer.shape[0], trials, -1).transpose(0, 1) + biases[0][:, None, :]
+    for w, b in zip(rest, biases[1:]):
+        h = torch.baddbmm(b[:, None, :], F.leaky_relu(h, LEAKY_SLOPE), w.transpose(1, 2))
+    return h
+
+
+def coefficient_grads(inputs_t: Tensor, first: Tensor, rest: Sequence[Tensor], biases: Sequence[Tensor],
+                      few_bias: Tensor, raw: Tensor, targets: Tensor, neighbors: Tensor, base_lse: Tensor,
+                      target_few: Tensor, target_base: Tensor, pred_scale: float) -> tuple[Tensor, list[Tensor]]:
+    """One training step of the coefficient networks, as ``torch.ops.alphanet._coefficient_grads``
+    (arguments as there, ``inputs_t [D, C_f]`` unpacked): the per-trial mean cross-entropy ``[T]``
+    over the base classes (through ``base_lse``) and the corrected few classes, and its gradients
+    with respect to ``first``, ``rest``, ``biases`` and ``few_bias``, by autograd in float64."""
+    parameters = [first, *rest, *biases, few_bias]
+    leaves = [p.detach().double().requires_grad_() for p in parameters]
+    first64, rest64 = leaves[0], leaves[1:1 + len(rest)]
+    biases64, few_bias64 = leaves[1 + len(rest):-1], leaves[-1]
+    trials, num_few = few_bias.shape
+    with torch.enable_grad():
+        alphas = coefficient_alphas(inputs_t.double().T @ first64, rest64, biases64, trials)
+        rows = raw.shape[0]
+        combined = alpha_combine(raw, targets, neighbors, alphas.reshape(trials * num_few, -1), dim=1)
+        scores = pred_scale * (combined.view(rows, trials, num_few) + few_bias64)
+        log_total = torch.logaddexp(base_lse.double(), scores.logsumexp(dim=2))
+        target_score = torch.where(target_few >= 0, scores.gather(2, target_few.clamp_min(0)[..., None]).squeeze(2),
+                                   target_base.double())
+        losses = (log_total - target_score).mean(dim=0)
+        grads = torch.autograd.grad(losses.sum(), leaves)
+    return losses.detach(), [g.to(p.dtype) for g, p in zip(grads, parameters)]

@@ -2,7 +2,9 @@ import importlib
 import math
 import os
 import pickle
+import subprocess
 import sys
+import textwrap
 import warnings
 
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 import torch
 
 import alphanet_ext
-from alphanet_ext import synthetic
+from alphanet_ext import reference, synthetic
 from alphanet_ext.metrics import SPLIT_NAMES
 from conftest import HAS_EMULATION, on_backend
 
@@ -718,6 +720,14 @@ def test_fused_step_gradients_match_autograd_of_the_full_softmax():
     for ours, theirs in zip(grads, expected_grads):
         assert theirs.abs().sum() > 0
         torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    # the pure-torch step that fit falls back to without the compiled module
+    reference_losses, reference_grads = reference.coefficient_grads(
+        inputs_t, detached[0], rest, biases, detached[-1], raw.reshape(rows, -1), (offsets + few).reshape(-1),
+        (offsets[:, :, None] + neighbors).reshape(-1, k), base_scores[:, :, base].logsumexp(dim=2), target_few,
+        torch.where(target_few < 0, base_scores.gather(2, labels[..., None]).squeeze(2), 0.0), scale)
+    torch.testing.assert_close(reference_losses, expected.detach(), rtol=1e-12, atol=1e-12)
+    for ours, theirs in zip(reference_grads, expected_grads, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
     # its fake implementation (for torch.compile) gives the real outputs' shapes and dtypes
     from torch._subclasses.fake_tensor import FakeTensorMode
     mode = FakeTensorMode()
@@ -806,3 +816,48 @@ def test_packed_network_inputs_that_do_not_fit_are_refused():
         torch.ops.alphanet._coefficient_grads(packed, first, rest, biases, torch.randn(1, 3), *args[3:])
     with pytest.raises(RuntimeError, match="multiple of 16 columns"):
         torch.ops.alphanet._coefficient_grads(packed, torch.randn(12, 8), *args)
+
+
+def test_fit_without_the_compiled_module(problem, tmp_path):
+    """A failed build leaves pure torch: every op and the training step fall back to
+    the references, with one warning, and the fit follows the compiled one's path."""
+    script = textwrap.dedent("""
+        import sys, warnings
+        sys.modules["alphanet_ext._C"] = None  # as if the build had failed
+        import torch, alphanet_ext
+        from alphanet_ext import synthetic
+        problem = synthetic.make_long_tailed(num_classes=40, dim=24, max_count=300, min_count=4, seed=11)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = alphanet_ext.fit(problem.train_x, problem.train_y, problem.weight, problem.bias, problem.val_x,
+                                      problem.val_y, epochs=3, min_epochs=1, progress=False)
+        assert not alphanet_ext.HAS_EXTENSION
+        warned = [str(w.message) for w in caught if "compiled kernels unavailable" in str(w.message)]
+        torch.save({"warned": warned, "alphas": result.alphas, "neighbors": result.neighbors,
+                    "weight": result.weight}, sys.argv[1])
+    """)
+    out = tmp_path / "fallback.pt"
+    subprocess.run([sys.executable, "-c", script, str(out)], check=True, timeout=300,
+                   env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    fallback = torch.load(out)
+    assert len(fallback["warned"]) == 1 and "pure-torch reference" in fallback["warned"][0]
+    compiled = quick_fit(problem, epochs=3, min_epochs=1)
+    assert torch.equal(fallback["neighbors"], compiled.neighbors)
+    # float64 steps against float32 ones: the same training, to rounding
+    torch.testing.assert_close(fallback["alphas"], compiled.alphas, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(fallback["weight"], compiled.weight, rtol=1e-3, atol=1e-3)
+
+
+def test_optimizer_reads_transposed_gradients_as_their_values():
+    # torch's fused AdamW walks a gradient's memory in its parameter's order, so a
+    # transposed gradient (autograd's for a bmm operand) must be laid out first
+    from alphanet_ext.fit import _FusedAdamW
+    gradient = torch.arange(12.0).view(4, 3).T
+    updated = []
+    for grads in ([gradient], [gradient.contiguous()]):
+        params = [torch.zeros(3, 4)]
+        optimizer = _FusedAdamW(params, lr=0.1, weight_decay=0.0)
+        optimizer.step(grads)
+        updated.append(optimizer.exp_avgs[0])
+    torch.testing.assert_close(updated[0], updated[1], rtol=0, atol=0)
+    torch.testing.assert_close(updated[1], 0.1 * gradient, rtol=1e-6, atol=0)
