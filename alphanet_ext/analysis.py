@@ -222,7 +222,8 @@ def pearson_with_interval(x: Tensor, y: Tensor, resamples: int = 10_000, seed: i
 
     def r(a: Tensor, b: Tensor) -> Tensor:
         a, b = a - a.mean(dim=-1, keepdim=True), b - b.mean(dim=-1, keepdim=True)
-        return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+        # clamped: rounding put a resample of three points at -1.0000000000000002
+        return ((a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))).clamp(-1.0, 1.0)
 
     generator = torch.Generator().manual_seed(seed)
     block = max(1, BOOTSTRAP_VALUES // x.numel())  # resamples at a time: all at once take resamples * n values

@@ -132,8 +132,11 @@ def test_pearson_with_interval():
     assert 0.9 < result["r"] < 1 and result["low"] < result["r"] < result["high"] <= 1
     perfect = analysis.pearson_with_interval(x, -x, resamples=500)
     assert perfect["r"] == pytest.approx(-1) and perfect["high"] == pytest.approx(-1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least 3"):
         analysis.pearson_with_interval(x[:2], x[:2])
+    smallest = analysis.pearson_with_interval(torch.tensor([1.0, 2.0, 4.0]), torch.tensor([1.0, 3.0, 2.0]),
+                                              resamples=200)  # three pairs: the fewest allowed
+    assert smallest["r"] == pytest.approx(3 / math.sqrt(84)) and -1 <= smallest["low"] <= smallest["high"] <= 1
     with pytest.raises(ValueError, match="contain NaN or inf"):
         analysis.pearson_with_interval(torch.tensor([1.0, float("nan"), 3.0, 4.0]), torch.tensor([1.0, 2.0, 3.0, 5.0]))
     undefined = analysis.pearson_with_interval(x, torch.full_like(x, 3.0), resamples=100)  # constant y
