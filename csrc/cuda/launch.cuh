@@ -29,16 +29,23 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_byte
 #endif
 }
 
+#ifndef ALPHANET_CUDA_EMULATION
+// An attribute of the current device.
+inline int device_attribute(cudaDeviceAttr attribute) {
+  int device = 0, value = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attribute, device));
+  return value;
+}
+#endif
+
 // Dynamic shared memory a block may take on the current device with the opt-in
 // attribute (allow_shared_memory); 48 KB without it.
 inline int64_t max_shared_per_block() {
 #ifdef ALPHANET_CUDA_EMULATION
   return static_cast<int64_t>(emulation::kMaxOptInShared);
 #else
-  int device = 0, bytes = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return bytes;
+  return device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
 #endif
 }
 
@@ -57,10 +64,7 @@ inline int multiprocessors() {
 #ifdef ALPHANET_CUDA_EMULATION
   return emulation::kMultiprocessors;
 #else
-  int device = 0, count = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  return count;
+  return device_attribute(cudaDevAttrMultiProcessorCount);
 #endif
 }
 
