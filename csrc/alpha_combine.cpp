@@ -91,6 +91,17 @@ void set_output_strides(const at::Tensor& out, int64_t dim, int64_t* line_stride
   *elem_stride = out.stride(1 - dim);
 }
 
+// Buffers for the plan of the CUDA kernels whose output lines are contiguous
+// (CombineParams::column_lines, column_weights); none elsewhere.
+std::pair<at::Tensor, at::Tensor> attach_column_plan(const at::Tensor& source, CombineParams& p) {
+  if (!uses_cuda_kernels(source) || p.out_line_stride != 1) return {};
+  at::Tensor lines = at::empty({p.k + 1, p.num_out}, source.options().dtype(at::kInt));
+  at::Tensor weights = at::empty({p.k, p.num_out}, source.options().dtype(acc_type(source.scalar_type())));
+  p.column_lines = lines.data_ptr<int32_t>();
+  p.column_weights = weights.data_ptr();
+  return {lines, weights};
+}
+
 at::Tensor alpha_combine(const at::Tensor& source, const at::Tensor& targets, const at::Tensor& neighbors,
                          const at::Tensor& alphas, int64_t dim) {
   Checked c = prepare(source, targets, neighbors, alphas, dim, checks_values(source));
@@ -99,6 +110,7 @@ at::Tensor alpha_combine(const at::Tensor& source, const at::Tensor& targets, co
   const at::OptionalDeviceGuard guard(at::device_of(source));
   c.params.out = out.data_ptr();
   set_output_strides(out, c.dim, &c.params.out_line_stride, &c.params.out_elem_stride);
+  const auto plan = attach_column_plan(source, c.params);
   run_kernel(source, &cpu::alpha_combine, ALPHANET_CUDA_KERNEL(alpha_combine), c.params);
   return out;
 }
@@ -139,10 +151,11 @@ std::tuple<at::Tensor, at::Tensor> alpha_combine_backward(const at::Tensor& grad
     b.grad_alphas = grad_alphas.data_ptr();
     if (uses_cuda_kernels(source) && b.forward.out_line_stride == 1) {
       b.alpha_chunks = std::min(kMaxAlphaChunks, (c.params.elems + kAlphaChunkElems - 1) / kAlphaChunkElems);
-      alpha_partials = at::empty({b.alpha_chunks, c.params.num_out, c.params.k}, source.options().dtype(acc));
+      alpha_partials = at::empty({b.alpha_chunks, c.params.k, c.params.num_out}, source.options().dtype(acc));
       b.alpha_partials = alpha_partials.data_ptr();
     }
   }
+  const auto plan = need_alphas ? attach_column_plan(source, b.forward) : std::pair<at::Tensor, at::Tensor>{};
   at::Tensor line_offsets, line_entries;
   if (need_source) {
     b.grad_source = grad_source.data_ptr();

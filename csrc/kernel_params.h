@@ -169,6 +169,12 @@ struct CombineParams {
   int64_t num_out, k;
   void* out;
   int64_t out_line_stride, out_elem_stride;
+  // CUDA only, where the output's lines are contiguous (logit columns): each
+  // class's lines and normalised coefficients, written by a first kernel slot
+  // by slot, so that a warp's 32 classes read 32 consecutive values in every
+  // pass over the logit rows instead of 32 strided rows of neighbors and alphas.
+  int32_t* column_lines = nullptr;  // [k + 1, num_out]: the target, then the neighbours; -1 outside the source
+  void* column_weights = nullptr;   // [k, num_out] of acc_t: alphas[c, i] / ||alphas[c]||_1
 };
 
 // alpha_combine's value checks through the CUDA kernels (combine's indices and
@@ -195,7 +201,7 @@ struct CombineBackwardParams {
   // CUDA only, for grad_alphas when the output's lines are contiguous (logit
   // columns): each class's k dot products summed over chunks of the elements
   // first, then over the chunks in order. nullptr: one block per class instead.
-  void* alpha_partials;         // [alpha_chunks, num_out, k] of acc_t
+  void* alpha_partials;         // [alpha_chunks, k, num_out] of acc_t
   int64_t alpha_chunks;
 };
 

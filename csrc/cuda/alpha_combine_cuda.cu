@@ -118,24 +118,46 @@ __device__ __forceinline__ void stage_rows(const CombineParams& p, const T* sour
   }
 }
 
-// Staged row r's value of `line`, or NaN for a line outside the source (as load_line).
+// A line of the column plan: `line`, or -1 outside the source.
+__device__ __forceinline__ int32_t plan_line(const CombineParams& p, int64_t line) {
+  return line < 0 || line >= p.num_lines ? -1 : static_cast<int32_t>(line);
+}
+
+// Writes CombineParams::column_lines (and column_weights if `weights`), a thread per class.
+template <typename A>
+__global__ void column_plan_kernel(CombineParams p, bool weights) {
+  const A* alphas = static_cast<const A*>(p.alphas);
+  A* column_weights = static_cast<A*>(p.column_weights);
+  for (int64_t c = global_thread(); c < p.num_out; c += grid_threads()) {
+    p.column_lines[c] = plan_line(p, p.targets[c]);
+    for (int64_t i = 0; i < p.k; ++i) p.column_lines[(i + 1) * p.num_out + c] = plan_line(p, p.neighbors[c * p.k + i]);
+    if (!weights) continue;
+    const A norm = l1_norm<A>(alphas + c * p.k, 1, static_cast<int>(p.k));
+    for (int64_t i = 0; i < p.k; ++i) column_weights[i * p.num_out + c] = alphas[c * p.k + i] / norm;
+  }
+}
+
+// Staged row r's value of plan line `line` (rows of `row_length` lines), or NaN
+// for -1, a line outside the source (as load_line).
 template <typename A, typename T>
-__device__ __forceinline__ A staged_value(const CombineParams& p, const T* staged, int r, int64_t line) {
-  if (line < 0 || line >= p.num_lines) return std::numeric_limits<A>::quiet_NaN();
-  return static_cast<A>(staged[r * p.num_lines + line]);
+__device__ __forceinline__ A staged_value(const T* staged, int row_length, int r, int32_t line) {
+  if (line < 0) return std::numeric_limits<A>::quiet_NaN();
+  return static_cast<A>(staged[r * row_length + line]);
 }
 
 // forward_by_element_kernel with `staged_rows` logit rows at a time first copied
 // to shared memory, so the classes' scattered reads hit shared memory rather
-// than a different cache line each, and each class's indices and coefficients
-// are read once for all the staged rows rather than once per row. Each output
-// element gets combine_element's arithmetic, in its order.
+// than a different cache line each, and each class's plan (its lines and
+// normalised coefficients) is read once for all the staged rows rather than
+// once per row. Each output element gets combine_element's arithmetic, in its
+// order (the plan's weights are its quotients).
 template <typename T, typename A>
 __global__ void __launch_bounds__(kStagedThreads, 2) forward_staged_kernel(CombineParams p, int staged_rows) {
   const T* source = static_cast<const T*>(p.source);
-  const A* alphas = static_cast<const A*>(p.alphas);
+  const A* weights = static_cast<const A*>(p.column_weights);
   T* out = static_cast<T*>(p.out);
   T* staged = dynamic_shared<T>();  // [staged_rows, num_lines]
+  const int row_length = static_cast<int>(p.num_lines);
   for (int64_t first = static_cast<int64_t>(blockIdx.x) * staged_rows; first < p.elems;
        first += static_cast<int64_t>(gridDim.x) * staged_rows) {
     const int rows = static_cast<int>(std::min<int64_t>(staged_rows, p.elems - first));
@@ -143,20 +165,18 @@ __global__ void __launch_bounds__(kStagedThreads, 2) forward_staged_kernel(Combi
     stage_rows(p, source, first, rows, staged);
     __syncthreads();
     for (int64_t c = threadIdx.x; c < p.num_out; c += blockDim.x) {
-      const A* row_alphas = alphas + c * p.k;
-      const A norm = l1_norm<A>(row_alphas, 1, static_cast<int>(p.k));
       A acc[kMaxStagedRows];
-      const int64_t target = p.targets[c];
+      const int32_t target = p.column_lines[c];
 #pragma unroll
       for (int r = 0; r < kMaxStagedRows; ++r) {
-        if (r < rows) acc[r] = staged_value<A>(p, staged, r, target);
+        if (r < rows) acc[r] = staged_value<A>(staged, row_length, r, target);
       }
       for (int64_t i = 0; i < p.k; ++i) {
-        const int64_t line = p.neighbors[c * p.k + i];
-        const A weight = row_alphas[i] / norm;
+        const int32_t line = p.column_lines[(i + 1) * p.num_out + c];
+        const A weight = weights[i * p.num_out + c];
 #pragma unroll
         for (int r = 0; r < kMaxStagedRows; ++r) {
-          if (r < rows) acc[r] += weight * staged_value<A>(p, staged, r, line);
+          if (r < rows) acc[r] += weight * staged_value<A>(staged, row_length, r, line);
         }
       }
 #pragma unroll
@@ -244,9 +264,10 @@ __global__ void grad_alphas_kernel(CombineBackwardParams b, bool packed) {
 
 // grad_alphas over logit columns, first pass: a thread per (class c, neighbour
 // i) and chunk of elements (blockIdx.y), summing over the chunk's elements in
-// order. Threads of a warp share i and take consecutive classes, so they read
-// 32 consecutive classes of a gradient row and gather from one logit row; every
-// pair has its own thread, so even a training batch's few chunks fill the GPU.
+// order into alpha_partials[chunk, i, c]. Threads of a warp share i and take
+// consecutive classes, so they read 32 consecutive classes of a gradient row and
+// gather from one logit row; every pair has its own thread, so even a training
+// batch's few chunks fill the GPU.
 template <typename T, typename A>
 __global__ void alpha_partials_kernel(CombineBackwardParams b, int64_t chunk) {
   const CombineParams& p = b.forward;
@@ -261,7 +282,7 @@ __global__ void alpha_partials_kernel(CombineBackwardParams b, int64_t chunk) {
     for (int64_t j = begin; j < end; ++j) {
       dot += static_cast<A>(grad_out[c * p.out_line_stride + j * p.out_elem_stride]) * load_line<A>(p, source, line, j);
     }
-    partials[(blockIdx.y * p.num_out + c) * p.k + i] = dot;
+    partials[blockIdx.y * p.num_out * p.k + pair] = dot;
   }
 }
 
@@ -270,8 +291,10 @@ __global__ void alpha_partials_kernel(CombineBackwardParams b, int64_t chunk) {
 // chunk's logit rows to shared memory `staged_rows` at a time. Each thread then
 // adds the staged rows' products to the chunk's partial sums of its (class,
 // neighbour) pairs, which no other thread touches. So the neighbours' logits
-// come from shared memory instead of a 32-byte sector each, and every sum runs
-// over the chunk's rows in order, as in alpha_partials_kernel (the same bits).
+// come from shared memory instead of a 32-byte sector each, the lines from the
+// plan and the partial sums in consecutive slots for a warp's classes, and
+// every sum runs over the chunk's rows in order, as in alpha_partials_kernel
+// (the same bits).
 template <typename T, typename A>
 __global__ void __launch_bounds__(kStagedThreads, 2)
     alpha_partials_staged_kernel(CombineBackwardParams b, int64_t chunk, int staged_rows) {
@@ -280,6 +303,7 @@ __global__ void __launch_bounds__(kStagedThreads, 2)
   const T* grad_out = static_cast<const T*>(b.grad_out);
   A* partials = static_cast<A*>(b.alpha_partials) + blockIdx.y * p.num_out * p.k;
   T* staged = dynamic_shared<T>();  // [staged_rows, num_lines]
+  const int row_length = static_cast<int>(p.num_lines);
   const int64_t begin = blockIdx.y * chunk, end = std::min(p.elems, begin + chunk);
   const int64_t first_class = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t class_step = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -299,35 +323,38 @@ __global__ void __launch_bounds__(kStagedThreads, 2)
         if (r < rows) gradient[r] = static_cast<A>(grad_out[c * p.out_line_stride + (first + r) * p.out_elem_stride]);
       }
       for (int64_t i = 0; i < p.k; ++i) {
-        const int64_t line = p.neighbors[c * p.k + i];
-        A dot = first == begin ? A(0) : partials[c * p.k + i];
+        const int32_t line = p.column_lines[(i + 1) * p.num_out + c];
+        A& partial = partials[i * p.num_out + c];
+        A dot = first == begin ? A(0) : partial;
 #pragma unroll
         for (int r = 0; r < kMaxStagedRows; ++r) {
-          if (r < rows) dot += gradient[r] * staged_value<A>(p, staged, r, line);
+          if (r < rows) dot += gradient[r] * staged_value<A>(staged, row_length, r, line);
         }
-        partials[c * p.k + i] = dot;
+        partial = dot;
       }
     }
   }
 }
 
 // Second pass: a block takes whole classes and a thread each (class, neighbour)
-// pair, whose chunk sums it adds in chunk order (into chunk 0's slots; threads
-// read consecutive slots of each chunk); then, once the block's classes are
-// summed, the L1-normalisation gradient.
+// pair, whose chunk sums it adds in chunk order (threads of a neighbour slot
+// read consecutive classes) into shared memory, [classes, k]; then, once the
+// block's classes are summed, the L1-normalisation gradient.
 template <typename A>
 __global__ void alphas_from_partials_kernel(CombineBackwardParams b, int64_t classes_per_block) {
   const CombineParams& p = b.forward;
-  A* partials = static_cast<A*>(b.alpha_partials);
+  const A* partials = static_cast<const A*>(b.alpha_partials);
+  A* sums = dynamic_shared<A>();
   const int64_t chunk_pairs = p.num_out * p.k;
   for (int64_t first_class = blockIdx.x * classes_per_block; first_class < p.num_out;
        first_class += static_cast<int64_t>(gridDim.x) * classes_per_block) {
-    const int64_t pairs = std::min(classes_per_block, p.num_out - first_class) * p.k;
-    A* sums = partials + first_class * p.k;
+    const int64_t classes = std::min(classes_per_block, p.num_out - first_class), pairs = classes * p.k;
     for (int64_t pair = threadIdx.x; pair < pairs; pair += blockDim.x) {
-      A total = sums[pair];
-      for (int64_t chunk = 1; chunk < b.alpha_chunks; ++chunk) total += sums[chunk * chunk_pairs + pair];
-      sums[pair] = total;
+      const int64_t c = pair % classes, i = pair / classes;
+      const A* slot = partials + i * p.num_out + first_class + c;
+      A total = slot[0];
+      for (int64_t chunk = 1; chunk < b.alpha_chunks; ++chunk) total += slot[chunk * chunk_pairs];
+      sums[c * p.k + i] = total;
     }
     __syncthreads();
     for (int64_t pair = threadIdx.x; pair < pairs; pair += blockDim.x) {
@@ -438,6 +465,7 @@ void alpha_combine(const CombineParams& p) {
       const int staged_rows = static_cast<int>(std::min<int64_t>(
           staged_rows_for<T>(kernel, p.num_lines), std::max<int64_t>(1, p.elems / (2 * multiprocessors()))));
       if (staged_rows > 0) {
+        launch(column_plan_kernel<acc_t<T>>, blocks_for(p.num_out), kThreads, 0, p, true);
         const auto blocks = static_cast<unsigned int>(std::min<int64_t>((p.elems + staged_rows - 1) / staged_rows, 1 << 20));
         launch(kernel, blocks, kStagedThreads, staged_rows * p.num_lines * sizeof(T), p, staged_rows);
       } else {
@@ -469,14 +497,15 @@ void alpha_combine_backward(const CombineBackwardParams& b) {
         const int64_t class_blocks = std::min<int64_t>((p.num_out + kStagedThreads - 1) / kStagedThreads,
                                                        (2 * multiprocessors() + b.alpha_chunks - 1) / b.alpha_chunks);
         const dim3 grid(static_cast<unsigned int>(class_blocks), static_cast<unsigned int>(b.alpha_chunks));
+        launch(column_plan_kernel<A>, blocks_for(p.num_out), kThreads, 0, p, false);
         launch(staged_kernel, grid, kStagedThreads, staged_rows * p.num_lines * sizeof(T), b, chunk, staged_rows);
       } else {
         const dim3 grid(blocks_for(p.num_out * p.k), static_cast<unsigned int>(b.alpha_chunks));
         launch(alpha_partials_kernel<T, A>, grid, kThreads, 0, b, chunk);
       }
       const int64_t classes_per_block = std::max<int64_t>(1, kThreads / p.k);
-      launch(alphas_from_partials_kernel<A>, blocks_for(p.num_out, static_cast<int>(classes_per_block)), kThreads, 0,
-             b, classes_per_block);
+      launch(alphas_from_partials_kernel<A>, blocks_for(p.num_out, static_cast<int>(classes_per_block)), kThreads,
+             classes_per_block * p.k * sizeof(A), b, classes_per_block);
     } else if (b.grad_alphas != nullptr && p.num_out > 0) {
       const size_t shared = (kThreads / kWarp * kNeighborGroup + p.k) * sizeof(A);
       const auto blocks = static_cast<unsigned int>(std::min<int64_t>(p.num_out, 65535));
