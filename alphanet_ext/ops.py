@@ -333,19 +333,3 @@ if HAS_EXTENSION:
         grads = [first.new_empty(first.shape)] + [w.new_empty(w.shape) for w in rest]
         grads += [b.new_empty(b.shape) for b in biases] + [few_bias.new_empty(few_bias.shape)]
         return few_bias.new_empty(few_bias.shape[:1]), grads
-
-    def _alpha_combine_setup(ctx, inputs, output):
-        source, targets, neighbors, alphas, dim = inputs
-        ctx.save_for_backward(source, targets, neighbors, alphas)
-        ctx.dim = dim
-
-    def _alpha_combine_backward(ctx, grad_out):
-        source, targets, neighbors, alphas = ctx.saved_tensors
-        need_source, need_alphas = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
-        grad_source, grad_alphas = torch.ops.alphanet.alpha_combine_backward(
-            grad_out, source, targets, neighbors, alphas, ctx.dim, need_source, need_alphas)
-        return (grad_source if need_source else None, None, None,
-                grad_alphas if need_alphas else None, None)
-
-    torch.library.register_autograd("alphanet::alpha_combine", _alpha_combine_backward,
-                                    setup_context=_alpha_combine_setup)

@@ -5,11 +5,11 @@
 // is dominated by per-op overhead in Python and autograd (about 40 ops forward
 // and backward); here those ops run back to back in C++. Built from ATen ops and
 // the alphanet kernels, so the same code serves CPU and CUDA.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <vector>
 
+#include "alpha_combine_ops.h"
 #include "op_utils.h"
 
 namespace alphanet {
@@ -20,21 +20,12 @@ constexpr double kLeakySlope = 0.01;
 
 at::Tensor combine(const at::Tensor& source, const at::Tensor& targets, const at::Tensor& neighbors,
                    const at::Tensor& alphas) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("alphanet::alpha_combine", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         int64_t)>();
-  return op.call(source, targets, neighbors, alphas, 1);
+  return alpha_combine_op().call(source, targets, neighbors, alphas, 1);
 }
 
 at::Tensor combine_alphas_grad(const at::Tensor& grad, const at::Tensor& source, const at::Tensor& targets,
                                const at::Tensor& neighbors, const at::Tensor& alphas) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("alphanet::alpha_combine_backward", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                 const at::Tensor&, const at::Tensor&,
-                                                                 const at::Tensor&, int64_t, bool, bool)>();
-  return std::get<1>(op.call(grad, source, targets, neighbors, alphas, 1, false, true));
+  return std::get<1>(alpha_combine_backward_op().call(grad, source, targets, neighbors, alphas, 1, false, true));
 }
 
 // inputs_t, or on the CPU the same packed once per fit into panels

@@ -194,6 +194,26 @@ def test_only_alpha_gradient_when_source_is_fixed(generator):
     assert source.grad is None and alphas.grad is not None
 
 
+def test_only_source_gradient_when_alphas_are_fixed(device, generator):
+    source, targets, neighbors, alphas = make_case(10, 6, 4, 2, 1, torch.float64, device, generator)
+    source.requires_grad_()
+    alphanet_ext.alpha_combine(source, targets, neighbors, alphas, dim=1).sum().backward()
+    s_ref = source.detach().cpu().requires_grad_()
+    reference.alpha_combine(s_ref, targets.cpu(), neighbors.cpu(), alphas.cpu(), 1).sum().backward()
+    assert alphas.grad is None
+    torch.testing.assert_close(source.grad.cpu(), s_ref.grad)
+
+
+def test_gradient_of_gradient_is_refused(device, generator):
+    source, targets, neighbors, alphas = make_case(10, 6, 4, 2, 0, torch.float64, device, generator)
+    alphas.requires_grad_()
+    out = alphanet_ext.alpha_combine(source, targets, neighbors, alphas)
+    with pytest.raises(RuntimeError, match=r"gradients of its gradients \(create_graph=True\) are not supported"):
+        torch.autograd.grad(out.sum(), alphas, create_graph=True)
+    # without create_graph, the same backward runs
+    assert torch.autograd.grad(out.sum(), alphas)[0].shape == alphas.shape
+
+
 def test_deterministic(device, generator):
     source, targets, neighbors, alphas = make_case(300, 200, 120, 5, 1, device=device, generator=generator)
     results = []
