@@ -5,7 +5,8 @@
 Peers: class means -> index_add_ + bincount; kNN -> cdist + topk and mm
 expansion + topk (the faster of the two is the ratio's denominator);
 alpha combine -> index_select + einsum (rows of W) and advanced indexing +
-einsum (columns of a logits matrix).
+einsum (columns of a logits matrix). On a GPU with cupy installed, cupy's
+equivalents are second peers (scatter_add, mm + argpartition, indexing + einsum).
 """
 from __future__ import annotations
 
@@ -52,6 +53,14 @@ def peer_combine_rows(source, targets, neighbors, alphas):
 def peer_combine_columns(logits, targets, neighbors, alphas):
     weights = alphas / alphas.abs().sum(1, keepdim=True)
     return logits[:, targets] + torch.einsum("ck,nck->nc", weights, logits[:, neighbors])
+
+
+def array_combine(xp, source, targets, neighbors, alphas, dim):
+    """peer_combine_rows / peer_combine_columns in an array module ``xp`` (cupy)."""
+    weights = alphas / xp.abs(alphas).sum(1, keepdims=True)
+    if dim == 0:
+        return source[targets] + xp.einsum("ck,ckd->cd", weights, source[neighbors])
+    return source[:, targets] + xp.einsum("ck,nck->nc", weights, source[:, neighbors])
 
 
 def with_environment(variable, value, fn):
@@ -236,6 +245,18 @@ def main():
                 lambda: torch.ops.alphanet.alpha_combine(logits, targets, neighbors, alphas, 1),
                 lambda: peer_combine_columns(logits, targets, neighbors, alphas), device, args.repeats, "indexing+einsum",
                 rates, logit_rows * few * (k + 2) * 4)
+            if cupy_modules:
+                cupy, _ = cupy_modules
+                arrays = [cupy.from_dlpack(t) for t in (source, logits, targets, neighbors, alphas)]
+                source_cp, logits_cp, targets_cp, neighbors_cp, alphas_cp = arrays
+                row("alpha_combine rows", f"W {lines}x{dims}, n={few}, k={k}",
+                    lambda: torch.ops.alphanet.alpha_combine(source, targets, neighbors, alphas, 0),
+                    lambda: array_combine(cupy, source_cp, targets_cp, neighbors_cp, alphas_cp, 0), device,
+                    args.repeats, "cupy indexing+einsum", rates, few * (k + 2) * dims * 4)
+                row("alpha_combine columns", f"L {logit_rows}x{lines}, n={few}, k={k}",
+                    lambda: torch.ops.alphanet.alpha_combine(logits, targets, neighbors, alphas, 1),
+                    lambda: array_combine(cupy, logits_cp, targets_cp, neighbors_cp, alphas_cp, 1), device,
+                    args.repeats, "cupy indexing+einsum", rates, logit_rows * few * (k + 2) * 4)
             alphas_grad = alphas.clone().requires_grad_()
             grad_rows = torch.randn(few, dims, generator=generator).to(device)
             def ours_backward():
