@@ -83,9 +83,31 @@ def class_means(x: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Te
     """
     if not HAS_EXTENSION:
         _fallback("class_means")
-        means, counts = reference.class_means(x, labels, num_classes)
+        means, counts = _checked_reference_means(x, labels, num_classes)
         return means.to(_acc_dtype(x.dtype)), counts
     return torch.ops.alphanet.class_means(x, labels, num_classes)
+
+
+def _checked_reference_means(x: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """reference.class_means behind the compiled op's checks, with its messages (the fallback)."""
+    def refuse(problem: str):
+        raise RuntimeError(f"class_means: {problem}")
+    if x.dim() != 2:
+        refuse(f"x must be 2-D, got shape {list(x.shape)}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        refuse(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if num_classes < 1:
+        refuse(f"num_classes must be at least 1, got {num_classes}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        refuse(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != x.shape[0]:
+        refuse(f"labels must be 1-D with one entry per row of x ({x.shape[0]}), got shape {list(labels.shape)}")
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        found = labels.min() if labels.min() < 0 else labels.max()
+        refuse(f"labels must lie in [0, {num_classes}) (num_classes), found {int(found)}")
+    if not torch.isfinite(x).all():
+        refuse("x contains NaN or inf")
+    return reference.class_means(x, labels, num_classes)
 
 
 class ClassMeanAccumulator:
@@ -142,7 +164,7 @@ class ClassMeanAccumulator:
                 raise
         else:
             _fallback("ClassMeanAccumulator")
-            means, counts = reference.class_means(x, labels, self.sums.shape[0])
+            means, counts = _checked_reference_means(x, labels, self.sums.shape[0])
             self.sums += (means * counts.unsqueeze(1)).to(self.sums.dtype)
             self.counts += counts
 

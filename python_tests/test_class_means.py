@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import alphanet_ext
-from alphanet_ext import reference
+from alphanet_ext import ops, reference
 from conftest import DEVICES, FLOAT_DTYPES, TOLERANCE, on_backend, rand
 
 SHAPES = [(0, 5, 3), (1, 1, 1), (1, 7, 4), (257, 1, 5), (1000, 67, 13), (333, 300, 40),
@@ -166,6 +166,36 @@ def test_non_finite_features(device, bad, message):
 def test_bad_labels(device, labels, message):
     with pytest.raises(RuntimeError, match=message):
         alphanet_ext.class_means(torch.ones(3, 2, device=device), labels.to(device), 3)
+
+
+BAD_CALLS = [  # x, labels, num_classes, message
+    (torch.ones(3), torch.zeros(3, dtype=torch.long), 2, "x must be 2-D"),
+    (torch.ones(3, 2, dtype=torch.long), torch.zeros(3, dtype=torch.long), 2,
+     "x must be float16, bfloat16, float32 or float64"),
+    (torch.ones(3, 2), torch.zeros(3, dtype=torch.long), 0, "num_classes must be at least 1"),
+    (torch.ones(3, 2), torch.tensor([0.0, 1.0, 2.0]), 3, "labels must be an integer tensor"),
+    (torch.ones(3, 2), torch.tensor([0, 1]), 3, "labels must be 1-D with one entry per row of x"),
+    (torch.ones(3, 2), torch.tensor([0, 1, 5]), 3, r"labels must lie in \[0, 3\) \(num_classes\), found 5"),
+    (torch.ones(3, 2), torch.tensor([0, -1, 2]), 3, r"labels must lie in \[0, 3\) \(num_classes\), found -1"),
+    (torch.tensor([[1.0, float("nan")], [0.0, 0.0], [0.0, 0.0]]), torch.tensor([0, 1, 2]), 3,
+     "class_means: x.* contains NaN or inf"),
+]
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("x,labels,num_classes,message", BAD_CALLS)
+def test_fallback_refuses_what_the_op_refuses(monkeypatch, compiled, x, labels, num_classes, message):
+    """Without the compiled module (a failed build) class means and the accumulator
+    refuse the same calls with the same messages."""
+    if not compiled:
+        monkeypatch.setattr(ops, "HAS_EXTENSION", False)
+        monkeypatch.setattr(ops, "_warned", True)
+    with pytest.raises(RuntimeError, match=message):
+        alphanet_ext.class_means(x, labels, num_classes)
+    if x.dim() == 2 and x.is_floating_point() and num_classes >= 1:
+        accumulator = alphanet_ext.ClassMeanAccumulator(num_classes, x.shape[1])
+        with pytest.raises(RuntimeError, match=message):
+            accumulator.add(x, labels)
 
 
 def test_bad_features_and_arguments():
