@@ -11,9 +11,9 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .data import ArrayLike, as_tensor, cache_budget, check_labels, gather_rows, logits, num_rows
+from .data import (ArrayLike, as_tensor, cache_budget, check_features, check_labels, gather_rows, logits, num_rows,
+                   streamed_class_means)
 from .metrics import EVALUATION_ROWS, checked_scoring_inputs, split_of_classes
-from .ops import class_means
 
 __all__ = ["ncm", "tau_normalize", "choose_tau", "logit_adjust", "choose_logit_adjustment", "lws"]
 
@@ -24,9 +24,11 @@ def ncm(train_x: ArrayLike, train_y: ArrayLike, num_classes: int, metric: str = 
     """Nearest class mean as a linear classifier. ``cosine``: unit-norm means, no
     bias (ranks like cosine similarity); ``euclidean``: ``2 mu_c`` and ``-||mu_c||^2``
     (ranks like ``-||x - mu_c||^2``)."""
-    x = as_tensor(train_x, "train_x")
-    labels = check_labels(train_y, "train_y", x.shape[0], num_classes, x.device)
-    means, counts = class_means(x, labels, num_classes)
+    check_features(train_x, "train_x")
+    device = train_x.device if isinstance(train_x, Tensor) else torch.device("cpu")
+    labels = check_labels(train_y, "train_y", num_rows(train_x), num_classes, device)
+    means, counts = streamed_class_means(train_x, labels, num_classes, "train_x", device,
+                                         as_tensor(train_x[:0], "train_x").dtype)
     if bool((counts == 0).any()):
         empty = (counts == 0).nonzero().flatten()
         raise ValueError(f"ncm: every class needs at least one training sample; class {int(empty[0])} has none "

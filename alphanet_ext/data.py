@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -85,6 +85,25 @@ def iter_row_chunks(array: ArrayLike, name: str, device: torch.device,
         else:
             chunk = array[begin:begin + chunk_rows]
         yield begin, as_tensor(chunk, name, device)
+
+
+def streamed_class_means(x: ArrayLike, labels: Tensor, num_classes: int, name: str, device: torch.device,
+                         dtype: torch.dtype = torch.float32,
+                         each_chunk: Callable[[int, Tensor], None] | None = None) -> tuple[Tensor, Tensor]:
+    """``(means, counts)`` of the rows of ``x``, read a chunk at a time (a memory-mapped
+    file once, in order) and summed in ``dtype``; ``each_chunk(first_row, rows)`` sees
+    every chunk first. A NaN or inf is reported by its row."""
+    accumulator = ops.ClassMeanAccumulator(num_classes, x.shape[1], device=device, dtype=dtype)
+    for begin, chunk in iter_row_chunks(x, name, device):
+        if each_chunk is not None:
+            each_chunk(begin, chunk)
+        try:
+            accumulator.add(chunk, labels[begin:begin + chunk.shape[0]])
+        except RuntimeError as error:
+            if "NaN or inf" in str(error):
+                raise non_finite_error(name, chunk, begin) from None
+            raise
+    return accumulator.means()
 
 
 def gather_rows(array: ArrayLike, rows: Tensor, name: str, device: torch.device) -> Tensor:

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from . import __version__, ops, reference
 from .data import (ArrayLike, as_tensor, cache_budget, check_classifier, check_features, check_labels,
-                   gather_rows, iter_row_chunks, logits, non_finite_error, resolve_device)
+                   gather_rows, logits, resolve_device, streamed_class_means)
 from .metrics import SPLIT_NAMES, accuracy_by_split, make_splits, mean_std
 
 __all__ = ["fit", "FitResult", "load", "combine_experts"]
@@ -370,25 +370,20 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
 
     # Splits and class means (streamed, so memory-mapped features are read once, in chunks).
     tic = time.perf_counter()
-    accumulator = ops.ClassMeanAccumulator(num_classes, dim, device=device)
     resident = None
     if _keeps_features_on(device, train_x):
         resident = torch.empty(tuple(train_x.shape), dtype=as_tensor(train_x[:0], "train_x").dtype, device=device)
     bar = _bar(progress, total=labels.numel(), desc="class means", unit="row", leave=False)
-    for begin, chunk in iter_row_chunks(train_x, "train_x", device):
+
+    def each_chunk(begin: int, chunk: Tensor) -> None:
         bar.update(chunk.shape[0])
         if resident is not None:
             resident[begin:begin + chunk.shape[0]] = chunk
-        try:
-            accumulator.add(chunk, labels[begin:begin + chunk.shape[0]])
-        except RuntimeError as error:
-            if "NaN or inf" in str(error):
-                raise non_finite_error("train_x", chunk, begin) from None
-            raise
+
+    means, counts = streamed_class_means(train_x, labels, num_classes, "train_x", device, each_chunk=each_chunk)
     bar.close()
     if resident is not None:
         train_x = resident
-    means, counts = accumulator.means()
     splits = make_splits(counts, few_threshold, many_threshold)
     few, base = splits["few"].to(device), torch.cat([splits["many"], splits["medium"]]).sort().values.to(device)
     empty = torch.nonzero(counts == 0).flatten().tolist()

@@ -21,6 +21,21 @@ def test_ncm_hand_computed():
         baselines.ncm(x, y, 4)
 
 
+def test_ncm_of_memory_mapped_features(tmp_path):
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(50, 6, generator=generator)
+    y = torch.arange(50) % 4
+    np.save(tmp_path / "x.npy", x.numpy())
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    for metric in ("cosine", "euclidean"):
+        expected = baselines.ncm(x, y, 4, metric)
+        for got, want in zip(baselines.ncm(mapped, y.numpy(), 4, metric), expected):
+            torch.testing.assert_close(got, want)
+    x[37, 2] = float("nan")
+    with pytest.raises(ValueError, match="train_x contains NaN or inf: nan at row 37, column 2"):
+        baselines.ncm(x, y, 4)
+
+
 def test_tau_normalize():
     weight = torch.tensor([[3.0, 4.0], [0.0, 2.0]])
     same, _ = baselines.tau_normalize(weight, None, 0.0)
