@@ -1,6 +1,7 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <vector>
 
 #include "op_utils.h"
 
@@ -80,10 +81,10 @@ Checked prepare(const at::Tensor& source, const at::Tensor& targets, const at::T
 
 bool checks_values(const at::Tensor& source) { return !uses_cuda_kernels(source); }
 
-// The output of combining along `dim`: [n, elems] for rows, [elems, n] for columns.
-at::Tensor new_output(const at::Tensor& like, const Checked& c, at::ScalarType type) {
+// The output's shape when combining along `dim`: [n, elems] for rows, [elems, n] for columns.
+std::vector<int64_t> output_shape(const Checked& c) {
   const int64_t n = c.params.num_out, elems = c.params.elems;
-  return at::empty(c.dim == 0 ? at::IntArrayRef{n, elems} : at::IntArrayRef{elems, n}, like.options().dtype(type));
+  return c.dim == 0 ? std::vector<int64_t>{n, elems} : std::vector<int64_t>{elems, n};
 }
 
 void set_output_strides(const at::Tensor& out, int64_t dim, int64_t* line_stride, int64_t* elem_stride) {
@@ -105,7 +106,7 @@ std::pair<at::Tensor, at::Tensor> attach_column_plan(const at::Tensor& source, C
 at::Tensor alpha_combine(const at::Tensor& source, const at::Tensor& targets, const at::Tensor& neighbors,
                          const at::Tensor& alphas, int64_t dim) {
   Checked c = prepare(source, targets, neighbors, alphas, dim, checks_values(source));
-  at::Tensor out = new_output(source, c, source.scalar_type());
+  at::Tensor out = at::empty(output_shape(c), source.options());
   if (out.numel() == 0) return out;
   const at::OptionalDeviceGuard guard(at::device_of(source));
   c.params.out = out.data_ptr();
@@ -123,9 +124,9 @@ std::tuple<at::Tensor, at::Tensor> alpha_combine_backward(const at::Tensor& grad
                                                           bool need_alphas) {
   Checked c = prepare(source, targets, neighbors, alphas, dim, checks_values(source));
   const at::ScalarType acc = acc_type(source.scalar_type());
-  const at::Tensor expected = new_output(source, c, source.scalar_type());
-  TORCH_CHECK(grad_out.sizes() == expected.sizes(), kOp, ": grad_out must have shape ", expected.sizes(), ", got ",
-              grad_out.sizes());
+  const std::vector<int64_t> expected = output_shape(c);
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(expected), kOp, ": grad_out must have shape ",
+              at::IntArrayRef(expected), ", got ", grad_out.sizes());
   check_same_device(source, grad_out, kOp, "source", "grad_out");
   TORCH_CHECK(!(need_alphas && uses_cuda_kernels(source)) || c.params.k <= kMaxCudaGradNeighbors, kOp,
               ": the gradient of alphas on CUDA supports up to ", kMaxCudaGradNeighbors, " neighbours per class, got k=",
