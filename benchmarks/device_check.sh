@@ -67,8 +67,8 @@ step "kernel profile"
 timeout "$(limit 60)" python benchmarks/profile_kernels.py 2>&1 | tee "$OUT/profile.log"
 # hardware counters of our kernels where ncu can read them (Firecracker machines, not gVisor)
 if command -v ncu >/dev/null; then
-  timeout "$(limit 60)" ncu --clock-control none --launch-count 12 --section SpeedOfLight --section Occupancy \
-    --kernel-name regex:"class_sums|alpha_partials|alphas_from_partials|forward_staged|forward_packed|grad_alphas" \
+  timeout "$(limit 75)" ncu --clock-control none --launch-count 16 --section SpeedOfLight --section Occupancy \
+    --kernel-name regex:"class_sums|alpha_partials|alphas_from_partials|column_plan|forward_staged|forward_packed|grad_alphas" \
     python benchmarks/profile_kernels.py --plain --cases class-means-large,combine-rows-large,combine-columns-large \
     >> "$OUT/profile.log" 2>&1
 fi
