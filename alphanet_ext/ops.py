@@ -13,7 +13,7 @@ from numbers import Integral
 import torch
 from torch import Tensor
 
-from . import reference
+from . import fallback_checks, reference
 
 __all__ = ["class_means", "ClassMeanAccumulator", "knn", "alpha_combine", "HAS_EXTENSION",
            "compiled_with_cuda"]
@@ -83,31 +83,10 @@ def class_means(x: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Te
     """
     if not HAS_EXTENSION:
         _fallback("class_means")
-        means, counts = _checked_reference_means(x, labels, num_classes)
+        fallback_checks.class_means(x, labels, num_classes)
+        means, counts = reference.class_means(x, labels, num_classes)
         return means.to(_acc_dtype(x.dtype)), counts
     return torch.ops.alphanet.class_means(x, labels, num_classes)
-
-
-def _checked_reference_means(x: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
-    """reference.class_means behind the compiled op's checks, with its messages (the fallback)."""
-    def refuse(problem: str):
-        raise RuntimeError(f"class_means: {problem}")
-    if x.dim() != 2:
-        refuse(f"x must be 2-D, got shape {list(x.shape)}")
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        refuse(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    if num_classes < 1:
-        refuse(f"num_classes must be at least 1, got {num_classes}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        refuse(f"labels must be an integer tensor, got {labels.dtype}")
-    if labels.dim() != 1 or labels.shape[0] != x.shape[0]:
-        refuse(f"labels must be 1-D with one entry per row of x ({x.shape[0]}), got shape {list(labels.shape)}")
-    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-        found = labels.min() if labels.min() < 0 else labels.max()
-        refuse(f"labels must lie in [0, {num_classes}) (num_classes), found {int(found)}")
-    if not torch.isfinite(x).all():
-        refuse("x contains NaN or inf")
-    return reference.class_means(x, labels, num_classes)
 
 
 class ClassMeanAccumulator:
@@ -164,7 +143,8 @@ class ClassMeanAccumulator:
                 raise
         else:
             _fallback("ClassMeanAccumulator")
-            means, counts = _checked_reference_means(x, labels, self.sums.shape[0])
+            fallback_checks.class_means(x, labels, self.sums.shape[0])
+            means, counts = reference.class_means(x, labels, self.sums.shape[0])
             self.sums += (means * counts.unsqueeze(1)).to(self.sums.dtype)
             self.counts += counts
 
@@ -213,6 +193,7 @@ def knn(queries: Tensor, keys: Tensor, k: int, metric: str = "euclidean") -> tup
     """
     if not HAS_EXTENSION:
         _fallback("knn")
+        fallback_checks.knn(queries, keys, k, metric)
         distances, indices = reference.knn(queries, keys, k, metric)
         return distances.to(_acc_dtype(queries.dtype)), indices
     return torch.ops.alphanet.knn(queries, keys, k, metric)
@@ -243,6 +224,7 @@ def combine_unchecked(source: Tensor, targets: Tensor, neighbors: Tensor, alphas
     whose indices and coefficients are valid by construction (the fit's loops)."""
     if not HAS_EXTENSION:
         _fallback("alpha_combine")
+        fallback_checks.alpha_combine(source, targets, neighbors, alphas, dim)
         return reference.alpha_combine(source, targets, neighbors, alphas, dim).to(source.dtype)
     return torch.ops.alphanet.alpha_combine(source, targets, neighbors, alphas, dim)
 

@@ -56,6 +56,16 @@ def device(request):
         yield device
 
 
+@pytest.fixture(params=["compiled", "fallback"])
+def build(request, monkeypatch):
+    """The ops through the compiled module, or as if it had failed to load (the
+    pure-torch fallback, whose warning is taken as given)."""
+    if request.param == "fallback":
+        monkeypatch.setattr(ops, "HAS_EXTENSION", False)
+        monkeypatch.setattr(ops, "_warned", True)
+    return request.param
+
+
 @pytest.fixture
 def generator():
     # A fresh seed per test run, printed on failure, so inputs are new each run

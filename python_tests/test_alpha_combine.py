@@ -258,7 +258,9 @@ def test_inputs_are_not_modified(device, generator):
     assert all(torch.equal(a, b) for a, b in zip(case, before))
 
 
-def test_bad_input(device):
+def test_bad_input(device, build):
+    if build == "fallback" and runs_cuda_kernels(device):
+        pytest.skip("the fallback runs no kernels: the CPU run covers it")
     source = torch.ones(5, 4, device=device)
     targets = torch.tensor([0, 1], device=device)
     neighbors = torch.tensor([[2, 3], [3, 4]], device=device)
@@ -288,7 +290,7 @@ def test_bad_input(device):
         alphanet_ext.alpha_combine(source, targets.float(), neighbors, alphas)
     with pytest.raises(RuntimeError, match="is on"):
         alphanet_ext.alpha_combine(source, targets, neighbors, alphas.to("meta"))
-    for dim, shape in ((0, r"\[2, 4\]"), (1, r"\[5, 2\]")):
+    for dim, shape in ((0, r"\[2, 4\]"), (1, r"\[5, 2\]")) if build == "compiled" else ():
         with pytest.raises(RuntimeError, match=f"grad_out must have shape {shape}, got \\[4, 2\\]"):
             torch.ops.alphanet.alpha_combine_backward(torch.ones(4, 2, device=device), source, targets, neighbors - 1,
                                                       alphas, dim, True, True)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import alphanet_ext
-from alphanet_ext import ops, reference
+from alphanet_ext import reference
 from conftest import DEVICES, FLOAT_DTYPES, TOLERANCE, on_backend, rand
 
 SHAPES = [(0, 5, 3), (1, 1, 1), (1, 7, 4), (257, 1, 5), (1000, 67, 13), (333, 300, 40),
@@ -182,14 +182,10 @@ BAD_CALLS = [  # x, labels, num_classes, message
 ]
 
 
-@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("x,labels,num_classes,message", BAD_CALLS)
-def test_fallback_refuses_what_the_op_refuses(monkeypatch, compiled, x, labels, num_classes, message):
-    """Without the compiled module (a failed build) class means and the accumulator
-    refuse the same calls with the same messages."""
-    if not compiled:
-        monkeypatch.setattr(ops, "HAS_EXTENSION", False)
-        monkeypatch.setattr(ops, "_warned", True)
+def test_fallback_refuses_what_the_op_refuses(build, x, labels, num_classes, message):
+    """Without the compiled module class means and the accumulator refuse the same
+    calls with the same messages."""
     with pytest.raises(RuntimeError, match=message):
         alphanet_ext.class_means(x, labels, num_classes)
     if x.dim() == 2 and x.is_floating_point() and num_classes >= 1:

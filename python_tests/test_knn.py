@@ -170,7 +170,7 @@ def test_gradient_at_zero_distance_is_zero_and_in_the_input_dtype(device, genera
     (torch.ones(2, 3, dtype=torch.int32), torch.ones(4, 3, dtype=torch.int32), 1, "euclidean", "must be float16"),
     (torch.ones(2, 3), torch.ones(4, 3, device="meta"), 1, "euclidean", "queries is on cpu but keys is on meta"),
 ])
-def test_bad_input(queries, keys, k, metric, message):
+def test_bad_input(build, queries, keys, k, metric, message):
     with pytest.raises(RuntimeError, match=message):
         alphanet_ext.knn(queries, keys, k, metric)
 
