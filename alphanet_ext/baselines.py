@@ -25,10 +25,9 @@ def ncm(train_x: ArrayLike, train_y: ArrayLike, num_classes: int, metric: str = 
     bias (ranks like cosine similarity); ``euclidean``: ``2 mu_c`` and ``-||mu_c||^2``
     (ranks like ``-||x - mu_c||^2``)."""
     check_features(train_x, "train_x")
-    device = train_x.device if isinstance(train_x, Tensor) else torch.device("cpu")
-    labels = check_labels(train_y, "train_y", num_rows(train_x), num_classes, device)
-    means, counts = streamed_class_means(train_x, labels, num_classes, "train_x", device,
-                                         as_tensor(train_x[:0], "train_x").dtype)
+    head = as_tensor(train_x[:0], "train_x")  # where and what the features are (a GPU array stays there)
+    labels = check_labels(train_y, "train_y", num_rows(train_x), num_classes, head.device)
+    means, counts = streamed_class_means(train_x, labels, num_classes, "train_x", head.device, head.dtype)
     if bool((counts == 0).any()):
         empty = (counts == 0).nonzero().flatten()
         raise ValueError(f"ncm: every class needs at least one training sample; class {int(empty[0])} has none "
