@@ -64,7 +64,9 @@ timeout "$(limit 90)" python benchmarks/bench_fit.py --device cuda --sizes image
   | tee "$OUT/bench_fit.log"
 
 step "kernel profile"
-timeout "$(limit 60)" python benchmarks/profile_kernels.py 2>&1 | tee "$OUT/profile.log"
+timeout "$(limit 75)" python benchmarks/profile_kernels.py --fit-data /tmp/inat --cases \
+  class-means-large,knn-large,knn-large-matmul,knn-huge,combine-rows-large,combine-columns-large,fit-epoch 2>&1 \
+  | tee "$OUT/profile.log"
 # hardware counters of our kernels where ncu can read them (Firecracker machines, not gVisor)
 if command -v ncu >/dev/null; then
   timeout "$(limit 75)" ncu --clock-control none --launch-count 16 --section SpeedOfLight --section Occupancy \

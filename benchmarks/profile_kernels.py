@@ -2,16 +2,23 @@
 goes: per-kernel device time from torch.profiler, one table per case.
 
     python benchmarks/profile_kernels.py [--cases class-means-large,knn-large,knn-large-matmul,knn-huge,
-                                           combine-rows-large,combine-columns-large]
+                                           combine-rows-large,combine-columns-large,fit-epoch]
+                                         [--fit-data DIR]
+
+`fit-epoch` profiles one epoch of a whole fit (batch 256, rho 1) on the data
+of `alphanet synth` in DIR (default /tmp/inat: the inat2018 preset), to show
+which kernels the training stage's time goes to.
 """
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import alphanet_ext
+from alphanet_ext.io import load_classifier, load_features
 from bench_ops import SIZES, with_environment
 from common import machine
 
@@ -46,6 +53,7 @@ def main() -> None:
     parser.add_argument("--cases", default="class-means-large,knn-large,knn-large-matmul,knn-huge,combine-rows-large,"
                                            "combine-columns-large")
     parser.add_argument("--plain", action="store_true", help="run the cases without torch.profiler (for ncu)")
+    parser.add_argument("--fit-data", default="/tmp/inat", help="alphanet synth's folder for the fit-epoch case")
     args = parser.parse_args()
     print(f"machine: {machine()}; torch {torch.__version__}")
     generator = torch.Generator().manual_seed(0)
@@ -78,6 +86,18 @@ def main() -> None:
             kernel_table(f"{case} ({label}, n={few}, k={k}, forward + alpha gradient)",
                          lambda: torch.autograd.grad(torch.ops.alphanet.alpha_combine(source, targets, neighbors,
                                                                                       alphas, dim), alphas, grad), 5,
+                         args.plain)
+        elif case == "fit-epoch":
+            train = load_features(args.fit_data, "train")
+            val_x = val_y = None
+            if os.path.exists(os.path.join(args.fit_data, "val_x.npy")):
+                val = load_features(args.fit_data, "val")
+                val_x, val_y = val.x, val.y
+            weight, bias = load_classifier(os.path.join(args.fit_data, "classifier.pt"))
+            kernel_table(f"{case} ({args.fit_data}: {train.x.shape[0]}x{train.x.shape[1]}, C={weight.shape[0]}; "
+                         "1 epoch, batch 256, rho 1)",
+                         lambda: alphanet_ext.fit(train.x, train.y, weight, bias, val_x, val_y, epochs=1, min_epochs=1,
+                                                  batch_size=256, rho=1.0, device="cuda", progress=False), 1,
                          args.plain)
         else:
             raise SystemExit(f"unknown case {case}")
