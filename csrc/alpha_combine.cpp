@@ -151,7 +151,9 @@ std::tuple<at::Tensor, at::Tensor> alpha_combine_backward(const at::Tensor& grad
   if (need_alphas) {
     b.grad_alphas = grad_alphas.data_ptr();
     if (uses_cuda_kernels(source) && b.forward.out_line_stride == 1) {
-      b.alpha_chunks = std::min(kMaxAlphaChunks, (c.params.elems + kAlphaChunkElems - 1) / kAlphaChunkElems);
+      const int64_t chunk_elems =
+          std::clamp(c.params.elems / kFewAlphaChunks, kMinAlphaChunkElems, kAlphaChunkElems);
+      b.alpha_chunks = std::min(kMaxAlphaChunks, (c.params.elems + chunk_elems - 1) / chunk_elems);
       alpha_partials = at::empty({b.alpha_chunks, c.params.k, c.params.num_out}, source.options().dtype(acc));
       b.alpha_partials = alpha_partials.data_ptr();
     }

@@ -58,9 +58,10 @@ def test_gradcheck(device, generator, dim, elems):
 
 
 # 96: whole 16-byte packs for every dtype; 290 x 60: CUDA's column alpha gradient
-# in 5 chunks of elements (8 staged rows at a time, then 2); 40 x 600: in one
-# chunk, its classes shared by 2 blocks of 512 threads
-@pytest.mark.parametrize("elems,n", [(70, 20), (96, 20), (290, 60), (40, 600)])
+# in 19 chunks of 16 elements (8 staged rows at a time; the last chunk 2); 2000:
+# in 65 chunks of 31; 40 x 600: in 3 chunks, its classes shared by 2 blocks of
+# 512 threads
+@pytest.mark.parametrize("elems,n", [(70, 20), (96, 20), (290, 60), (2000, 20), (40, 600)])
 @pytest.mark.parametrize("dim", [0, 1])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_gradients_match_reference(device, generator, dim, dtype, elems, n):
