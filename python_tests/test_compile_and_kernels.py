@@ -33,6 +33,29 @@ def test_torch_compile_traces_every_op(device):
     torch.testing.assert_close(x.grad, eager_x.grad)
 
 
+def test_opcheck(device, generator):
+    """torch.library.opcheck on each op: its schema (mutations included), its
+    autograd registration, its fake kernel against the real one, and AOT dispatch."""
+    x = torch.randn(30, 6, generator=generator).to(device).requires_grad_()
+    labels = torch.arange(30, device=device) % 4
+    source = torch.randn(12, 5, generator=generator).to(device).requires_grad_()
+    logits = torch.randn(7, 12, generator=generator).to(device).requires_grad_()
+    targets = torch.tensor([0, 1, 2], device=device)
+    neighbors = torch.randint(3, 12, (3, 4), generator=generator).to(device)
+    alphas = torch.rand(3, 4, generator=generator).to(device).requires_grad_()
+    cases = [
+        (torch.ops.alphanet.class_means.default, (x, labels, 4)),
+        (torch.ops.alphanet.class_sums_.default, (torch.zeros(4, 6, device=device),
+                                                  torch.zeros(4, dtype=torch.long, device=device), x.detach(), labels)),
+        (torch.ops.alphanet.knn.default, (x[:5], x[5:].detach(), 3, "euclidean")),
+        (torch.ops.alphanet.alpha_combine.default, (source, targets, neighbors, alphas, 0)),
+        (torch.ops.alphanet.alpha_combine.default, (logits, targets, neighbors, alphas, 1)),
+    ]
+    for op, args in cases:
+        results = torch.library.opcheck(op, args)
+        assert set(results.values()) == {"SUCCESS"}, (op, results)
+
+
 def test_fake_tensors_give_output_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
