@@ -133,6 +133,14 @@ def test_cuda_kernels_read_nan_for_lines_outside_the_source(device, generator, d
     assert per_class[1:3].isnan().all()
     torch.testing.assert_close(per_class[[0, 3]].double(), (expected if dim == 0 else expected.T)[[0, 3]],
                                **TOLERANCE[dtype])
+    # the alpha gradient's kernels guard their reads the same way
+    grad_out = rand(*out.shape, dtype=dtype, device=device, generator=generator)
+    _, grad_alphas = torch.ops.alphanet.alpha_combine_backward(grad_out, source, bad_targets, bad_neighbors, alphas,
+                                                               dim, False, True)
+    a_ref = alphas.cpu().double().requires_grad_()
+    reference.alpha_combine(source.cpu(), targets.cpu(), neighbors.cpu(), a_ref, dim).backward(grad_out.cpu().double())
+    assert grad_alphas[1].isnan().all()
+    torch.testing.assert_close(grad_alphas[[0, 2, 3]].cpu().double(), a_ref.grad[[0, 2, 3]], rtol=1e-5, atol=1e-5)
 
 
 def test_more_elements_and_classes_than_the_kernels_grids_hold(device, generator):
