@@ -152,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor> alpha_combine_backward(const at::Tensor& grad
     b.grad_alphas = grad_alphas.data_ptr();
     if (uses_cuda_kernels(source) && b.forward.out_line_stride == 1) {
       const int64_t chunk_elems =
-          std::clamp(c.params.elems / kFewAlphaChunks, kMinAlphaChunkElems, kAlphaChunkElems);
+          std::clamp(c.params.elems / kTargetAlphaChunks, kMinAlphaChunkElems, kAlphaChunkElems);
       b.alpha_chunks = std::min(kMaxAlphaChunks, (c.params.elems + chunk_elems - 1) / chunk_elems);
       alpha_partials = at::empty({b.alpha_chunks, c.params.k, c.params.num_out}, source.options().dtype(acc));
       b.alpha_partials = alpha_partials.data_ptr();

@@ -205,11 +205,11 @@ struct CombineBackwardParams {
   int64_t alpha_chunks;
 };
 
-// Chunks of the elements for alpha_partials: kAlphaChunkElems elements each, or
-// as few as kMinAlphaChunkElems while that leaves under kFewAlphaChunks chunks
-// (a training batch's 256 logit rows: 16 chunks, not 4, so its blocks fill a
-// GPU); at most kMaxAlphaChunks of them.
-constexpr int64_t kAlphaChunkElems = 64, kMinAlphaChunkElems = 16, kFewAlphaChunks = 64, kMaxAlphaChunks = 1024;
+// Chunks of the elements for alpha_partials: a kTargetAlphaChunks-th of them
+// each, within [kMinAlphaChunkElems, kAlphaChunkElems] elements (so a training
+// batch's 256 logit rows make 16 chunks, not 4, and its blocks fill a GPU);
+// at most kMaxAlphaChunks of them.
+constexpr int64_t kAlphaChunkElems = 64, kMinAlphaChunkElems = 16, kTargetAlphaChunks = 64, kMaxAlphaChunks = 1024;
 
 namespace cpu {
 void class_sums(const ClassSumsParams& p);
