@@ -25,8 +25,8 @@ ClassSumsParams sums_params(const at::Tensor& sums, const at::Tensor& features, 
   return params;
 }
 
-// The label range check from the sorted labels' two ends, as doubles (rounded
-// beyond 2^53): the exact offending label is looked up only to word the error.
+// The label range check from the sorted labels' two ends (clamped to
+// [-1, num_classes]): the exact offending label is looked up only to word the error.
 void check_label_ends(double lowest, double highest, const at::Tensor& label_ids, int64_t num_classes) {
   if (lowest >= 0 && highest < static_cast<double>(num_classes)) return;
   const auto [low, high] = at::aminmax(label_ids);
@@ -45,12 +45,23 @@ void cuda_class_sums(at::Tensor& sums, at::Tensor& counts, const at::Tensor& x, 
                      bool means) {
   const int64_t num_classes = sums.size(0);
   if (label_ids.numel() == 0) return;
-  auto [sorted_labels, sorted_rows] = label_ids.sort(/*stable=*/true, 0, false);
+  TORCH_CHECK(num_classes < (int64_t{1} << 31), kOp, ": num_classes must be below 2^31 on CUDA, got ", num_classes);
+  const int64_t rows = label_ids.numel();
+  const at::Tensor keys = at::empty({2 * rows}, label_ids.options().dtype(at::kInt));
+  const at::Tensor row_ids = at::empty({2 * rows}, label_ids.options());
+  size_t scratch_bytes = 0;
+  LabelSortParams sort{label_ids.data_ptr<int64_t>(), rows, num_classes, reinterpret_cast<uint32_t*>(keys.data_ptr()),
+                       row_ids.data_ptr<int64_t>(), nullptr, &scratch_bytes, /*size_query=*/true};
+  run_cuda_kernel(ALPHANET_CUDA_KERNEL(sort_labels), sort);
+  const at::Tensor scratch = at::empty({static_cast<int64_t>(scratch_bytes)}, label_ids.options().dtype(at::kByte));
+  sort.scratch = scratch.data_ptr();
+  sort.size_query = false;
+  run_cuda_kernel(ALPHANET_CUDA_KERNEL(sort_labels), sort);
   const at::Tensor segment_offsets = at::empty({num_classes + 1}, label_ids.options());
   const at::Tensor label_ends = at::empty({3}, label_ids.options().dtype(at::kDouble));
   run_cuda_kernel(ALPHANET_CUDA_KERNEL(class_segments),
-                  ClassSegmentsParams{sorted_labels.data_ptr<int64_t>(), label_ids.numel(), num_classes,
-                                      segment_offsets.data_ptr<int64_t>(), label_ends.data_ptr<double>()});
+                  ClassSegmentsParams{sort.keys + rows, rows, num_classes, segment_offsets.data_ptr<int64_t>(),
+                                      label_ends.data_ptr<double>()});
   if (!means) {
     const at::Tensor host_ends = label_ends.cpu();
     check_label_ends(host_ends[0].item<double>(), host_ends[1].item<double>(), label_ids, num_classes);
@@ -58,7 +69,7 @@ void cuda_class_sums(at::Tensor& sums, at::Tensor& counts, const at::Tensor& x, 
   }
   const at::Tensor features = unit_column_stride(x);
   ClassSumsParams params = sums_params(sums, features, label_ids);
-  params.sorted_rows = sorted_rows.data_ptr<int64_t>();
+  params.sorted_rows = row_ids.data_ptr<int64_t>() + rows;
   params.segment_offsets = segment_offsets.data_ptr<int64_t>();
   params.means = means;
   params.counts = counts.data_ptr<int64_t>();

@@ -53,14 +53,29 @@ struct ClassSumsParams {
   double* nonfinite;
 };
 
-// The CUDA class means' segments: from labels sorted ascending, segment_offsets[c]
-// = the number of labels below c, for c in [0, num_classes]; and label_ends[0],
-// label_ends[1] = the lowest and highest label, label_ends[2] = 0.
-struct ClassSegmentsParams {
-  const int64_t* sorted_labels;  // [rows], rows >= 1
+// The CUDA class means' rows in stable label order, by a radix sort of the
+// keys label + 1, clamped to [0, num_classes + 1] (so a label out of range
+// still sorts to an end, where the range check looks). With size_query, only
+// *scratch_bytes is written: the scratch the sort needs.
+struct LabelSortParams {
+  const int64_t* labels;    // [rows]
   int64_t rows, num_classes;
-  int64_t* segment_offsets;      // [num_classes + 1]
-  double* label_ends;            // [3]
+  uint32_t* keys;           // [2 * rows]: the keys, then the sorted keys
+  int64_t* row_ids;         // [2 * rows]: 0 .. rows - 1, then the rows in stable label order
+  void* scratch;
+  size_t* scratch_bytes;
+  bool size_query;
+};
+
+// The CUDA class means' segments: from the sorted keys of LabelSortParams,
+// segment_offsets[c] = the number of labels below c, for c in [0, num_classes];
+// and label_ends[0], label_ends[1] = the lowest and highest label (clamped to
+// [-1, num_classes]), label_ends[2] = 0.
+struct ClassSegmentsParams {
+  const uint32_t* sorted_keys;  // [rows], rows >= 1
+  int64_t rows, num_classes;
+  int64_t* segment_offsets;     // [num_classes + 1]
+  double* label_ends;           // [3]
 };
 
 // knn: fold one tile of query-key dot products into every query's running
@@ -229,6 +244,7 @@ void input_product_backward(const InputProductParams& p);  // out = inputs_t @ r
 
 namespace cuda {
 void class_sums(const ClassSumsParams& p);
+void sort_labels(const LabelSortParams& p);
 void class_segments(const ClassSegmentsParams& p);
 void knn_quantize(const QuantizeParams& p);
 void knn_select(const SelectParams& p);

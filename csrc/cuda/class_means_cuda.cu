@@ -1,3 +1,11 @@
+#ifdef ALPHANET_CUDA_EMULATION
+#include <algorithm>
+#include <numeric>
+#include <vector>
+#else
+#include <cub/device/device_radix_sort.cuh>
+#endif
+
 #include "../device_functions.h"
 #include "../kernel_params.h"
 #include "launch.cuh"
@@ -22,21 +30,29 @@ __device__ __forceinline__ void write_count(const ClassSumsParams& p, int64_t c,
   if (p.means && blockIdx.x == 0 && threadIdx.x == 0) p.counts[c] = count;
 }
 
+// LabelSortParams' keys and row ids, a thread per row.
+__global__ void label_keys_kernel(LabelSortParams p) {
+  for (int64_t i = global_thread(); i < p.rows; i += grid_threads()) {
+    const int64_t label = p.labels[i];
+    p.keys[i] = static_cast<uint32_t>(label < 0 ? 0 : (label >= p.num_classes ? p.num_classes + 1 : label + 1));
+    p.row_ids[i] = i;
+  }
+}
+
 // One thread per boundary between sorted labels (and the two ends): the classes
-// above the label before it and up to the label after it (each clamped to
-// [-1, num_classes]) begin there.
+// above the label before it and up to the label after it begin there.
 __global__ void class_segments_kernel(ClassSegmentsParams p) {
-  const auto clamped = [&](int64_t label) { return label < -1 ? -1 : (label > p.num_classes ? p.num_classes : label); };
+  const auto label = [&](int64_t i) { return static_cast<int64_t>(p.sorted_keys[i]) - 1; };  // in [-1, num_classes]
   for (int64_t i = global_thread(); i <= p.rows; i += grid_threads()) {
-    const int64_t below = i == 0 ? -1 : clamped(p.sorted_labels[i - 1]);
-    const int64_t above = i == p.rows ? p.num_classes : clamped(p.sorted_labels[i]);
+    const int64_t below = i == 0 ? -1 : label(i - 1);
+    const int64_t above = i == p.rows ? p.num_classes : label(i);
     for (int64_t c = below + 1; c <= above; ++c) {
       if (c >= 0) p.segment_offsets[c] = i;
     }
   }
   if (global_thread() == 0) {
-    p.label_ends[0] = static_cast<double>(p.sorted_labels[0]);
-    p.label_ends[1] = static_cast<double>(p.sorted_labels[p.rows - 1]);
+    p.label_ends[0] = static_cast<double>(label(0));
+    p.label_ends[1] = static_cast<double>(label(p.rows - 1));
     p.label_ends[2] = 0.0;
   }
 }
@@ -101,6 +117,34 @@ void class_sums(const ClassSumsParams& p) {
                     static_cast<unsigned int>(std::min<int64_t>(p.num_classes, 65535)));
     launch(packed ? class_sums_packed_kernel<T, A> : class_sums_kernel<T, A>, grid, threads, 0, p);
   });
+}
+
+// A radix sort over the keys' low bits only (they lie in 0 .. num_classes + 1),
+// where torch's sort of the int64 labels ran eight passes over all 64 bits.
+// The emulator stands a stable std::stable_sort in for cub's stable radix sort.
+void sort_labels(const LabelSortParams& p) {
+#ifdef ALPHANET_CUDA_EMULATION
+  if (p.size_query) {
+    *p.scratch_bytes = 0;
+    return;
+  }
+  launch(label_keys_kernel, blocks_for(p.rows), kThreads, 0, p);
+  std::vector<int64_t> order(p.rows);
+  std::iota(order.begin(), order.end(), int64_t{0});
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return p.keys[a] < p.keys[b]; });
+  for (int64_t i = 0; i < p.rows; ++i) {
+    p.keys[p.rows + i] = p.keys[order[i]];
+    p.row_ids[p.rows + i] = order[i];
+  }
+#else
+  int key_bits = 1;
+  while ((int64_t{1} << key_bits) <= p.num_classes + 1) ++key_bits;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  if (!p.size_query) launch(label_keys_kernel, blocks_for(p.rows), kThreads, 0, p);
+  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(p.size_query ? nullptr : p.scratch, *p.scratch_bytes, p.keys,
+                                                 p.keys + p.rows, p.row_ids, p.row_ids + p.rows, p.rows, 0, key_bits,
+                                                 stream));
+#endif
 }
 
 void class_segments(const ClassSegmentsParams& p) {
