@@ -188,7 +188,7 @@ struct CombineParams {
   // class's lines and normalised coefficients, written by a first kernel slot
   // by slot, so that a warp's 32 classes read 32 consecutive values in every
   // pass over the logit rows instead of 32 strided rows of neighbors and alphas.
-  int32_t* column_lines = nullptr;  // [k + 1, num_out]: the target, then the neighbours; -1 outside the source
+  int32_t* column_lines = nullptr;  // [k + 1, num_out]: the target, then the neighbours; num_lines outside the source
   void* column_weights = nullptr;   // [k, num_out] of acc_t: alphas[c, i] / ||alphas[c]||_1
 };
 

@@ -19,6 +19,8 @@ SHAPES = [  # lines, elems, n, k
     (1, 1, 1, 1), (5, 1, 3, 2), (9, 33, 4, 5), (100, 257, 30, 5), (40, 2, 40, 10), (13, 64, 0, 3), (6, 0, 4, 2),
     # rows of whole 16-byte packs (CUDA's vectorised kernels): 96 for every dtype, 36 for 4- and 8-byte ones
     (50, 96, 20, 5), (30, 36, 12, 4),
+    # k = 11 over 70 logit rows: CUDA's column forward holds 8 neighbours' plan at once, and 8 rows
+    (60, 70, 9, 11),
 ]
 
 

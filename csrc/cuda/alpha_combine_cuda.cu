@@ -111,12 +111,17 @@ constexpr int kMaxStagedRows = 8, kStagedThreads = 512;
 // H200 at 16 % of its DRAM bandwidth: too few bytes in flight per multiprocessor.
 constexpr int kStageBatch = 8;
 
-// Copies `rows` logit rows from `first` on to shared memory, [rows, num_lines]
-// (coalesced), kStageBatch loads per thread issued before their stores.
+// A staged row's slots: the logit row's num_lines values, then a NaN, which the
+// column plan names for a line outside the source (so reads need no test).
+__device__ __forceinline__ int staged_row_slots(const CombineParams& p) { return static_cast<int>(p.num_lines + 1); }
+
+// Copies `rows` logit rows from `first` on to shared memory, [rows,
+// staged_row_slots] (coalesced), kStageBatch loads per thread issued before
+// their stores.
 template <typename T>
 __device__ __forceinline__ void stage_rows(const CombineParams& p, const T* source, int64_t first, int rows,
                                            T* staged) {
-  const int row_length = static_cast<int>(p.num_lines), total = rows * row_length;
+  const int slots = staged_row_slots(p), total = rows * slots;
   const int step = static_cast<int>(blockDim.x);
   for (int base = threadIdx.x; base < total; base += kStageBatch * step) {
     T values[kStageBatch] = {};
@@ -124,8 +129,9 @@ __device__ __forceinline__ void stage_rows(const CombineParams& p, const T* sour
     for (int u = 0; u < kStageBatch; ++u) {
       const int slot = base + u * step;
       if (slot >= total) break;
-      const int r = slot / row_length;
-      values[u] = source[(slot - r * row_length) * p.line_stride + (first + r) * p.elem_stride];
+      const int r = slot / slots, line = slot - r * slots;
+      values[u] = line < p.num_lines ? source[line * p.line_stride + (first + r) * p.elem_stride]
+                                     : std::numeric_limits<T>::quiet_NaN();
     }
 #pragma unroll
     for (int u = 0; u < kStageBatch; ++u) {
@@ -135,9 +141,9 @@ __device__ __forceinline__ void stage_rows(const CombineParams& p, const T* sour
   }
 }
 
-// A line of the column plan: `line`, or -1 outside the source.
+// A line of the column plan: `line`, or num_lines (a staged row's NaN slot) outside the source.
 __device__ __forceinline__ int32_t plan_line(const CombineParams& p, int64_t line) {
-  return line < 0 || line >= p.num_lines ? -1 : static_cast<int32_t>(line);
+  return static_cast<int32_t>(line < 0 || line >= p.num_lines ? p.num_lines : line);
 }
 
 // Writes CombineParams::column_lines (and column_weights if `weights`), a thread per class.
@@ -160,13 +166,19 @@ __global__ void column_plan_kernel(CombineParams p, bool weights) {
 // to L2 that the thread waited for.
 constexpr int kNeighborGroup = 8;
 
+// Neighbours in the group from `group` on (compared in 32 bits in the unrolled loops).
+__device__ __forceinline__ int group_size(const CombineParams& p, int64_t group) {
+  return static_cast<int>(std::min<int64_t>(kNeighborGroup, p.k - group));
+}
+
 // Class c's plan lines of neighbours [group, group + kNeighborGroup) (and,
 // given `weights`, their normalised coefficients), issued as independent loads.
 __device__ __forceinline__ void load_plan_lines(const CombineParams& p, int64_t c, int64_t group,
                                                 int32_t (&lines)[kNeighborGroup]) {
+  const int count = group_size(p, group);
 #pragma unroll
   for (int g = 0; g < kNeighborGroup; ++g) {
-    if (group + g >= p.k) break;
+    if (g >= count) break;
     lines[g] = p.column_lines[(group + g + 1) * p.num_out + c];
   }
 }
@@ -175,19 +187,12 @@ template <typename A>
 __device__ __forceinline__ void load_plan_group(const CombineParams& p, const A* weights, int64_t c, int64_t group,
                                                 int32_t (&lines)[kNeighborGroup], A (&group_weights)[kNeighborGroup]) {
   load_plan_lines(p, c, group, lines);
+  const int count = group_size(p, group);
 #pragma unroll
   for (int g = 0; g < kNeighborGroup; ++g) {
-    if (group + g >= p.k) break;
+    if (g >= count) break;
     group_weights[g] = weights[(group + g) * p.num_out + c];
   }
-}
-
-// Staged row r's value of plan line `line` (rows of `row_length` lines), or NaN
-// for -1, a line outside the source (as load_line).
-template <typename A, typename T>
-__device__ __forceinline__ A staged_value(const T* staged, int row_length, int r, int32_t line) {
-  if (line < 0) return std::numeric_limits<A>::quiet_NaN();
-  return static_cast<A>(staged[r * row_length + line]);
 }
 
 // forward_by_element_kernel with `staged_rows` logit rows at a time first copied
@@ -201,8 +206,8 @@ __global__ void __launch_bounds__(kStagedThreads, 2) forward_staged_kernel(Combi
   const T* source = static_cast<const T*>(p.source);
   const A* weights = static_cast<const A*>(p.column_weights);
   T* out = static_cast<T*>(p.out);
-  T* staged = dynamic_shared<T>();  // [staged_rows, num_lines]
-  const int row_length = static_cast<int>(p.num_lines);
+  T* staged = dynamic_shared<T>();  // [staged_rows, staged_row_slots]
+  const int slots = staged_row_slots(p);
   for (int64_t first = static_cast<int64_t>(blockIdx.x) * staged_rows; first < p.elems;
        first += static_cast<int64_t>(gridDim.x) * staged_rows) {
     const int rows = static_cast<int>(std::min<int64_t>(staged_rows, p.elems - first));
@@ -210,28 +215,25 @@ __global__ void __launch_bounds__(kStagedThreads, 2) forward_staged_kernel(Combi
     stage_rows(p, source, first, rows, staged);
     __syncthreads();
     for (int64_t c = threadIdx.x; c < p.num_out; c += blockDim.x) {
-      A acc[kMaxStagedRows], group_weights[kNeighborGroup];
+      A group_weights[kNeighborGroup];
       int32_t lines[kNeighborGroup];
       const int32_t target = p.column_lines[c];
       load_plan_group(p, weights, c, 0, lines, group_weights);
+      T* out_class = out + c * p.out_line_stride + first * p.out_elem_stride;
+      for (int r = 0; r < rows; ++r) {
+        const T* row = staged + r * slots;
+        A acc = static_cast<A>(row[target]);
+        for (int64_t group = 0; group < p.k; group += kNeighborGroup) {
+          // more than kNeighborGroup neighbours: the groups' plans are read again for every row
+          if (group > 0 || (r > 0 && p.k > kNeighborGroup)) load_plan_group(p, weights, c, group, lines, group_weights);
+          const int count = group_size(p, group);
 #pragma unroll
-      for (int r = 0; r < kMaxStagedRows; ++r) {
-        if (r < rows) acc[r] = staged_value<A>(staged, row_length, r, target);
-      }
-      for (int64_t group = 0; group < p.k; group += kNeighborGroup) {
-        if (group > 0) load_plan_group(p, weights, c, group, lines, group_weights);
-#pragma unroll
-        for (int g = 0; g < kNeighborGroup; ++g) {
-          if (group + g >= p.k) break;
-#pragma unroll
-          for (int r = 0; r < kMaxStagedRows; ++r) {
-            if (r < rows) acc[r] += group_weights[g] * staged_value<A>(staged, row_length, r, lines[g]);
+          for (int g = 0; g < kNeighborGroup; ++g) {
+            if (g >= count) break;
+            acc += group_weights[g] * static_cast<A>(row[lines[g]]);
           }
         }
-      }
-#pragma unroll
-      for (int r = 0; r < kMaxStagedRows; ++r) {
-        if (r < rows) out[c * p.out_line_stride + (first + r) * p.out_elem_stride] = static_cast<T>(acc[r]);
+        out_class[r * p.out_elem_stride] = static_cast<T>(acc);
       }
     }
   }
@@ -348,8 +350,8 @@ __global__ void __launch_bounds__(kStagedThreads, 2)
   const T* source = static_cast<const T*>(p.source);
   const T* grad_out = static_cast<const T*>(b.grad_out);
   A* partials = static_cast<A*>(b.alpha_partials) + blockIdx.y * p.num_out * p.k;
-  T* staged = dynamic_shared<T>();  // [staged_rows, num_lines]
-  const int row_length = static_cast<int>(p.num_lines);
+  T* staged = dynamic_shared<T>();  // [staged_rows, staged_row_slots]
+  const int slots = staged_row_slots(p);
   const int64_t begin = blockIdx.y * chunk, end = std::min(p.elems, begin + chunk);
   const int64_t first_class = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t class_step = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -366,24 +368,32 @@ __global__ void __launch_bounds__(kStagedThreads, 2)
       A gradient[kMaxStagedRows];
 #pragma unroll
       for (int r = 0; r < kMaxStagedRows; ++r) {
-        if (r < rows) gradient[r] = static_cast<A>(grad_out[c * p.out_line_stride + (first + r) * p.out_elem_stride]);
+        if (r >= rows) break;
+        gradient[r] = static_cast<A>(grad_out[c * p.out_line_stride + (first + r) * p.out_elem_stride]);
       }
       for (int64_t group = 0; group < p.k; group += kNeighborGroup) {
         int32_t lines[kNeighborGroup];
         A dots[kNeighborGroup];
         load_plan_lines(p, c, group, lines);
+        const int count = group_size(p, group);
 #pragma unroll
         for (int g = 0; g < kNeighborGroup; ++g) {
-          if (group + g >= p.k) break;
+          if (g >= count) break;
           dots[g] = first == begin ? A(0) : partials[(group + g) * p.num_out + c];
         }
 #pragma unroll
-        for (int g = 0; g < kNeighborGroup; ++g) {
-          if (group + g >= p.k) break;
+        for (int r = 0; r < kMaxStagedRows; ++r) {
+          if (r >= rows) break;
+          const T* row = staged + r * slots;
 #pragma unroll
-          for (int r = 0; r < kMaxStagedRows; ++r) {
-            if (r < rows) dots[g] += gradient[r] * staged_value<A>(staged, row_length, r, lines[g]);
+          for (int g = 0; g < kNeighborGroup; ++g) {
+            if (g >= count) break;
+            dots[g] += gradient[r] * static_cast<A>(row[lines[g]]);
           }
+        }
+#pragma unroll
+        for (int g = 0; g < kNeighborGroup; ++g) {
+          if (g >= count) break;
           partials[(group + g) * p.num_out + c] = dots[g];
         }
       }
@@ -497,12 +507,17 @@ __global__ void __launch_bounds__(kThreads) checks_kernel(CombineCheckParams c) 
 constexpr int64_t kStagedBytes = 112 * 1024;
 
 // Logit rows a staged kernel holds at once (0: a row does not fit), with the
-// kernel allowed the shared memory they take.
+// kernel allowed the shared memory they take (staged_bytes).
+template <typename T>
+int64_t staged_bytes(const CombineParams& p, int rows) {
+  return rows * (p.num_lines + 1) * static_cast<int64_t>(sizeof(T));  // rows of staged_row_slots
+}
+
 template <typename T, typename... Params>
-int staged_rows_for(void (*kernel)(Params...), int64_t num_lines) {
-  const int64_t row_bytes = std::max<int64_t>(1, num_lines) * static_cast<int64_t>(sizeof(T));
-  const int64_t rows = std::min<int64_t>(kMaxStagedRows, std::min(kStagedBytes, max_shared_per_block()) / row_bytes);
-  if (rows > 0 && rows * row_bytes > 48 * 1024) allow_shared_memory(kernel, rows * row_bytes);
+int staged_rows_for(void (*kernel)(Params...), const CombineParams& p) {
+  const int64_t rows = std::min<int64_t>(kMaxStagedRows, std::min(kStagedBytes, max_shared_per_block()) /
+                                                             staged_bytes<T>(p, 1));
+  if (rows > 0 && staged_bytes<T>(p, rows) > 48 * 1024) allow_shared_memory(kernel, staged_bytes<T>(p, rows));
   return static_cast<int>(rows);
 }
 
@@ -518,11 +533,11 @@ void alpha_combine(const CombineParams& p) {
       const auto kernel = forward_staged_kernel<T, acc_t<T>>;
       // fewer rows per block where that leaves under two blocks per multiprocessor (a training batch's logits)
       const int staged_rows = static_cast<int>(std::min<int64_t>(
-          staged_rows_for<T>(kernel, p.num_lines), std::max<int64_t>(1, p.elems / (2 * multiprocessors()))));
+          staged_rows_for<T>(kernel, p), std::max<int64_t>(1, p.elems / (2 * multiprocessors()))));
       if (staged_rows > 0) {
         launch(column_plan_kernel<acc_t<T>>, blocks_for(p.num_out), kThreads, 0, p, true);
         const auto blocks = static_cast<unsigned int>(std::min<int64_t>((p.elems + staged_rows - 1) / staged_rows, 1 << 20));
-        launch(kernel, blocks, kStagedThreads, staged_rows * p.num_lines * sizeof(T), p, staged_rows);
+        launch(kernel, blocks, kStagedThreads, staged_bytes<T>(p, staged_rows), p, staged_rows);
       } else {
         const int threads = static_cast<int>(std::min<int64_t>(kThreads, (p.num_out + 31) / 32 * 32));
         launch(forward_by_element_kernel<T, acc_t<T>>, static_cast<unsigned int>(std::min<int64_t>(p.elems, 1 << 20)),
@@ -546,14 +561,14 @@ void alpha_combine_backward(const CombineBackwardParams& b) {
     if (b.grad_alphas != nullptr && p.num_out > 0 && b.alpha_partials != nullptr) {
       const int64_t chunk = (p.elems + b.alpha_chunks - 1) / b.alpha_chunks;
       const auto staged_kernel = alpha_partials_staged_kernel<T, A>;
-      const int staged_rows = staged_rows_for<T>(staged_kernel, p.num_lines);
+      const int staged_rows = staged_rows_for<T>(staged_kernel, p);
       if (staged_rows > 0) {
         // enough blocks for two per multiprocessor, each with a share of the classes
         const int64_t class_blocks = std::min<int64_t>((p.num_out + kStagedThreads - 1) / kStagedThreads,
                                                        (2 * multiprocessors() + b.alpha_chunks - 1) / b.alpha_chunks);
         const dim3 grid(static_cast<unsigned int>(class_blocks), static_cast<unsigned int>(b.alpha_chunks));
         launch(column_plan_kernel<A>, blocks_for(p.num_out), kThreads, 0, p, false);
-        launch(staged_kernel, grid, kStagedThreads, staged_rows * p.num_lines * sizeof(T), b, chunk, staged_rows);
+        launch(staged_kernel, grid, kStagedThreads, staged_bytes<T>(p, staged_rows), b, chunk, staged_rows);
       } else {
         const dim3 grid(blocks_for(p.num_out * p.k), static_cast<unsigned int>(b.alpha_chunks));
         launch(alpha_partials_kernel<T, A>, grid, kThreads, 0, b, chunk);
