@@ -223,8 +223,11 @@ struct CombineBackwardParams {
 // Chunks of the elements for alpha_partials: a kTargetAlphaChunks-th of them
 // each, within [kMinAlphaChunkElems, kAlphaChunkElems] elements (so a training
 // batch's 256 logit rows make 16 chunks, not 4, and its blocks fill a GPU);
-// at most kMaxAlphaChunks of them.
-constexpr int64_t kAlphaChunkElems = 64, kMinAlphaChunkElems = 16, kTargetAlphaChunks = 64, kMaxAlphaChunks = 1024;
+// at most kMaxAlphaChunks of them. At most 32 elements a chunk, because a
+// chunk of iNaturalist's 8,142-wide logit rows is one block: 24,426 rows in
+// chunks of 64 made 382 blocks for the 264 a 132-multiprocessor card runs at
+// once, which left most of it idle for the second wave; chunks of 32 make 764.
+constexpr int64_t kAlphaChunkElems = 32, kMinAlphaChunkElems = 16, kTargetAlphaChunks = 64, kMaxAlphaChunks = 1024;
 
 namespace cpu {
 void class_sums(const ClassSumsParams& p);
