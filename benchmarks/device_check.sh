@@ -9,7 +9,8 @@
 # the whole run fits a 15-minute GPU slot with room for the machine's start; the
 # CPU-only tests (which CI runs anyway) come last, in whatever time is left.
 # A shorter rerun after a kernel change: OPS (bench_ops.py's --ops, default all),
-# SIZES (default medium,large,huge) and CPU_TESTS=0 (skip the CPU-only tests).
+# SIZES (default medium,large,huge), CASES (profile_kernels.py's --cases, default
+# all those below) and CPU_TESTS=0 (skip the CPU-only tests).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./device_out}"
@@ -66,8 +67,8 @@ timeout "$(limit 90)" python benchmarks/bench_fit.py --device cuda --sizes image
   | tee "$OUT/bench_fit.log"
 
 step "kernel profile"
-timeout "$(limit 75)" python benchmarks/profile_kernels.py --fit-data /tmp/inat --cases \
-  class-means-large,knn-large,knn-large-matmul,knn-huge,combine-rows-large,combine-columns-large,fit-epoch 2>&1 \
+CASES="${CASES:-class-means-large,knn-large,knn-large-matmul,knn-huge,combine-rows-large,combine-columns-large,fit-epoch}"
+timeout "$(limit 75)" python benchmarks/profile_kernels.py --fit-data /tmp/inat --cases "$CASES" 2>&1 \
   | tee "$OUT/profile.log"
 # hardware counters of our kernels where ncu can read them (Firecracker machines, not gVisor)
 if command -v ncu >/dev/null; then
