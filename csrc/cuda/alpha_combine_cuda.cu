@@ -107,26 +107,27 @@ __global__ void forward_by_element_kernel(CombineParams p) {
 // quarter of its warps, latency-bound.
 constexpr int kMaxStagedRows = 8, kStagedThreads = 512;
 
-// Loads a thread has in flight while staging rows. One at a time left the
-// H200 at 16 % of its DRAM bandwidth: too few bytes in flight per multiprocessor.
-constexpr int kStageBatch = 8;
+// Loads a thread issues before it uses them, while staging rows or summing the
+// alpha gradient's chunks. One at a time left the H200 at 16 % of its DRAM
+// bandwidth in the staging: too few bytes in flight per multiprocessor.
+constexpr int kLoadBatch = 8;
 
 // A staged row's slots: the logit row's num_lines values, then a NaN, which the
 // column plan names for a line outside the source (so reads need no test).
 __device__ __forceinline__ int staged_row_slots(const CombineParams& p) { return static_cast<int>(p.num_lines + 1); }
 
 // Copies `rows` logit rows from `first` on to shared memory, [rows,
-// staged_row_slots] (coalesced), kStageBatch loads per thread issued before
+// staged_row_slots] (coalesced), kLoadBatch loads per thread issued before
 // their stores.
 template <typename T>
 __device__ __forceinline__ void stage_rows(const CombineParams& p, const T* source, int64_t first, int rows,
                                            T* staged) {
   const int slots = staged_row_slots(p), total = rows * slots;
   const int step = static_cast<int>(blockDim.x);
-  for (int base = threadIdx.x; base < total; base += kStageBatch * step) {
-    T values[kStageBatch] = {};
+  for (int base = threadIdx.x; base < total; base += kLoadBatch * step) {
+    T values[kLoadBatch] = {};
 #pragma unroll
-    for (int u = 0; u < kStageBatch; ++u) {
+    for (int u = 0; u < kLoadBatch; ++u) {
       const int slot = base + u * step;
       if (slot >= total) break;
       const int r = slot / slots, line = slot - r * slots;
@@ -134,7 +135,7 @@ __device__ __forceinline__ void stage_rows(const CombineParams& p, const T* sour
                                      : std::numeric_limits<T>::quiet_NaN();
     }
 #pragma unroll
-    for (int u = 0; u < kStageBatch; ++u) {
+    for (int u = 0; u < kLoadBatch; ++u) {
       if (base + u * step >= total) break;
       staged[base + u * step] = values[u];
     }
@@ -418,7 +419,15 @@ __global__ void alphas_from_partials_kernel(CombineBackwardParams b, int64_t cla
       const int64_t c = pair % classes, i = pair / classes;
       const A* slot = partials + i * p.num_out + first_class + c;
       A total = slot[0];
-      for (int64_t chunk = 1; chunk < b.alpha_chunks; ++chunk) total += slot[chunk * chunk_pairs];
+      int64_t chunk = 1;
+      for (; chunk + kLoadBatch <= b.alpha_chunks; chunk += kLoadBatch) {
+        A values[kLoadBatch];
+#pragma unroll
+        for (int u = 0; u < kLoadBatch; ++u) values[u] = slot[(chunk + u) * chunk_pairs];
+#pragma unroll
+        for (int u = 0; u < kLoadBatch; ++u) total += values[u];
+      }
+      for (; chunk < b.alpha_chunks; ++chunk) total += slot[chunk * chunk_pairs];
       sums[c * p.k + i] = total;
     }
     __syncthreads();
