@@ -122,17 +122,29 @@ __device__ __forceinline__ int staged_row_slots(const CombineParams& p) { return
 template <typename T>
 __device__ __forceinline__ void stage_rows(const CombineParams& p, const T* source, int64_t first, int rows,
                                            T* staged) {
-  const int slots = staged_row_slots(p), total = rows * slots;
+  const int slots = staged_row_slots(p), total = rows * slots, lines = slots - 1;
   const int step = static_cast<int>(blockDim.x);
+  // The row and line of this thread's next slot, stepped along: dividing the
+  // slot out and multiplying it back in 64 bits for every value made staging
+  // most of a pass's instructions. A thread wraps to the next row about once a
+  // row when rows are wider than the block.
+  const T* row = source + first * p.elem_stride;
+  int line = threadIdx.x;
+  const auto wrap = [&] {
+    if (line < slots) return;
+    const int rows_passed = line / slots;
+    line -= rows_passed * slots;
+    row += rows_passed * p.elem_stride;
+  };
+  wrap();
   for (int base = threadIdx.x; base < total; base += kLoadBatch * step) {
-    T values[kLoadBatch] = {};
+    T values[kLoadBatch];
 #pragma unroll
-    for (int u = 0; u < kLoadBatch; ++u) {
-      const int slot = base + u * step;
-      if (slot >= total) break;
-      const int r = slot / slots, line = slot - r * slots;
-      values[u] = line < p.num_lines ? source[line * p.line_stride + (first + r) * p.elem_stride]
-                                     : std::numeric_limits<T>::quiet_NaN();
+    for (int u = 0; u < kLoadBatch; ++u) {  // past the last slot: a NaN, not stored
+      values[u] = base + u * step < total && line < lines ? row[static_cast<int64_t>(line) * p.line_stride]
+                                                          : std::numeric_limits<T>::quiet_NaN();
+      line += step;
+      wrap();
     }
 #pragma unroll
     for (int u = 0; u < kLoadBatch; ++u) {
