@@ -101,10 +101,10 @@ __global__ void forward_by_element_kernel(CombineParams p) {
   }
 }
 
-// Logit rows held in shared memory at once by the staged kernels (the registers
-// of a thread's per-row sums bound it), and their blocks' threads: with two
-// blocks of 112 KB per multiprocessor, 256-thread blocks left the H100 at a
-// quarter of its warps, latency-bound.
+// Logit rows held in shared memory at once by the staged kernels (the alpha
+// gradient's registers for a class's per-row gradients bound it), and their
+// blocks' threads: with two blocks of 112 KB per multiprocessor, 256-thread
+// blocks left the H100 at a quarter of its warps, latency-bound.
 constexpr int kMaxStagedRows = 8, kStagedThreads = 512;
 
 // Loads a thread issues before it uses them, while staging rows or summing the
@@ -184,8 +184,8 @@ __device__ __forceinline__ int group_size(const CombineParams& p, int64_t group)
   return static_cast<int>(std::min<int64_t>(kNeighborGroup, p.k - group));
 }
 
-// Class c's plan lines of neighbours [group, group + kNeighborGroup) (and,
-// given `weights`, their normalised coefficients), issued as independent loads.
+// Class c's plan lines of neighbours [group, group + kNeighborGroup), issued as
+// independent loads; load_plan_group reads their normalised coefficients too.
 __device__ __forceinline__ void load_plan_lines(const CombineParams& p, int64_t c, int64_t group,
                                                 int32_t (&lines)[kNeighborGroup]) {
   const int count = group_size(p, group);

@@ -121,7 +121,7 @@ void class_sums(const ClassSumsParams& p) {
 
 // A radix sort over the keys' low bits only (they lie in 0 .. num_classes + 1),
 // where torch's sort of the int64 labels ran eight passes over all 64 bits.
-// The emulator stands a stable std::stable_sort in for cub's stable radix sort.
+// The emulator stands std::stable_sort in for cub's radix sort (both stable).
 void sort_labels(const LabelSortParams& p) {
 #ifdef ALPHANET_CUDA_EMULATION
   if (p.size_query) {
