@@ -68,18 +68,6 @@ inline int multiprocessors() {
 #endif
 }
 
-// Blocks of `threads` threads of `kernel` that fit on one multiprocessor at once.
-template <typename... Params>
-int resident_blocks(void (*kernel)(Params...), int threads) {
-#ifdef ALPHANET_CUDA_EMULATION
-  return emulation::kResidentBlocks;
-#else
-  int blocks = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, 0));
-  return blocks;
-#endif
-}
-
 // The launch's dynamic shared memory (shared_bytes of `launch`), 16-byte aligned.
 template <typename T>
 __device__ __forceinline__ T* dynamic_shared() {

@@ -61,7 +61,7 @@ void sync_warp(unsigned int mask);
 unsigned char* dynamic_shared();   // the launch's dynamic shared memory, 16-byte aligned
 // What the emulated device reports: small, so work splits as on a big GPU with big
 // inputs; a block's dynamic shared memory with the opt-in attribute, as on Hopper.
-constexpr int kMultiprocessors = 2, kResidentBlocks = 1;
+constexpr int kMultiprocessors = 2;
 constexpr size_t kMaxOptInShared = 227 * 1024;
 // cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes)
 void allow_dynamic_shared(const void* kernel, size_t bytes);
