@@ -120,9 +120,12 @@ def test_gradients_do_not_depend_on_thread_count(generator, dim):
 
 
 # rows: packed (whole 16-byte packs) and element-wise; columns: staged in shared
-# memory (rows fit in 112 KB) and read from global memory (15000 float64 lines do not)
+# memory (rows fit in 112 KB; 41 lines: logit rows start 0-3 elements past a
+# 16-byte boundary, or 0-7 in 2-byte types, and the staged NaN follows a whole
+# pack's end in some) and read from global memory (15000 float64 lines do not)
 @pytest.mark.parametrize("dim,lines,elems,dtype", [(0, 50, 96, torch.float32), (0, 50, 37, torch.float32),
-                                                  (1, 40, 30, torch.float32), (1, 15000, 3, torch.float64)])
+                                                  (1, 40, 30, torch.float32), (1, 41, 30, torch.float32),
+                                                  (1, 41, 30, torch.bfloat16), (1, 15000, 3, torch.float64)])
 def test_cuda_kernels_read_nan_for_lines_outside_the_source(device, generator, dim, lines, elems, dtype):
     """The CUDA op skips the value checks (the Python wrapper runs them, and a compiled
     graph cannot); a bad index must then give NaN, never an out-of-bounds read."""

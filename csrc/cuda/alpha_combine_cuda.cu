@@ -107,51 +107,90 @@ __global__ void forward_by_element_kernel(CombineParams p) {
 // blocks left the H100 at a quarter of its warps, latency-bound.
 constexpr int kMaxStagedRows = 8, kStagedThreads = 512;
 
-// Loads a thread issues before it uses them, while staging rows or summing the
-// alpha gradient's chunks. One at a time left the H200 at 16 % of its DRAM
-// bandwidth in the staging: too few bytes in flight per multiprocessor.
-constexpr int kLoadBatch = 8;
+// Loads a thread issues before it uses them, while summing the alpha
+// gradient's chunks (kLoadBatch values) or staging rows (kPackBatch 16-byte
+// packs). Staging one 4-byte value at a time left the H200 at 16 % of its DRAM
+// bandwidth: too few bytes in flight per multiprocessor. 4 packs made the
+// staged kernels spill registers.
+constexpr int kLoadBatch = 8, kPackBatch = 2;
 
-// A staged row's slots: the logit row's num_lines values, then a NaN, which the
-// column plan names for a line outside the source (so reads need no test).
-__device__ __forceinline__ int staged_row_slots(const CombineParams& p) { return static_cast<int>(p.num_lines + 1); }
+// A staged row's elements, whole 16-byte packs: the logit row's num_lines values
+// from an offset below one pack on, with NaN before and after them (the column
+// plan names the NaN right after the last line for a line outside the source,
+// so reads need no test).
+template <typename T>
+__host__ __device__ __forceinline__ int64_t staged_row_width(int64_t num_lines) {
+  return ((num_lines + Pack<T>::kSize - 1) / Pack<T>::kSize + 1) * Pack<T>::kSize;
+}
 
-// Copies `rows` logit rows from `first` on to shared memory, [rows,
-// staged_row_slots] (coalesced), kLoadBatch loads per thread issued before
-// their stores.
+// Where logit row `row`'s lines start within its staged row's first pack: on
+// contiguous rows, at the row's own offset from a 16-byte boundary, so that
+// whole packs of the staged row are whole aligned packs of the source too.
+template <typename T>
+__device__ __forceinline__ int staged_row_shift(const CombineParams& p, const T* row) {
+  return p.line_stride == 1 ? static_cast<int>(reinterpret_cast<std::uintptr_t>(row) / sizeof(T) % Pack<T>::kSize)
+                            : 0;
+}
+
+// Copies `rows` logit rows from `first` on to shared memory, row r as
+// staged_row_width elements from r * width on, its lines from offsets[r] on.
+// Threads take consecutive packs, kPackBatch of them loaded before their
+// stores: one 16-byte load a pack inside a contiguous row, element loads for
+// the packs at its ends and for rows whose lines are strided.
 template <typename T>
 __device__ __forceinline__ void stage_rows(const CombineParams& p, const T* source, int64_t first, int rows,
-                                           T* staged) {
-  const int slots = staged_row_slots(p), total = rows * slots, lines = slots - 1;
-  const int step = static_cast<int>(blockDim.x);
-  // The row and line of this thread's next slot, stepped along: dividing the
-  // slot out and multiplying it back in 64 bits for every value made staging
-  // most of a pass's instructions. A thread wraps to the next row about once a
-  // row when rows are wider than the block.
+                                           T* staged, int* offsets) {
+  constexpr int V = Pack<T>::kSize;
+  const int lines = static_cast<int>(p.num_lines), packs = static_cast<int>(staged_row_width<T>(p.num_lines) / V);
+  const int total = rows * packs, step = static_cast<int>(blockDim.x);
+  if (threadIdx.x < rows) {
+    offsets[threadIdx.x] = threadIdx.x * packs * V + staged_row_shift(p, source + (first + threadIdx.x) * p.elem_stride);
+  }
+  // The row and pack of this thread's next pack, stepped along: a division per
+  // pack would be most of the staging's instructions. A thread wraps to the
+  // next row about once a row when rows are wider than the block.
   const T* row = source + first * p.elem_stride;
-  int line = threadIdx.x;
+  int pack = threadIdx.x, shift = staged_row_shift(p, row);
   const auto wrap = [&] {
-    if (line < slots) return;
-    const int rows_passed = line / slots;
-    line -= rows_passed * slots;
+    if (pack < packs) return;
+    const int rows_passed = pack / packs;
+    pack -= rows_passed * packs;
     row += rows_passed * p.elem_stride;
+    shift = staged_row_shift(p, row);
   };
   wrap();
-  for (int base = threadIdx.x; base < total; base += kLoadBatch * step) {
-    T values[kLoadBatch];
+  for (int base = threadIdx.x; base < total; base += kPackBatch * step) {
+    Pack<T> values[kPackBatch];
 #pragma unroll
-    for (int u = 0; u < kLoadBatch; ++u) {  // past the last slot: a NaN, not stored
-      values[u] = base + u * step < total && line < lines ? row[static_cast<int64_t>(line) * p.line_stride]
-                                                          : std::numeric_limits<T>::quiet_NaN();
-      line += step;
+    for (int u = 0; u < kPackBatch; ++u) {
+      const int line = pack * V - shift;  // of the pack's first element
+      if (base + u * step < total) {
+        if (p.line_stride == 1 && line >= 0 && line + V <= lines) {
+          *reinterpret_cast<uint4*>(&values[u]) = *reinterpret_cast<const uint4*>(row + line);
+        } else {
+#pragma unroll
+          for (int v = 0; v < V; ++v) {
+            values[u].values[v] = line + v >= 0 && line + v < lines
+                                      ? row[static_cast<int64_t>(line + v) * p.line_stride]
+                                      : std::numeric_limits<T>::quiet_NaN();
+          }
+        }
+      }
+      pack += step;
       wrap();
     }
 #pragma unroll
-    for (int u = 0; u < kLoadBatch; ++u) {
+    for (int u = 0; u < kPackBatch; ++u) {
       if (base + u * step >= total) break;
-      staged[base + u * step] = values[u];
+      reinterpret_cast<uint4*>(staged)[base + u * step] = *reinterpret_cast<const uint4*>(&values[u]);
     }
   }
+}
+
+// The staged rows' offsets (stage_rows), after staged_rows staged rows.
+template <typename T>
+__device__ __forceinline__ int* staged_offsets(T* staged, const CombineParams& p, int staged_rows) {
+  return reinterpret_cast<int*>(staged + staged_rows * staged_row_width<T>(p.num_lines));
 }
 
 // A line of the column plan: `line`, or num_lines (a staged row's NaN slot) outside the source.
@@ -219,13 +258,13 @@ __global__ void __launch_bounds__(kStagedThreads, 2) forward_staged_kernel(Combi
   const T* source = static_cast<const T*>(p.source);
   const A* weights = static_cast<const A*>(p.column_weights);
   T* out = static_cast<T*>(p.out);
-  T* staged = dynamic_shared<T>();  // [staged_rows, staged_row_slots]
-  const int slots = staged_row_slots(p);
+  T* staged = dynamic_shared<T>();  // staged_rows staged rows (stage_rows), then their offsets
+  int* offsets = staged_offsets(staged, p, staged_rows);
   for (int64_t first = static_cast<int64_t>(blockIdx.x) * staged_rows; first < p.elems;
        first += static_cast<int64_t>(gridDim.x) * staged_rows) {
     const int rows = static_cast<int>(std::min<int64_t>(staged_rows, p.elems - first));
     __syncthreads();  // the previous rows' reads are done
-    stage_rows(p, source, first, rows, staged);
+    stage_rows(p, source, first, rows, staged, offsets);
     __syncthreads();
     for (int64_t c = threadIdx.x; c < p.num_out; c += blockDim.x) {
       A group_weights[kNeighborGroup];
@@ -234,7 +273,7 @@ __global__ void __launch_bounds__(kStagedThreads, 2) forward_staged_kernel(Combi
       load_plan_group(p, weights, c, 0, lines, group_weights);
       T* out_class = out + c * p.out_line_stride + first * p.out_elem_stride;
       for (int r = 0; r < rows; ++r) {
-        const T* row = staged + r * slots;
+        const T* row = staged + offsets[r];
         A acc = static_cast<A>(row[target]);
         for (int64_t group = 0; group < p.k; group += kNeighborGroup) {
           // more than kNeighborGroup neighbours: the groups' plans are read again for every row
@@ -363,8 +402,8 @@ __global__ void __launch_bounds__(kStagedThreads, 2)
   const T* source = static_cast<const T*>(p.source);
   const T* grad_out = static_cast<const T*>(b.grad_out);
   A* partials = static_cast<A*>(b.alpha_partials) + blockIdx.y * p.num_out * p.k;
-  T* staged = dynamic_shared<T>();  // [staged_rows, staged_row_slots]
-  const int slots = staged_row_slots(p);
+  T* staged = dynamic_shared<T>();  // staged_rows staged rows (stage_rows), then their offsets
+  int* offsets = staged_offsets(staged, p, staged_rows);
   const int64_t begin = blockIdx.y * chunk, end = std::min(p.elems, begin + chunk);
   const int64_t first_class = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t class_step = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -375,7 +414,7 @@ __global__ void __launch_bounds__(kStagedThreads, 2)
   for (int64_t first = begin; first < end; first += staged_rows) {
     const int rows = static_cast<int>(std::min<int64_t>(staged_rows, end - first));
     __syncthreads();  // the previous rows' reads are done
-    stage_rows(p, source, first, rows, staged);
+    stage_rows(p, source, first, rows, staged, offsets);
     __syncthreads();
     for (int64_t c = first_class; c < p.num_out; c += class_step) {
       A gradient[kMaxStagedRows];
@@ -397,7 +436,7 @@ __global__ void __launch_bounds__(kStagedThreads, 2)
 #pragma unroll
         for (int r = 0; r < kMaxStagedRows; ++r) {
           if (r >= rows) break;
-          const T* row = staged + r * slots;
+          const T* row = staged + offsets[r];
 #pragma unroll
           for (int g = 0; g < kNeighborGroup; ++g) {
             if (g >= count) break;
@@ -529,15 +568,18 @@ constexpr int64_t kStagedBytes = 112 * 1024;
 
 // Logit rows a staged kernel holds at once (0: a row does not fit), with the
 // kernel allowed the shared memory they take (staged_bytes).
+constexpr int64_t kOffsetsBytes = kMaxStagedRows * sizeof(int);
+
 template <typename T>
 int64_t staged_bytes(const CombineParams& p, int rows) {
-  return rows * (p.num_lines + 1) * static_cast<int64_t>(sizeof(T));  // rows of staged_row_slots
+  return rows * staged_row_width<T>(p.num_lines) * static_cast<int64_t>(sizeof(T)) + kOffsetsBytes;
 }
 
 template <typename T, typename... Params>
 int staged_rows_for(void (*kernel)(Params...), const CombineParams& p) {
-  const int64_t rows = std::min<int64_t>(kMaxStagedRows, std::min(kStagedBytes, max_shared_per_block()) /
-                                                             staged_bytes<T>(p, 1));
+  const int64_t budget = std::min(kStagedBytes, max_shared_per_block()) - kOffsetsBytes;
+  const int64_t rows =
+      std::min<int64_t>(kMaxStagedRows, budget / (staged_row_width<T>(p.num_lines) * static_cast<int64_t>(sizeof(T))));
   if (rows > 0 && staged_bytes<T>(p, rows) > 48 * 1024) allow_shared_memory(kernel, staged_bytes<T>(p, rows));
   return static_cast<int>(rows);
 }
