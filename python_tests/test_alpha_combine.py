@@ -61,8 +61,7 @@ def test_gradcheck(device, generator, dim, elems):
 
 # 96: whole 16-byte packs for every dtype; 290 x 60: CUDA's column alpha gradient
 # in 19 chunks of 16 elements (8 staged rows at a time; the last chunk 2); 2000:
-# in 65 chunks of 31; 40 x 600: in 3 chunks, its classes shared by 2 blocks of
-# 512 threads
+# in 65 chunks of 31; 40 x 600: in 3 chunks, its classes shared by 2 blocks
 @pytest.mark.parametrize("elems,n", [(70, 20), (96, 20), (290, 60), (2000, 20), (40, 600)])
 @pytest.mark.parametrize("dim", [0, 1])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
@@ -188,6 +187,23 @@ def test_wide_logit_rows(device, generator, lines, dtype):
     torch.testing.assert_close(out.detach().cpu().double(), expected.detach(), **TOLERANCE[dtype])
     torch.testing.assert_close(a.grad.cpu().double(), a_ref.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(s.grad.cpu().double(), s_ref.grad, **TOLERANCE[dtype])
+
+
+# CUDA's column alpha gradient keeps a block's sums in shared memory beside the
+# staged logit rows. 1,000 classes x 5 neighbours beside 12,500 float32 lines
+# leave no room for two rows in 112 KB: one block a multiprocessor, with four
+# rows and 1,024 threads. 200 classes x 300 neighbours are more sums than a
+# block holds: the classes are split over two blocks.
+@pytest.mark.parametrize("lines,n,k", [(12_500, 1_000, 5), (400, 200, 300)])
+def test_column_alpha_gradient_with_many_sums(device, generator, lines, n, k):
+    source, targets, neighbors, alphas = make_case(lines, 70, n, k, 1, device=device, generator=generator)
+    grad_out = rand(70, n, device=device, generator=generator)
+    a = alphas.clone().requires_grad_()
+    alphanet_ext.alpha_combine(source, targets, neighbors, a, dim=1).backward(grad_out)
+    a_ref = alphas.cpu().double().requires_grad_()
+    reference.alpha_combine(source.cpu().double(), targets.cpu(), neighbors.cpu(), a_ref, 1).backward(
+        grad_out.cpu().double())
+    torch.testing.assert_close(a.grad.cpu().double(), a_ref.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_alpha_gradient_over_more_logit_rows_than_its_chunks_hold(device, generator):

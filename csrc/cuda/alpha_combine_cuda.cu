@@ -107,6 +107,11 @@ __global__ void forward_by_element_kernel(CombineParams p) {
 // blocks left the H100 at a quarter of its warps, latency-bound.
 constexpr int kMaxStagedRows = 8, kStagedThreads = 512;
 
+// Threads of a column alpha-gradient block whose classes' sums and staged rows
+// take one multiprocessor's shared memory (alpha_partials_staged_kernel): as
+// many warps as two blocks of kStagedThreads.
+constexpr int kMaxPartialsThreads = 1024;
+
 // Loads a thread issues before it uses them, while summing the alpha
 // gradient's chunks (kLoadBatch values) or staging rows (kPackBatch 16-byte
 // packs). Staging one 4-byte value at a time left the H200 at 16 % of its DRAM
@@ -387,36 +392,43 @@ __global__ void alpha_partials_kernel(CombineBackwardParams b, int64_t chunk) {
 }
 
 // alpha_partials_kernel for logit rows that fit in shared memory: a block takes
-// a chunk (blockIdx.y) and a share of the classes (blockIdx.x), and copies the
-// chunk's logit rows to shared memory `staged_rows` at a time. Each thread then
-// adds the staged rows' products to the chunk's partial sums of its (class,
-// neighbour) pairs, which no other thread touches. So the neighbours' logits
-// come from shared memory instead of a 32-byte sector each, the lines from the
-// plan and the partial sums in consecutive slots for a warp's classes, and
-// every sum runs over the chunk's rows in order, as in alpha_partials_kernel
-// (the same bits).
+// a chunk (blockIdx.y) and a range of classes_per_block classes (blockIdx.x),
+// and copies the chunk's logit rows to shared memory `staged_rows` at a time.
+// Each thread then adds the staged rows' products to the chunk's sums of its
+// (class, neighbour) pairs, which no other thread touches, kept in shared
+// memory until the chunk's last rows. So the neighbours' logits come from
+// shared memory instead of a 32-byte sector each, the lines from the plan and
+// the gradients in consecutive slots for a warp's classes, and every sum runs
+// over the chunk's rows in order, as in alpha_partials_kernel (the same bits).
+// Run C's kernel kept the sums in global memory instead: re-read and re-written
+// once a pass of three staged rows, they were most of its L2 traffic.
 template <typename T, typename A>
-__global__ void __launch_bounds__(kStagedThreads, 2)
-    alpha_partials_staged_kernel(CombineBackwardParams b, int64_t chunk, int staged_rows) {
+__global__ void __launch_bounds__(kMaxPartialsThreads, 1)
+    alpha_partials_staged_kernel(CombineBackwardParams b, int64_t chunk, int staged_rows, int classes_per_block) {
   const CombineParams& p = b.forward;
   const T* source = static_cast<const T*>(p.source);
   const T* grad_out = static_cast<const T*>(b.grad_out);
   A* partials = static_cast<A*>(b.alpha_partials) + blockIdx.y * p.num_out * p.k;
-  T* staged = dynamic_shared<T>();  // staged_rows staged rows (stage_rows), then their offsets
+  T* staged = dynamic_shared<T>();  // staged_rows staged rows (stage_rows), their offsets, then the sums
   int* offsets = staged_offsets(staged, p, staged_rows);
+  A* sums = reinterpret_cast<A*>(offsets + kMaxStagedRows);  // [k, classes_per_block]
   const int64_t begin = blockIdx.y * chunk, end = std::min(p.elems, begin + chunk);
-  const int64_t first_class = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t class_step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first_class = static_cast<int64_t>(blockIdx.x) * classes_per_block;
+  const int classes = static_cast<int>(std::min<int64_t>(classes_per_block, p.num_out - first_class));
   if (begin >= end) {  // an empty last chunk: its sums are zero
-    for (int64_t pair = first_class; pair < p.num_out * p.k; pair += class_step) partials[pair] = A(0);
+    for (int local = threadIdx.x; local < classes; local += blockDim.x) {
+      for (int64_t i = 0; i < p.k; ++i) partials[i * p.num_out + first_class + local] = A(0);
+    }
     return;
   }
   for (int64_t first = begin; first < end; first += staged_rows) {
     const int rows = static_cast<int>(std::min<int64_t>(staged_rows, end - first));
+    const bool opening = first == begin, closing = first + rows == end;
     __syncthreads();  // the previous rows' reads are done
     stage_rows(p, source, first, rows, staged, offsets);
     __syncthreads();
-    for (int64_t c = first_class; c < p.num_out; c += class_step) {
+    for (int local = threadIdx.x; local < classes; local += blockDim.x) {
+      const int64_t c = first_class + local;
       A gradient[kMaxStagedRows];
 #pragma unroll
       for (int r = 0; r < kMaxStagedRows; ++r) {
@@ -428,10 +440,11 @@ __global__ void __launch_bounds__(kStagedThreads, 2)
         A dots[kNeighborGroup];
         load_plan_lines(p, c, group, lines);
         const int count = group_size(p, group);
+        A* group_sums = sums + static_cast<int>(group) * classes_per_block + local;
 #pragma unroll
         for (int g = 0; g < kNeighborGroup; ++g) {
           if (g >= count) break;
-          dots[g] = first == begin ? A(0) : partials[(group + g) * p.num_out + c];
+          dots[g] = opening ? A(0) : group_sums[g * classes_per_block];
         }
 #pragma unroll
         for (int r = 0; r < kMaxStagedRows; ++r) {
@@ -446,7 +459,11 @@ __global__ void __launch_bounds__(kStagedThreads, 2)
 #pragma unroll
         for (int g = 0; g < kNeighborGroup; ++g) {
           if (g >= count) break;
-          partials[(group + g) * p.num_out + c] = dots[g];
+          if (closing) {
+            partials[(group + g) * p.num_out + c] = dots[g];
+          } else {
+            group_sums[g * classes_per_block] = dots[g];
+          }
         }
       }
     }
@@ -566,22 +583,63 @@ __global__ void __launch_bounds__(kThreads) checks_kernel(CombineCheckParams c) 
 // Ampere multiprocessor (228 or 164 KB).
 constexpr int64_t kStagedBytes = 112 * 1024;
 
-// Logit rows a staged kernel holds at once (0: a row does not fit), with the
-// kernel allowed the shared memory they take (staged_bytes).
 constexpr int64_t kOffsetsBytes = kMaxStagedRows * sizeof(int);
 
 template <typename T>
-int64_t staged_bytes(const CombineParams& p, int rows) {
-  return rows * staged_row_width<T>(p.num_lines) * static_cast<int64_t>(sizeof(T)) + kOffsetsBytes;
+int64_t staged_row_bytes(const CombineParams& p) {
+  return staged_row_width<T>(p.num_lines) * static_cast<int64_t>(sizeof(T));
 }
 
+template <typename T>
+int64_t staged_bytes(const CombineParams& p, int rows) {
+  return rows * staged_row_bytes<T>(p) + kOffsetsBytes;
+}
+
+// Lets `kernel` take `bytes` of shared memory where that is above the 48 KB a kernel gets without asking.
+template <typename... Params>
+void allow_above_default_shared(void (*kernel)(Params...), int64_t bytes) {
+  if (bytes > 48 * 1024) allow_shared_memory(kernel, bytes);
+}
+
+// Logit rows forward_staged_kernel holds at once (0: a row does not fit), with
+// the kernel allowed the shared memory they take (staged_bytes).
 template <typename T, typename... Params>
 int staged_rows_for(void (*kernel)(Params...), const CombineParams& p) {
   const int64_t budget = std::min(kStagedBytes, max_shared_per_block()) - kOffsetsBytes;
-  const int64_t rows =
-      std::min<int64_t>(kMaxStagedRows, budget / (staged_row_width<T>(p.num_lines) * static_cast<int64_t>(sizeof(T))));
-  if (rows > 0 && staged_bytes<T>(p, rows) > 48 * 1024) allow_shared_memory(kernel, staged_bytes<T>(p, rows));
+  const int64_t rows = std::min<int64_t>(kMaxStagedRows, budget / staged_row_bytes<T>(p));
+  if (rows > 0) allow_above_default_shared(kernel, staged_bytes<T>(p, rows));
   return static_cast<int>(rows);
+}
+
+// How alpha_partials_staged_kernel splits the classes and the shared memory.
+struct PartialsShape {
+  int64_t class_blocks = 0;
+  int classes_per_block = 0, staged_rows = 0, threads = 0;  // staged_rows 0: a row does not fit
+  int64_t shared_bytes = 0;
+};
+
+// Enough class blocks for two blocks a multiprocessor, and more where a
+// block's sums would leave no room for a logit row. Blocks whose sums leave
+// room for two rows in kStagedBytes run two a multiprocessor; the others take
+// all the shared memory a block may have, and kMaxPartialsThreads threads.
+// Every thread stages rows, including those without a class of their own.
+template <typename T, typename A>
+PartialsShape partials_shape(const CombineBackwardParams& b) {
+  const CombineParams& p = b.forward;
+  const int64_t row_bytes = staged_row_bytes<T>(p), class_bytes = p.k * static_cast<int64_t>(sizeof(A));
+  const int64_t max_shared = max_shared_per_block(), two_per_multiprocessor = std::min(kStagedBytes, max_shared);
+  const int64_t most_classes = (max_shared - kOffsetsBytes - row_bytes) / class_bytes;
+  if (most_classes < 1) return {};
+  const int64_t class_blocks = std::max(
+      std::min<int64_t>((p.num_out + kStagedThreads - 1) / kStagedThreads,
+                        (2 * multiprocessors() + b.alpha_chunks - 1) / b.alpha_chunks),
+      (p.num_out + most_classes - 1) / most_classes);
+  const int64_t classes = (p.num_out + class_blocks - 1) / class_blocks, sums_bytes = classes * class_bytes;
+  const bool two = sums_bytes + kOffsetsBytes + 2 * row_bytes <= two_per_multiprocessor;
+  const int64_t rows = std::min<int64_t>(
+      kMaxStagedRows, ((two ? two_per_multiprocessor : max_shared) - kOffsetsBytes - sums_bytes) / row_bytes);
+  return {class_blocks, static_cast<int>(classes), static_cast<int>(rows), two ? kStagedThreads : kMaxPartialsThreads,
+          staged_bytes<T>(p, static_cast<int>(rows)) + sums_bytes};
 }
 
 }  // namespace
@@ -623,15 +681,14 @@ void alpha_combine_backward(const CombineBackwardParams& b) {
     using A = acc_t<T>;
     if (b.grad_alphas != nullptr && p.num_out > 0 && b.alpha_partials != nullptr) {
       const int64_t chunk = (p.elems + b.alpha_chunks - 1) / b.alpha_chunks;
-      const auto staged_kernel = alpha_partials_staged_kernel<T, A>;
-      const int staged_rows = staged_rows_for<T>(staged_kernel, p);
-      if (staged_rows > 0) {
-        // enough blocks for two per multiprocessor, each with a share of the classes
-        const int64_t class_blocks = std::min<int64_t>((p.num_out + kStagedThreads - 1) / kStagedThreads,
-                                                       (2 * multiprocessors() + b.alpha_chunks - 1) / b.alpha_chunks);
-        const dim3 grid(static_cast<unsigned int>(class_blocks), static_cast<unsigned int>(b.alpha_chunks));
+      const PartialsShape shape = partials_shape<T, A>(b);
+      if (shape.staged_rows > 0) {
+        const auto staged_kernel = alpha_partials_staged_kernel<T, A>;
+        allow_above_default_shared(staged_kernel, shape.shared_bytes);
+        const dim3 grid(static_cast<unsigned int>(shape.class_blocks), static_cast<unsigned int>(b.alpha_chunks));
         launch(column_plan_kernel<A>, blocks_for(p.num_out), kThreads, 0, p, false);
-        launch(staged_kernel, grid, kStagedThreads, staged_bytes<T>(p, staged_rows), b, chunk, staged_rows);
+        launch(staged_kernel, grid, shape.threads, shape.shared_bytes, b, chunk, shape.staged_rows,
+               shape.classes_per_block);
       } else {
         const dim3 grid(blocks_for(p.num_out * p.k), static_cast<unsigned int>(b.alpha_chunks));
         launch(alpha_partials_kernel<T, A>, grid, kThreads, 0, b, chunk);
