@@ -583,6 +583,7 @@ __global__ void __launch_bounds__(kThreads) checks_kernel(CombineCheckParams c) 
 // Ampere multiprocessor (228 or 164 KB).
 constexpr int64_t kStagedBytes = 112 * 1024;
 
+// The staged rows' offsets, after the rows (staged_offsets).
 constexpr int64_t kOffsetsBytes = kMaxStagedRows * sizeof(int);
 
 template <typename T>
