@@ -15,6 +15,16 @@ def make_case(lines, elems, n, k, dim, dtype=torch.float32, device="cpu", genera
     return source, targets, neighbors, alphas
 
 
+def assert_alpha_gradient_matches(source, targets, neighbors, alphas, grad_out, dim):
+    """The gradient of ``alphas`` through alpha_combine, against the float64 reference's."""
+    a = alphas.clone().requires_grad_()
+    alphanet_ext.alpha_combine(source, targets, neighbors, a, dim=dim).backward(grad_out)
+    a_ref = alphas.cpu().double().requires_grad_()
+    reference.alpha_combine(source.cpu().double(), targets.cpu(), neighbors.cpu(), a_ref, dim).backward(
+        grad_out.cpu().double())
+    torch.testing.assert_close(a.grad.cpu().double(), a_ref.grad, rtol=1e-5, atol=1e-5)
+
+
 SHAPES = [  # lines, elems, n, k
     (1, 1, 1, 1), (5, 1, 3, 2), (9, 33, 4, 5), (100, 257, 30, 5), (40, 2, 40, 10), (13, 64, 0, 3), (6, 0, 4, 2),
     # rows of whole 16-byte packs (CUDA's vectorised kernels): 96 for every dtype, 36 for 4- and 8-byte ones
@@ -162,11 +172,7 @@ def test_more_elements_and_classes_than_the_kernels_grids_hold(device, generator
     n = 65_535 + 9
     source, targets, neighbors, alphas = make_case(4, 3, n, 2, 0, device=device, generator=generator)
     grad_out = rand(n, 3, device=device, generator=generator)
-    a = alphas.clone().requires_grad_()
-    alphanet_ext.alpha_combine(source, targets, neighbors, a).backward(grad_out)
-    a_ref = alphas.cpu().double().requires_grad_()
-    reference.alpha_combine(source.cpu(), targets.cpu(), neighbors.cpu(), a_ref, 0).backward(grad_out.cpu().double())
-    torch.testing.assert_close(a.grad.cpu().double(), a_ref.grad, rtol=1e-5, atol=1e-5)
+    assert_alpha_gradient_matches(source, targets, neighbors, alphas, grad_out, 0)
 
 
 # The CUDA column kernels copy logit rows to shared memory, as many as fit in
@@ -198,12 +204,7 @@ def test_wide_logit_rows(device, generator, lines, dtype):
 def test_column_alpha_gradient_with_many_sums(device, generator, lines, n, k):
     source, targets, neighbors, alphas = make_case(lines, 70, n, k, 1, device=device, generator=generator)
     grad_out = rand(70, n, device=device, generator=generator)
-    a = alphas.clone().requires_grad_()
-    alphanet_ext.alpha_combine(source, targets, neighbors, a, dim=1).backward(grad_out)
-    a_ref = alphas.cpu().double().requires_grad_()
-    reference.alpha_combine(source.cpu().double(), targets.cpu(), neighbors.cpu(), a_ref, 1).backward(
-        grad_out.cpu().double())
-    torch.testing.assert_close(a.grad.cpu().double(), a_ref.grad, rtol=1e-5, atol=1e-5)
+    assert_alpha_gradient_matches(source, targets, neighbors, alphas, grad_out, 1)
 
 
 def test_alpha_gradient_over_more_logit_rows_than_its_chunks_hold(device, generator):
@@ -211,12 +212,7 @@ def test_alpha_gradient_over_more_logit_rows_than_its_chunks_hold(device, genera
     # last ones empty, and their partial sums must still be zero
     source, targets, neighbors, alphas = make_case(3, 65_536 + 7, 2, 1, 1, device=device, generator=generator)
     grad_out = rand(65_536 + 7, 2, device=device, generator=generator)
-    a = alphas.clone().requires_grad_()
-    alphanet_ext.alpha_combine(source, targets, neighbors, a, dim=1).backward(grad_out)
-    a_ref = alphas.cpu().double().requires_grad_()
-    reference.alpha_combine(source.cpu().double(), targets.cpu(), neighbors.cpu(), a_ref, 1).backward(
-        grad_out.cpu().double())
-    torch.testing.assert_close(a.grad.cpu().double(), a_ref.grad, rtol=1e-5, atol=1e-5)
+    assert_alpha_gradient_matches(source, targets, neighbors, alphas, grad_out, 1)
 
 
 def test_only_alpha_gradient_when_source_is_fixed(generator):
@@ -338,12 +334,7 @@ def test_bad_input(device, build):
 def test_alpha_gradient_with_many_neighbours(device, generator, dim, k):
     source, targets, neighbors, alphas = make_case(400, 70, 3, k, dim, device=device, generator=generator)
     grad_out = rand(*((3, 70) if dim == 0 else (70, 3)), device=device, generator=generator)
-    a = alphas.clone().requires_grad_()
-    alphanet_ext.alpha_combine(source, targets, neighbors, a, dim=dim).backward(grad_out)
-    a_ref = alphas.cpu().double().requires_grad_()
-    reference.alpha_combine(source.cpu().double(), targets.cpu(), neighbors.cpu(), a_ref, dim).backward(
-        grad_out.cpu().double())
-    torch.testing.assert_close(a.grad.cpu().double(), a_ref.grad, rtol=1e-5, atol=1e-5)
+    assert_alpha_gradient_matches(source, targets, neighbors, alphas, grad_out, dim)
 
 
 def test_alpha_gradient_neighbour_limit_on_cuda(device, generator):
