@@ -49,13 +49,14 @@ def _backing_file(array: ArrayLike) -> tuple[str, int] | None:
     return os.fspath(root.filename), root.offset + (array.ctypes.data - root.ctypes.data)
 
 
-def _read_rows(array: np.memmap, rows: np.ndarray) -> np.ndarray:
-    """``array[rows]`` through file reads rather than the mapping. Reading through
-    a mapping maps whole runs of pages around each row into this process
-    (0.7 GB resident for 2,000 scattered rows of a 2.9 GB file); a read copies
-    just the rows. Runs of consecutive rows are read in one call."""
+def _read_rows(array: np.memmap, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``array[rows]`` through file reads rather than the mapping, into ``out`` if
+    given. Reading through a mapping maps whole runs of pages around each row into
+    this process (0.7 GB resident for 2,000 scattered rows of a 2.9 GB file); a
+    read copies just the rows. Runs of consecutive rows are read in one call."""
     path, offset = _backing_file(array)
-    out = np.empty((len(rows),) + tuple(array.shape[1:]), dtype=array.dtype)
+    if out is None:
+        out = np.empty((len(rows),) + tuple(array.shape[1:]), dtype=array.dtype)
     if out.size == 0:
         return out
     row_bytes = out[:1].nbytes
@@ -78,6 +79,9 @@ def iter_row_chunks(array: ArrayLike, name: str, device: torch.device,
                     chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple[int, Tensor]]:
     """Yields ``(first_row, rows)`` chunks as tensors on ``device``; memory-mapped
     arrays are read from their file chunk by chunk."""
+    if device.type == "cuda" and not as_tensor(array[:0], name).is_cuda:
+        yield from _uploaded_row_chunks(array, name, device, chunk_rows)
+        return
     file_backed = _backing_file(array) is not None
     for begin in range(0, num_rows(array), chunk_rows):
         if file_backed:
@@ -85,6 +89,34 @@ def iter_row_chunks(array: ArrayLike, name: str, device: torch.device,
         else:
             chunk = array[begin:begin + chunk_rows]
         yield begin, as_tensor(chunk, name, device)
+
+
+def _uploaded_row_chunks(array: ArrayLike, name: str, device: torch.device,
+                         chunk_rows: int) -> Iterator[tuple[int, Tensor]]:
+    """:func:`iter_row_chunks` for host rows bound for a GPU. Each chunk is read
+    (from its file, for a memory map) into one pinned buffer and uploaded from
+    there asynchronously: a copy from pageable memory goes through the driver's
+    own staging and ran at about 7 GB/s on an H200 (2.9 GB of features, 427 ms)."""
+    total = num_rows(array)
+    staging = torch.empty((min(chunk_rows, total),) + tuple(array.shape[1:]),
+                          dtype=as_tensor(array[:0], name).dtype, pin_memory=True)
+    file_backed = _backing_file(array) is not None
+    uploaded = None
+    for begin in range(0, total, chunk_rows):
+        end = min(begin + chunk_rows, total)
+        buffer = staging[:end - begin]
+        if uploaded is not None:
+            uploaded.synchronize()  # the previous chunk's upload still reads the buffer
+        if file_backed:
+            _read_rows(array, np.arange(begin, end), out=buffer.numpy())
+        elif isinstance(array, np.ndarray):
+            np.copyto(buffer.numpy(), array[begin:end])
+        else:
+            buffer.copy_(as_tensor(array[begin:end], name))
+        chunk = buffer.to(device, non_blocking=True)
+        uploaded = torch.cuda.Event()
+        uploaded.record(torch.cuda.current_stream(device))
+        yield begin, chunk
 
 
 def streamed_class_means(x: ArrayLike, labels: Tensor, num_classes: int, name: str, device: torch.device,

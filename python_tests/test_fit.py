@@ -637,16 +637,36 @@ def test_memmap_rows_and_slices_read_correctly(tmp_path):
     assert _backing_file(mapped) == _backing_file(by_name) == (str(tmp_path / "a.npy"), 128)
     assert _backing_file(mapped[5:]) == (str(tmp_path / "a.npy"), 128 + 5 * 12) and _backing_file(fortran) is None
     assert _backing_file(mapped[:, 1:]) is None  # not whole rows
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for source, expected in ((mapped, array), (by_name, array), (mapped[5:], array[5:]), (mapped[2:][1:], array[3:]),
                              (fortran, array)):
-        chunks = torch.cat([chunk for _, chunk in iter_row_chunks(source, "x", torch.device("cpu"), chunk_rows=4)])
-        assert torch.equal(chunks, torch.from_numpy(expected))
+        for device in devices:  # CUDA: through a pinned buffer, every chunk uploaded before the next is read
+            chunks = [chunk for _, chunk in iter_row_chunks(source, "x", device, chunk_rows=4)]
+            assert all(chunk.device.type == device.type for chunk in chunks)
+            assert torch.equal(torch.cat(chunks).cpu(), torch.from_numpy(expected))
         for rows in (torch.tensor([7, 0, 7, 3, 4, 5, 14]), torch.tensor([], dtype=torch.long)):
             assert torch.equal(gather_rows(source, rows, "x", torch.device("cpu")),
                                torch.from_numpy(expected[rows.numpy()]))
     os.truncate(tmp_path / "a.npy", 128 + 10 * 12)  # the file shrinks under the mapping: rows 10+ are gone
     with pytest.raises(OSError, match=r"a.npy: file ended early \(truncated\?\) while reading row 12"):
         gather_rows(mapped, torch.tensor([3, 12]), "x", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_row_chunks_of_arrays_and_tensors_in_memory(device):
+    from alphanet_ext.data import iter_row_chunks
+    values = torch.randn(21, 6, generator=torch.Generator().manual_seed(3))
+    sources = {"numpy": values.numpy(), "numpy, read-only": values.numpy().copy(), "float16 numpy": values.half().numpy(),
+               "tensor": values, "strided tensor": values.T.contiguous().T, "bfloat16 tensor": values.bfloat16()}
+    sources["numpy, read-only"].flags.writeable = False
+    for label, source in sources.items():
+        chunks = list(iter_row_chunks(source, "x", torch.device(device), chunk_rows=4))
+        assert [begin for begin, _ in chunks] == list(range(0, 21, 4)), label
+        assert all(chunk.device.type == device for _, chunk in chunks), label
+        expected = torch.from_numpy(source.copy()) if isinstance(source, np.ndarray) else source
+        assert torch.equal(torch.cat([chunk for _, chunk in chunks]).cpu(), expected), label
+    assert list(iter_row_chunks(values[:0], "x", torch.device(device))) == []
 
 
 def test_coefficient_networks_start_as_torch_linear_layers_do():
