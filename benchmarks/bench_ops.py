@@ -5,8 +5,10 @@
 Peers: class means -> index_add_ + bincount; kNN -> cdist + topk and mm
 expansion + topk (the faster of the two is the ratio's denominator);
 alpha combine -> index_select + einsum (rows of W) and advanced indexing +
-einsum (columns of a logits matrix). On a GPU with cupy installed, cupy's
-equivalents are second peers (scatter_add, mm + argpartition, indexing + einsum).
+einsum (columns of a logits matrix); on a GPU, the fit's upload of host
+features (chunks through a pinned buffer) -> one tensor.to from pageable
+memory. On a GPU with cupy installed, cupy's equivalents are second peers
+(scatter_add, mm + argpartition, indexing + einsum).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import os
 import torch
 
 import alphanet_ext
+from alphanet_ext.data import iter_row_chunks
 from common import compare, machine, mib, peak_extra_memory, setup_threads
 
 SIZES = {
@@ -119,11 +122,14 @@ def screening_counts(queries, keys, k, label):
     return f"(int16 screening{label}: {ranked / max(queries.shape[0], 1):.1f} keys per query ranked in float64)"
 
 
-def row(name, size, ours, peer, device, repeats, peer_name, rates=None, moved_bytes=None, flops=None, int8_ops=None):
+def row(name, size, ours, peer, device, repeats, peer_name, rates=None, moved_bytes=None, flops=None, int8_ops=None,
+        uploaded_bytes=None):
     t_ours, t_peer = compare(ours, peer, device, repeats)
     mem_ours, mem_peer = peak_extra_memory(ours, device), peak_extra_memory(peer, device)
     fraction = ""
-    if rates and moved_bytes:
+    if uploaded_bytes:
+        fraction = f"{uploaded_bytes / t_ours / 1e9:.1f} GB/s host to device (peer {uploaded_bytes / t_peer / 1e9:.1f})"
+    elif rates and moved_bytes:
         fraction = f"{moved_bytes / t_ours / 1e9:.0f} GB/s = {moved_bytes / t_ours / rates['bandwidth']:.0%} of copy"
     elif rates and flops:
         fraction = f"{flops / t_ours / 1e12:.1f} TFLOP/s = {flops / t_ours / rates['matmul']:.0%} of matmul"
@@ -194,7 +200,8 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sizes", default="small,medium,large")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--ops", default="class_means,knn,alpha_combine")
+    parser.add_argument("--ops", default="class_means,knn,alpha_combine,upload",
+                        help="upload: host features to a GPU in the fit's chunks, against one tensor.to")
     args = parser.parse_args()
     threads = setup_threads(args.threads)
     device = args.device
@@ -277,6 +284,17 @@ def main():
             row("alpha_combine columns fwd+bwd", f"L {logit_rows}x{lines}, n={few}, k={k}", ours_columns_backward,
                 peer_columns_backward, device, args.repeats, "autograd of peer", rates,
                 2 * logit_rows * few * (k + 2) * 4)
+        if "upload" in ops and "means" in size and device.startswith("cuda"):  # the fit's feature upload
+            rows, dims, _ = size["means"]
+            # its own generator, so the other rows' inputs stay as they were
+            host = torch.randn(rows, dims, generator=torch.Generator().manual_seed(1)).numpy()
+            def ours_upload():
+                for _ in iter_row_chunks(host, "x", torch.device(device)):
+                    pass
+            row("upload host rows", f"{rows}x{dims} numpy float32", ours_upload,
+                lambda: torch.from_numpy(host).to(device), device, args.repeats, "tensor.to (pageable)",
+                uploaded_bytes=host.nbytes)
+            del host
 
 
 if __name__ == "__main__":

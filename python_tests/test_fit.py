@@ -14,7 +14,10 @@ import torch
 import alphanet_ext
 from alphanet_ext import reference, synthetic
 from alphanet_ext.metrics import SPLIT_NAMES
-from conftest import HAS_EMULATION, on_backend
+from conftest import DEVICES, HAS_EMULATION, on_backend
+
+# where host rows can be sent: CUDA goes through a pinned buffer (data._uploaded_row_chunks)
+HOST_AND_GPU = [device for device in DEVICES if device != "emulated-cuda"]
 
 
 @pytest.fixture(scope="module")
@@ -625,7 +628,8 @@ def test_fused_adamw_matches_torch_optim():
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
-def test_memmap_rows_and_slices_read_correctly(tmp_path):
+@pytest.mark.parametrize("device", HOST_AND_GPU)
+def test_memmap_rows_and_slices_read_correctly(tmp_path, device):
     from alphanet_ext.data import _backing_file, gather_rows, iter_row_chunks
     array = np.arange(60, dtype=np.float32).reshape(20, 3)
     np.save(tmp_path / "a.npy", array)
@@ -637,23 +641,20 @@ def test_memmap_rows_and_slices_read_correctly(tmp_path):
     assert _backing_file(mapped) == _backing_file(by_name) == (str(tmp_path / "a.npy"), 128)
     assert _backing_file(mapped[5:]) == (str(tmp_path / "a.npy"), 128 + 5 * 12) and _backing_file(fortran) is None
     assert _backing_file(mapped[:, 1:]) is None  # not whole rows
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    device = torch.device(device)
     for source, expected in ((mapped, array), (by_name, array), (mapped[5:], array[5:]), (mapped[2:][1:], array[3:]),
                              (fortran, array)):
-        for device in devices:  # CUDA: through a pinned buffer, every chunk uploaded before the next is read
-            chunks = [chunk for _, chunk in iter_row_chunks(source, "x", device, chunk_rows=4)]
-            assert all(chunk.device.type == device.type for chunk in chunks)
-            assert torch.equal(torch.cat(chunks).cpu(), torch.from_numpy(expected))
+        chunks = [chunk for _, chunk in iter_row_chunks(source, "x", device, chunk_rows=4)]
+        assert all(chunk.device.type == device.type for chunk in chunks)
+        assert torch.equal(torch.cat(chunks).cpu(), torch.from_numpy(expected))
         for rows in (torch.tensor([7, 0, 7, 3, 4, 5, 14]), torch.tensor([], dtype=torch.long)):
-            assert torch.equal(gather_rows(source, rows, "x", torch.device("cpu")),
-                               torch.from_numpy(expected[rows.numpy()]))
+            assert torch.equal(gather_rows(source, rows, "x", device).cpu(), torch.from_numpy(expected[rows.numpy()]))
     os.truncate(tmp_path / "a.npy", 128 + 10 * 12)  # the file shrinks under the mapping: rows 10+ are gone
     with pytest.raises(OSError, match=r"a.npy: file ended early \(truncated\?\) while reading row 12"):
-        gather_rows(mapped, torch.tensor([3, 12]), "x", torch.device("cpu"))
+        gather_rows(mapped, torch.tensor([3, 12]), "x", device)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a GPU"))])
+@pytest.mark.parametrize("device", HOST_AND_GPU)
 def test_row_chunks_of_arrays_and_tensors_in_memory(device):
     from alphanet_ext.data import iter_row_chunks
     values = torch.randn(21, 6, generator=torch.Generator().manual_seed(3))
