@@ -109,9 +109,7 @@ def _uploaded_row_chunks(array: ArrayLike, name: str, device: torch.device,
             uploaded.synchronize()  # the previous chunk's upload still reads the buffer
         if file_backed:
             _read_rows(array, np.arange(begin, end), out=buffer.numpy())
-        elif isinstance(array, np.ndarray):
-            np.copyto(buffer.numpy(), array[begin:end])
-        else:
+        else:  # torch's copy runs on all its threads
             buffer.copy_(as_tensor(array[begin:end], name))
         chunk = buffer.to(device, non_blocking=True)
         uploaded = torch.cuda.Event()
