@@ -40,6 +40,12 @@ def test_threads_waiting_at_different_barriers_are_a_deadlock():
         self_test("split_barrier")
 
 
+def test_a_misaligned_16_byte_move_faults_as_on_a_gpu():
+    assert self_test("aligned_packs") == list(range(16))
+    with pytest.raises(RuntimeError, match="CUDA emulation: misaligned address"):
+        self_test("misaligned_packs")
+
+
 def test_a_shuffle_naming_an_exited_lane_is_an_error():
     with pytest.raises(RuntimeError, match="lane 31 of warp 0, which has exited"):
         self_test("exited_lane")

@@ -65,7 +65,7 @@ __global__ void forward_packed_kernel(CombineParams p) {
     Pack<T> result;
 #pragma unroll
     for (int u = 0; u < V; ++u) result.values[u] = static_cast<T>(acc[u]);
-    *reinterpret_cast<uint4*>(out + c * p.out_line_stride + pack * V) = *reinterpret_cast<const uint4*>(&result);
+    move_pack(out + c * p.out_line_stride + pack * V, &result);
   }
 }
 
@@ -171,7 +171,7 @@ __device__ __forceinline__ void stage_rows(const CombineParams& p, const T* sour
       const int line = pack * V - shift;  // of the pack's first element
       if (base + u * step < total) {
         if (p.line_stride == 1 && line >= 0 && line + V <= lines) {
-          *reinterpret_cast<uint4*>(&values[u]) = *reinterpret_cast<const uint4*>(row + line);
+          move_pack(&values[u], row + line);
         } else {
 #pragma unroll
           for (int v = 0; v < V; ++v) {
@@ -187,7 +187,7 @@ __device__ __forceinline__ void stage_rows(const CombineParams& p, const T* sour
 #pragma unroll
     for (int u = 0; u < kPackBatch; ++u) {
       if (base + u * step >= total) break;
-      reinterpret_cast<uint4*>(staged)[base + u * step] = *reinterpret_cast<const uint4*>(&values[u]);
+      move_pack(reinterpret_cast<uint4*>(staged) + base + u * step, &values[u]);
     }
   }
 }

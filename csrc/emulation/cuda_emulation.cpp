@@ -269,6 +269,12 @@ unsigned char* next_shuffle_buffer() {
   return buffer;
 }
 
+void fault(const char* message) {
+  running_fiber();
+  current->error = message;
+  for (;;) suspend(State::Done);  // the scheduler sees the error and resumes no thread of this launch
+}
+
 void allow_dynamic_shared(const void* kernel, size_t bytes) {
   TORCH_CHECK(bytes <= kMaxOptInShared, "CUDA emulation: ", bytes,
               " bytes of dynamic shared memory exceed the opt-in limit of ", kMaxOptInShared);

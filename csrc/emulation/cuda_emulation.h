@@ -65,6 +65,9 @@ constexpr int kMultiprocessors = 2;
 constexpr size_t kMaxOptInShared = 227 * 1024;
 // cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes)
 void allow_dynamic_shared(const void* kernel, size_t bytes);
+// Ends the launch with `message` as its error, as a GPU ends a kernel that
+// faults; the other threads do not run on.
+[[noreturn]] void fault(const char* message);
 // The warp's exchange buffer for this thread's next shuffle: 32 slots of 8
 // bytes. Consecutive shuffles alternate between two buffers, so one barrier
 // per shuffle suffices (no lane can write a buffer another has yet to read).

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "../cuda/launch.cuh"
+#include "../cuda/pack.cuh"
 #include "../kernel_params.h"
 
 namespace alphanet::emulation {
@@ -58,6 +59,14 @@ __global__ void exited_lane_kernel(int* out) {
   out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, static_cast<int>(threadIdx.x), 1);
 }
 
+// Copies 16 bytes a thread from `from` to `to`, each thread's offset `shift` bytes past a 16-byte boundary.
+__global__ void pack_kernel(int* to, const int* from, int shift) {
+  const auto at = [&](auto* base) {
+    return reinterpret_cast<decltype(base)>(reinterpret_cast<uintptr_t>(base) + 16 * threadIdx.x + shift);
+  };
+  cuda::move_pack(at(to), at(from));
+}
+
 __global__ void empty_kernel() {}
 
 }  // namespace
@@ -82,6 +91,13 @@ std::vector<int> self_test(const std::string& name, uint64_t schedule_seed) {
     } else if (name == "exited_lane") {
       out.assign(32, -1);
       launch(exited_lane_kernel, 1, 32, 0, out.data());
+    } else if (name == "aligned_packs" || name == "misaligned_packs") {
+      alignas(16) int from[4 * 4 + 4], to[4 * 4 + 4] = {};  // 4 threads' packs, and room to shift them
+      for (int i = 0; i < 4 * 4 + 4; ++i) from[i] = i;
+      int* to_data = to;
+      const int* from_data = from;
+      launch(pack_kernel, 1, 4, 0, to_data, from_data, name == "aligned_packs" ? 0 : 4);
+      out.assign(to, to + 4 * 4);
     } else if (name == "too_many_threads") {
       launch(empty_kernel, 1, 2048, 0);
     } else if (name == "too_much_shared_memory") {
