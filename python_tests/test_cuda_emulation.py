@@ -1,4 +1,8 @@
 """What the CPU emulator of the CUDA kernels promises (csrc/emulation)."""
+import signal
+import subprocess
+import sys
+
 import pytest
 
 from conftest import HAS_EMULATION
@@ -44,6 +48,15 @@ def test_a_misaligned_16_byte_move_faults_as_on_a_gpu():
     assert self_test("aligned_packs") == list(range(16))
     with pytest.raises(RuntimeError, match="CUDA emulation: misaligned address"):
         self_test("misaligned_packs")
+
+
+def test_shared_memory_ends_where_the_launch_said():
+    """An access past a launch's dynamic shared memory faults, as on a GPU. The
+    fault kills the process, so the overrun runs in a child process."""
+    assert self_test("shared_within") == list(range(64))
+    script = "from alphanet_ext import ops; ops._C._emulation_self_test('shared_overrun', 0)"
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert child.returncode == -signal.SIGSEGV, child.stderr
 
 
 def test_a_shuffle_naming_an_exited_lane_is_an_error():

@@ -3,6 +3,7 @@
 
 #include <c10/util/Exception.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -70,12 +71,42 @@ struct Fiber {
   State state = State::Ready;
 };
 
+// A launch's dynamic shared memory: `bytes` (rounded up to 16) that end where
+// an inaccessible page begins. A kernel that reads or writes past the shared
+// memory its launch asked for then faults, as on a GPU, where a heap buffer
+// would let it carry on.
+class GuardedShared {
+ public:
+  explicit GuardedShared(size_t bytes) {
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE)), used = (bytes + 15) / 16 * 16;
+    const size_t pages = (used + page - 1) / page * page;
+    mapping_bytes_ = pages + page;
+    void* base = mmap(nullptr, mapping_bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    TORCH_CHECK(base != MAP_FAILED, "CUDA emulation: could not map ", mapping_bytes_, " bytes of shared memory");
+    mapping_ = static_cast<unsigned char*>(base);
+    if (mprotect(mapping_ + pages, page, PROT_NONE) != 0) {
+      munmap(mapping_, mapping_bytes_);
+      TORCH_CHECK(false, "CUDA emulation: could not guard shared memory");
+    }
+    data_ = mapping_ + pages - used;
+  }
+  ~GuardedShared() { munmap(mapping_, mapping_bytes_); }
+  GuardedShared(const GuardedShared&) = delete;
+  GuardedShared& operator=(const GuardedShared&) = delete;
+  unsigned char* data() const { return data_; }
+
+ private:
+  unsigned char* mapping_ = nullptr;
+  unsigned char* data_ = nullptr;
+  size_t mapping_bytes_ = 0;
+};
+
 struct Launch {
+  explicit Launch(size_t shared_bytes) : shared(shared_bytes) {}
   std::vector<Fiber> fibers;
   unsigned char* stacks = nullptr;  // kStackBytes per fiber
   std::vector<unsigned char> shuffle_buffers;  // per warp: 2 x 32 x 8 bytes
-  std::vector<unsigned char> shared_storage;  // at least shared_bytes, 16-byte aligned at `shared`
-  unsigned char* shared = nullptr;
+  GuardedShared shared;  // 16-byte aligned
   void* scheduler_stack_pointer = nullptr;
   Fiber* running = nullptr;
   const std::function<void()>* body = nullptr;
@@ -284,7 +315,7 @@ void allow_dynamic_shared(const void* kernel, size_t bytes) {
 
 unsigned char* dynamic_shared() {
   running_fiber();
-  return current->shared;
+  return current->shared.data();
 }
 
 void run(const void* kernel, dim3 grid, dim3 block, size_t shared_bytes, const std::function<void()>& thread_body) {
@@ -299,10 +330,7 @@ void run(const void* kernel, dim3 grid, dim3 block, size_t shared_bytes, const s
               limit == kMaxDynamicShared ? "the default limit of " : "the kernel's opted-in limit of ", limit);
   TORCH_CHECK(current == nullptr, "CUDA emulation: a kernel launched another kernel");
 
-  Launch launch;
-  launch.shared_storage.resize(shared_bytes + 16);
-  launch.shared = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(launch.shared_storage.data()) + 15) & ~uintptr_t{15});
+  Launch launch(shared_bytes);
   launch.body = &thread_body;
   launch.fibers.resize(threads);
   launch.stacks = fiber_stacks(threads);
@@ -322,7 +350,7 @@ void run(const void* kernel, dim3 grid, dim3 block, size_t shared_bytes, const s
     for (unsigned int y = 0; y < grid.y && launch.error.empty(); ++y) {
       for (unsigned int x = 0; x < grid.x && launch.error.empty(); ++x) {
         for (Fiber& f : launch.fibers) f.coordinates.block = dim3(x, y, z);
-        std::memset(launch.shared, 0xff, shared_bytes);  // uninitialised on a GPU: make reliance on zeros show
+        std::memset(launch.shared.data(), 0xff, shared_bytes);  // uninitialised on a GPU: make reliance on zeros show
         run_block(launch, random_state);
       }
     }

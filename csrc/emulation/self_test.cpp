@@ -67,6 +67,13 @@ __global__ void pack_kernel(int* to, const int* from, int shift) {
   cuda::move_pack(at(to), at(from));
 }
 
+// Thread i writes int `i` of the launch's dynamic shared memory, then reads it back to out.
+__global__ void shared_kernel(int* out) {
+  int* shared = cuda::dynamic_shared<int>();
+  shared[threadIdx.x] = static_cast<int>(threadIdx.x);
+  out[threadIdx.x] = shared[threadIdx.x];
+}
+
 __global__ void empty_kernel() {}
 
 }  // namespace
@@ -98,6 +105,9 @@ std::vector<int> self_test(const std::string& name, uint64_t schedule_seed) {
       const int* from_data = from;
       launch(pack_kernel, 1, 4, 0, to_data, from_data, name == "aligned_packs" ? 0 : 4);
       out.assign(to, to + 4 * 4);
+    } else if (name == "shared_within" || name == "shared_overrun") {
+      out.assign(64, -1);  // 64 threads, with room for 64 ints or 60 (whole 16-byte units: no rounding slack)
+      launch(shared_kernel, 1, 64, (name == "shared_within" ? 64 : 60) * sizeof(int), out.data());
     } else if (name == "too_many_threads") {
       launch(empty_kernel, 1, 2048, 0);
     } else if (name == "too_much_shared_memory") {
