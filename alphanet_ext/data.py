@@ -98,8 +98,7 @@ def _uploaded_row_chunks(array: ArrayLike, name: str, device: torch.device,
     there asynchronously: a copy from pageable memory goes through the driver's
     own staging and ran at about 7 GB/s on an H200 (2.9 GB of features, 427 ms)."""
     total = num_rows(array)
-    staging = torch.empty((min(chunk_rows, total),) + tuple(array.shape[1:]),
-                          dtype=as_tensor(array[:0], name).dtype, pin_memory=True)
+    staging = _host_rows((min(chunk_rows, total),) + tuple(array.shape[1:]), as_tensor(array[:0], name).dtype, device)
     file_backed = _backing_file(array) is not None
     uploaded = None
     for begin in range(0, total, chunk_rows):
@@ -136,16 +135,25 @@ def streamed_class_means(x: ArrayLike, labels: Tensor, num_classes: int, name: s
     return accumulator.means()
 
 
+def _host_rows(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """An empty host tensor for rows bound for ``device``: pinned for a GPU, so that
+    the upload need not go through the driver's staging copy of pageable memory."""
+    return torch.empty(shape, dtype=dtype, pin_memory=device.type == "cuda")
+
+
 def gather_rows(array: ArrayLike, rows: Tensor, name: str, device: torch.device) -> Tensor:
     """``array[rows]`` on ``device``; a memory-mapped array is read from its file in ascending row order."""
-    if isinstance(array, Tensor):
-        return array.detach()[rows.to(array.device)].to(device)
+    shape = (rows.numel(),) + tuple(array.shape[1:])
+    if isinstance(array, Tensor) and array.device.type == "cpu":
+        gathered = _host_rows(shape, array.dtype, device)
+        return torch.index_select(array.detach(), 0, rows.cpu(), out=gathered).to(device, non_blocking=True)
     if isinstance(array, np.ndarray):
         rows_np = rows.cpu().numpy()
         order = np.argsort(rows_np, kind="stable")
-        gathered = np.empty((len(rows_np),) + tuple(array.shape[1:]), dtype=array.dtype)
-        gathered[order] = _read_rows(array, rows_np[order]) if _backing_file(array) else array[rows_np[order]]
-        return torch.from_numpy(gathered).to(device)
+        gathered = _host_rows(shape, as_tensor(array[:0], name).dtype, device)
+        rows_read = _read_rows(array, rows_np[order]) if _backing_file(array) else array[rows_np[order]]
+        gathered.numpy()[order] = rows_read
+        return gathered.to(device, non_blocking=True)
     return as_tensor(array, name)[rows.to(as_tensor(array, name).device)].to(device)
 
 

@@ -655,8 +655,8 @@ def test_memmap_rows_and_slices_read_correctly(tmp_path, device):
 
 
 @pytest.mark.parametrize("device", HOST_AND_GPU)
-def test_row_chunks_of_arrays_and_tensors_in_memory(device):
-    from alphanet_ext.data import iter_row_chunks
+def test_row_chunks_and_gathers_of_arrays_and_tensors_in_memory(device):
+    from alphanet_ext.data import gather_rows, iter_row_chunks
     values = torch.randn(21, 6, generator=torch.Generator().manual_seed(3))
     sources = {"numpy": values.numpy(), "numpy, read-only": values.numpy().copy(), "float16 numpy": values.half().numpy(),
                "tensor": values, "strided tensor": values.T.contiguous().T, "bfloat16 tensor": values.bfloat16()}
@@ -667,6 +667,9 @@ def test_row_chunks_of_arrays_and_tensors_in_memory(device):
         assert all(chunk.device.type == device for _, chunk in chunks), label
         expected = torch.from_numpy(source.copy()) if isinstance(source, np.ndarray) else source
         assert torch.equal(torch.cat([chunk for _, chunk in chunks]).cpu(), expected), label
+        for rows in (torch.tensor([7, 0, 7, 20, 4]), torch.tensor([], dtype=torch.long)):
+            gathered = gather_rows(source, rows.to(device), "x", torch.device(device))
+            assert gathered.device.type == device and torch.equal(gathered.cpu(), expected[rows]), label
     assert list(iter_row_chunks(values[:0], "x", torch.device(device))) == []
 
 
