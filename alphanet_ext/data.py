@@ -76,9 +76,10 @@ def num_rows(array: ArrayLike) -> int:
 
 
 def iter_row_chunks(array: ArrayLike, name: str, device: torch.device,
-                    chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple[int, Tensor]]:
-    """Yields ``(first_row, rows)`` chunks as tensors on ``device``; memory-mapped
-    arrays are read from their file chunk by chunk."""
+                    chunk_rows: int | None = None) -> Iterator[tuple[int, Tensor]]:
+    """Yields ``(first_row, rows)`` chunks (of ``CHUNK_ROWS`` rows unless given) as
+    tensors on ``device``; memory-mapped arrays are read from their file chunk by chunk."""
+    chunk_rows = chunk_rows or CHUNK_ROWS
     if device.type == "cuda" and not as_tensor(array[:0], name).is_cuda:
         yield from _uploaded_row_chunks(array, name, device, chunk_rows)
         return

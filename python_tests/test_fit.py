@@ -216,7 +216,9 @@ def test_val_rows_that_are_not_finite_are_named_when_not_kept(problem, monkeypat
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not alphanet_ext.compiled_with_cuda(), reason="needs a GPU")
-def test_fit_on_cuda_from_host_features_matches_device_features(problem, tmp_path):
+def test_fit_on_cuda_from_host_features_matches_device_features(problem, tmp_path, monkeypatch):
+    monkeypatch.setattr(importlib.import_module("alphanet_ext.data"), "CHUNK_ROWS", 100)  # uploads reuse their buffer
+    assert problem.train_x.shape[0] > 3 * 100
     path = tmp_path / "train.npy"
     np.save(path, problem.train_x.numpy())
     mapped = np.load(path, mmap_mode="r")
