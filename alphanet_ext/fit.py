@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Iterable
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from numbers import Integral
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -146,6 +146,48 @@ class _FusedAdamW:
         torch._fused_adamw_(self.params, grads, self.exp_avgs, self.exp_avg_sqs, [], self.steps, lr=self.lr,
                             beta1=0.9, beta2=0.999, weight_decay=self.weight_decay, eps=1e-8, amsgrad=False,
                             maximize=False)
+
+
+class _ReplayedStep:
+    """Runs ``step(*batch)`` for full batches as one captured CUDA graph.
+
+    A training step launches about 40 kernels, and on a GPU launching them took
+    longer than running them (an H200: 1.1 ms of wall time a step at iNaturalist
+    size against 0.8 ms of device time). The first call runs eagerly, so lazy
+    set-up (cuBLAS handles, workspaces) stays out of the graph; later calls copy
+    the batch into fixed buffers and replay. AdamW's learning rate is a constant
+    of the captured kernel, so a new rate captures the step again. The graph runs
+    the same kernels on the same values as the eager step.
+    ``ALPHANET_CUDA_GRAPHS=0`` turns this off.
+    """
+
+    def __init__(self, step: Callable[..., None]):
+        self.step = step
+        self.buffers: list[Tensor] = []
+        self.replay: Callable[[], None] | None = None
+        self.lr: float | None = None
+
+    @staticmethod
+    def wanted(device: torch.device) -> bool:
+        return device.type == "cuda" and os.environ.get("ALPHANET_CUDA_GRAPHS", "1") != "0"
+
+    def __call__(self, lr: float, *batch: Tensor) -> None:
+        if not self.buffers:
+            self.step(*batch)
+            self.buffers = [torch.empty_like(t) for t in batch]
+            return
+        for buffer, value in zip(self.buffers, batch):
+            buffer.copy_(value)
+        if self.replay is None or lr != self.lr:
+            self.replay, self.lr = self._capture(), lr
+        self.replay()
+
+    def _capture(self) -> Callable[[], None]:
+        """The step on the buffers, captured (not run)."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.step(*self.buffers)
+        return graph.replay
 
 
 class _CoefficientNets:
@@ -537,26 +579,35 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
     best_states: list[dict[str, Tensor]] = [{} for _ in range(trials)]
     train_time = val_time = 0.0
 
+    loss_sum = torch.zeros(trials, device=device)
+
+    def train_step(raw: Tensor, base_lse: Tensor, target_few: Tensor, target_base_score: Tensor) -> None:
+        rows = raw.shape[0]
+        losses, grads = ops.coefficient_grads(
+            net_inputs, nets.first, nets.rest, nets.biases, few_bias, raw.view(rows, trials * num_classes),
+            trial_targets, trial_neighbors, base_lse, target_few, target_base_score, pred_scale)
+        optimizer.step(grads)
+        loss_sum.add_(losses * rows)
+
+    full_batch_step = _ReplayedStep(train_step) if _ReplayedStep.wanted(device) else None
     bar = _bar(progress, total=epochs * epoch_size, desc="alphanet fit", unit="sample")
     for epoch in range(1, epochs + 1):
         tic = time.perf_counter()
         optimizer.lr = lr * lr_gamma ** ((epoch - 1) // lr_step)  # StepLR
         entries = torch.stack([draw_epoch(g) for g in generators])  # [T, epoch_size]
-        loss_sum = torch.zeros(trials, device=device)
+        loss_sum.zero_()
         for chunk_begin in range(0, epoch_size, chunk_samples):
             chunk_entries = entries[:, chunk_begin:chunk_begin + chunk_samples]
             chunk_raw, chunk_labels, base_lse, target_base_score = chunk_logits(chunk_entries)
             target_few = few_position[chunk_labels]  # [S, T], -1 for base targets
             for begin in range(0, chunk_raw.shape[0], batch_size):
-                raw = chunk_raw[begin:begin + batch_size]
-                rows = raw.shape[0]
-                losses, grads = ops.coefficient_grads(
-                    net_inputs, nets.first, nets.rest, nets.biases, few_bias, raw.view(rows, trials * num_classes),
-                    trial_targets, trial_neighbors, base_lse[begin:begin + rows], target_few[begin:begin + rows],
-                    target_base_score[begin:begin + rows], pred_scale)
-                optimizer.step(grads)
-                loss_sum += losses * rows
-                bar.update(rows)
+                batch = (chunk_raw[begin:begin + batch_size], base_lse[begin:begin + batch_size],
+                         target_few[begin:begin + batch_size], target_base_score[begin:begin + batch_size])
+                if full_batch_step is not None and batch[0].shape[0] == batch_size:
+                    full_batch_step(optimizer.lr, *batch)
+                else:
+                    train_step(*batch)
+                bar.update(batch[0].shape[0])
         train_time += time.perf_counter() - tic
 
         record: dict[str, Any] = {"epoch": epoch, "loss": (loss_sum / epoch_size).tolist()}

@@ -2,19 +2,24 @@
 
     python benchmarks/bench_fit.py [--threads 2] [--sizes cifar100-lt,imagenet-lt-512,imagenet-lt-2048]
                                    [--peer-epochs 1] [--device cpu] [--logits kept|recomputed|both]
+                                   [--graphs on|off|both]
 
 Each size: our fit (25 epochs, rho=1, val selection; 10 epochs and no val for
-CIFAR-100-LT) with its time split by stage, then the naive per-class-loop peer
+CIFAR-100-LT; 10 epochs, batch 256 for inat2018, a GPU size not in the
+default list) with its time split by stage, then the naive per-class-loop peer
 (benchmarks/naive_peer.py) for --peer-epochs epochs in the same process, its
 total extrapolated to the same number of epochs (stated as such).
 ``--logits recomputed`` makes the fit believe no memory is free, so it computes
 the few-split and val logits every epoch (what it does when they do not fit);
 ``both`` runs each size both ways, alternating, in the same process.
+``--graphs off`` sets ALPHANET_CUDA_GRAPHS=0 (every training step launched
+from Python, not replayed as a CUDA graph); ``both`` alternates as above.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import time
 import warnings
 
@@ -27,8 +32,9 @@ from naive_peer import naive_epochs
 
 fit_module = importlib.import_module("alphanet_ext.fit")  # the module; alphanet_ext.fit is the function
 
-SIZES = {"cifar100-lt": ("cifar100-lt", None), "imagenet-lt-512": ("imagenet-lt", 512),
-         "imagenet-lt-2048": ("imagenet-lt", 2048)}
+# preset, feature dimension (None: the preset's), epochs, batch size
+SIZES = {"cifar100-lt": ("cifar100-lt", None, 10, 64), "imagenet-lt-512": ("imagenet-lt", 512, 25, 64),
+         "imagenet-lt-2048": ("imagenet-lt", 2048, 25, 64), "inat2018": ("inat2018", None, 10, 256)}
 
 
 def main():
@@ -38,8 +44,10 @@ def main():
     parser.add_argument("--peer-epochs", type=int, default=1, help="0 skips the peer")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--logits", choices=("kept", "recomputed", "both"), default="kept")
+    parser.add_argument("--graphs", choices=("on", "off", "both"), default="on")
     args = parser.parse_args()
-    modes = ("kept", "recomputed") if args.logits == "both" else (args.logits,)
+    modes = [(logits, graphs) for logits in (("kept", "recomputed") if args.logits == "both" else (args.logits,))
+             for graphs in (("on", "off") if args.graphs == "both" else (args.graphs,))]
     measured_budget = fit_module.cache_budget
     threads = setup_threads(args.threads)
     print(f"machine: {machine()}; device {args.device}; torch {torch.__version__}; threads {threads}")
@@ -47,27 +55,30 @@ def main():
           "| peer s (extrapolated) | speed-up | few top-1 before -> after |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes.split(","):
-        name, dim = SIZES[size]
+        name, dim, epochs, batch_size = SIZES[size]
         problem = synthetic.make_preset(name, dim=dim, seed=0)
         has_val = problem.val_x.shape[0] > 0
         val = (problem.val_x, problem.val_y) if has_val else (None, None)
-        epochs = 25 if has_val else 10
-        for mode in modes:
-            fit_module.cache_budget = measured_budget if mode == "kept" else (lambda device: 0)
+        for logits, graphs in modes:
+            fit_module.cache_budget = measured_budget if logits == "kept" else (lambda device: 0)
+            os.environ["ALPHANET_CUDA_GRAPHS"] = "1" if graphs == "on" else "0"
+            label = "".join([f", logits {logits}" if args.logits == "both" else "",
+                             f", CUDA graphs {graphs}" if args.graphs == "both" else ""])
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the recomputed mode's warnings
-                run(args, size, problem, val, epochs, "" if len(modes) == 1 else f", logits {mode}")
+                run(args, size, problem, val, epochs, batch_size, label)
         fit_module.cache_budget = measured_budget
+        os.environ.pop("ALPHANET_CUDA_GRAPHS")
 
 
 def run(args: argparse.Namespace, size: str, problem: synthetic.LongTailedProblem, val: tuple, epochs: int,
-        label: str) -> None:
+        batch_size: int, label: str) -> None:
     has_val = val[0] is not None
     if args.device != "cpu":
         torch.cuda.synchronize()
     tic = time.perf_counter()
     result = alphanet_ext.fit(problem.train_x, problem.train_y, problem.weight, problem.bias, *val, rho=1.0,
-                              epochs=epochs, device=args.device, progress=False)
+                              epochs=epochs, batch_size=batch_size, device=args.device, progress=False)
     if args.device != "cpu":
         torch.cuda.synchronize()
     wall = time.perf_counter() - tic
@@ -81,11 +92,12 @@ def run(args: argparse.Namespace, size: str, problem: synthetic.LongTailedProble
         peer_times = naive_epochs(problem.train_x, problem.train_y, problem.weight, problem.bias,
                                   problem.val_x if has_val else problem.test_x[:0],
                                   problem.val_y if has_val else problem.test_y[:0], few, base,
-                                  epochs=args.peer_epochs, mean_loop_rows=20000)
+                                  epochs=args.peer_epochs, batch_size=batch_size, mean_loop_rows=20000)
         peer_total = (peer_times["class_means"] + peer_times["neighbors"] +
                       epochs * (peer_times["train_per_epoch"] + peer_times["val_per_epoch"]))
         peer, ratio = f"{peer_total:.1f}", f"{peer_total / wall:.0f}x"
-    print(f"| {size} ({problem.train_x.shape[0]} train, d={problem.train_x.shape[1]}, {epochs} epochs{label}) "
+    print(f"| {size} ({problem.train_x.shape[0]} train, d={problem.train_x.shape[1]}, {epochs} epochs, "
+          f"batch {batch_size}{label}) "
           f"| {wall:.2f} | {t['class_means']:.2f} | {t['neighbors']:.2f} | {t['few_logits']:.2f} "
           f"| {t.get('val_logits', 0):.2f} | {t['train']:.2f} | {t['validation']:.2f} | {peer} | {ratio} "
           f"| {before['top1']['few']:.1f} -> {after['top1']['few']:.1f} |", flush=True)

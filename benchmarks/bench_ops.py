@@ -7,7 +7,10 @@ expansion + topk (the faster of the two is the ratio's denominator);
 alpha combine -> index_select + einsum (rows of W) and advanced indexing +
 einsum (columns of a logits matrix); on a GPU, the fit's upload of host
 features (chunks through a pinned buffer) -> one tensor.to from pageable
-memory. On a GPU with cupy installed, cupy's equivalents are second peers
+memory; the fit's training step (`step`) at a training batch of 256 rows ->
+its first layer as one mm (ours: one product per classifier row of the
+input, summed), and on a GPU the whole step run eagerly (ours: replayed as a
+CUDA graph, whose results must come out identical). On a GPU with cupy installed, cupy's equivalents are second peers
 (scatter_add, mm + argpartition, indexing + einsum).
 """
 from __future__ import annotations
@@ -18,7 +21,9 @@ import os
 import torch
 
 import alphanet_ext
+from alphanet_ext import ops as alphanet_ops
 from alphanet_ext.data import iter_row_chunks
+from alphanet_ext.fit import _CoefficientNets, _FusedAdamW, _network_inputs, _ReplayedStep
 from common import compare, machine, mib, peak_extra_memory, setup_threads
 
 SIZES = {
@@ -185,6 +190,56 @@ def knn_rows(q, m, dims, k, device, repeats, rates, cupy_modules, generator):
             device, repeats, "cupy mm+argpartition", rates, flops=2 * q * m * dims)
 
 
+def training_step(classes, dims, few, k, device, generator, trials=1, hidden=(32, 32, 32), batch=256):
+    """The fit's training step on random inputs of its shapes, as ``fit`` runs it: ``(step, batch, parameters)``."""
+    nets = _CoefficientNets([(k + 1) * dims, *hidden, k], [torch.Generator().manual_seed(t) for t in range(trials)],
+                            torch.device(device))
+    inputs = _network_inputs(torch.randn(few, (k + 1) * dims, generator=generator).to(device), nets.first.shape[1])
+    few_bias = torch.zeros(trials, few, device=device)
+    optimizer = _FusedAdamW(nets.parameters() + [few_bias], lr=1e-3, weight_decay=5e-4)
+    offsets = torch.arange(trials)[:, None] * classes
+    few_ids = torch.randperm(classes, generator=generator)[:few]
+    targets = (offsets + few_ids).reshape(-1).to(device)
+    neighbors = (offsets[:, :, None] + torch.randint(0, classes, (few, k), generator=generator)).reshape(-1, k).to(device)
+    loss_sum = torch.zeros(trials, device=device)
+
+    def step(raw, base_lse, target_few, target_base):
+        losses, grads = alphanet_ops.coefficient_grads(inputs, nets.first, nets.rest, nets.biases, few_bias, raw,
+                                                       targets, neighbors, base_lse, target_few, target_base, 1.0)
+        optimizer.step(grads)
+        loss_sum.add_(losses * raw.shape[0])
+
+    values = (torch.randn(batch, trials * classes, generator=generator), torch.randn(batch, trials, generator=generator),
+              torch.randint(-1, few, (batch, trials), generator=generator), torch.randn(batch, trials, generator=generator))
+    return step, [t.to(device) for t in values], nets.parameters() + [few_bias, loss_sum]
+
+
+def step_rows(classes, dims, few, k, device, repeats, rates, generator):
+    """The training step's first layer (split by classifier row against one mm), and on a GPU the
+    whole step replayed as a CUDA graph against the eager step, with a check that both give the same values."""
+    size = f"C={classes}, d={dims}, n={few}, k={k}, 256 rows"
+    step, batch, _ = training_step(classes, dims, few, k, device, generator)
+    inputs = torch.randn((k + 1) * dims, few, generator=generator).to(device)
+    first = torch.randn((k + 1) * dims, 32, generator=generator).to(device)
+    split = lambda: torch.bmm(inputs.view(k + 1, dims, few).transpose(1, 2), first.view(k + 1, dims, 32)).sum(0)  # noqa: E731
+    row("step: first layer, split by row", size, split, lambda: torch.mm(inputs.T, first), device, repeats, "mm", rates,
+        flops=2 * few * (k + 1) * dims * 32)
+    if not device.startswith("cuda"):
+        return
+    replayed = _ReplayedStep(step)
+    row("step: whole, CUDA graph", size, lambda: replayed(1e-3, *batch), lambda: step(*batch), device, repeats, "eager")
+    states = []
+    for graphs in (False, True):  # the same 20 steps from the same start, eagerly and replayed
+        seeded = torch.Generator().manual_seed(1)
+        step, batch, parameters = training_step(classes, dims, few, k, device, seeded)
+        run = _ReplayedStep(step) if graphs else (lambda lr, *values: step(*values))
+        for _ in range(20):
+            run(1e-3, *batch)
+        states.append(parameters)
+    difference = max((a - b).abs().max().item() for a, b in zip(*states))
+    print(f"(training step, {size}: after 20 steps the replayed and eager parameters differ by at most {difference:g})")
+
+
 def cupy_peers():
     try:
         import cupy
@@ -200,8 +255,9 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sizes", default="small,medium,large")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--ops", default="class_means,knn,alpha_combine,upload",
-                        help="upload: host features to a GPU in the fit's chunks, against one tensor.to")
+    parser.add_argument("--ops", default="class_means,knn,alpha_combine,upload,step",
+                        help="upload: host features to a GPU in the fit's chunks, against one tensor.to; "
+                             "step: the fit's training step")
     args = parser.parse_args()
     threads = setup_threads(args.threads)
     device = args.device
@@ -294,6 +350,9 @@ def main():
                 lambda: torch.from_numpy(host).to(device), device, args.repeats, "tensor.to (pageable)",
                 uploaded_bytes=host.nbytes)
             del host
+        if "step" in ops and "combine" in size:
+            classes, dims, few, k, _ = size["combine"]
+            step_rows(classes, dims, few, k, device, args.repeats, rates, generator)
 
 
 if __name__ == "__main__":

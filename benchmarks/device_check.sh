@@ -9,8 +9,10 @@
 # the whole run fits a 15-minute GPU slot with room for the machine's start; the
 # CPU-only tests (which CI runs anyway) come last, in whatever time is left.
 # A shorter rerun after a kernel change: OPS (bench_ops.py's --ops, default all),
-# SIZES (default medium,large,huge), CASES (profile_kernels.py's --cases, default
-# all those below) and CPU_TESTS=0 (skip the CPU-only tests).
+# SIZES (default medium,large,huge), FIT_SIZES (bench_fit.py's --sizes, default
+# imagenet-lt-2048; inat2018 adds the iNaturalist-sized fit), CASES
+# (profile_kernels.py's --cases, default all those below), NCU=0 (no Nsight
+# Compute counters) and CPU_TESTS=0 (skip the CPU-only tests).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./device_out}"
@@ -62,16 +64,16 @@ step "op benchmarks"
 timeout "$(limit 150)" python benchmarks/bench_ops.py --device cuda --sizes "$SIZES" ${OPS:+--ops "$OPS"} --repeats 5 2>&1 \
   | tee "$OUT/bench_ops.log"
 
-step "fit benchmark"
-timeout "$(limit 90)" python benchmarks/bench_fit.py --device cuda --sizes imagenet-lt-2048 --peer-epochs 0 2>&1 \
-  | tee "$OUT/bench_fit.log"
+step "fit benchmark (training steps replayed as CUDA graphs, and launched one by one)"
+timeout "$(limit 90)" python benchmarks/bench_fit.py --device cuda --sizes "${FIT_SIZES:-imagenet-lt-2048}" \
+  --peer-epochs 0 --graphs both 2>&1 | tee "$OUT/bench_fit.log"
 
 step "kernel profile"
 CASES="${CASES:-class-means-large,knn-large,knn-large-matmul,knn-huge,combine-rows-large,combine-columns-large,fit-epoch}"
 timeout "$(limit 75)" python benchmarks/profile_kernels.py --fit-data /tmp/inat --cases "$CASES" 2>&1 \
   | tee "$OUT/profile.log"
 # hardware counters of our kernels where ncu can read them (Firecracker machines, not gVisor)
-if command -v ncu >/dev/null; then
+if [ "${NCU:-1}" = 1 ] && command -v ncu >/dev/null; then
   timeout "$(limit 75)" ncu --clock-control none --launch-count 16 --section SpeedOfLight --section Occupancy \
     --kernel-name regex:"class_sums|alpha_partials|alphas_from_partials|column_plan|forward_staged|forward_packed|grad_alphas" \
     python benchmarks/profile_kernels.py --plain --cases class-means-large,combine-rows-large,combine-columns-large \
@@ -87,5 +89,5 @@ fi
 
 step "table"
 head -2 "$OUT/summary.log"; tail -1 "$OUT/tests_cuda.log"; tail -1 "$OUT/tests.log"
-grep -E "^\| |^card|^\(int8 screening" "$OUT/bench_ops.log" "$OUT/bench_fit.log" | sed 's/^[^:]*://'
+grep -E "^\| |^card|^\(int8 screening|^\(training step" "$OUT/bench_ops.log" "$OUT/bench_fit.log" | sed 's/^[^:]*://'
 grep -E "inat2018 fit|Elapsed|Maximum resident|^\| (baseline|AlphaNet)" "$OUT/inat.log"

@@ -28,11 +28,25 @@ at::Tensor combine_alphas_grad(const at::Tensor& grad, const at::Tensor& source,
   return std::get<1>(alpha_combine_backward_op().call(grad, source, targets, neighbors, alphas, 1, false, true));
 }
 
+// Outputs of the first layer up to which the CUDA path splits its long inner
+// dimension: cuBLAS gives a [C_f, N] product of few tiles (4,515 x 32 at
+// iNaturalist size) few thread blocks, each running the whole 12,288-long dot
+// products, which left most of an H200 idle.
+constexpr int64_t kSplitFirstLayerOutputs = int64_t{1} << 20;
+
 // inputs_t, or on the CPU the same packed once per fit into panels
 // [ceil(C_f / kInputPanel), ceil(D / kInputPanel) * kInputPanel, kInputPanel]
 // (see InputProductParams; alphanet_ext.fit packs it). Returns inputs_t^T @ first [C_f, N].
-at::Tensor first_layer(const at::Tensor& inputs, const at::Tensor& first, int64_t num_few) {
+// `parts`: the k+1 classifier rows that each input column concatenates.
+at::Tensor first_layer(const at::Tensor& inputs, const at::Tensor& first, int64_t num_few, int64_t parts) {
   if (inputs.dim() == 2) {
+    const int64_t dims = inputs.size(0), columns = first.size(1);
+    if (uses_cuda_kernels(inputs) && dims % parts == 0 && num_few * columns <= kSplitFirstLayerOutputs) {
+      // one product per classifier row of the input, summed: parts times the thread blocks
+      return at::bmm(inputs.view({parts, dims / parts, num_few}).transpose(1, 2),
+                     first.contiguous().view({parts, dims / parts, columns}))
+          .sum(0);
+    }
     // inputs_t.t() @ first: MKL takes the transposed operand in place, and this
     // order measured faster than first.t() @ inputs_t at both 136 and 4,515 few classes.
     return at::mm(inputs.t(), first);
@@ -105,7 +119,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> coefficient_grads(
 
   // Forward through the networks, keeping each layer's pre-activation.
   std::vector<at::Tensor> pre_activations;
-  pre_activations.push_back(first_layer(inputs_t, first, num_few)
+  pre_activations.push_back(first_layer(inputs_t, first, num_few, neighbors.dim() == 2 ? neighbors.size(1) + 1 : 1)
                                 .view({num_few, trials, hidden})
                                 .transpose(0, 1)
                                 .add(biases[0].unsqueeze(1)));

@@ -234,6 +234,44 @@ def test_fit_on_cuda_from_host_features_matches_device_features(problem, tmp_pat
     assert torch.equal(from_host.weight, on_device.weight) and torch.equal(from_file.weight, on_device.weight)
 
 
+def test_full_batches_reach_the_replayed_step_through_its_buffers(problem, monkeypatch):
+    # the CUDA-graph path's plumbing on any device, with a capture that runs the step on the
+    # buffers when replayed: it must give the eager fit's values (a real graph: the test below)
+    replayed_step = importlib.import_module("alphanet_ext.fit")._ReplayedStep
+    captures = []
+
+    def capture(self):
+        captures.append(self.lr)
+        buffers = list(self.buffers)
+        return lambda: self.step(*buffers)
+
+    options = dict(epochs=4, min_epochs=1, lr_step=2, batch_size=16, trials=2, seed=5)
+    eager = quick_fit(problem, **options)
+    monkeypatch.setattr(replayed_step, "wanted", staticmethod(lambda device: True))
+    monkeypatch.setattr(replayed_step, "_capture", capture)
+    replayed = quick_fit(problem, **options)
+    assert len(captures) == 2  # one for each learning rate
+    assert [r["loss"] for r in replayed.history] == [r["loss"] for r in eager.history]
+    assert torch.equal(replayed.trial_alphas, eager.trial_alphas) and torch.equal(replayed.weight, eager.weight)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not alphanet_ext.compiled_with_cuda(), reason="needs a GPU")
+def test_fit_on_cuda_replays_full_batches_as_a_graph_with_the_eager_results(problem, monkeypatch):
+    captures = []
+    capture = torch.cuda.graph
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, *args, **kwargs: captures.append(graph) or
+                        capture(graph, *args, **kwargs))
+    # 16-row batches: several full ones an epoch and a short last one; the rate steps down after epoch 2
+    options = dict(epochs=4, min_epochs=1, lr_step=2, batch_size=16, trials=2, seed=5, device="cuda")
+    replayed = quick_fit(problem, **options)
+    assert len(captures) == 2  # one graph for each learning rate
+    monkeypatch.setenv("ALPHANET_CUDA_GRAPHS", "0")
+    eager = quick_fit(problem, **options)
+    assert len(captures) == 2
+    assert [r["loss"] for r in replayed.history] == [r["loss"] for r in eager.history]
+    assert torch.equal(replayed.trial_alphas, eager.trial_alphas) and torch.equal(replayed.weight, eager.weight)
+
+
 def test_cupy_inputs_on_cuda_match_torch_inputs(problem):
     """cupy arrays come in through DLPack, without a copy."""
     cupy = pytest.importorskip("cupy")
@@ -696,9 +734,10 @@ def test_coefficient_networks_start_as_torch_linear_layers_do():
     assert not torch.equal(nets.state(0)["0.weight"], nets.state(1)["0.weight"])  # trials are seeded apart
 
 
-def test_fused_step_gradients_match_autograd_of_the_full_softmax():
+def test_fused_step_gradients_match_autograd_of_the_full_softmax(device):
     # the C++ training step against plain autograd through the networks and a
-    # cross-entropy over the corrected classifier's full scores
+    # cross-entropy over the corrected classifier's full scores (on CUDA its first
+    # layer runs as one product per classifier row of the input, summed)
     from alphanet_ext.fit import _CoefficientNets
     generator = torch.Generator().manual_seed(3)
     rows, trials, classes, k, dims, scale = 7, 2, 9, 3, 4, 1.5
@@ -737,10 +776,12 @@ def test_fused_step_gradients_match_autograd_of_the_full_softmax():
     detached = [p.detach() for p in params]
     rest = detached[1:1 + len(nets.rest)]
     biases = detached[1 + len(nets.rest):-1]
-    losses, grads = torch.ops.alphanet._coefficient_grads(
+    on_device = [[t.to(device) for t in a] if isinstance(a, list) else a.to(device) for a in (
         inputs_t, detached[0], rest, biases, detached[-1], raw.reshape(rows, -1), (offsets + few).reshape(-1),
         (offsets[:, :, None] + neighbors).reshape(-1, k), base_scores[:, :, base].logsumexp(dim=2), target_few,
-        torch.where(target_few < 0, base_scores.gather(2, labels[..., None]).squeeze(2), 0.0), scale)
+        torch.where(target_few < 0, base_scores.gather(2, labels[..., None]).squeeze(2), 0.0))]
+    losses, grads = torch.ops.alphanet._coefficient_grads(*on_device, scale)
+    losses, grads = losses.cpu(), [g.cpu() for g in grads]
     torch.testing.assert_close(losses, expected.detach(), rtol=1e-12, atol=1e-12)
     assert len(grads) == len(expected_grads)
     for ours, theirs in zip(grads, expected_grads):
