@@ -8,9 +8,10 @@ alpha combine -> index_select + einsum (rows of W) and advanced indexing +
 einsum (columns of a logits matrix); on a GPU, the fit's upload of host
 features (chunks through a pinned buffer) -> one tensor.to from pageable
 memory; the fit's training step (`step`) at a training batch of 256 rows ->
-its first layer as one mm (ours: one product per classifier row of the
-input, summed), and on a GPU the whole step run eagerly (ours: replayed as a
-CUDA graph, whose results must come out identical). On a GPU with cupy installed, cupy's equivalents are second peers
+its first layer's gradient as one mm (ours, as the op runs it on a GPU from
+2,048 few classes: products over parts of the few classes, summed), and on a
+GPU the whole step run eagerly (ours: replayed as a CUDA graph, whose results
+must come out identical). On a GPU with cupy installed, cupy's equivalents are second peers
 (scatter_add, mm + argpartition, indexing + einsum).
 """
 from __future__ import annotations
@@ -214,16 +215,29 @@ def training_step(classes, dims, few, k, device, generator, trials=1, hidden=(32
     return step, [t.to(device) for t in values], nets.parameters() + [few_bias, loss_sum]
 
 
+def first_layer_grad_by_parts(inputs, grad):
+    """inputs [D, C_f] @ grad [C_f, N] as products over parts of 1,024 or more few classes, summed
+    (csrc/coefficient_grads.cpp's CUDA path)."""
+    few = inputs.shape[1]
+    parts = few // 1024
+    per_part = few // parts
+    split = parts * per_part
+    out = torch.bmm(inputs.as_strided((parts, inputs.shape[0], per_part), (per_part, few, 1)),
+                    grad[:split].view(parts, per_part, grad.shape[1])).sum(0)
+    return out.addmm_(inputs[:, split:], grad[split:]) if split < few else out
+
+
 def step_rows(classes, dims, few, k, device, repeats, rates, generator):
-    """The training step's first layer (split by classifier row against one mm), and on a GPU the
-    whole step replayed as a CUDA graph against the eager step, with a check that both give the same values."""
+    """The training step's first-layer gradient (from 2,048 few classes: by parts against one mm), and on
+    a GPU the whole step replayed as a CUDA graph against the eager step, with a check that both give the
+    same values."""
     size = f"C={classes}, d={dims}, n={few}, k={k}, 256 rows"
     step, batch, _ = training_step(classes, dims, few, k, device, generator)
-    inputs = torch.randn((k + 1) * dims, few, generator=generator).to(device)
-    first = torch.randn((k + 1) * dims, 32, generator=generator).to(device)
-    split = lambda: torch.bmm(inputs.view(k + 1, dims, few).transpose(1, 2), first.view(k + 1, dims, 32)).sum(0)  # noqa: E731
-    row("step: first layer, split by row", size, split, lambda: torch.mm(inputs.T, first), device, repeats, "mm", rates,
-        flops=2 * few * (k + 1) * dims * 32)
+    if few >= 2048:
+        inputs = torch.randn((k + 1) * dims, few, generator=generator).to(device)
+        grad = torch.randn(few, 32, generator=generator).to(device)
+        row("step: first-layer gradient by parts", size, lambda: first_layer_grad_by_parts(inputs, grad),
+            lambda: torch.mm(inputs, grad), device, repeats, "mm", rates, flops=2 * few * (k + 1) * dims * 32)
     if not device.startswith("cuda"):
         return
     replayed = _ReplayedStep(step)

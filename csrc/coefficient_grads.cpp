@@ -28,25 +28,11 @@ at::Tensor combine_alphas_grad(const at::Tensor& grad, const at::Tensor& source,
   return std::get<1>(alpha_combine_backward_op().call(grad, source, targets, neighbors, alphas, 1, false, true));
 }
 
-// Outputs of the first layer up to which the CUDA path splits its long inner
-// dimension: cuBLAS gives a [C_f, N] product of few tiles (4,515 x 32 at
-// iNaturalist size) few thread blocks, each running the whole 12,288-long dot
-// products, which left most of an H200 idle.
-constexpr int64_t kSplitFirstLayerOutputs = int64_t{1} << 20;
-
 // inputs_t, or on the CPU the same packed once per fit into panels
 // [ceil(C_f / kInputPanel), ceil(D / kInputPanel) * kInputPanel, kInputPanel]
 // (see InputProductParams; alphanet_ext.fit packs it). Returns inputs_t^T @ first [C_f, N].
-// `parts`: the k+1 classifier rows that each input column concatenates.
-at::Tensor first_layer(const at::Tensor& inputs, const at::Tensor& first, int64_t num_few, int64_t parts) {
+at::Tensor first_layer(const at::Tensor& inputs, const at::Tensor& first, int64_t num_few) {
   if (inputs.dim() == 2) {
-    const int64_t dims = inputs.size(0), columns = first.size(1);
-    if (uses_cuda_kernels(inputs) && dims % parts == 0 && num_few * columns <= kSplitFirstLayerOutputs) {
-      // one product per classifier row of the input, summed: parts times the thread blocks
-      return at::bmm(inputs.view({parts, dims / parts, num_few}).transpose(1, 2),
-                     first.contiguous().view({parts, dims / parts, columns}))
-          .sum(0);
-    }
     // inputs_t.t() @ first: MKL takes the transposed operand in place, and this
     // order measured faster than first.t() @ inputs_t at both 136 and 4,515 few classes.
     return at::mm(inputs.t(), first);
@@ -58,9 +44,25 @@ at::Tensor first_layer(const at::Tensor& inputs, const at::Tensor& first, int64_
   return out.narrow(0, 0, num_few);
 }
 
+// Few classes per part of the first layer's gradient on CUDA. That product,
+// [D, C_f] x [C_f, N], has a small output (12,288 x 32 at iNaturalist size:
+// about 100 cuBLAS tiles for 132 multiprocessors) and a long inner dimension,
+// so it is run as products over parts of the few classes, summed.
+constexpr int64_t kFewClassesPerGradPart = 1024;
+
 // inputs_t @ grad [D, N] for grad [C_f, N].
 at::Tensor first_layer_grad(const at::Tensor& inputs, const at::Tensor& grad, int64_t dims) {
-  if (inputs.dim() == 2) return at::mm(inputs, grad);
+  if (inputs.dim() == 2) {
+    const int64_t num_few = inputs.size(1), parts = num_few / kFewClassesPerGradPart;
+    if (!uses_cuda_kernels(inputs) || parts < 2) return at::mm(inputs, grad);
+    const int64_t per_part = num_few / parts, split = parts * per_part;
+    const at::Tensor left = inputs.contiguous(), right = grad.contiguous();
+    at::Tensor out = at::bmm(left.as_strided({parts, left.size(0), per_part}, {per_part, num_few, 1}),
+                             right.narrow(0, 0, split).view({parts, per_part, right.size(1)}))
+                         .sum(0);
+    if (split < num_few) out.addmm_(left.narrow(1, split, num_few - split), right.narrow(0, split, num_few - split));
+    return out;
+  }
   at::Tensor out = at::empty({inputs.size(1), grad.size(1)}, grad.options());
   const at::Tensor right = grad.contiguous();
   cpu::input_product_backward({inputs.data_ptr<float>(), inputs.size(0), inputs.size(1), dims, grad.size(0),
@@ -119,7 +121,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> coefficient_grads(
 
   // Forward through the networks, keeping each layer's pre-activation.
   std::vector<at::Tensor> pre_activations;
-  pre_activations.push_back(first_layer(inputs_t, first, num_few, neighbors.dim() == 2 ? neighbors.size(1) + 1 : 1)
+  pre_activations.push_back(first_layer(inputs_t, first, num_few)
                                 .view({num_few, trials, hidden})
                                 .transpose(0, 1)
                                 .add(biases[0].unsqueeze(1)));

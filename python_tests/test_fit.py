@@ -736,8 +736,7 @@ def test_coefficient_networks_start_as_torch_linear_layers_do():
 
 def test_fused_step_gradients_match_autograd_of_the_full_softmax(device):
     # the C++ training step against plain autograd through the networks and a
-    # cross-entropy over the corrected classifier's full scores (on CUDA its first
-    # layer runs as one product per classifier row of the input, summed)
+    # cross-entropy over the corrected classifier's full scores
     from alphanet_ext.fit import _CoefficientNets
     generator = torch.Generator().manual_seed(3)
     rows, trials, classes, k, dims, scale = 7, 2, 9, 3, 4, 1.5
@@ -805,6 +804,30 @@ def test_fused_step_gradients_match_autograd_of_the_full_softmax(device):
     with mode:
         fake_losses, fake_grads = torch.ops.alphanet._coefficient_grads(*fake_args, scale)
     assert [(t.shape, t.dtype) for t in [fake_losses, *fake_grads]] == [(t.shape, t.dtype) for t in [losses, *grads]]
+
+
+@pytest.mark.parametrize("num_few", [2053, 3 * 1024])
+def test_step_with_thousands_of_few_classes_matches_the_reference(device, num_few):
+    # on CUDA the first layer's gradient sums products over parts of the few classes
+    # (1,024 or more each, the last part taking what is left over)
+    from alphanet_ext.fit import _CoefficientNets
+    generator = torch.Generator().manual_seed(4)
+    rows, classes, k, dims = 3, num_few + 40, 3, 2
+    nets = _CoefficientNets([(k + 1) * dims, 4, k], [torch.Generator().manual_seed(0)], torch.device("cpu"))
+    parameters = [p.double() for p in nets.parameters()]
+    args = (torch.randn((k + 1) * dims, num_few, dtype=torch.float64, generator=generator), parameters[0],
+            parameters[1:2], parameters[2:], torch.randn(1, num_few, dtype=torch.float64, generator=generator),
+            torch.randn(rows, classes, dtype=torch.float64, generator=generator), torch.arange(num_few),
+            torch.randint(num_few, classes, (num_few, k), generator=generator),
+            torch.randn(rows, 1, dtype=torch.float64, generator=generator), torch.tensor([[0], [-1], [num_few - 1]]),
+            torch.randn(rows, 1, dtype=torch.float64, generator=generator))
+    expected_losses, expected = reference.coefficient_grads(*args, 2.0)
+    on_device = [[t.to(device) for t in a] if isinstance(a, list) else a.to(device) for a in args]
+    losses, grads = torch.ops.alphanet._coefficient_grads(*on_device, 2.0)
+    torch.testing.assert_close(losses.cpu(), expected_losses, rtol=1e-12, atol=1e-12)
+    assert expected[0].abs().sum() > 0
+    for ours, theirs in zip(grads, expected):
+        torch.testing.assert_close(ours.cpu(), theirs, rtol=1e-10, atol=1e-12)
 
 
 def test_progress_bars_only_on_a_terminal(problem, monkeypatch, capsys):
