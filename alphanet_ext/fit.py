@@ -183,11 +183,16 @@ class _ReplayedStep:
         self.replay()
 
     def _capture(self) -> Callable[[], None]:
-        """The step on the buffers, captured (not run)."""
+        """The step on the buffers, captured (not run); returns its replay."""
+        device = self.buffers[0].device  # a graph captures and replays on the current device
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.device(device), torch.cuda.graph(graph):
             self.step(*self.buffers)
-        return graph.replay
+
+        def replay() -> None:
+            with torch.cuda.device(device):
+                graph.replay()
+        return replay
 
 
 class _CoefficientNets:
