@@ -11,8 +11,8 @@ memory; the fit's training step (`step`) at a training batch of 256 rows ->
 its first layer's gradient as one mm (ours, as the op runs it on a GPU from
 2,048 few classes: products over parts of the few classes, summed), and on a
 GPU the whole step run eagerly (ours: replayed as a CUDA graph, whose results
-must come out identical). On a GPU with cupy installed, cupy's equivalents are second peers
-(scatter_add, mm + argpartition, indexing + einsum).
+must come out identical). On a GPU with cupy installed, cupy's equivalents are
+second peers (scatter_add, mm + argpartition, indexing + einsum).
 """
 from __future__ import annotations
 
@@ -232,7 +232,6 @@ def step_rows(classes, dims, few, k, device, repeats, rates, generator):
     a GPU the whole step replayed as a CUDA graph against the eager step, with a check that both give the
     same values."""
     size = f"C={classes}, d={dims}, n={few}, k={k}, 256 rows"
-    step, batch, _ = training_step(classes, dims, few, k, device, generator)
     if few >= 2048:
         inputs = torch.randn((k + 1) * dims, few, generator=generator).to(device)
         grad = torch.randn(few, 32, generator=generator).to(device)
@@ -240,6 +239,7 @@ def step_rows(classes, dims, few, k, device, repeats, rates, generator):
             lambda: torch.mm(inputs, grad), device, repeats, "mm", rates, flops=2 * few * (k + 1) * dims * 32)
     if not device.startswith("cuda"):
         return
+    step, batch, _ = training_step(classes, dims, few, k, device, generator)
     replayed = _ReplayedStep(step)
     row("step: whole, CUDA graph", size, lambda: replayed(1e-3, *batch), lambda: step(*batch), device, repeats, "eager")
     states = []
