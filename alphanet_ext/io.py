@@ -26,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .fit import combine_experts
+from .classifier import combine_experts
 
 FEATURE_KEYS = (("x", "y"), ("features", "labels"), ("feats", "labels"))
 
@@ -93,6 +93,17 @@ def folder_features(folder: str, role: str) -> str | None:
     if len(matches) > 1:
         raise InputError(f"{folder}: expected one {role}*.pkl in the authors' layout, found {len(matches)}")
     return matches[0] if matches else None
+
+
+def load_tensors_only(path: str, what: str) -> Any:
+    """``torch.load`` of tensors and plain containers only; any other file raises a
+    ValueError ``PATH: WHAT (torch.load raised ...)`` (OSErrors pass through)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as error:  # noqa: BLE001  (corrupt, truncated or foreign files)
+        raise ValueError(f"{os.fspath(path)}: {what} (torch.load raised {type(error).__name__})") from None
 
 
 def _load_tensors(path: str, saving_hint: str, **options: Any) -> Any:

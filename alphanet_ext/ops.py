@@ -42,6 +42,11 @@ def compiled_with_cuda() -> bool:
     return HAS_EXTENSION and _C.compiled_with_cuda()
 
 
+def input_panel() -> int:
+    """Width of the panels the compiled training op reads its packed input in."""
+    return int(_C.input_panel)
+
+
 OP_NAMES = ("class_means", "class_sums_", "knn", "alpha_combine", "alpha_combine_backward", "_check_combine_values",
             "_coefficient_grads")
 

@@ -12,14 +12,12 @@ total extrapolated to the same number of epochs (stated as such).
 ``--logits recomputed`` makes the fit believe no memory is free, so it computes
 the few-split and val logits every epoch (what it does when they do not fit);
 ``both`` runs each size both ways, alternating, in the same process.
-``--graphs off`` sets ALPHANET_CUDA_GRAPHS=0 (every training step launched
+``--graphs off`` fits with ``cuda_graphs=False`` (every training step launched
 from Python, not replayed as a CUDA graph); ``both`` alternates as above.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
-import os
 import time
 import warnings
 
@@ -27,10 +25,11 @@ import torch
 
 import alphanet_ext
 from alphanet_ext import synthetic
+from alphanet_ext.config import FitConfig
+from alphanet_ext.fit import fit_with_config
+from alphanet_ext.training.cache import CacheSizes
 from common import machine, setup_threads
 from naive_peer import naive_epochs
-
-fit_module = importlib.import_module("alphanet_ext.fit")  # the module; alphanet_ext.fit is the function
 
 # preset, feature dimension (None: the preset's), epochs, batch size
 SIZES = {"cifar100-lt": ("cifar100-lt", None, 10, 64), "imagenet-lt-512": ("imagenet-lt", 512, 25, 64),
@@ -48,7 +47,6 @@ def main():
     args = parser.parse_args()
     modes = [(logits, graphs) for logits in (("kept", "recomputed") if args.logits == "both" else (args.logits,))
              for graphs in (("on", "off") if args.graphs == "both" else (args.graphs,))]
-    measured_budget = fit_module.cache_budget
     threads = setup_threads(args.threads)
     print(f"machine: {machine()}; device {args.device}; torch {torch.__version__}; threads {threads}")
     print("| problem | ours total s | class means | neighbours | few logits | val logits | train | validation "
@@ -60,25 +58,23 @@ def main():
         has_val = problem.val_x.shape[0] > 0
         val = (problem.val_x, problem.val_y) if has_val else (None, None)
         for logits, graphs in modes:
-            fit_module.cache_budget = measured_budget if logits == "kept" else (lambda device: 0)
-            os.environ["ALPHANET_CUDA_GRAPHS"] = "1" if graphs == "on" else "0"
             label = "".join([f", logits {logits}" if args.logits == "both" else "",
                              f", CUDA graphs {graphs}" if args.graphs == "both" else ""])
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the recomputed mode's warnings
-                run(args, size, problem, val, epochs, batch_size, label)
-        fit_module.cache_budget = measured_budget
-        os.environ.pop("ALPHANET_CUDA_GRAPHS")
+                run(args, size, problem, val, epochs, batch_size, label, CacheSizes(budget=0 if logits ==
+                    "recomputed" else None), graphs == "on")
 
 
 def run(args: argparse.Namespace, size: str, problem: synthetic.LongTailedProblem, val: tuple, epochs: int,
-        batch_size: int, label: str) -> None:
+        batch_size: int, label: str, sizes: CacheSizes, graphs: bool) -> None:
     has_val = val[0] is not None
     if args.device != "cpu":
         torch.cuda.synchronize()
     tic = time.perf_counter()
-    result = alphanet_ext.fit(problem.train_x, problem.train_y, problem.weight, problem.bias, *val, rho=1.0,
-                              epochs=epochs, batch_size=batch_size, device=args.device, progress=False)
+    config = FitConfig(rho=1.0, epochs=epochs, batch_size=batch_size, cuda_graphs=graphs)
+    result = fit_with_config(problem.train_x, problem.train_y, problem.weight, problem.bias, *val, config,
+                             device=args.device, progress=False, sizes=sizes)
     if args.device != "cpu":
         torch.cuda.synchronize()
     wall = time.perf_counter() - tic

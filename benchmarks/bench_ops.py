@@ -24,7 +24,7 @@ import torch
 import alphanet_ext
 from alphanet_ext import ops as alphanet_ops
 from alphanet_ext.data import iter_row_chunks
-from alphanet_ext.fit import _CoefficientNets, _FusedAdamW, _network_inputs, _ReplayedStep
+from alphanet_ext.training.step import CoefficientNets, FusedAdamW, ReplayedStep, network_inputs
 from common import compare, machine, mib, peak_extra_memory, setup_threads
 
 SIZES = {
@@ -193,11 +193,11 @@ def knn_rows(q, m, dims, k, device, repeats, rates, cupy_modules, generator):
 
 def training_step(classes, dims, few, k, device, generator, trials=1, hidden=(32, 32, 32), batch=256):
     """The fit's training step on random inputs of its shapes, as ``fit`` runs it: ``(step, batch, parameters)``."""
-    nets = _CoefficientNets([(k + 1) * dims, *hidden, k], [torch.Generator().manual_seed(t) for t in range(trials)],
+    nets = CoefficientNets([(k + 1) * dims, *hidden, k], [torch.Generator().manual_seed(t) for t in range(trials)],
                             torch.device(device))
-    inputs = _network_inputs(torch.randn(few, (k + 1) * dims, generator=generator).to(device), nets.first.shape[1])
+    inputs = network_inputs(torch.randn(few, (k + 1) * dims, generator=generator).to(device), nets.first.shape[1])
     few_bias = torch.zeros(trials, few, device=device)
-    optimizer = _FusedAdamW(nets.parameters() + [few_bias], lr=1e-3, weight_decay=5e-4)
+    optimizer = FusedAdamW(nets.parameters() + [few_bias], lr=1e-3, weight_decay=5e-4)
     offsets = torch.arange(trials)[:, None] * classes
     few_ids = torch.randperm(classes, generator=generator)[:few]
     targets = (offsets + few_ids).reshape(-1).to(device)
@@ -240,13 +240,13 @@ def step_rows(classes, dims, few, k, device, repeats, rates, generator):
     if not device.startswith("cuda"):
         return
     step, batch, _ = training_step(classes, dims, few, k, device, generator)
-    replayed = _ReplayedStep(step)
+    replayed = ReplayedStep(step)
     row("step: whole, CUDA graph", size, lambda: replayed(1e-3, *batch), lambda: step(*batch), device, repeats, "eager")
     states = []
     for graphs in (False, True):  # the same 20 steps from the same start, eagerly and replayed
         seeded = torch.Generator().manual_seed(1)
         step, batch, parameters = training_step(classes, dims, few, k, device, seeded)
-        run = _ReplayedStep(step) if graphs else (lambda lr, *values: step(*values))
+        run = ReplayedStep(step) if graphs else (lambda lr, *values: step(*values))
         for _ in range(20):
             run(1e-3, *batch)
         states.append(parameters)

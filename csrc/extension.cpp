@@ -74,6 +74,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_cuda_emulation_enabled", &alphanet::emulation::enabled);
   m.def("_emulation_self_test", &alphanet::emulation::self_test, py::arg("name"), py::arg("schedule_seed") = 0);
 #endif
+  // The packed-input panel width of _coefficient_grads: Python packs the input in this layout.
+  m.attr("input_panel") = alphanet::kInputPanel;
   m.def("_topk_insert_all", &topk_insert_all);
   m.def("_segment_sum", &segment_sum);
   m.def("_l1_normalized_grad", &l1_normalized_grad);

@@ -13,7 +13,11 @@ import torch
 
 import alphanet_ext
 from alphanet_ext import reference, synthetic
+from alphanet_ext.config import FitConfig
+from alphanet_ext.data import gather_rows as original_gather
+from alphanet_ext.fit import fit_with_config
 from alphanet_ext.metrics import SPLIT_NAMES
+from alphanet_ext.training.cache import CacheSizes
 from conftest import DEVICES, HAS_EMULATION, on_backend
 
 # where host rows can be sent: CUDA goes through a pinned buffer (data._uploaded_row_chunks)
@@ -26,10 +30,19 @@ def problem():
 
 
 def quick_fit(problem, **kwargs):
-    options = dict(epochs=6, min_epochs=2, progress=False)
+    options = dict(epochs=6, progress=False)
     options.update(kwargs)
+    options.setdefault("min_epochs", min(2, options["epochs"]))
     return alphanet_ext.fit(problem.train_x, problem.train_y, problem.weight, problem.bias, problem.val_x,
                             problem.val_y, **options)
+
+
+def sized_fit(problem, sizes, **kwargs):
+    """quick_fit with the temporaries' sizes (and the memory budget) set."""
+    options = {"epochs": 6, **kwargs}
+    options.setdefault("min_epochs", min(2, options["epochs"]))
+    return fit_with_config(problem.train_x, problem.train_y, problem.weight, problem.bias, problem.val_x,
+                           problem.val_y, FitConfig(**options), progress=False, sizes=sizes)
 
 
 def test_result_shapes_and_base_rows_untouched(problem):
@@ -130,18 +143,15 @@ def test_features_held_on_the_device_give_the_same_result(problem, tmp_path, mon
     np.save(path, problem.train_x.numpy())
     mapped = np.load(path, mmap_mode="r")
     expected = quick_fit(problem, epochs=2, seed=6)
-    fit_module = importlib.import_module("alphanet_ext.fit")
     copies = []
-    original_gather = fit_module.gather_rows
 
     def gather_rows(array, *args):
         copies.append(type(array))
         return original_gather(array, *args)
 
-    monkeypatch.setattr(fit_module, "_keeps_features_on", lambda device, train_x: True)
-    monkeypatch.setattr(fit_module, "gather_rows", gather_rows)
-    result = alphanet_ext.fit(mapped, problem.train_y, problem.weight, problem.bias, problem.val_x, problem.val_y,
-                              epochs=2, min_epochs=2, seed=6, progress=False)
+    result = fit_with_config(mapped, problem.train_y, problem.weight, problem.bias, problem.val_x, problem.val_y,
+                             FitConfig(epochs=2, min_epochs=2, seed=6), progress=False, keep_features=True,
+                             sizes=CacheSizes(gather=gather_rows))
     assert copies and set(copies) == {torch.Tensor}
     assert torch.equal(result.weight, expected.weight) and result.history == expected.history
 
@@ -152,12 +162,9 @@ def test_blocked_logits_and_chunked_epochs_give_the_same_fit(problem, monkeypatc
     and chunks (3 batches, the last one short) must not change the fit."""
     options = dict(epochs=3, batch_size=8, trials=2, seed=3)
     expected = quick_fit(problem, **options)
-    fit_module = importlib.import_module("alphanet_ext.fit")
-    monkeypatch.setattr(fit_module, "_ROW_BLOCK", 7)
-    monkeypatch.setattr(fit_module, "_CHUNK_VALUES", 3 * 8 * 2 * 40)
     few_samples = int(torch.isin(problem.train_y, expected.splits["few"]).sum())
     assert (2 * few_samples) % 24 and few_samples > 7 and problem.val_x.shape[0] % 7
-    result = quick_fit(problem, **options)
+    result = sized_fit(problem, CacheSizes(row_block=7, chunk_values=3 * 8 * 2 * 40), **options)
     torch.testing.assert_close(result.weight, expected.weight, rtol=1e-5, atol=1e-6)
     assert [e["val_top1"] for e in result.history] == [e["val_top1"] for e in expected.history]
     assert result.best_epochs == expected.best_epochs
@@ -170,8 +177,6 @@ def test_logits_too_large_to_keep_are_computed_every_epoch(problem, monkeypatch,
     memory; the fit then computes them every epoch, with a warning, and gets
     the same result up to rounding."""
     options = dict(epochs=3, batch_size=16, trials=2, seed=8)
-    fit_module = importlib.import_module("alphanet_ext.fit")
-    monkeypatch.setattr(fit_module, "_ROW_BLOCK", 300)  # several val blocks
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing to warn about with the memory this machine has
         expected = quick_fit(problem, **options)
@@ -181,10 +186,9 @@ def test_logits_too_large_to_keep_are_computed_every_epoch(problem, monkeypatch,
     available, warned = {"none": (0, ["the few-split", "the val"]),
                          "few-split only": (2 * (few_bytes + val_bytes) - 2, ["the val"]),
                          "both, to the byte": (2 * (few_bytes + val_bytes), [])}[kept]
-    monkeypatch.setattr(fit_module, "cache_budget", lambda device: available / 2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = quick_fit(problem, **options)
+        result = sized_fit(problem, CacheSizes(row_block=300, budget=available / 2), **options)  # several val blocks
     assert [str(w.message).split(" samples")[0] for w in caught] == warned
     assert all("computing them every epoch" in str(w.message) for w in caught)
     torch.testing.assert_close(result.weight, expected.weight, rtol=1e-5, atol=1e-6)
@@ -205,14 +209,11 @@ def test_available_memory_is_the_hosts():
 
 
 def test_val_rows_that_are_not_finite_are_named_when_not_kept(problem, monkeypatch):
-    fit_module = importlib.import_module("alphanet_ext.fit")
-    monkeypatch.setattr(fit_module, "_ROW_BLOCK", 300)
-    monkeypatch.setattr(fit_module, "cache_budget", lambda device: 0)
     val_x = problem.val_x.clone()
     val_x[700, 3] = math.inf
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="val_x contains NaN or inf: inf at row 700, column 3"):
-        alphanet_ext.fit(problem.train_x, problem.train_y, problem.weight, problem.bias, val_x, problem.val_y,
-                         epochs=1, progress=False)
+        fit_with_config(problem.train_x, problem.train_y, problem.weight, problem.bias, val_x, problem.val_y,
+                        FitConfig(epochs=1), progress=False, sizes=CacheSizes(row_block=300, budget=0))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not alphanet_ext.compiled_with_cuda(), reason="needs a GPU")
@@ -222,7 +223,7 @@ def test_fit_on_cuda_from_host_features_matches_device_features(problem, tmp_pat
     path = tmp_path / "train.npy"
     np.save(path, problem.train_x.numpy())
     mapped = np.load(path, mmap_mode="r")
-    keeps_features_on = importlib.import_module("alphanet_ext.fit")._keeps_features_on
+    from alphanet_ext.training.statistics import keeps_features_on
     assert keeps_features_on(torch.device("cuda"), mapped) and keeps_features_on(torch.device("cuda"), problem.train_x)
     assert not keeps_features_on(torch.device("cuda"), problem.train_x.cuda())
     from_host = quick_fit(problem, epochs=2, seed=6, device="cuda")
@@ -237,7 +238,7 @@ def test_fit_on_cuda_from_host_features_matches_device_features(problem, tmp_pat
 def test_full_batches_reach_the_replayed_step_through_its_buffers(problem, monkeypatch):
     # the CUDA-graph path's plumbing on any device, with a capture that runs the step on the
     # buffers when replayed: it must give the eager fit's values (a real graph: the test below)
-    replayed_step = importlib.import_module("alphanet_ext.fit")._ReplayedStep
+    from alphanet_ext.training.step import ReplayedStep as replayed_step
     captures = []
 
     def capture(self):
@@ -247,7 +248,7 @@ def test_full_batches_reach_the_replayed_step_through_its_buffers(problem, monke
 
     options = dict(epochs=4, min_epochs=1, lr_step=2, batch_size=16, trials=2, seed=5)
     eager = quick_fit(problem, **options)
-    monkeypatch.setattr(replayed_step, "wanted", staticmethod(lambda device: True))
+    monkeypatch.setattr(replayed_step, "wanted", staticmethod(lambda device, enabled=True: enabled))
     monkeypatch.setattr(replayed_step, "_capture", capture)
     replayed = quick_fit(problem, **options)
     assert len(captures) == 2  # one for each learning rate
@@ -265,8 +266,7 @@ def test_fit_on_cuda_replays_full_batches_as_a_graph_with_the_eager_results(prob
     options = dict(epochs=4, min_epochs=1, lr_step=2, batch_size=16, trials=2, seed=5, device="cuda")
     replayed = quick_fit(problem, **options)
     assert len(captures) == 2  # one graph for each learning rate
-    monkeypatch.setenv("ALPHANET_CUDA_GRAPHS", "0")
-    eager = quick_fit(problem, **options)
+    eager = quick_fit(problem, **options, cuda_graphs=False)
     assert len(captures) == 2
     assert [r["loss"] for r in replayed.history] == [r["loss"] for r in eager.history]
     assert torch.equal(replayed.trial_alphas, eager.trial_alphas) and torch.equal(replayed.weight, eager.weight)
@@ -321,13 +321,13 @@ def test_without_val_keeps_the_last_epoch(problem):
 
 def test_epoch_selection_learning_rate_schedule_and_epoch_size(problem, monkeypatch):
     steps = []  # the learning rate of every optimiser step
-    fit_module = importlib.import_module("alphanet_ext.fit")  # alphanet_ext.fit is the function
-    original_step = fit_module._FusedAdamW.step
+    from alphanet_ext.training.step import FusedAdamW
+    original_step = FusedAdamW.step
 
     def recording_step(self, grads):
         steps.append(self.lr)
         original_step(self, grads)
-    monkeypatch.setattr(fit_module._FusedAdamW, "step", recording_step)
+    monkeypatch.setattr(FusedAdamW, "step", recording_step)
     # a small val set, so epochs often tie on val accuracy: the first best one must win
     keep = torch.arange(problem.val_y.numel()) % 6 == 0
     val_x, val_y = problem.val_x[keep], problem.val_y[keep]
@@ -354,27 +354,28 @@ def test_epoch_selection_learning_rate_schedule_and_epoch_size(problem, monkeypa
                               min_epochs=1, pred_scale=3.0, progress=False, device="cpu")
     assert alphanet_ext.evaluate(scaled.weight, scaled.bias, val_x, val_y, scaled.splits)["top1"] == \
         pytest.approx(scaled.history[scaled.best_epochs[0] - 1]["val_top1"][0], nan_ok=True)
-    for epochs, min_epochs in ((5, 5), (3, 9)):  # the last epoch, however the earlier ones scored
+    for epochs, min_epochs in ((5, 5), (3, None)):  # the last epoch, however the earlier ones scored
         late = alphanet_ext.fit(problem.train_x, problem.train_y, problem.weight, problem.bias, val_x, val_y,
                                 epochs=epochs, min_epochs=min_epochs, trials=3, progress=False)
         assert late.best_epochs == [epochs] * 3
+    with pytest.raises(ValueError, match=r"min_epochs \(9\) is above epochs \(3\)"):
+        alphanet_ext.fit(problem.train_x, problem.train_y, problem.weight, problem.bias, val_x, val_y,
+                         epochs=3, min_epochs=9, progress=False)
 
 
 def test_epoch_samples_and_loss_follow_the_method(problem, monkeypatch):
     """Every few-split sample once per epoch plus rho * F base samples, each a uniform
     base class then a uniform member; the loss is the cross-entropy of the corrected
     classifier over them (lr ~ 0 keeps the classifier at the one returned)."""
-    fit_module = importlib.import_module("alphanet_ext.fit")
     gathered = []
-    original_gather = fit_module.gather_rows
 
     def recording_gather(x, rows, *args):
         gathered.append(rows.cpu().clone())
         return original_gather(x, rows, *args)
-    monkeypatch.setattr(fit_module, "gather_rows", recording_gather)
     rho, pred_scale = 20.0, 1.5
-    result = alphanet_ext.fit(problem.train_x, problem.train_y, problem.weight, problem.bias, epochs=1, rho=rho,
-                              lr=1e-12, pred_scale=pred_scale, progress=False, device="cpu")
+    result = fit_with_config(problem.train_x, problem.train_y, problem.weight, problem.bias, None, None,
+                             FitConfig(epochs=1, rho=rho, lr=1e-12, pred_scale=pred_scale), progress=False,
+                             device="cpu", sizes=CacheSizes(gather=recording_gather))
     rows = torch.cat(gathered)
     is_few = torch.isin(problem.train_y, result.splits["few"])
     few_rows, base_rows = rows[is_few[rows]], rows[~is_few[rows]]
@@ -563,7 +564,7 @@ def test_make_splits_takes_counts_of_any_array_kind():
 
 @pytest.mark.parametrize("change,message", [
     (dict(train_y=torch.full((5,), 99)), "train_y has label 99 outside the classifier's"),
-    (dict(k=0), "k must be at least 1"),
+    (dict(k=0), r"k must be in \[1, 256\], got 0"),
     (dict(k=50), r"k=50 is larger than the base split"),
     (dict(metric="manhattan"), "metric must be one of"),
     (dict(rho=-1.0), "rho must be"),
@@ -575,15 +576,26 @@ def test_make_splits_takes_counts_of_any_array_kind():
     (dict(weight="inf"), r"the classifier's weight contains NaN or inf: inf at row 3, column 2 \(1 more"),
     (dict(bias="inf"), r"the classifier's bias contains NaN or inf: -inf at row 3$"),
     (dict(few_threshold=500, many_threshold=1000), "no base class"),
-    (dict(batch_size=0), "batch_size must be at least 1, got 0"),
-    (dict(lr_step=0), "lr_step must be at least 1, got 0"),
-    (dict(trials=0), "trials must be at least 1, got 0"),
+    (dict(batch_size=0), r"batch_size must be in \[1, 1048576\], got 0"),
+    (dict(lr_step=0), r"lr_step must be in \[1, 10000\], got 0"),
+    (dict(trials=0), r"trials must be in \[1, 64\], got 0"),
     (dict(train_y="drop_class"), r"class\(es\) have no training samples \(7\)"),
     (dict(few_threshold=1), "no few-split class"),
-    (dict(pred_scale=float("nan")), "pred_scale must be a finite number > 0, got nan"),
-    (dict(lr=0.0), "lr must be a finite number > 0"),
-    (dict(weight_decay=-1.0), "weight_decay must be a finite number >= 0"),
-    (dict(hidden=(32, 0)), r"hidden layer widths must be at least 1, got \(32, 0\)"),
+    (dict(pred_scale=float("nan")), r"pred_scale must be in \(0, 10000\], got nan"),
+    (dict(lr=0.0), r"lr must be in \(0, 10\], got 0.0"),
+    (dict(weight_decay=-1.0), r"weight_decay must be in \[0, 100\], got -1.0"),
+    (dict(hidden=(32, 0)), r"hidden must be at most 16 layer widths, each in \[1, 65536\], got \(32, 0\)"),
+    # values that would run for hours, overflow or make no sense are refused before any work
+    (dict(rho=1e5), r"rho must be in \[0, 100\], got 100000.0"),
+    (dict(rho=1e30), r"rho must be in \[0, 100\]"),
+    (dict(rho=99.0, k=2, few_threshold=250, many_threshold=260), r"rho=99 would draw .* base samples an epoch from .* base training rows"),
+    (dict(seed=2**70), r"seed must be in \[0, "),
+    (dict(seed=-1), r"seed must be in \[0, "),
+    (dict(lr=1e30), r"lr must be in \(0, 10\]"),
+    (dict(pred_scale=1e30), r"pred_scale must be in \(0, 10000\]"),
+    (dict(lr_gamma=2.0), r"lr_gamma must be in \(0, 1\]"),
+    (dict(epochs=2, min_epochs=3), r"min_epochs \(3\) is above epochs \(2\)"),
+    (dict(few_threshold=300, many_threshold=100), r"few_threshold \(300\) cannot exceed many_threshold \+ 1"),
     (dict(device="mps"), "device 'mps': alphanet_ext runs on 'cpu' or 'cuda'"),
     (dict(device="cuda:64"), "device 'cuda:64': "),
     (dict(device="gpu"), "device 'gpu' is not a device: use 'cpu', 'cuda' or 'cuda:N'"),
@@ -652,7 +664,7 @@ def test_hidden_widths_may_be_any_iterable_and_numpy_integers_count(problem):
 
 
 def test_fused_adamw_matches_torch_optim():
-    from alphanet_ext.fit import _FusedAdamW
+    from alphanet_ext.training.step import FusedAdamW as _FusedAdamW
     generator = torch.Generator().manual_seed(0)
     ours = [torch.randn(5, 3, generator=generator).requires_grad_(), torch.randn(4, generator=generator).requires_grad_()]
     theirs = [p.detach().clone().requires_grad_() for p in ours]
@@ -716,7 +728,7 @@ def test_row_chunks_and_gathers_of_arrays_and_tensors_in_memory(device):
 def test_coefficient_networks_start_as_torch_linear_layers_do():
     """Each trial's layers are initialised as torch.nn.Linear's defaults (the
     authors' model): weights and biases uniform in +-1/sqrt(fan_in)."""
-    from alphanet_ext.fit import _CoefficientNets
+    from alphanet_ext.training.step import CoefficientNets as _CoefficientNets
     sizes = [600, 64, 48, 5]
     nets = _CoefficientNets(sizes, [torch.Generator().manual_seed(t) for t in range(3)], torch.device("cpu"))
     for trial in range(3):
@@ -737,7 +749,7 @@ def test_coefficient_networks_start_as_torch_linear_layers_do():
 def test_fused_step_gradients_match_autograd_of_the_full_softmax(device):
     # the C++ training step against plain autograd through the networks and a
     # cross-entropy over the corrected classifier's full scores
-    from alphanet_ext.fit import _CoefficientNets
+    from alphanet_ext.training.step import CoefficientNets as _CoefficientNets
     generator = torch.Generator().manual_seed(3)
     rows, trials, classes, k, dims, scale = 7, 2, 9, 3, 4, 1.5
     few = torch.tensor([1, 4, 6])
@@ -810,7 +822,7 @@ def test_fused_step_gradients_match_autograd_of_the_full_softmax(device):
 def test_step_with_thousands_of_few_classes_matches_the_reference(device, num_few):
     # on CUDA the first layer's gradient sums products over parts of the few classes
     # (1,024 or more each, the last part taking what is left over)
-    from alphanet_ext.fit import _CoefficientNets
+    from alphanet_ext.training.step import CoefficientNets as _CoefficientNets
     generator = torch.Generator().manual_seed(4)
     rows, classes, k, dims = 3, num_few + 40, 3, 2
     nets = _CoefficientNets([(k + 1) * dims, 4, k], [torch.Generator().manual_seed(0)], torch.device("cpu"))
@@ -832,7 +844,7 @@ def test_step_with_thousands_of_few_classes_matches_the_reference(device, num_fe
 
 def test_progress_bars_only_on_a_terminal(problem, monkeypatch, capsys):
     pytest.importorskip("tqdm")  # without it the bars are silent stand-ins
-    fit_module = importlib.import_module("alphanet_ext.fit")
+    fit_module = importlib.import_module("alphanet_ext.training.progress")
     args = (problem.train_x, problem.train_y, problem.weight, problem.bias, problem.val_x, problem.val_y)
     alphanet_ext.fit(*args, epochs=2, progress=True)  # stderr is not a terminal under pytest
     assert capsys.readouterr().err == ""
@@ -849,7 +861,7 @@ def test_progress_bars_only_on_a_terminal(problem, monkeypatch, capsys):
 
 
 def test_fit_without_tqdm_is_silent(problem, monkeypatch, capsys):
-    fit_module = importlib.import_module("alphanet_ext.fit")
+    fit_module = importlib.import_module("alphanet_ext.training.progress")
     monkeypatch.setitem(sys.modules, "tqdm", None)  # `import tqdm...` now raises ImportError
     monkeypatch.setitem(sys.modules, "tqdm.auto", None)
     monkeypatch.setattr(fit_module.os, "isatty", lambda fd: True)
@@ -863,7 +875,7 @@ def test_packed_network_inputs_give_the_same_step(num_few, dims, hidden):
     # The CPU packs the networks' fixed input once per fit; the training step must
     # not change. Shapes: few classes not a multiple of the 6-wide panels, rows
     # (k+1)*dims not a multiple of 6, and (last case) several depth and class chunks.
-    from alphanet_ext.fit import _CoefficientNets, _network_inputs
+    from alphanet_ext.training.step import CoefficientNets as _CoefficientNets, network_inputs as _network_inputs
     generator = torch.Generator().manual_seed(num_few)
     trials, k, classes, rows = 2, 3, num_few + 9, 11
     nets = _CoefficientNets([(k + 1) * dims, hidden, 7, k], [torch.Generator().manual_seed(t) for t in range(trials)],
@@ -891,7 +903,7 @@ def test_packed_network_inputs_give_the_same_step(num_few, dims, hidden):
 
 
 def test_packed_network_inputs_that_do_not_fit_are_refused():
-    from alphanet_ext.fit import _network_inputs
+    from alphanet_ext.training.step import network_inputs as _network_inputs
     packed = _network_inputs(torch.randn(10, 12), 16)
     if packed.dim() != 3:
         pytest.skip("inputs are packed only on an AVX2 CPU")
@@ -941,7 +953,7 @@ def test_fit_without_the_compiled_module(problem, tmp_path):
 def test_optimizer_reads_transposed_gradients_as_their_values():
     # torch's fused AdamW walks a gradient's memory in its parameter's order, so a
     # transposed gradient (autograd's for a bmm operand) must be laid out first
-    from alphanet_ext.fit import _FusedAdamW
+    from alphanet_ext.training.step import FusedAdamW as _FusedAdamW
     gradient = torch.arange(12.0).view(4, 3).T
     updated = []
     for grads in ([gradient], [gradient.contiguous()]):

@@ -1,0 +1,229 @@
+"""The training step: the coefficient networks of every trial, AdamW, and the
+step run eagerly or replayed as a CUDA graph."""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import ops, reference
+
+
+class FusedAdamW:
+    """AdamW (betas 0.9/0.999, eps 1e-8: torch's defaults) through torch's fused
+    kernel: the update of ``torch.optim.AdamW(fused=True)``, without the
+    optimiser's per-step Python machinery or its one-time import of
+    ``torch._dynamo`` (seconds on a small machine)."""
+
+    def __init__(self, params: list[Tensor], lr: float, weight_decay: float):
+        self.params, self.lr, self.weight_decay = params, lr, weight_decay
+        self.exp_avgs = [torch.zeros_like(p) for p in params]
+        self.exp_avg_sqs = [torch.zeros_like(p) for p in params]
+        self.steps = [torch.zeros((), dtype=torch.float32, device=p.device) for p in params]
+
+    def step(self, grads: list[Tensor]) -> None:
+        """One update with ``grads`` (one per parameter, in order)."""
+        # the fused kernel walks a gradient's memory in its parameter's order:
+        # a transposed one (as autograd gives for a bmm's operand) would be misread
+        grads = [g.contiguous() for g in grads]
+        torch._foreach_add_(self.steps, 1)
+        torch._fused_adamw_(self.params, grads, self.exp_avgs, self.exp_avg_sqs, [], self.steps, lr=self.lr,
+                            beta1=0.9, beta2=0.999, weight_decay=self.weight_decay, eps=1e-8, amsgrad=False,
+                            maximize=False)
+
+    def state(self) -> dict[str, list[Tensor]]:
+        return {"exp_avgs": self.exp_avgs, "exp_avg_sqs": self.exp_avg_sqs, "steps": self.steps}
+
+    def load_state(self, state: dict[str, list[Tensor]]) -> None:
+        for name, tensors in self.state().items():
+            for mine, saved in zip(tensors, state[name]):
+                mine.copy_(saved)
+
+
+class ReplayedStep:
+    """Runs ``step(*batch)`` for full batches as one captured CUDA graph.
+
+    Launching a step's few dozen kernels takes longer than running them on a
+    GPU. The first call runs eagerly, so lazy set-up (cuBLAS handles,
+    workspaces) stays out of the graph; later calls copy the batch into fixed
+    buffers and replay. AdamW's learning rate is a constant of the captured
+    kernel, so a new rate captures the step again. The graph runs the same
+    kernels on the same values as the eager step.
+    """
+
+    def __init__(self, step: Callable[..., None]):
+        self.step = step
+        self.buffers: list[Tensor] = []
+        self.replay: Callable[[], None] | None = None
+        self.lr: float | None = None
+
+    @staticmethod
+    def wanted(device: torch.device, enabled: bool = True) -> bool:
+        return enabled and device.type == "cuda"
+
+    def __call__(self, lr: float, *batch: Tensor) -> None:
+        if not self.buffers:
+            self.step(*batch)
+            self.buffers = [torch.empty_like(t) for t in batch]
+            return
+        for buffer, value in zip(self.buffers, batch):
+            buffer.copy_(value)
+        if self.replay is None or lr != self.lr:
+            self.replay, self.lr = self._capture(), lr
+        self.replay()
+
+    def _capture(self) -> Callable[[], None]:
+        """The step on the buffers, captured (not run); returns its replay."""
+        device = self.buffers[0].device  # a graph captures and replays on the current device
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.device(device), torch.cuda.graph(graph):
+            self.step(*self.buffers)
+
+        def replay() -> None:
+            with torch.cuda.device(device):
+                graph.replay()
+        return replay
+
+
+class CoefficientNets:
+    """``trials`` independent MLPs ``[w_c, v_1..v_k] -> alpha [k]`` as stacked parameters.
+
+    AdamW and weight decay act elementwise, so one optimiser over the stacked
+    tensors trains every trial exactly as if it had its own. The first layer of
+    all trials is one ``[D, T * hidden]`` matrix (trial t's ``Linear.weight.T``
+    in columns ``t*hidden:(t+1)*hidden``) so it runs as one GEMM. Training steps
+    go through ``torch.ops.alphanet._coefficient_grads``, which runs this same
+    forward pass and its backward pass in C++ (``ops.coefficient_grads``).
+    """
+
+    def __init__(self, sizes: Sequence[int], generators: Sequence[torch.Generator], device: torch.device):
+        weights, self.biases = [], []
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+            bound = 1.0 / math.sqrt(fan_in)  # torch.nn.Linear's default initialisation
+            weights.append(torch.stack([(torch.rand(fan_out, fan_in, generator=g) * 2 - 1) * bound for g in generators]))
+            self.biases.append(torch.stack([(torch.rand(fan_out, generator=g) * 2 - 1) * bound
+                                            for g in generators]).to(device))
+        self.trials, self.hidden = weights[0].shape[0], weights[0].shape[1]
+        self.first = weights[0].permute(2, 0, 1).reshape(sizes[0], -1).contiguous().to(device)
+        self.rest = [w.to(device) for w in weights[1:]]
+
+    def parameters(self) -> list[Tensor]:
+        return [self.first] + self.rest + self.biases
+
+    def __call__(self, inputs: Tensor, num_few: int) -> Tensor:
+        """The input shared by all trials (from ``network_inputs``) -> ``alphas [T, C_f, k]``."""
+        if inputs.dim() == 3:  # packed panels
+            h = torch.matmul(inputs[:, :self.first.shape[0]].transpose(1, 2), self.first)
+            h = h.reshape(-1, self.first.shape[1])[:num_few]
+        else:
+            h = torch.mm(inputs.T, self.first)
+        return reference.coefficient_alphas(h, self.rest, self.biases, self.trials)
+
+    def state(self, trial: int) -> dict[str, Tensor]:
+        """Trial ``trial``'s network as a ``torch.nn.Sequential`` state dict (Linear layers at 0, 2, 4, ...)."""
+        columns = slice(trial * self.hidden, (trial + 1) * self.hidden)
+        weights = [self.first[:, columns].T] + [w[trial] for w in self.rest]
+        out = {}
+        for layer, (w, b) in enumerate(zip(weights, self.biases)):
+            out[f"{2 * layer}.weight"] = w.detach().cpu().clone()
+            out[f"{2 * layer}.bias"] = b[trial].detach().cpu().clone()
+        return out
+
+
+def network_inputs(rows: Tensor, columns: int) -> Tensor:
+    """The coefficient networks' fixed input ``rows [C_f, (k+1)d]`` in the layout the training op reads.
+
+    On an x86 CPU with AVX2 (and a first layer of ``columns`` a multiple of 16)
+    it is packed once into panels ``[P, D', panel]``: panel p, row r, slot j holds
+    ``rows[panel * p + j, r]``, zero-padded, which the op's first layer streams
+    without the per-step repacking a BLAS call does. Elsewhere: ``rows.T``.
+    The panel width is the compiled op's (``ops.input_panel()``).
+    """
+    packable = (ops.HAS_EXTENSION and rows.device.type == "cpu" and rows.dtype == torch.float32 and columns % 16 == 0
+                and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
+    if not packable:
+        return rows.T.contiguous()
+    panel = ops.input_panel()
+    num_few, dims = rows.shape
+    padded = F.pad(rows, (0, -dims % panel, 0, -num_few % panel))
+    return padded.view(-1, panel, padded.shape[1]).transpose(1, 2).contiguous()
+
+
+@torch.no_grad()
+def base_logsumexp_(scratch: Tensor, bias: Tensor, few: Tensor, pred_scale: float,
+                    labels: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """Per row of raw logits: log-sum-exp of the base-class scores and, given labels,
+    the score of each row's label (few columns excluded from the sum). Works in
+    place: ``scratch`` (the raw logits) is overwritten, so no logits-sized
+    temporary is allocated."""
+    scores = scratch.add_(bias).mul_(pred_scale)
+    target = None if labels is None else scores.gather(1, labels[:, None]).squeeze(1)
+    scores.index_fill_(1, few, -math.inf)
+    top = scores.amax(dim=1, keepdim=True)
+    return scores.sub_(top).exp_().sum(dim=1).log_().add_(top.squeeze(1)), target
+
+
+class TrainStep:
+    """The networks of every trial, their few-class biases and optimiser, and one
+    step on a batch of logits: losses and gradients in one op, then AdamW.
+
+    The step works on a batch's raw logits ``[B, T, C]``, the base-class
+    log-sum-exp ``[B, T]``, each row's few target position (-1 for a base
+    target) and its base target's score; it never sees features.
+    """
+
+    def __init__(self, w: Tensor, b: Tensor, few: Tensor, neighbors: Tensor, hidden: Sequence[int], trials: int,
+                 seed: int, lr: float, weight_decay: float, pred_scale: float, cuda_graphs: bool):
+        device, (num_classes, dim) = w.device, w.shape
+        k = neighbors.shape[1]
+        self.num_classes, self.trials, self.k, self.pred_scale = num_classes, trials, k, pred_scale
+        self.generators = [torch.Generator().manual_seed(seed + t) for t in range(trials)]
+        self.nets = CoefficientNets([(k + 1) * dim, *hidden, k], self.generators, device)
+        self.inputs = network_inputs(torch.cat([w[few], w[neighbors].reshape(few.numel(), k * dim)], dim=1),
+                                     self.nets.first.shape[1])
+        self.num_few = few.numel()
+        self.few_bias = b[few].repeat(trials, 1)  # [T, C_f]
+        self.optimizer = FusedAdamW(self.nets.parameters() + [self.few_bias], lr=lr, weight_decay=weight_decay)
+        # Column ids of every trial's few classes and neighbours in a [B, T*C] view of the batch logits.
+        trial_offsets = (torch.arange(trials, device=device) * num_classes)[:, None]
+        self.trial_targets = (trial_offsets + few[None]).reshape(-1)
+        self.trial_neighbors = (trial_offsets[:, :, None] + neighbors[None]).reshape(-1, k)
+        self.loss_sum = torch.zeros(trials, device=device)
+        self.replayed = ReplayedStep(self._step) if ReplayedStep.wanted(device, cuda_graphs) else None
+
+    def _step(self, raw: Tensor, base_lse: Tensor, target_few: Tensor, target_base_score: Tensor) -> None:
+        rows = raw.shape[0]
+        nets = self.nets
+        losses, grads = ops.coefficient_grads(
+            self.inputs, nets.first, nets.rest, nets.biases, self.few_bias, raw.view(rows, self.trials * self.num_classes),
+            self.trial_targets, self.trial_neighbors, base_lse, target_few, target_base_score, self.pred_scale)
+        self.optimizer.step(grads)
+        self.loss_sum.add_(losses * rows)
+
+    def __call__(self, batch_size: int, raw: Tensor, base_lse: Tensor, target_few: Tensor,
+                 target_base_score: Tensor) -> None:
+        """One step; full batches (``batch_size`` rows) go through the CUDA graph where wanted."""
+        if self.replayed is not None and raw.shape[0] == batch_size:
+            self.replayed(self.optimizer.lr, raw, base_lse, target_few, target_base_score)
+        else:
+            self._step(raw, base_lse, target_few, target_base_score)
+
+    @torch.no_grad()
+    def alphas(self) -> Tensor:
+        """``[T, C_f, k]`` raw coefficients of every trial now."""
+        return self.nets(self.inputs, self.num_few)
+
+    def state(self) -> dict:
+        """Everything that changes during training, for a checkpoint."""
+        return {"parameters": self.nets.parameters() + [self.few_bias], "optimizer": self.optimizer.state(),
+                "generators": [g.get_state() for g in self.generators]}
+
+    def load_state(self, state: dict) -> None:
+        for mine, saved in zip(self.nets.parameters() + [self.few_bias], state["parameters"]):
+            mine.copy_(saved)
+        self.optimizer.load_state(state["optimizer"])
+        for generator, saved in zip(self.generators, state["generators"]):
+            generator.set_state(saved)
