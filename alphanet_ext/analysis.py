@@ -105,16 +105,20 @@ class Hierarchy:
         """A text file of parent links, one ``CHILD PARENT`` pair a line
         (whitespace or comma separated; ``#`` starts a comment)."""
         links = {}
-        with open(path) as stream:
-            for number, line in enumerate(stream, 1):
-                fields = line.split("#", 1)[0].replace(",", " ").split()
-                if not fields:
-                    continue
-                if len(fields) != 2:
-                    raise ValueError(f"{path}:{number}: expected 'CHILD PARENT', got {line.strip()!r}")
-                if fields[0] in links and links[fields[0]] != fields[1]:
-                    raise ValueError(f"{path}:{number}: {fields[0]!r} already has parent {links[fields[0]]!r}")
-                links[fields[0]] = fields[1]
+        try:
+            with open(path, encoding="utf-8") as stream:
+                lines = stream.read().splitlines()
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not a text file of 'CHILD PARENT' lines") from None
+        for number, line in enumerate(lines, 1):
+            fields = line.split("#", 1)[0].replace(",", " ").split()
+            if not fields:
+                continue
+            if len(fields) != 2:
+                raise ValueError(f"{path}:{number}: expected 'CHILD PARENT', got {line.strip()[:60]!r}")
+            if fields[0] in links and links[fields[0]] != fields[1]:
+                raise ValueError(f"{path}:{number}: {fields[0]!r} already has parent {links[fields[0]]!r}")
+            links[fields[0]] = fields[1]
         return cls.from_parents(links, num_classes)
 
     def close(self, truth: Tensor, predicted: Tensor, levels: int) -> Tensor:

@@ -1,16 +1,20 @@
-"""The ``alphanet`` command: fit, eval, synth and demo.
+"""The ``alphanet`` command: fit, compare, eval, synth and demo.
 
-Exit codes: 0 success, 1 failure (one-line error on stderr), 2 usage error.
+Exit codes: 0 success, 1 failure (one-line error on stderr), 2 usage error
+(a bad option value, before any file is read), 130 interrupted. A command that
+fails leaves its previous outputs untouched: outputs are written under
+temporary names and moved into place together at the very end.
 """
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
@@ -19,10 +23,12 @@ import numpy as np
 import torch
 
 from . import __version__
-from .data import resolve_device
+from .config import DEFAULTS, OPTIONS
+from .data import all_finite, iter_row_chunks, non_finite_error, resolve_device
 from .fit import FitResult, fit
-from .io import (Features, InputError, folder_features, load_author_splits, load_classifier, load_features,
-                 check_writable, classifier_format, read_metadata, save_classifier, write_atomic)
+from .io import (Features, InputError, check_input_file, folder_features, load_author_splits, load_classifier,
+                 load_features, check_writable, classifier_format, read_metadata, save_classifier, write_atomic)
+from .outputs import StagedOutputs
 from .metrics import evaluate, make_splits, mean_std
 from .analysis import Hierarchy, neighbor_views, pearson_with_interval, prediction_changes, semantic_accuracy
 from .report import COLUMNS, pyplot, run_label, save_figure, write_report, write_text
@@ -46,11 +52,12 @@ def _splits_from_labels(labels: np.ndarray, num_classes: int, few: int, many: in
                        few, many)
 
 
-def _metadata(result: FitResult, rho: float) -> dict:
-    return {"alphanet_ext_version": __version__, "k": result.config["k"], "rho": rho,
-            "metric": result.config["metric"], "seed": result.config["seed"], "trials": result.config["trials"],
+def _metadata(result: FitResult) -> dict:
+    config = result.config
+    return {"alphanet_ext_version": __version__, "k": config["k"], "rho": config["rho"],
+            "metric": config["metric"], "seed": config["seed"], "trials": config["trials"],
             "best_trial": result.best_trial, "best_epochs": result.best_epochs,
-            "pred_scale": result.config["pred_scale"], "config": {**result.config, "rho": rho},
+            "pred_scale": config["pred_scale"], "config": config,
             "few_classes": result.splits["few"].tolist(),
             "splits": {name: ids.tolist() for name, ids in result.splits.items()},
             "neighbors": result.neighbors.tolist(), "alphas": result.alphas.tolist()}
@@ -82,13 +89,16 @@ def _fit_grid(args: argparse.Namespace, train: Features, weight: torch.Tensor, b
             for rho in args.rho:
                 _say(args, f"fitting rho={rho} ({args.trials} trial(s), k={k}, metric={metric}) ...")
                 tic = time.perf_counter()
+                checkpoint = (os.path.join(args.checkpoint, f"fit-{metric}-k{k}-rho{rho:g}.ckpt.pt")
+                              if getattr(args, "checkpoint", None) else None)
                 result = fit(train.x, train.y, weight, bias, val.x if val else None, val.y if val else None,
                              k=k, rho=rho, metric=metric, epochs=args.epochs, min_epochs=args.min_epochs,
                              batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                              lr_step=args.lr_step, lr_gamma=args.lr_gamma, hidden=args.hidden,
                              trials=args.trials, seed=args.seed, device=args.device, pred_scale=args.pred_scale,
                              few_threshold=args.few_threshold, many_threshold=args.many_threshold,
-                             progress=not args.quiet)
+                             progress=not args.quiet, checkpoint=checkpoint)
+                _stop_point(args, "fitted")
                 _say(args, f"  done in {time.perf_counter() - tic:.1f}s")
                 runs.append(Run(k, rho, metric, result))
     return runs
@@ -101,7 +111,6 @@ def _per_trial(result: FitResult, trials: int, weight: torch.Tensor, bias: torch
 
 
 AUTO_RHOS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
-FIT_DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(fit).parameters.items()}
 
 
 def _auto_index(candidates: list[Run], weight: torch.Tensor, bias: torch.Tensor, val: Features,
@@ -153,8 +162,14 @@ def _check_fit_options(args: argparse.Namespace) -> None:
         raise UsageError("--rho auto needs --val (it picks rho on the validation set)")
 
 
+REPORT_MARK = "# AlphaNet correction report"
+
+
 def _check_outputs(args: argparse.Namespace, classifier: str | None = None) -> None:
-    """Output paths that could not be written fail now, not after the fit."""
+    """Output paths that could not be written, or would clobber an input or a
+    file alphanet did not write, fail now, not after the fit."""
+    inputs = [getattr(args, flag) for flag in ("classifier", "train", "val", "test", "hierarchy", "data")
+              if getattr(args, flag, None)]
     if classifier:
         classifier_format(classifier)
         check_writable(classifier)
@@ -164,7 +179,34 @@ def _check_outputs(args: argparse.Namespace, classifier: str | None = None) -> N
                 raise InputError(f"--out {classifier} is the --{flag} file; write the corrected classifier to "
                                  "another path (inputs are never overwritten)")
     if args.report:
+        if classifier and os.path.abspath(args.report) == os.path.abspath(classifier):
+            raise UsageError(f"--report {args.report} is also --out; give the report its own folder")
         check_writable(args.report, folder=True)
+        for given in inputs:
+            if os.path.abspath(given) == os.path.abspath(args.report):
+                raise InputError(f"--report {args.report} is an input; give the report its own folder")
+        existing = os.path.join(args.report, "report.md")
+        if args.command == "fit" and os.path.isfile(existing):
+            with open(existing, "rb") as stream:
+                first = stream.readline().decode("utf-8", "replace").strip()
+            if first != REPORT_MARK:
+                raise InputError(f"--report {args.report}: it holds a report.md that alphanet did not write; "
+                                 "choose another folder (it is not overwritten)")
+
+
+def _stop_point(args: argparse.Namespace, stage: str) -> None:
+    """Test hook (--stop-at STAGE:SIGNAL): the process signals itself at a named stage."""
+    wanted = getattr(args, "stop_at", None)
+    if wanted and wanted.split(":")[0] == stage:
+        os.kill(os.getpid(), getattr(signal, wanted.split(":")[1]))
+        time.sleep(0.5)  # let a handled signal arrive here
+
+
+def _check_finite_features(features: Features, role: str) -> None:
+    """Every value of a set that is only scored after the fit, checked before it."""
+    for begin, chunk in iter_row_chunks(features.x, role, resolve_device("cpu")):
+        if not all_finite(chunk):
+            raise InputError(f"{features.source}: {non_finite_error(f'the {role} features', chunk.float(), begin)}")
 
 
 def run_fit(args: argparse.Namespace) -> int:
@@ -172,11 +214,16 @@ def run_fit(args: argparse.Namespace) -> int:
     _check_outputs(args, args.out)
     weight, bias = load_classifier(args.classifier, args.classifier_key)
     train, val, test = _load_train_val_test(args, weight)
+    if test is not None:
+        _check_finite_features(test, "test")
     if bias is None:
         bias = torch.zeros(weight.shape[0], dtype=weight.dtype)
     evaluated = test or val or train
     evaluated_on = "test" if test else ("val" if val else "train")
+    if args.hierarchy:
+        check_input_file(args.hierarchy)
     hierarchy = Hierarchy.read(args.hierarchy, weight.shape[0]) if args.hierarchy else None
+    _stop_point(args, "loaded")
     auto = args.rho == ["auto"]
     if auto:
         args.rho = list(AUTO_RHOS)
@@ -189,10 +236,6 @@ def run_fit(args: argparse.Namespace) -> int:
         best = max(candidates, key=lambda run: run.result.summary()["overall"]["mean"])
     else:
         best = candidates[0]
-
-    save_classifier(args.out, best.result.weight, best.result.bias, _metadata(best.result, best.rho))
-    if not getattr(args, "demo", False):
-        _say(args, f"wrote {args.out} (k={best.k}, rho={best.rho})")
 
     splits = best.result.splits
     baseline = evaluate(weight, bias, evaluated.x, evaluated.y, splits, device=args.device)
@@ -210,23 +253,32 @@ def run_fit(args: argparse.Namespace) -> int:
                             "best_epochs": run.result.best_epochs, "timings": run.result.timings})
         if run is best:
             chosen = per_trial[run.result.best_trial]
-    _say(args, f"top-1 on the {evaluated_on} set (%):\n" + _table(rows))
 
-    if args.report:
-        few = splits["few"]
-        change = chosen["per_class_top1"][few] - baseline["per_class_top1"][few]
-        distance = best.result.neighbor_distances.mean(dim=1)
-        keep = ~torch.isnan(change)
-        correlation = (pearson_with_interval(distance[keep], change[keep]) if int(keep.sum()) >= 3
-                       else {"r": float("nan"), "low": float("nan"), "high": float("nan")})
-        report = {"config": best.result.config, "evaluated_on": evaluated_on, "samples": baseline["samples"],
-                  "baseline": {top: {c: {"mean": baseline[top][c], "std": 0.0} for c in COLUMNS}
-                               for top in ("top1", "top5")},
-                  "runs": report_runs, "distance_correlation": correlation["r"],
-                  "distance_correlation_95": [correlation["low"], correlation["high"]],
-                  **_analyses(args, best, evaluated, baseline["predictions"], chosen["predictions"], hierarchy),
-                  "split_sizes": {name: int(ids.numel()) for name, ids in splits.items()}}
-        files = write_report(report, {"distance": distance[keep], "change": change[keep]}, args.report)
+    with StagedOutputs() as outputs:
+        save_classifier(outputs.file(args.out), best.result.weight, best.result.bias, _metadata(best.result))
+        files = []
+        if args.report:
+            few = splits["few"]
+            change = chosen["per_class_top1"][few] - baseline["per_class_top1"][few]
+            distance = best.result.neighbor_distances.mean(dim=1)
+            keep = ~torch.isnan(change)
+            correlation = (pearson_with_interval(distance[keep], change[keep]) if int(keep.sum()) >= 3
+                           else {"r": float("nan"), "low": float("nan"), "high": float("nan")})
+            report = {"config": best.result.config, "evaluated_on": evaluated_on, "samples": baseline["samples"],
+                      "baseline": {top: {c: {"mean": baseline[top][c], "std": 0.0} for c in COLUMNS}
+                                   for top in ("top1", "top5")},
+                      "runs": report_runs, "distance_correlation": correlation["r"],
+                      "distance_correlation_95": [correlation["low"], correlation["high"]],
+                      **_analyses(args, best, evaluated, baseline["predictions"], chosen["predictions"], hierarchy),
+                      "split_sizes": {name: int(ids.numel()) for name, ids in splits.items()}}
+            files = write_report(report, {"distance": distance[keep], "change": change[keep]},
+                                 outputs.folder(args.report))
+        _stop_point(args, "staged")
+        outputs.commit()
+    if not getattr(args, "demo", False):
+        _say(args, f"wrote {args.out} (k={best.k}, rho={best.rho})")
+    _say(args, f"top-1 on the {evaluated_on} set (%):\n" + _table(rows))
+    if files:
         _say(args, f"report: {', '.join(os.path.join(args.report, f) for f in files)}")
     return 0
 
@@ -252,11 +304,11 @@ def _load_train_val_test(args: argparse.Namespace, weight: torch.Tensor
                          ) -> tuple[Features, Features | None, Features | None]:
     """--train, --val and --test, checked against the classifier; a --train folder
     also gives val and test where it has them."""
-    train = _check_against(load_features(args.train, "train"), "train", weight)
+    train = _check_against(load_features(args.train, "train", args.trust_pickle), "train", weight)
     loaded = []
     for role in ("val", "test"):
         path = getattr(args, role) or (args.train if _folder_has(args.train, role) else None)
-        loaded.append(_check_against(load_features(path, role), role, weight) if path else None)
+        loaded.append(_check_against(load_features(path, role, args.trust_pickle), role, weight) if path else None)
     return train, loaded[0], loaded[1]
 
 
@@ -329,7 +381,7 @@ def _frontier_plot(rows: list[dict], path: str) -> bool:
 def run_eval(args: argparse.Namespace) -> int:
     weight, bias = load_classifier(args.classifier, args.classifier_key)
     if args.splits_from:
-        train = _check_against(load_features(args.splits_from, "train"), "train", weight)
+        train = _check_against(load_features(args.splits_from, "train", args.trust_pickle), "train", weight)
         splits = _splits_from_labels(train.y, weight.shape[0], args.few_threshold, args.many_threshold)
     elif os.path.isdir(args.data) and load_author_splits(args.data) is not None:
         splits = load_author_splits(args.data)
@@ -339,7 +391,7 @@ def run_eval(args: argparse.Namespace) -> int:
             raise UsageError("no class splits known: the classifier file has none, so pass --splits-from TRAIN "
                              "(the training labels)")
         splits = {name: torch.tensor(ids, dtype=torch.long) for name, ids in metadata["splits"].items()}
-    data = _check_against(load_features(args.data, "test"), "evaluation", weight)
+    data = _check_against(load_features(args.data, "test", args.trust_pickle), "evaluation", weight)
     result = evaluate(weight, bias, data.x, data.y, splits, device=args.device)
     _say(args, f"{args.classifier} on {data.source} ({result['samples']} samples), accuracy in percent:")
     print(_table([("top-1", result["top1"]), ("top-5", result["top5"])]).replace("| model |", "| metric |"))
@@ -408,11 +460,18 @@ def _bounded(kind: type, low: float, high: float | None = None, low_open: bool =
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         below = value <= low if low_open else value < low
         if below or (high is not None and value > high):
-            bounds = f"in {'(' if low_open else '['}{low:g}, {high:g}]" if high is not None else \
-                f"{'above' if low_open else 'at least'} {low:g}"
+            show = (lambda v: str(int(v))) if kind is int else (lambda v: f"{v:g}")
+            bounds = f"in {'(' if low_open else '['}{show(low)}, {show(high)}]" if high is not None else \
+                f"{'above' if low_open else 'at least'} {show(low)}"
             raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
         return value
     return convert
+
+
+def _option(name: str):
+    """The argparse type of fit option ``name``: its type and range from :data:`config.OPTIONS`."""
+    option = OPTIONS[name]
+    return _bounded(option.kind, option.low, option.high, option.low_open)
 
 
 _non_negative = _bounded(float, 0.0)
@@ -420,7 +479,7 @@ _non_negative = _bounded(float, 0.0)
 
 def _rho_value(text: str) -> float | str:
     try:
-        return text if text == "auto" else _non_negative(text)
+        return text if text == "auto" else _option("rho")(text)
     except argparse.ArgumentTypeError as error:
         raise argparse.ArgumentTypeError(f"{error} (or 'auto')") from None
 
@@ -445,12 +504,19 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--device", type=_device, default=None,
                              help="cpu, cuda, cuda:1 ... (default: cuda when available)")
         sub.add_argument("--quiet", action="store_true", help="no progress output")
+        sub.add_argument("--debug", action="store_true", help="on an unexpected error, print the whole traceback")
         if not splits:
             return
-        sub.add_argument("--few-threshold", type=_bounded(int, 1), default=20,
-                         help="few split: fewer train samples than this")
-        sub.add_argument("--many-threshold", type=_bounded(int, 0), default=100,
-                         help="many split: more train samples than this")
+        sub.add_argument("--few-threshold", type=_option("few_threshold"), default=DEFAULTS.few_threshold,
+                         help=OPTIONS["few_threshold"].help + " (default %(default)s)")
+        sub.add_argument("--many-threshold", type=_option("many_threshold"), default=DEFAULTS.many_threshold,
+                         help=OPTIONS["many_threshold"].help + " (default %(default)s)")
+
+    def trust_pickle(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--trust-pickle", action="store_true",
+                         help="read .pkl feature files with Python's full unpickler. RISK: a crafted .pkl then runs "
+                              "any code it names, as you. Without it, .pkl files may hold only arrays, tensors and "
+                              "plain containers, and anything else is refused")
 
     def classifier_key(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--classifier-key", default=None, metavar="LAYER",
@@ -459,33 +525,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     def training_options(sub: argparse.ArgumentParser, metrics: tuple[str, ...], rho_default: list,
                          rho_type, rho_help: str) -> None:
-        sub.add_argument("--k", type=_bounded(int, 1), nargs="+", default=[5],
+        sub.add_argument("--k", type=_option("k"), nargs="+", default=[DEFAULTS.k],
                          help="neighbours per few class; several values sweep k (default 5)")
         sub.add_argument("--rho", type=rho_type, nargs="+", default=rho_default, help=rho_help)
         sub.add_argument("--metric", choices=metrics, default="euclidean",
                          help="each few class's neighbours: the base classes whose train-feature means are nearest"
                               + ("; random: chosen at random, the control" if "random" in metrics else "")
                               + " (default euclidean)")
-        sub.add_argument("--epochs", type=_bounded(int, 1), default=None, help="default 25 with --val, else 10")
-        sub.add_argument("--min-epochs", type=_bounded(int, 1), default=FIT_DEFAULTS["min_epochs"],
-                         help="with --val: the epoch kept is the best on val from this one on (default %(default)s)")
-        sub.add_argument("--batch-size", type=_bounded(int, 1), default=FIT_DEFAULTS["batch_size"],
-                         help="training samples per step, few and drawn base together (default %(default)s)")
-        sub.add_argument("--lr", type=_bounded(float, 0.0, low_open=True), default=FIT_DEFAULTS["lr"],
-                         help="AdamW learning rate (default %(default)s)")
-        sub.add_argument("--weight-decay", type=_non_negative, default=FIT_DEFAULTS["weight_decay"],
-                         help="AdamW weight decay (default %(default)s)")
-        sub.add_argument("--lr-step", type=_bounded(int, 1), default=FIT_DEFAULTS["lr_step"],
-                         help="epochs between learning-rate decays (default %(default)s)")
-        sub.add_argument("--lr-gamma", type=_bounded(float, 0.0, low_open=True), default=FIT_DEFAULTS["lr_gamma"],
-                         help="learning-rate decay factor (default %(default)s)")
-        sub.add_argument("--hidden", type=_bounded(int, 1), nargs="*", default=list(FIT_DEFAULTS["hidden"]),
+        for name in ("epochs", "min_epochs", "batch_size", "lr", "weight_decay", "lr_step", "lr_gamma", "trials",
+                     "seed", "pred_scale"):
+            option, default = OPTIONS[name], getattr(DEFAULTS, name)
+            shown = "" if default is None else " (default %(default)s)"
+            sub.add_argument("--" + name.replace("_", "-"), type=_option(name), default=default,
+                             help=f"{option.help}{shown}; {option.describe()}")
+        sub.add_argument("--hidden", type=_bounded(int, 1, 65_536), nargs="*", default=list(DEFAULTS.hidden),
                          help="hidden widths of the coefficient network (default %(default)s; none: linear)")
-        sub.add_argument("--trials", type=_bounded(int, 1), default=1,
-                         help="independently seeded models, trained together (default 1)")
-        sub.add_argument("--seed", type=int, default=0, help="trial t uses seed + t (default 0)")
-        sub.add_argument("--pred-scale", type=_bounded(float, 0.0, low_open=True), default=FIT_DEFAULTS["pred_scale"],
-                         help="multiplies every score while training (default %(default)s)")
 
     fit_parser = commands.add_parser("fit", help="correct a classifier from feature files")
     fit_parser.add_argument("--train", required=True, help="train features (.npz, NAME_x.npy, .pt, .safetensors, "
@@ -498,6 +552,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit_parser.add_argument("--report", help="folder for report.json, report.md and plots")
     training_options(fit_parser, ("euclidean", "cosine", "random"), [1.0], _rho_value,
                      "one value, several to sweep, or 'auto' (sweep %s on val)" % (AUTO_RHOS,))
+    fit_parser.add_argument("--checkpoint", metavar="DIR",
+                            help="save each fit's state here after every epoch; the same command run again resumes "
+                                 "from it (bit-identical on the same device), and refuses a checkpoint of other "
+                                 "inputs or options")
+    fit_parser.add_argument("--stop-at", help=argparse.SUPPRESS)  # test hook: STAGE:SIGNAL
+    trust_pickle(fit_parser)
     fit_parser.add_argument("--max-overall-drop", type=_non_negative, default=1.0,
                             help="with --rho auto: the most overall val top-1 (points) to give up for the few split")
     fit_parser.add_argument("--control", action="store_true",
@@ -517,7 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare_parser.add_argument("--val", help="validation features (choose tau, epochs and trials)")
     compare_parser.add_argument("--test", help="test features (the table's data; else val, else train)")
     compare_parser.add_argument("--report", help="folder for compare.json, compare.md and frontier.png")
-    training_options(compare_parser, ("euclidean", "cosine"), [0.5, 1.0, 1.5], _non_negative,
+    trust_pickle(compare_parser)
+    training_options(compare_parser, ("euclidean", "cosine"), [0.5, 1.0, 1.5], _option("rho"),
                      "values of rho to compare")
     common(compare_parser)
     compare_parser.set_defaults(handler=run_compare)
@@ -528,6 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     classifier_key(eval_parser)
     eval_parser.add_argument("--data", required=True, help="labelled features to score, in any format fit reads "
                              "(a folder: its test set)")
+    trust_pickle(eval_parser)
     eval_parser.add_argument("--splits-from", help="train features whose labels define the splits")
     common(eval_parser)
     eval_parser.set_defaults(handler=run_eval)
@@ -538,7 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "and hierarchy.txt")
     synth_parser.add_argument("--scale", type=_bounded(float, 0.0, 1.0, low_open=True), default=1.0,
                               help="fraction of the preset's classes (0, 1]")
-    synth_parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    synth_parser.add_argument("--seed", type=_option("seed"), default=0, help="random seed (default 0)")
     synth_parser.add_argument("--dim", type=_bounded(int, 1), default=None,
                               help="feature dimension (default: the preset's)")
     common(synth_parser, device=False, splits=False)
@@ -547,7 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser = commands.add_parser("demo", help="generate, correct and report a small problem (< 1 minute)")
     demo_parser.add_argument("--out", help="also write the corrected classifier here")
     demo_parser.add_argument("--report", help="also write a report folder")
-    demo_parser.add_argument("--seed", type=int, default=0, help="random seed of the problem and the fit (default 0)")
+    demo_parser.add_argument("--seed", type=_option("seed"), default=0,
+                             help="random seed of the problem and the fit (default 0)")
     common(demo_parser, splits=False)
     demo_parser.set_defaults(handler=run_demo)
     return parser
@@ -571,17 +634,33 @@ def _run(args: argparse.Namespace) -> int:
         if hasattr(args, "few_threshold") and args.few_threshold > args.many_threshold + 1:
             raise UsageError(f"--few-threshold ({args.few_threshold}) cannot exceed --many-threshold + 1 "
                              f"({args.many_threshold + 1}): the medium split would overlap the others")
+        if getattr(args, "epochs", None) is not None and getattr(args, "min_epochs", None) is not None \
+                and args.min_epochs > args.epochs:
+            raise UsageError(f"--min-epochs ({args.min_epochs}) is above --epochs ({args.epochs}): no epoch could "
+                             "be chosen on val")
         return args.handler(args)
     except KeyboardInterrupt:
-        print("alphanet: interrupted", file=sys.stderr)
+        print("alphanet: interrupted; no output was written or changed", file=sys.stderr)
         return 130
     except UsageError as error:
         print(f"alphanet {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except (InputError, ValueError, RuntimeError, OSError, KeyError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"alphanet: error: {message}", file=sys.stderr)
+    except (InputError, ValueError, OSError, KeyError) as error:
+        print(f"alphanet: error: {_one_line(error)}", file=sys.stderr)
+        if getattr(args, "debug", False):
+            traceback.print_exc()
         return 1
+    except Exception as error:  # noqa: BLE001  (a bug or an environment problem: one line, not a traceback)
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        print(f"alphanet: error: {_one_line(error)} ({type(error).__name__}; rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 if __name__ == "__main__":

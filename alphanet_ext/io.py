@@ -13,11 +13,13 @@ Classifiers: ``.pt`` / ``.pth`` state dict or dict with ``weight`` / ``bias``
 """
 from __future__ import annotations
 
+import errno
 import glob
 import importlib.util
 import json
 import os
 import pickle
+import stat
 import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -26,9 +28,15 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from . import safe_pickle
 from .classifier import combine_experts
 
 FEATURE_KEYS = (("x", "y"), ("features", "labels"), ("feats", "labels"))
+
+# torch.load(weights_only=True) was exploitable by crafted files before these
+# releases (CVE-2025-32434, fixed in 2.6.0; CVE-2026-24747, fixed in 2.10.0).
+SAFE_TORCH = (2, 10)
+TEMPORARY_PREFIX = ".alphanet-tmp-"
 
 
 class InputError(ValueError):
@@ -68,9 +76,13 @@ def _check_pair(x: Any, y: np.ndarray, path: str) -> Features:
     return Features(x, y, path)
 
 
-def _authors_pickle(path: str) -> Features:
-    with open(path, "rb") as stream:
-        data = pickle.load(stream)
+def _authors_pickle(path: str, trust: bool = False) -> Features:
+    try:
+        data = safe_pickle.load(path, trust)
+    except safe_pickle.RefusedPickle as refused:
+        raise InputError(f"{path}: refused to unpickle {refused} (a features pickle holds only arrays, tensors and "
+                         "plain containers; loading anything else could run code). If you trust where this file "
+                         "came from, pass --trust-pickle") from None
     entries = data if isinstance(data, list) else [data]
     xs, labels = [], None
     for entry in entries:
@@ -106,9 +118,38 @@ def load_tensors_only(path: str, what: str) -> Any:
         raise ValueError(f"{os.fspath(path)}: {what} (torch.load raised {type(error).__name__})") from None
 
 
+def torch_version() -> tuple[int, int]:
+    return tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def check_safe_torch(path: str) -> None:
+    """Refuses to read a ``.pt`` file with a torch whose tensors-only loader has known exploits."""
+    if torch_version() < SAFE_TORCH:
+        raise InputError(f"{path}: not read with torch {torch.__version__}: its tensors-only loader can be exploited "
+                         f"by a crafted file (CVE-2025-32434, CVE-2026-24747); upgrade to torch >= "
+                         f"{'.'.join(map(str, SAFE_TORCH))}, or use .safetensors or .npz files")
+
+
+def check_input_file(path: str, folder_ok: bool = False) -> None:
+    """Refuses a missing path, and a FIFO, device or socket (reading one could block forever)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file" + (" or folder" if folder_ok else "")) from None
+    except OSError as error:
+        raise InputError(f"{path}: cannot read ({error.strerror})") from None
+    if stat.S_ISDIR(mode) and folder_ok:
+        return
+    if stat.S_ISDIR(mode):
+        raise InputError(f"{path}: is a folder; give a file")
+    if not stat.S_ISREG(mode):
+        raise InputError(f"{path}: not a regular file (a FIFO, device or socket); give a file")
+
+
 def _load_tensors(path: str, saving_hint: str, **options: Any) -> Any:
     """``torch.load`` of tensors and containers only. A file of other pickled
     objects (a whole model) is refused with what to save instead."""
+    check_safe_torch(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, **options)
     except pickle.UnpicklingError:
@@ -116,17 +157,17 @@ def _load_tensors(path: str, saving_hint: str, **options: Any) -> Any:
                          f"code; save tensors instead: {saving_hint}") from None
 
 
-def load_features(path: str, role: str = "train") -> Features:
-    """Features and labels from a file or a folder (``role`` picks its train, val or test file)."""
-    if not os.path.exists(path):
-        raise InputError(f"{path}: no such file or folder")
+def load_features(path: str, role: str = "train", trust_pickle: bool = False) -> Features:
+    """Features and labels from a file or a folder (``role`` picks its train, val or test file).
+    ``.pkl`` files are read with a restricted unpickler unless ``trust_pickle``."""
+    check_input_file(path, folder_ok=True)
     try:
         if os.path.isdir(path):
             found = folder_features(path, role)
             if found is None:
                 raise InputError(f"{path}: no {role}_x.npy (alphanet synth's layout) or {role}*.pkl (the authors' "
                                  "layout) in this folder")
-            return load_features(found, role)
+            return load_features(found, role, trust_pickle)
         lower = path.lower()
         if lower.endswith(".npz"):
             with np.load(path, allow_pickle=False) as data:
@@ -143,6 +184,7 @@ def load_features(path: str, role: str = "train") -> Features:
                                  "or features.npy (labels in labels.npy)")
             if not os.path.exists(label_path):
                 raise InputError(f"{path}: labels file {label_path} is missing")
+            check_input_file(label_path)
             return _check_pair(np.load(path, mmap_mode="r"), _labels(np.load(label_path), label_path), path)
         if lower.endswith((".pt", ".pth")):
             data = _load_tensors(path, "torch.save({'x': features, 'y': labels}, PATH)", mmap=True)
@@ -154,15 +196,33 @@ def load_features(path: str, role: str = "train") -> Features:
             x, y = _pick_keys(data, path)
             return _check_pair(x, _labels(y, path), path)
         if lower.endswith(".pkl"):
-            return _authors_pickle(path)
+            return _authors_pickle(path, trust_pickle)
     except InputError:
         raise
     except Exception as error:  # noqa: BLE001  (truncated or corrupt files surface here)
-        raise InputError(f"{path}: cannot read features ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'corrupt'})") from None
+        raise InputError(f"{path}: cannot read features ({_reason(error)})") from None
     raise InputError(f"{path}: unknown feature format (use .npz, .npy, .pt, .safetensors or an authors' folder)")
 
 
 CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model")
+
+
+def _reason(error: BaseException) -> str:
+    """One line saying why a file could not be read."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else "corrupt or truncated"
+    if isinstance(error, EOFError) or "EOF" in text or "central directory" in text or "zip archive" in text:
+        text = "the file is truncated or corrupt: " + text
+    return f"{type(error).__name__}: {text[:300]}"
+
+
+def _pair_classifier(data: Any) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """A classifier saved as a ``(weight, bias)`` tuple or ``[weight, bias]`` list, else None."""
+    if not isinstance(data, (list, tuple)) or len(data) != 2 or hasattr(data[0], "keys"):
+        return None
+    weight, bias = data
+    if len(getattr(weight, "shape", ())) != 2 or not (bias is None or len(getattr(bias, "shape", ())) == 1):
+        return None
+    return _as_tensor(weight), None if bias is None else _as_tensor(bias)
 
 
 def _as_tensor(value: Any) -> torch.Tensor:
@@ -213,8 +273,7 @@ def load_classifier(path: str, key: str | None = None) -> tuple[torch.Tensor, to
     """``(weight [C, d], bias [C] or None)``; an ensemble (list) becomes one ``[C, E*d]`` classifier.
     ``key`` names the layer in a whole model's state dict (``"fc"`` reads
     ``fc.weight`` and ``fc.bias``)."""
-    if not os.path.exists(path):
-        raise InputError(f"{path}: no such file")
+    check_input_file(path)
     lower = path.lower()
     try:
         if lower.endswith((".pt", ".pth")):
@@ -231,8 +290,17 @@ def load_classifier(path: str, key: str | None = None) -> tuple[torch.Tensor, to
     except InputError:
         raise
     except Exception as error:  # noqa: BLE001
-        raise InputError(f"{path}: cannot read classifier ({type(error).__name__})") from None
+        raise InputError(f"{path}: cannot read classifier ({_reason(error)})") from None
+    pair = _pair_classifier(data)
+    if pair is not None:
+        if pair[1] is not None and pair[1].shape[0] != pair[0].shape[0]:
+            raise InputError(f"{path}: the (weight, bias) pair has {pair[0].shape[0]} weight rows but "
+                             f"{pair[1].shape[0]} biases")
+        return pair
     if isinstance(data, (list, tuple)):
+        if not all(hasattr(entry, "keys") for entry in data):
+            raise InputError(f"{path}: expected a dict with weight/bias, a (weight, bias) pair or a list of dicts "
+                             "(an ensemble)")
         parts = [_classifier_from_mapping(entry, path, key) for entry in data]
         biases = None if any(b is None for _, b in parts) else [b for _, b in parts]
         return combine_experts([w for w, _ in parts], biases)
@@ -247,8 +315,22 @@ def load_author_splits(folder: str) -> dict[str, torch.Tensor] | None:
         return None
     splits = {}
     for name in ("many", "medium", "few"):
-        with open(os.path.join(folder, "splits", f"{name}.txt")) as stream:
-            splits[name] = torch.tensor([int(line) for line in stream if line.strip()], dtype=torch.long)
+        path = os.path.join(folder, "splits", f"{name}.txt")
+        check_input_file(path)
+        ids = []
+        try:
+            with open(path, encoding="utf-8") as stream:
+                for number, line in enumerate(stream, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        ids.append(int(line))
+                    except ValueError:
+                        raise InputError(f"{path}:{number}: expected a class id (an integer), got "
+                                         f"{line.strip()[:40]!r}") from None
+        except UnicodeDecodeError:
+            raise InputError(f"{path}: not a text file of class ids") from None
+        splits[name] = torch.tensor(ids, dtype=torch.long)
     return splits
 
 
@@ -259,7 +341,8 @@ def write_atomic(path: str, write: Callable[[str], None]) -> None:
     directory = os.path.dirname(os.path.abspath(path)) or "."
     try:
         os.makedirs(directory, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+        handle, temporary = tempfile.mkstemp(dir=directory, prefix=f"{TEMPORARY_PREFIX}{os.getpid()}-",
+                                             suffix=os.path.splitext(path)[1])
     except OSError as error:
         raise type(error)(f"cannot write {path}: {error.strerror}") from None
     os.close(handle)
@@ -269,9 +352,13 @@ def write_atomic(path: str, write: Callable[[str], None]) -> None:
         os.umask(umask)
         os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(temporary):
             os.unlink(temporary)
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(f"cannot write {path}: no space left on device") from None
+        if isinstance(error, RuntimeError) and "No space left" in str(error):  # torch.save's own writer
+            raise OSError(f"cannot write {path}: no space left on device") from None
         raise
 
 

@@ -403,6 +403,7 @@ def test_usage_errors_exit_2(tmp_path):
     (["--hierarchy", "tree.txt"], "--hierarchy is used by the report: add --report DIR"),
     (["--rho", "auto", "0.5"], "--rho auto cannot be mixed with numbers"),
     (["--rho", "auto"], "--rho auto needs --val"),
+    (["--epochs", "3", "--min-epochs", "6"], "--min-epochs (6) is above --epochs (3)"),
 ])
 def test_option_conflicts_exit_2_before_any_file_is_read(arguments, message, capsys):
     # the files do not exist: the options alone are refused
@@ -412,17 +413,27 @@ def test_option_conflicts_exit_2_before_any_file_is_read(arguments, message, cap
 
 
 @pytest.mark.parametrize("command,option,value,message", [
-    ("fit", "--k", "0", "must be at least 1, got 0"),
-    ("fit", "--rho", "-0.5", "must be at least 0, got -0.5 (or 'auto')"),
+    ("fit", "--k", "0", "must be in [1, 256], got 0"),
+    ("fit", "--rho", "-0.5", "must be in [0, 100], got -0.5 (or 'auto')"),
     ("fit", "--rho", "nan", "must be a finite number, got nan"),
+    ("fit", "--rho", "1e5", "must be in [0, 100], got 1e5 (or 'auto')"),
+    ("fit", "--rho", "1e30", "must be in [0, 100], got 1e30"),
+    ("fit", "--seed", str(2**70), "must be in [0, "),
+    ("fit", "--seed", "-3", "must be in [0, "),
+    ("fit", "--lr", "1e30", "must be in (0, 10], got 1e30"),
+    ("fit", "--pred-scale", "1e30", "must be in (0, 10000], got 1e30"),
+    ("fit", "--lr-gamma", "3", "must be in (0, 1], got 3"),
+    ("fit", "--weight-decay", "1e9", "must be in [0, 100], got 1e9"),
     ("fit", "--epochs", "2.5", "expected an integer, got '2.5'"),
-    ("fit", "--batch-size", "0", "must be at least 1"),
-    ("fit", "--trials", "-1", "must be at least 1"),
-    ("fit", "--pred-scale", "0", "must be above 0, got 0"),
+    ("fit", "--epochs", "100000000", "must be in [1, 10000], got 100000000"),
+    ("fit", "--batch-size", "0", "must be in [1, 1048576]"),
+    ("fit", "--trials", "-1", "must be in [1, 64]"),
+    ("fit", "--pred-scale", "0", "must be in (0, 10000], got 0"),
     ("fit", "--max-overall-drop", "-1", "must be at least 0"),
     ("fit", "--levels", "-1", "must be at least 0, got -1"),
-    ("compare", "--rho", "-1", "must be at least 0, got -1"),
-    ("eval", "--few-threshold", "0", "must be at least 1, got 0"),
+    ("compare", "--rho", "-1", "must be in [0, 100], got -1"),
+    ("eval", "--few-threshold", "0", "must be in [1, 2147483647], got 0"),
+    ("synth", "--seed", str(2**70), "must be in [0, "),
     ("synth", "--scale", "0", "must be in (0, 1], got 0"),
     ("synth", "--scale", "1.5", "must be in (0, 1], got 1.5"),
     ("synth", "--dim", "0", "must be at least 1, got 0"),

@@ -9,6 +9,16 @@ from torch import Tensor
 MAX_DRAWS_PER_BASE_ROW = 100
 
 
+def check_rho(rho: float, few_rows: int, base_rows: int) -> None:
+    """Refuses a rho whose epochs would draw every base row more than
+    ``MAX_DRAWS_PER_BASE_ROW`` times: the work grows with rho, and nothing new is drawn."""
+    drawn = int(round(rho * few_rows))
+    if drawn > MAX_DRAWS_PER_BASE_ROW * max(base_rows, 1):
+        raise ValueError(f"rho={rho:g} would draw {drawn:,} base samples an epoch from {base_rows:,} base "
+                         f"training rows ({drawn / max(base_rows, 1):.0f} draws of each): the work grows "
+                         f"with rho and nothing is learned past {MAX_DRAWS_PER_BASE_ROW}; use a smaller rho")
+
+
 class EpochSampler:
     """Every few-split row once, plus ``round(rho * F)`` base rows drawn with
     replacement, each a uniform base class then a uniform member of it (so every
@@ -28,11 +38,7 @@ class EpochSampler:
         self.class_offsets[1:] = self.counts.cumsum(0)
         self.num_few = self.few_rows.numel()
         self.num_base = int(round(rho * self.num_few))
-        base_rows = int(self.counts[base].sum())
-        if self.num_base > MAX_DRAWS_PER_BASE_ROW * max(base_rows, 1):
-            raise ValueError(f"rho={rho:g} would draw {self.num_base:,} base samples an epoch from {base_rows:,} base "
-                             f"training rows ({self.num_base / max(base_rows, 1):.0f} draws of each): the work grows "
-                             f"with rho and nothing is learned past {MAX_DRAWS_PER_BASE_ROW}; use a smaller rho")
+        check_rho(rho, self.num_few, int(self.counts[base].sum()))
 
     @property
     def epoch_size(self) -> int:
