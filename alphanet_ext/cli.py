@@ -29,6 +29,7 @@ from .fit import FitResult, fit
 from .io import (Features, InputError, check_input_file, folder_features, load_author_splits, load_classifier,
                  load_features, check_writable, classifier_format, read_metadata, save_classifier, write_atomic)
 from .outputs import StagedOutputs
+from .training.sampler import check_rho
 from .metrics import evaluate, make_splits, mean_std
 from .analysis import Hierarchy, neighbor_views, pearson_with_interval, prediction_changes, semantic_accuracy
 from .report import COLUMNS, pyplot, run_label, save_figure, write_report, write_text
@@ -97,7 +98,8 @@ def _fit_grid(args: argparse.Namespace, train: Features, weight: torch.Tensor, b
                              lr_step=args.lr_step, lr_gamma=args.lr_gamma, hidden=args.hidden,
                              trials=args.trials, seed=args.seed, device=args.device, pred_scale=args.pred_scale,
                              few_threshold=args.few_threshold, many_threshold=args.many_threshold,
-                             progress=not args.quiet, checkpoint=checkpoint)
+                             progress=not args.quiet, checkpoint=checkpoint,
+                             callback=lambda record: _stop_point(args, f"epoch{record['epoch']}"))
                 _stop_point(args, "fitted")
                 _say(args, f"  done in {time.perf_counter() - tic:.1f}s")
                 runs.append(Run(k, rho, metric, result))
@@ -209,6 +211,18 @@ def _check_finite_features(features: Features, role: str) -> None:
             raise InputError(f"{features.source}: {non_finite_error(f'the {role} features', chunk.float(), begin)}")
 
 
+def _check_rho_work(args: argparse.Namespace, train: Features, num_classes: int) -> None:
+    """A --rho whose epochs would redraw every base row over and over is refused before any fit."""
+    counts = np.bincount(np.asarray(train.y), minlength=num_classes)
+    few = counts < args.few_threshold
+    rhos = AUTO_RHOS if args.rho == ["auto"] else args.rho
+    try:
+        for rho in rhos:
+            check_rho(rho, int(counts[few].sum()), int(counts[~few].sum()))
+    except ValueError as error:
+        raise UsageError(f"argument --rho: {error}") from None
+
+
 def run_fit(args: argparse.Namespace) -> int:
     _check_fit_options(args)
     _check_outputs(args, args.out)
@@ -223,6 +237,7 @@ def run_fit(args: argparse.Namespace) -> int:
     if args.hierarchy:
         check_input_file(args.hierarchy)
     hierarchy = Hierarchy.read(args.hierarchy, weight.shape[0]) if args.hierarchy else None
+    _check_rho_work(args, train, weight.shape[0])
     _stop_point(args, "loaded")
     auto = args.rho == ["auto"]
     if auto:
@@ -274,7 +289,7 @@ def run_fit(args: argparse.Namespace) -> int:
             files = write_report(report, {"distance": distance[keep], "change": change[keep]},
                                  outputs.folder(args.report))
         _stop_point(args, "staged")
-        outputs.commit()
+        outputs.commit(moving=lambda: _stop_point(args, "committing"))
     if not getattr(args, "demo", False):
         _say(args, f"wrote {args.out} (k={best.k}, rho={best.rho})")
     _say(args, f"top-1 on the {evaluated_on} set (%):\n" + _table(rows))
@@ -353,11 +368,13 @@ def run_compare(args: argparse.Namespace) -> int:
     print(table)
     if args.report:
         import json
-        os.makedirs(args.report, exist_ok=True)
-        write_atomic(os.path.join(args.report, "compare.json"),
-                     lambda t: write_text(t, json.dumps({"evaluated_on": evaluated_on, "methods": rows}, indent=2)))
-        write_atomic(os.path.join(args.report, "compare.md"), lambda t: write_text(t, table))
-        plotted = _frontier_plot(rows, os.path.join(args.report, "frontier.png"))
+        with StagedOutputs() as outputs:
+            folder = outputs.folder(args.report)
+            write_atomic(os.path.join(folder, "compare.json"),
+                         lambda t: write_text(t, json.dumps({"evaluated_on": evaluated_on, "methods": rows}, indent=2)))
+            write_atomic(os.path.join(folder, "compare.md"), lambda t: write_text(t, table))
+            plotted = _frontier_plot(rows, os.path.join(folder, "frontier.png"))
+            outputs.commit()
         _say(args, f"report: {args.report}/compare.json, compare.md" + (", frontier.png" if plotted else ""))
     return 0
 
@@ -391,7 +408,16 @@ def run_eval(args: argparse.Namespace) -> int:
             raise UsageError("no class splits known: the classifier file has none, so pass --splits-from TRAIN "
                              "(the training labels)")
         splits = {name: torch.tensor(ids, dtype=torch.long) for name, ids in metadata["splits"].items()}
+    named = sum(int(ids.numel()) for ids in splits.values())
+    highest = max((int(ids.max()) for ids in splits.values() if ids.numel()), default=-1)
+    if named != weight.shape[0] or highest >= weight.shape[0]:
+        raise InputError(f"{args.classifier}: the classifier has {weight.shape[0]} classes but its class splits name "
+                         f"{named} (highest id {highest}); the splits belong to another label space")
     data = _check_against(load_features(args.data, "test", args.trust_pickle), "evaluation", weight)
+    used = int(data.y.max()) + 1 if len(data.y) else 0
+    if 0 < used < weight.shape[0] // 2:
+        warnings.warn(f"{data.source}: its labels use only classes 0..{used - 1} of the classifier's "
+                      f"{weight.shape[0]}; check that the data and the classifier share a label space")
     result = evaluate(weight, bias, data.x, data.y, splits, device=args.device)
     _say(args, f"{args.classifier} on {data.source} ({result['samples']} samples), accuracy in percent:")
     print(_table([("top-1", result["top1"]), ("top-5", result["top5"])]).replace("| model |", "| metric |"))
@@ -640,7 +666,7 @@ def _run(args: argparse.Namespace) -> int:
                              "be chosen on val")
         return args.handler(args)
     except KeyboardInterrupt:
-        print("alphanet: interrupted; no output was written or changed", file=sys.stderr)
+        print("alphanet: interrupted (outputs not yet moved into place were discarded)", file=sys.stderr)
         return 130
     except UsageError as error:
         print(f"alphanet {args.command}: error: {error}", file=sys.stderr)

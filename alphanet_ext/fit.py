@@ -30,15 +30,11 @@ from .training.cache import CacheSizes, LogitCache
 from .training.sampler import EpochSampler
 from .training.selection import EpochSelector, ValScorer
 from .training.statistics import class_statistics, find_neighbors, keeps_features_on
-from .training.step import TrainStep
+from .training.step import Diverged, TrainStep
 
 __all__ = ["fit", "FitResult", "load", "combine_experts", "FitConfig", "Diverged"]
 
 Callback = Callable[[dict], Any]
-
-
-class Diverged(ValueError):
-    """Training produced a non-finite loss."""
 
 
 @dataclass
@@ -192,24 +188,32 @@ def fit_with_config(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, b
             break
         tic = time.perf_counter()
         step.optimizer.lr = config.lr * config.lr_gamma ** ((epoch - 1) // config.lr_step)  # StepLR
-        _train_epoch(step, sampler, cache, few_position, config.batch_size, bar)
+        try:
+            _train_epoch(step, sampler, cache, few_position, config.batch_size, bar)
+        except Diverged as error:
+            raise Diverged(_diverged(epoch, str(error), step.optimizer.lr, config)) from None
         train_time += time.perf_counter() - tic
         record: dict[str, Any] = {"epoch": epoch, "loss": (step.loss_sum / sampler.epoch_size).tolist(),
                                   "lr": step.optimizer.lr}
-        _check_finite(record, config)
         alphas = step.alphas()
+        _check_finite(record, alphas, config)
         if scorer is not None:
             tic = time.perf_counter()
             record["val_top1"] = scorer(alphas, step.few_bias)
             val_time += time.perf_counter() - tic
-        stop = callback is not None and callback(dict(record)) is False
-        if stop:
-            record["stopped"] = True
-        selector.offer(record, alphas, step.few_bias, step.nets.state, force=stop and epoch < config.min_epochs)
+        selector.offer(record, alphas, step.few_bias, step.nets.state)
         history.append(record)
-        if saved_path is not None:
-            checkpoints.save(saved_path, {"fingerprint": expected, "step": step.state(), "selector": selector.state(),
-                                          "history": history})
+
+        def save() -> None:
+            if saved_path is not None:
+                checkpoints.save(saved_path, {"fingerprint": expected, "step": step.state(),
+                                              "selector": selector.state(), "history": history})
+        save()  # before the callback, which may stop the process
+        stop = callback is not None and callback(dict(record)) is False
+        if stop:  # stopped before min_epochs: the last epoch run is eligible
+            record["stopped"] = True
+            selector.offer(record, alphas, step.few_bias, step.nets.state, force=epoch < config.min_epochs)
+            save()
         val_text = f", val top-1 {max(r['overall'] for r in record['val_top1']):.1f}" if has_val else ""
         bar.set_postfix_str(f"epoch {epoch}/{config.epochs}, loss {min(record['loss']):.3f}{val_text}")
         stopped = stop
@@ -250,12 +254,19 @@ def _train_epoch(step: TrainStep, sampler: EpochSampler, cache: LogitCache, few_
             bar.update(min(end, raw.shape[0]) - begin)
 
 
-def _check_finite(record: dict, config: FitConfig) -> None:
+def _check_finite(record: dict, alphas: torch.Tensor, config: FitConfig) -> None:
+    """Stops a fit whose loss or coefficients stopped being finite, naming the learning rate."""
     bad = [t for t, loss in enumerate(record["loss"]) if not math.isfinite(loss)]
-    if bad:
-        raise Diverged(f"training diverged at epoch {record['epoch']}: the loss of trial {bad[0]} is "
-                       f"{record['loss'][bad[0]]} with lr={record['lr']:g} (lr option {config.lr:g}, pred_scale "
-                       f"{config.pred_scale:g}); lower lr or pred_scale")
+    what = f"the loss of trial {bad[0]} is {record['loss'][bad[0]]}" if bad else None
+    if what is None and not bool(torch.isfinite(alphas).all()):
+        what = "the coefficients are no longer finite"
+    if what:
+        raise Diverged(_diverged(record["epoch"], what, record["lr"], config))
+
+
+def _diverged(epoch: int, what: str, lr: float, config: FitConfig) -> str:
+    return (f"training diverged at epoch {epoch}: {what} with lr={lr:g} (pred_scale {config.pred_scale:g}); lower "
+            "lr or pred_scale, or check the classifier's scale")
 
 
 def _input_digests(inputs: _Inputs, stats) -> dict[str, str]:

@@ -152,7 +152,9 @@ def _load_tensors(path: str, saving_hint: str, **options: Any) -> Any:
     check_safe_torch(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, **options)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as error:
+        if "Unsupported global" not in str(error):  # not pickled objects: a corrupt or foreign file
+            raise ValueError("not a torch file, or corrupt or truncated") from None
         raise InputError(f"{path}: holds pickled Python objects, which are not loaded because unpickling can run "
                          f"code; save tensors instead: {saving_hint}") from None
 
@@ -355,11 +357,21 @@ def write_atomic(path: str, write: Callable[[str], None]) -> None:
     except BaseException as error:
         if os.path.exists(temporary):
             os.unlink(temporary)
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OSError(f"cannot write {path}: no space left on device") from None
-        if isinstance(error, RuntimeError) and "No space left" in str(error):  # torch.save's own writer
+        if isinstance(error, (OSError, RuntimeError)) and _out_of_space(error, directory):
             raise OSError(f"cannot write {path}: no space left on device") from None
         raise
+
+
+def _out_of_space(error: BaseException, directory: str) -> bool:
+    """Whether a failed write ran out of space: ENOSPC, or a writer (numpy's, torch's)
+    that reports a short write in its own words while the disk is full."""
+    if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(error):
+        return True
+    try:
+        usage = os.statvfs(directory)
+    except OSError:
+        return False
+    return usage.f_bavail * usage.f_frsize < 64 * 1024
 
 
 CLASSIFIER_FORMATS = (".pt", ".pth", ".npz", ".safetensors")

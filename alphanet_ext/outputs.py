@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import uuid
+from typing import Callable
 
 from .io import TEMPORARY_PREFIX
 
@@ -83,10 +84,15 @@ class StagedOutputs:
         self.folders.append((temporary, path))
         return temporary
 
-    def commit(self) -> None:
-        """Moves every staged output into place, with SIGINT and SIGTERM held until done."""
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    def commit(self, moving: Callable[[], None] | None = None) -> None:
+        """Moves every staged output into place, with SIGINT and SIGTERM held off until done
+        (``moving`` runs first, with them held off: a test hook). Python handlers, not a
+        signal mask: a process-directed signal may be taken by any of torch's threads."""
+        arrived: list[int] = []
+        previous = {signum: signal.signal(signum, lambda number, frame: arrived.append(number)) for signum in _HELD}
         try:
+            if moving is not None:
+                moving()
             for temporary, final in self.folders:
                 os.makedirs(final, exist_ok=True)
                 for name in sorted(os.listdir(temporary)):
@@ -96,10 +102,8 @@ class StagedOutputs:
                 os.replace(temporary, final)
             self.files, self.folders = [], []
         finally:
-            pending = signal.sigpending() & _HELD
-            for signum in pending:  # the outputs are complete: an interrupt now changes nothing
-                signal.sigwait({signum})
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     def discard(self) -> None:
         for temporary, _ in self.files:

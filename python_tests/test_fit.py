@@ -963,3 +963,77 @@ def test_optimizer_reads_transposed_gradients_as_their_values():
         updated.append(optimizer.exp_avgs[0])
     torch.testing.assert_close(updated[0], updated[1], rtol=0, atol=0)
     torch.testing.assert_close(updated[1], 0.1 * gradient, rtol=1e-6, atol=0)
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kill_after", [1, 3, 6])
+def test_a_killed_fit_resumes_bit_identical(problem, tmp_path, kill_after):
+    """The state is saved after every epoch; a fit stopped after any epoch and run
+    again with the same checkpoint ends with the uninterrupted fit's bits."""
+    options = dict(epochs=7, min_epochs=2, lr_step=3, batch_size=16, trials=2, seed=9)
+    expected = quick_fit(problem, **options)
+    checkpoint = tmp_path / "fit.ckpt.pt"
+
+    def kill(record):
+        if record["epoch"] == kill_after:
+            raise _Killed
+    with pytest.raises(_Killed):
+        quick_fit(problem, **options, checkpoint=checkpoint, callback=kill)
+    assert checkpoint.exists()
+    epochs_run = []
+    resumed = quick_fit(problem, **options, checkpoint=checkpoint, callback=lambda r: epochs_run.append(r["epoch"]))
+    assert epochs_run == list(range(kill_after + 1, 8))
+    for name in ("weight", "bias", "trial_alphas", "trial_few_bias", "alphas"):
+        assert torch.equal(getattr(resumed, name), getattr(expected, name)), name
+    assert resumed.history == expected.history and resumed.best_epochs == expected.best_epochs
+    assert resumed.mlp_state.keys() == expected.mlp_state.keys()
+    assert all(torch.equal(resumed.mlp_state[key], expected.mlp_state[key]) for key in expected.mlp_state)
+    # a finished fit's checkpoint gives its result again without training
+    again = quick_fit(problem, **options, checkpoint=checkpoint, callback=lambda r: epochs_run.append(r["epoch"]))
+    assert torch.equal(again.weight, expected.weight) and epochs_run == list(range(kill_after + 1, 8))
+
+
+@pytest.mark.parametrize("change,named", [
+    (dict(rho=0.5), "option 'rho'"),
+    (dict(seed=10), "option 'seed'"),
+    (dict(epochs=8), "option 'epochs'"),
+    (dict(weight="scaled"), "input 'classifier weight'"),
+    (dict(train_x="shifted"), "input 'train features'"),
+    (dict(val_y="rolled"), "input 'val labels'"),
+])
+def test_a_checkpoint_of_other_inputs_or_options_is_refused(problem, tmp_path, change, named):
+    checkpoint = tmp_path / "fit.ckpt.pt"
+    args = dict(train_x=problem.train_x, train_y=problem.train_y, weight=problem.weight, bias=problem.bias,
+                val_x=problem.val_x, val_y=problem.val_y, epochs=2, min_epochs=1, progress=False,
+                checkpoint=checkpoint)
+    alphanet_ext.fit(**args)
+    before = checkpoint.read_bytes()
+    altered = {"scaled": problem.weight * 1.001, "shifted": problem.train_x + 1e-3, "rolled": problem.val_y.roll(1)}
+    args.update({key: altered.get(value, value) if isinstance(value, str) else value for key, value in change.items()})
+    with pytest.raises(ValueError, match=f"the checkpoint was written for a different {named}"):
+        alphanet_ext.fit(**args)
+    assert checkpoint.read_bytes() == before  # refused, not overwritten
+
+
+def test_a_callback_sees_every_epoch_and_can_stop_the_fit(problem):
+    seen = []
+
+    def callback(record):
+        seen.append(record)
+        return record["epoch"] < 3
+    result = quick_fit(problem, epochs=6, min_epochs=5, callback=callback)
+    assert [r["epoch"] for r in seen] == [1, 2, 3] and len(result.history) == 3
+    assert set(seen[0]) >= {"epoch", "loss", "lr", "val_top1"} and seen[0]["lr"] == pytest.approx(1e-3)
+    assert result.best_epochs == [3]  # stopped before min_epochs: the last epoch run is kept
+    with pytest.raises(TypeError, match="callback must be callable"):
+        quick_fit(problem, epochs=1, callback="print")
+
+
+def test_divergence_stops_the_fit_naming_the_learning_rate(problem):
+    with pytest.raises(ValueError, match=r"training diverged at epoch 1: .* with lr=0.001 \(pred_scale 10000\); "
+                                         "lower lr or pred_scale"):
+        alphanet_ext.fit(problem.train_x, problem.train_y, problem.weight * 1e34, problem.bias, epochs=3,
+                         pred_scale=1e4, progress=False)

@@ -166,6 +166,10 @@ def base_logsumexp_(scratch: Tensor, bias: Tensor, few: Tensor, pred_scale: floa
     return scores.sub_(top).exp_().sum(dim=1).log_().add_(top.squeeze(1)), target
 
 
+class Diverged(ValueError):
+    """Training produced a non-finite loss or non-finite coefficients."""
+
+
 class TrainStep:
     """The networks of every trial, their few-class biases and optimiser, and one
     step on a batch of logits: losses and gradients in one op, then AdamW.
@@ -197,9 +201,15 @@ class TrainStep:
     def _step(self, raw: Tensor, base_lse: Tensor, target_few: Tensor, target_base_score: Tensor) -> None:
         rows = raw.shape[0]
         nets = self.nets
-        losses, grads = ops.coefficient_grads(
-            self.inputs, nets.first, nets.rest, nets.biases, self.few_bias, raw.view(rows, self.trials * self.num_classes),
-            self.trial_targets, self.trial_neighbors, base_lse, target_few, target_base_score, self.pred_scale)
+        try:
+            losses, grads = ops.coefficient_grads(
+                self.inputs, nets.first, nets.rest, nets.biases, self.few_bias,
+                raw.view(rows, self.trials * self.num_classes), self.trial_targets, self.trial_neighbors, base_lse,
+                target_few, target_base_score, self.pred_scale)
+        except RuntimeError as error:  # the op refuses coefficients that overflowed in an earlier step
+            if "NaN or inf" in str(error):
+                raise Diverged("the coefficients are no longer finite") from None
+            raise
         self.optimizer.step(grads)
         self.loss_sum.add_(losses * rows)
 
