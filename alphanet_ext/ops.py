@@ -161,7 +161,11 @@ class ClassMeanAccumulator:
 
 # --------------------------------------------------------------------------- kNN
 
-def knn(queries: Tensor, keys: Tensor, k: int, metric: str = "euclidean") -> tuple[Tensor, Tensor]:
+RANKINGS = ("auto", "screening", "int8", "matmul")
+
+
+def knn(queries: Tensor, keys: Tensor, k: int, metric: str = "euclidean", ranking: str = "auto"
+        ) -> tuple[Tensor, Tensor]:
     """Exact ``k`` nearest keys of every query.
 
     Both screenings below first move every row into a frame centred on the
@@ -175,8 +179,8 @@ def knn(queries: Tensor, keys: Tensor, k: int, metric: str = "euclidean") -> tup
     tensor-core products with an error bound proven per query; the ``k + 8``
     best estimates are rechecked in float64, and a query whose bound does not
     rule out every other key (ties, near-duplicate keys) is ranked again with
-    float64 matmuls. Elsewhere (other CPUs, ``ALPHANET_KNN_SCREENING=0``, or
-    ``ALPHANET_KNN_RANKING=matmul`` on CUDA) matmul-expanded tiles feed a
+    float64 matmuls. Elsewhere (other CPUs, or ``ranking="matmul"``)
+    matmul-expanded tiles feed a
     select kernel and ``k + 8`` candidates are rechecked in float64. All work in tiles:
     memory stays ``O(q*k + tile)`` however many keys.
 
@@ -184,6 +188,9 @@ def knn(queries: Tensor, keys: Tensor, k: int, metric: str = "euclidean") -> tup
         queries: ``[q, d]``; keys: ``[m, d]``; same float dtype and device.
         k: neighbours per query, ``1 <= k <= m``.
         metric: ``"euclidean"`` (``||a - b||``) or ``"cosine"`` (``1 - cos(a, b)``).
+        ranking: how keys are ranked before the exact recheck: ``"auto"`` (the
+            fastest exact path here), ``"screening"`` (CPU int16), ``"int8"``
+            (CUDA) or ``"matmul"``. Every choice gives the same answer.
 
     Returns:
         ``(distances [q, k], indices [q, k])``, ascending, equal distances
@@ -199,9 +206,11 @@ def knn(queries: Tensor, keys: Tensor, k: int, metric: str = "euclidean") -> tup
     if not HAS_EXTENSION:
         _fallback("knn")
         fallback_checks.knn(queries, keys, k, metric)
+        if ranking not in RANKINGS:
+            fallback_checks.refuse("knn", f"ranking must be 'auto', 'screening', 'int8' or 'matmul', got '{ranking}'")
         distances, indices = reference.knn(queries, keys, k, metric)
         return distances.to(_acc_dtype(queries.dtype)), indices
-    return torch.ops.alphanet.knn(queries, keys, k, metric)
+    return torch.ops.alphanet.knn(queries, keys, k, metric, ranking)
 
 
 # --------------------------------------------------------------------------- alpha combine
@@ -286,13 +295,13 @@ if HAS_EXTENSION:
                                     setup_context=_class_means_setup)
 
     @torch.library.register_fake("alphanet::knn")
-    def _knn_fake(queries, keys, k, metric="euclidean"):
+    def _knn_fake(queries, keys, k, metric="euclidean", ranking="auto"):
         _check_one_device("knn", queries=queries, keys=keys)
         return (queries.new_empty(queries.shape[0], k, dtype=_acc_dtype(queries.dtype)),
                 queries.new_empty(queries.shape[0], k, dtype=torch.long))
 
     def _knn_setup(ctx, inputs, output):
-        queries, keys, _, metric = inputs
+        queries, keys, _, metric, _ = inputs
         ctx.save_for_backward(queries, keys, output[1])
         ctx.metric = metric
 
@@ -315,7 +324,7 @@ if HAS_EXTENSION:
                 grad_queries[begin:begin + chunk] = grad_q
             if need_keys:
                 grad_keys.index_add_(0, rows.flatten(), grad_n.flatten(0, 1))
-        return grad_queries, grad_keys.to(keys.dtype) if need_keys else None, None, None
+        return grad_queries, grad_keys.to(keys.dtype) if need_keys else None, None, None, None
 
     torch.library.register_autograd("alphanet::knn", _knn_backward, setup_context=_knn_setup)
 

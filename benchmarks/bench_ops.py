@@ -17,7 +17,6 @@ second peers (scatter_add, mm + argpartition, indexing + einsum).
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 
@@ -70,21 +69,6 @@ def array_combine(xp, source, targets, neighbors, alphas, dim):
     if dim == 0:
         return source[targets] + xp.einsum("ck,ckd->cd", weights, source[neighbors])
     return source[:, targets] + xp.einsum("ck,nck->nc", weights, source[:, neighbors])
-
-
-def with_environment(variable, value, fn):
-    """fn, run with the environment variable set to value."""
-    def run():
-        previous = os.environ.get(variable)
-        os.environ[variable] = value
-        try:
-            return fn()
-        finally:
-            if previous is None:
-                del os.environ[variable]
-            else:
-                os.environ[variable] = previous
-    return run
 
 
 def free_bytes(device):
@@ -175,7 +159,7 @@ def knn_rows(q, m, dims, k, device, repeats, rates, cupy_modules, generator):
         print(screening_counts(rows_q, rows_k, k, label))
     if device.startswith("cuda"):  # A/B: float matmul tiles instead of the int8 screening
         row("knn euclidean, float matmul ranking", f"{q}x{m}x{dims}, k={k}",
-            with_environment("ALPHANET_KNN_RANKING", "matmul", lambda: alphanet_ext.knn(queries, keys, k)),
+            lambda: alphanet_ext.knn(queries, keys, k, ranking="matmul"),
             best_peer, device, repeats, peer_name, rates, flops=2 * q * m * dims)
     # the cupy peer holds three q x m float32 temporaries at once
     if cupy_modules and 3 * q * m * 4 > free_bytes(device):

@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import alphanet_ext
 from alphanet_ext.io import load_classifier, load_features
-from bench_ops import SIZES, with_environment
+from bench_ops import SIZES
 from common import machine
 
 
@@ -68,9 +68,8 @@ def main() -> None:
             q, m, dims, k = SIZES["huge" if "huge" in case else "large"]["knn"]
             queries = torch.randn(q, dims, generator=generator).cuda()
             keys = torch.randn(m, dims, generator=generator).cuda()
-            fn = lambda: alphanet_ext.knn(queries, keys, k)  # noqa: E731
-            if case.endswith("matmul"):
-                fn = with_environment("ALPHANET_KNN_RANKING", "matmul", fn)
+            ranking = "matmul" if case.endswith("matmul") else "auto"
+            fn = lambda: alphanet_ext.knn(queries, keys, k, ranking=ranking)  # noqa: E731
             kernel_table(f"{case} ({q}x{m}x{dims}, k={k})", fn, 1 if "huge" in case else 5, args.plain)
         elif case in ("combine-rows-large", "combine-columns-large"):
             # the training step's pattern: forward, then the gradient of the alphas only

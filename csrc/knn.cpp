@@ -20,11 +20,32 @@ struct Tiles {
   int64_t queries, keys;
 };
 
-// The CPU uses int16 screening where the hardware has it; ALPHANET_KNN_SCREENING=0
-// selects the matmul-tile path below instead (the one CUDA runs).
-bool use_screening() {
-  const char* setting = std::getenv("ALPHANET_KNN_SCREENING");
-  return cpu::knn_screening_supported() && !(setting && std::string(setting) == "0");
+// How keys are ranked before the exact float64 recheck, chosen by the op's
+// `ranking` argument: "auto" (the CPU's int16 screening where the hardware has
+// it, CUDA's int8 screening, else matmul tiles), "screening" (CPU int16),
+// "int8" (CUDA int8) or "matmul" (float matmul tiles, on either backend).
+enum class Ranking { Auto, Screening, Int8, Matmul };
+
+Ranking parse_ranking(c10::string_view name, const at::Tensor& queries) {
+  const std::string text(name);
+  const bool cuda = uses_cuda_kernels(queries);
+  if (text == "auto") return Ranking::Auto;
+  if (text == "matmul") return Ranking::Matmul;
+  if (text == "screening") {
+    TORCH_CHECK(!cuda, kOp, ": ranking='screening' is the CPU's int16 screening; on CUDA use 'int8' or 'matmul'");
+    TORCH_CHECK(cpu::knn_screening_supported(), kOp, ": ranking='screening' needs an x86-64 CPU with AVX2");
+    return Ranking::Screening;
+  }
+  if (text == "int8") {
+    TORCH_CHECK(cuda, kOp, ": ranking='int8' is CUDA's int8 screening; on the CPU use 'screening' or 'matmul'");
+    return Ranking::Int8;
+  }
+  TORCH_CHECK(false, kOp, ": ranking must be 'auto', 'screening', 'int8' or 'matmul', got '", text, "'");
+  return Ranking::Auto;
+}
+
+bool use_screening(Ranking ranking) {
+  return ranking == Ranking::Screening || (ranking == Ranking::Auto && cpu::knn_screening_supported());
 }
 
 // On CUDA, a tile of dot products holds up to 2^26 values (256 MiB in float32):
@@ -162,17 +183,6 @@ at::Tensor tile_candidates(const at::Tensor& queries, const at::Tensor& keys, co
   return indices;
 }
 
-// How CUDA ranks keys before the exact recheck: int8 screening with a proven
-// bound (the default; see int8_knn) or float matmul tiles in the input
-// precision (ALPHANET_KNN_RANKING=matmul, for A/B runs).
-bool int8_ranking_selected() {
-  const char* setting = std::getenv("ALPHANET_KNN_RANKING");
-  if (setting == nullptr || std::string(setting).empty() || std::string(setting) == "int8") return true;
-  TORCH_CHECK(std::string(setting) == "matmul", kOp, ": ALPHANET_KNN_RANKING must be int8 or matmul, got '",
-              setting, "'");
-  return false;
-}
-
 // Each query's k best candidates by (exact float64 distance, key index): the
 // recheck, then the finish kernel. Distances in float64.
 std::tuple<at::Tensor, at::Tensor> best_of_candidates(const at::Tensor& queries, const at::Tensor& keys,
@@ -234,7 +244,7 @@ at::Tensor quantize(const at::Tensor& rows, bool cosine, const at::Tensor& cente
 }
 
 // Raised when the library's int8 matmul refuses (a GPU or build without it):
-// knn then ranks with float matmuls, as ALPHANET_KNN_RANKING=matmul. Running
+// knn then ranks with float matmuls, as ranking='matmul' does. Running
 // out of memory is not a refusal: it propagates.
 struct Int8ProductsUnavailable {
   std::string reason;
@@ -258,8 +268,10 @@ at::Tensor framed(const at::Tensor& rows, bool cosine, const at::Tensor& center)
   return (cosine ? unit_rows(doubled) : doubled) - center;
 }
 
-bool use_int8(const at::Tensor& queries, int64_t candidates, int64_t num_keys) {
-  return uses_cuda_kernels(queries) && int8_ranking_selected() &&
+// CUDA ranks keys by int8 screening with a proven bound (see int8_knn) unless
+// asked for float matmul tiles in the input precision (ranking='matmul').
+bool use_int8(const at::Tensor& queries, Ranking ranking, int64_t candidates, int64_t num_keys) {
+  return uses_cuda_kernels(queries) && ranking != Ranking::Matmul &&
          candidates < num_keys && candidates <= kMaxCandidates && queries.size(1) > 0 &&
          round_up(queries.size(1), kCodeAlignment) <= kMaxQuantDims;
 }
@@ -368,7 +380,7 @@ std::tuple<at::Tensor, at::Tensor> int8_knn(const at::Tensor& queries, const at:
 }
 
 std::tuple<at::Tensor, at::Tensor> knn(const at::Tensor& queries, const at::Tensor& keys, int64_t k,
-                                       c10::string_view metric) {
+                                       c10::string_view metric, c10::string_view ranking_name) {
   check_float_matrix(queries, kOp, "queries");
   check_float_matrix(keys, kOp, "keys");
   check_backend(queries, kOp);
@@ -382,6 +394,7 @@ std::tuple<at::Tensor, at::Tensor> knn(const at::Tensor& queries, const at::Tens
   TORCH_CHECK(k >= 1, kOp, ": k must be at least 1, got ", k);
   TORCH_CHECK(k <= keys.size(0), kOp, ": k (", k, ") is larger than the number of keys (", keys.size(0), ")");
   check_finite({{&queries, "queries"}, {&keys, "keys"}}, kOp);
+  const Ranking ranking = parse_ranking(ranking_name, queries);
 
   const at::OptionalDeviceGuard guard(at::device_of(queries));
   const bool cosine = metric == "cosine";
@@ -391,16 +404,16 @@ std::tuple<at::Tensor, at::Tensor> knn(const at::Tensor& queries, const at::Tens
   if (num_queries == 0) {
     return {at::empty({0, k}, value_options), at::empty({0, k}, queries.options().dtype(at::kLong))};
   }
-  if (!uses_cuda_kernels(queries) && use_screening()) return screened_knn(queries, keys, k, cosine);
+  if (!uses_cuda_kernels(queries) && use_screening(ranking)) return screened_knn(queries, keys, k, cosine);
 
   const int64_t candidates = std::min(num_keys, k + kExtraCandidates);
-  if (use_int8(queries, candidates, num_keys)) {
+  if (use_int8(queries, ranking, candidates, num_keys)) {
     try {
       auto [best_distances, best_indices] = int8_knn(queries, keys, k, candidates, cosine);
       return {best_distances.to(value_type), best_indices};
     } catch (const Int8ProductsUnavailable& error) {
       TORCH_WARN(kOp, ": the int8 matmul is unavailable (", error.reason, "); ranking with float matmuls instead "
-                 "(ALPHANET_KNN_RANKING=matmul skips the attempt)");
+                 "(ranking='matmul' skips the attempt)");
     }
   }
   const auto [key_offset, key_scale] = ranking_terms(keys, cosine, value_type);
@@ -414,7 +427,7 @@ int64_t knn_rechecked_queries() { return rechecked_queries; }
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(alphanet, m) {
-  m.def("knn(Tensor queries, Tensor keys, int k, str metric=\"euclidean\") -> (Tensor, Tensor)");
+  m.def("knn(Tensor queries, Tensor keys, int k, str metric=\"euclidean\", str ranking=\"auto\") -> (Tensor, Tensor)");
   // Queries whose int8 ranking bound could not certify them, since the library
   // loaded (they were ranked again in float64): for tests and benchmarks.
   m.def("_knn_rechecked_queries() -> int", &knn_rechecked_queries);

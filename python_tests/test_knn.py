@@ -7,21 +7,30 @@ import alphanet_ext
 from alphanet_ext import reference
 from conftest import DEVICES, FLOAT_DTYPES, on_backend, rand
 
-# Every test below runs on each exact path of each backend. The CPU: int16
-# screening with a proven bound (x86-64 with AVX2), or the matmul-tile path
-# (ALPHANET_KNN_SCREENING=0). CUDA (ALPHANET_KNN_RANKING): int8 screening with a
-# proven bound (the default), or float matmul tiles.
-PATHS = [("cpu", "ALPHANET_KNN_SCREENING", setting) for setting in ("1", "0") if "cpu" in DEVICES] + [
-    (backend, "ALPHANET_KNN_RANKING", setting)
-    for backend in DEVICES if backend != "cpu" for setting in ("int8", "matmul")]
+# Every test below runs on each exact path of each backend, chosen by the op's
+# `ranking` argument. The CPU: "auto" (int16 screening with a proven bound on
+# x86-64 with AVX2) or "matmul" (matmul tiles). CUDA: "int8" (int8 screening with
+# a proven bound, the default) or "matmul" (float matmul tiles).
+PATHS = [("cpu", ranking) for ranking in ("auto", "matmul") if "cpu" in DEVICES] + [
+    (backend, ranking) for backend in DEVICES if backend != "cpu" for ranking in ("int8", "matmul")]
+RANKING = {"value": "auto"}  # the path the `device` fixture chose
 
 
-@pytest.fixture(params=PATHS, ids=lambda path: f"{path[0]}-{path[1].split('_')[-1].lower()}-{path[2]}")
-def device(request, monkeypatch):
-    backend, variable, setting = request.param
-    monkeypatch.setenv(variable, setting)
-    with on_backend(backend) as device:
-        yield device
+def knn(*args, **kwargs):
+    """``alphanet_ext.knn`` on the ranking path under test."""
+    kwargs.setdefault("ranking", RANKING["value"])
+    return alphanet_ext.knn(*args, **kwargs)
+
+
+@pytest.fixture(params=PATHS, ids=lambda path: f"{path[0]}-{path[1]}")
+def device(request):
+    backend, RANKING["value"] = request.param
+    try:
+        with on_backend(backend) as device:
+            yield device
+    finally:
+        RANKING["value"] = "auto"
+
 
 SHAPES = [  # queries, keys, dims, k
     (0, 5, 3, 2), (1, 1, 1, 1), (1, 10, 4, 10), (7, 3, 2, 3), (33, 97, 1, 5), (100, 300, 64, 5),
@@ -49,7 +58,7 @@ def test_matches_reference(device, generator, metric, queries_n, keys_n, dims, k
     keys = rand(keys_n, dims, device=device, generator=generator)
     if dims == 1 and metric == "cosine":
         pytest.skip("every 1-d cosine distance is 0 or 2: dozens of exact ties (see knn's docstring)")
-    distances, indices = alphanet_ext.knn(queries, keys, k, metric)
+    distances, indices = knn(queries, keys, k, metric)
     check_against_reference(queries, keys, k, metric, distances, indices, torch.float32)
 
 
@@ -59,7 +68,7 @@ def test_across_cuda_key_tiles(device, generator, dtype):
     # earlier tiles' lists; the nearest keys sit in the first and the last tile
     keys = rand(16384 + 37, 3, dtype=dtype, device=device, generator=generator)
     queries = torch.cat([keys[:2], keys[-3:]]) + 1e-3
-    distances, indices = alphanet_ext.knn(queries, keys, 4)
+    distances, indices = knn(queries, keys, 4)
     check_against_reference(queries, keys, 4, "euclidean", distances, indices, dtype)
 
 
@@ -67,16 +76,16 @@ def test_across_cuda_key_tiles(device, generator, dtype):
 def test_dtypes(device, generator, dtype):
     queries = rand(40, 24, dtype=dtype, device=device, generator=generator)
     keys = rand(90, 24, dtype=dtype, device=device, generator=generator)
-    distances, indices = alphanet_ext.knn(queries, keys, 6)
+    distances, indices = knn(queries, keys, 6)
     check_against_reference(queries, keys, 6, "euclidean", distances, indices, dtype)
 
 
 def test_ties_go_to_the_lower_index(device):
     keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]], device=device)
-    distances, indices = alphanet_ext.knn(torch.zeros(1, 2, device=device), keys, 5)
+    distances, indices = knn(torch.zeros(1, 2, device=device), keys, 5)
     assert indices.tolist() == [[0, 1, 2, 3, 4]]
     assert torch.allclose(distances.cpu(), torch.ones(1, 5))
-    _, indices = alphanet_ext.knn(torch.tensor([[2.0, 0.0]], device=device), keys, 3)
+    _, indices = knn(torch.tensor([[2.0, 0.0]], device=device), keys, 3)
     assert indices.tolist() == [[0, 2, 1]]
 
 
@@ -84,15 +93,15 @@ def test_non_contiguous(device, generator):
     queries = rand(30, 50, device=device, generator=generator)[:, ::2]
     keys = rand(25, 80, device=device, generator=generator).T
     assert not queries.is_contiguous() and not keys.is_contiguous()
-    distances, indices = alphanet_ext.knn(queries, keys, 4)
+    distances, indices = knn(queries, keys, 4)
     check_against_reference(queries, keys, 4, "euclidean", distances, indices, torch.float32)
 
 
 def test_deterministic(device, generator):
     queries = rand(200, 32, device=device, generator=generator)
     keys = rand(500, 32, device=device, generator=generator)
-    first = alphanet_ext.knn(queries, keys, 5)
-    second = alphanet_ext.knn(queries, keys, 5)
+    first = knn(queries, keys, 5)
+    second = knn(queries, keys, 5)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
@@ -107,7 +116,7 @@ def test_exact_when_keys_are_closer_than_the_quantisation_step(device, generator
     base = rand(1, 40, dtype=torch.float64, generator=generator)
     keys = base + 1e-6 * rand(300, 40, dtype=torch.float64, generator=generator)
     queries = base + rand(5, 40, dtype=torch.float64, generator=generator)
-    distances, indices = alphanet_ext.knn(queries.to(device), keys.to(device), 7, metric)
+    distances, indices = knn(queries.to(device), keys.to(device), 7, metric)
     check_against_reference(queries, keys, 7, metric, distances, indices, torch.float64)
 
 
@@ -117,7 +126,7 @@ def test_exact_with_outlier_features(device, generator):
     keys = rand(400, 64, generator=generator)
     keys[::7, 3] = 1e4
     queries[::5, 10] = -1e4
-    distances, indices = alphanet_ext.knn(queries.to(device), keys.to(device), 6)
+    distances, indices = knn(queries.to(device), keys.to(device), 6)
     check_against_reference(queries, keys, 6, "euclidean", distances, indices, torch.float32)
 
 
@@ -127,10 +136,10 @@ def test_same_result_for_any_thread_count(device, generator):
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = alphanet_ext.knn(queries, keys, 5, "cosine")
+        one = knn(queries, keys, 5, "cosine")
     finally:
         torch.set_num_threads(threads)
-    several = alphanet_ext.knn(queries, keys, 5, "cosine")
+    several = knn(queries, keys, 5, "cosine")
     assert torch.equal(one[0], several[0]) and torch.equal(one[1], several[1])
 
 
@@ -138,10 +147,10 @@ def test_same_result_for_any_thread_count(device, generator):
 def test_distances_are_differentiable(device, generator, metric):
     queries = rand(9, 6, dtype=torch.float64, generator=generator).to(device).requires_grad_()
     keys = rand(25, 6, dtype=torch.float64, generator=generator).to(device).requires_grad_()
-    assert torch.autograd.gradcheck(lambda q, x: alphanet_ext.knn(q, x, 4, metric)[0], (queries, keys))
+    assert torch.autograd.gradcheck(lambda q, x: knn(q, x, 4, metric)[0], (queries, keys))
     # against autograd of the reference, with keys shared by several queries
     weights = rand(9, 4, dtype=torch.float64, generator=generator).to(device)
-    (alphanet_ext.knn(queries, keys, 4, metric)[0] * weights).sum().backward()
+    (knn(queries, keys, 4, metric)[0] * weights).sum().backward()
     q, x = queries.detach().cpu().requires_grad_(), keys.detach().cpu().requires_grad_()
     (reference.knn(q, x, 4, metric)[0] * weights.cpu()).sum().backward()
     torch.testing.assert_close(queries.grad.cpu(), q.grad)
@@ -152,7 +161,7 @@ def test_distances_are_differentiable(device, generator, metric):
 def test_gradient_at_zero_distance_is_zero_and_in_the_input_dtype(device, generator, dtype):
     keys = rand(12, 5, dtype=dtype, generator=generator).to(device)
     queries = keys[3:5].clone().requires_grad_()  # each query is also a key, at distance 0
-    distances, indices = alphanet_ext.knn(queries, keys, 1)
+    distances, indices = knn(queries, keys, 1)
     distances.sum().backward()
     assert indices.flatten().tolist() == [3, 4] and queries.grad.dtype == dtype
     assert torch.equal(queries.grad, torch.zeros_like(queries))
@@ -172,17 +181,20 @@ def test_gradient_at_zero_distance_is_zero_and_in_the_input_dtype(device, genera
 ])
 def test_bad_input(build, queries, keys, k, metric, message):
     with pytest.raises(RuntimeError, match=message):
-        alphanet_ext.knn(queries, keys, k, metric)
+        knn(queries, keys, k, metric)
 
 
 CUDA_BACKENDS = [backend for backend in DEVICES if backend != "cpu"]
 
 
 @pytest.fixture(params=CUDA_BACKENDS)
-def int8_device(request, monkeypatch):
-    monkeypatch.setenv("ALPHANET_KNN_RANKING", "int8")
-    with on_backend(request.param) as device:
-        yield device
+def int8_device(request):
+    RANKING["value"] = "int8"
+    try:
+        with on_backend(request.param) as device:
+            yield device
+    finally:
+        RANKING["value"] = "auto"
 
 
 def rechecked_queries():
@@ -202,7 +214,7 @@ def test_int8_screening_certifies_separated_queries(int8_device, generator, metr
     queries = (offset + rand(150, 64, dtype=torch.float64, generator=generator)).to(dtype).to(int8_device)
     keys = (offset + rand(700, 64, dtype=torch.float64, generator=generator)).to(dtype).to(int8_device)
     before = rechecked_queries()
-    distances, indices = alphanet_ext.knn(queries, keys, 5, metric)
+    distances, indices = knn(queries, keys, 5, metric)
     assert rechecked_queries() == before
     check_against_reference(queries, keys, 5, metric, distances, indices, dtype)
 
@@ -213,7 +225,7 @@ def test_int8_screening_certifies_a_single_query(int8_device, generator, metric)
     queries = rand(1, 64, generator=generator).to(int8_device)
     keys = rand(300, 64, generator=generator).to(int8_device)
     before = rechecked_queries()
-    distances, indices = alphanet_ext.knn(queries, keys, 5, metric)
+    distances, indices = knn(queries, keys, 5, metric)
     assert rechecked_queries() == before
     check_against_reference(queries, keys, 5, metric, distances, indices, torch.float32)
 
@@ -233,7 +245,7 @@ def test_int8_screening_ranks_uncertified_queries_in_float64(int8_device, genera
     keys = torch.cat([near, far])
     queries = torch.cat([base + 0.1 * rand(3, 40, dtype=torch.float64, generator=generator), keys[100:120] + 1e-3])
     before = rechecked_queries()
-    distances, indices = alphanet_ext.knn(queries.to(int8_device), keys.to(int8_device), 7, metric)
+    distances, indices = knn(queries.to(int8_device), keys.to(int8_device), 7, metric)
     assert rechecked_queries() - before == 3
     check_against_reference(queries, keys, 7, metric, distances, indices, torch.float64)
 
@@ -284,7 +296,7 @@ def test_int8_bound_needs_each_of_its_terms(int8_device, generator, dtype, case)
     _, expected_indices = reference.knn(queries, keys, 1, "euclidean")
     assert torch.equal(keys[expected_indices[:, 0]].abs(), nearest.expand(18, 64).abs())
     before = rechecked_queries()
-    distances, indices = alphanet_ext.knn(queries.to(dtype).to(int8_device), keys.to(dtype).to(int8_device), 1)
+    distances, indices = knn(queries.to(dtype).to(int8_device), keys.to(dtype).to(int8_device), 1)
     assert rechecked_queries() - before == 18
     check_against_reference(queries, keys, 1, "euclidean", distances, indices, dtype)
 
@@ -300,24 +312,23 @@ def test_zero_rows(device):
     keys = keys.to(device)
     queries = torch.cat([torch.zeros(1, 16), torch.full((1, 16), 2.2)]).to(device)
     for metric in ("euclidean", "cosine"):
-        distances, indices = alphanet_ext.knn(queries, keys, 4, metric)
+        distances, indices = knn(queries, keys, 4, metric)
         check_against_reference(queries, keys, 4, metric, distances, indices, torch.float32)
 
 
 @pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"), reason="needs AVX2")
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 @pytest.mark.parametrize("offset,scale", [(0.0, 1.0), (100.0, 1.0), (0.0, 1e-3)])
-def test_cpu_screening_rules_out_nearly_every_key(generator, monkeypatch, metric, offset, scale):
+def test_cpu_screening_rules_out_nearly_every_key(generator, metric, offset, scale):
     # Random rows of 301 features, also with a large shared offset (as post-ReLU
     # features and their class means have) or tiny values. The int16 bound rules
     # out all but about k keys per query, so few keys are ranked in float64. A
     # broken code or a loose bound would still give exact results, only slowly:
     # this counts the keys.
-    monkeypatch.setenv("ALPHANET_KNN_SCREENING", "1")
     queries = offset + scale * rand(150, 301, dtype=torch.float64, generator=generator)
     keys = offset + scale * rand(700, 301, dtype=torch.float64, generator=generator)
     before = torch.ops.alphanet._knn_screened_candidates()
-    distances, indices = alphanet_ext.knn(queries, keys, 5, metric)
+    distances, indices = knn(queries, keys, 5, metric, ranking="screening")
     ranked = torch.ops.alphanet._knn_screened_candidates() - before
     assert 150 * 5 <= ranked <= 150 * 8
     check_against_reference(queries, keys, 5, metric, distances, indices, torch.float64)
@@ -336,7 +347,7 @@ def test_without_the_int8_matmul_knn_ranks_with_float_matmuls(int8_device, gener
         keys = rand(300, 24, generator=generator).to(int8_device)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            distances, indices = alphanet_ext.knn(queries, keys, 5)
+            distances, indices = knn(queries, keys, 5)
     finally:
         library._destroy()
     check_against_reference(queries, keys, 5, "euclidean", distances, indices, torch.float32)
@@ -345,7 +356,13 @@ def test_without_the_int8_matmul_knn_ranks_with_float_matmuls(int8_device, gener
     assert "knn: the int8 matmul is unavailable (RuntimeError: int8 matmul not supported here)" in said
 
 
-def test_unknown_ranking_setting_is_named(int8_device, monkeypatch):
-    monkeypatch.setenv("ALPHANET_KNN_RANKING", "fp8")
-    with pytest.raises(RuntimeError, match="ALPHANET_KNN_RANKING must be int8 or matmul, got 'fp8'"):
-        alphanet_ext.knn(torch.ones(20, 3, device=int8_device), torch.ones(40, 3, device=int8_device), 2)
+def test_unknown_ranking_setting_is_named(int8_device):
+    with pytest.raises(RuntimeError, match="ranking must be 'auto', 'screening', 'int8' or 'matmul', got 'fp8'"):
+        knn(torch.ones(20, 3, device=int8_device), torch.ones(40, 3, device=int8_device), 2, ranking="fp8")
+
+
+@pytest.mark.parametrize("ranking,message", [("int8", "ranking='int8' is CUDA's int8 screening"),
+                                             ("fp8", "ranking must be 'auto', 'screening', 'int8' or 'matmul'")])
+def test_a_ranking_the_cpu_cannot_run_is_named(ranking, message):
+    with pytest.raises(RuntimeError, match=message):
+        alphanet_ext.knn(torch.ones(20, 3), torch.ones(40, 3), 2, ranking=ranking)
