@@ -134,16 +134,21 @@ class Hierarchy:
 
 
 def neighbor_views(class_means: Tensor, splits: Mapping[str, Tensor], k: int = 5,
-                   metric: str = "euclidean") -> dict[str, tuple[Tensor, Tensor]]:
+                   metric: str = "euclidean", few_neighbors: Tensor | None = None) -> dict[str, tuple[Tensor, Tensor]]:
     """The paper's three groupings (Fig. 5 and its appendix): ``"few"`` (each few
     class with its k nearest base classes), ``"base"`` (each base class with its
     k nearest few classes) and ``"all"`` (every class with its k nearest other
-    classes). Each value is ``(classes [n], neighbors [n, k])``."""
+    classes). Each value is ``(classes [n], neighbors [n, k])``. ``few_neighbors``
+    (a fit's ``neighbors``, in the order of ``splits["few"]``) is the few view as
+    the fit found it, so it is not searched again."""
     few = torch.as_tensor(splits["few"], dtype=torch.long)
     base = torch.cat([torch.as_tensor(splits[name], dtype=torch.long) for name in ("many", "medium")]).sort().values
     every = torch.cat([few, base]).sort().values
     views = {}
     for name, classes, candidates in (("few", few, base), ("base", base, few), ("all", every, every)):
+        if name == "few" and few_neighbors is not None and few_neighbors.shape == (classes.numel(), k):
+            views[name] = (classes, few_neighbors.cpu())
+            continue
         if classes.numel() == 0 or candidates.numel() <= (name == "all"):
             views[name] = (classes, torch.empty(classes.numel(), 0, dtype=torch.long))
             continue

@@ -71,11 +71,20 @@ def _accuracy_summary(results: list[dict]) -> dict:
 
 @dataclass
 class Run:
-    """One fit of a sweep: its k, rho and neighbour metric."""
-    k: int
-    rho: float
-    metric: str
+    """One fit of a sweep; its k, rho and neighbour metric are its result's config."""
     result: FitResult
+
+    @property
+    def k(self) -> int:
+        return self.result.config["k"]
+
+    @property
+    def rho(self) -> float:
+        return self.result.config["rho"]
+
+    @property
+    def metric(self) -> str:
+        return self.result.config["metric"]
 
     def describe(self, show_k: bool) -> dict:
         return {"k": self.k, "rho": self.rho, "metric": self.metric, "show_k": show_k}
@@ -102,7 +111,7 @@ def _fit_grid(args: argparse.Namespace, train: Features, weight: torch.Tensor, b
                              callback=lambda record: _stop_point(args, f"epoch{record['epoch']}"))
                 _stop_point(args, "fitted")
                 _say(args, f"  done in {time.perf_counter() - tic:.1f}s")
-                runs.append(Run(k, rho, metric, result))
+                runs.append(Run(result))
     return runs
 
 
@@ -136,7 +145,9 @@ def _analyses(args: argparse.Namespace, best: Run, evaluated: Features, before: 
     from the predictions ``before`` and ``after`` the correction."""
     splits = best.result.splits
     labels = torch.as_tensor(np.asarray(evaluated.y), dtype=torch.long)
-    views = neighbor_views(best.result.class_means, splits, best.k, "euclidean" if best.metric == "random" else best.metric)
+    random = best.metric == "random"  # the views show nearest neighbours; the control's are random
+    views = neighbor_views(best.result.class_means, splits, best.k, "euclidean" if random else best.metric,
+                           None if random else best.result.neighbors)
     out = {"prediction_changes": {name: prediction_changes(before, after, labels, classes, neighbors)
                                   for name, (classes, neighbors) in views.items()}}
     if hierarchy is not None:

@@ -154,3 +154,16 @@ def test_pearson_bootstrap_in_blocks_draws_the_same_resamples(monkeypatch):
     assert expected[0] != expected[1]
     monkeypatch.setattr(analysis, "BOOTSTRAP_VALUES", 3 * 200)  # blocks of 3 resamples, the last of 2 or 1
     assert [analysis.pearson_with_interval(x, y, resamples=count) for count in (2000, 1999)] == expected
+
+
+def test_the_few_view_reuses_the_fits_neighbours():
+    from alphanet_ext import synthetic
+    from alphanet_ext.analysis import neighbor_views
+    problem = synthetic.make_long_tailed(num_classes=30, dim=12, max_count=150, min_count=4, seed=4)
+    result = alphanet_ext.fit(problem.train_x, problem.train_y, problem.weight, problem.bias, epochs=1, k=3,
+                              progress=False)
+    searched = neighbor_views(result.class_means, result.splits, 3)
+    reused = neighbor_views(result.class_means, result.splits, 3, few_neighbors=result.neighbors)
+    assert torch.equal(reused["few"][1], searched["few"][1]) and torch.equal(reused["few"][0], searched["few"][0])
+    marked = neighbor_views(result.class_means, result.splits, 3, few_neighbors=result.neighbors.flip(1))
+    assert torch.equal(marked["few"][1], result.neighbors.flip(1))  # taken as given, not searched again
