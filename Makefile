@@ -5,11 +5,11 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 CUDA_VENV ?= .venv-cuda
 CUDA_TORCH ?= torch==2.14.1
-PACKAGES := numpy pytest ninja pybind11 tqdm matplotlib safetensors
+PACKAGES := numpy pytest ninja tqdm matplotlib safetensors 'setuptools>=77' wheel build
 SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 export CUDA_HOME ?= /usr/local/cuda
 
-.PHONY: setup demo test cuda-check bench clean
+.PHONY: setup demo test cuda-check package-check bench clean
 
 setup: $(VENV)/.built
 
@@ -29,14 +29,25 @@ test: setup
 # checks that every op has a CUDA kernel registered.
 cuda-check:
 	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
-	$(CUDA_VENV)/bin/pip install -q $(CUDA_TORCH) numpy ninja pybind11
+	$(CUDA_VENV)/bin/pip install -q $(CUDA_TORCH) numpy ninja 'setuptools>=77'
 	rm -rf build/cuda-check && mkdir -p build/cuda-check
 	cp -r setup.py csrc alphanet_ext build/cuda-check/
 	cd build/cuda-check && ALPHANET_CUDA=1 MAX_JOBS=2 ../../$(CUDA_VENV)/bin/python setup.py -q build_ext --inplace
 	cd build/cuda-check && ../../$(CUDA_VENV)/bin/python -c "import alphanet_ext.ops as o; o.check_registered('CUDA'); print('CUDA kernels registered for every op')"
 
+# The release path: an sdist, a wheel built from it (python -m build), the wheel
+# installed into a fresh venv, and the installed command run from outside the source tree.
+WHEEL_VENV ?= .venv-wheel
+package-check: setup
+	rm -rf dist $(WHEEL_VENV)
+	MAX_JOBS=2 $(VENV)/bin/python -m build --no-isolation --outdir dist .
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/pip install -q $(TORCH) dist/*.whl tqdm matplotlib safetensors
+	cd /tmp && $(abspath $(WHEEL_VENV))/bin/alphanet doctor && $(abspath $(WHEEL_VENV))/bin/alphanet demo --quiet
+	@echo "sdist -> wheel -> fresh venv: doctor and demo passed"
+
 bench: setup
 	$(VENV)/bin/python benchmarks/bench_ops.py
 
 clean:
-	rm -rf build $(VENV) $(CUDA_VENV) alphanet_ext/_C*.so
+	rm -rf build dist $(VENV) $(CUDA_VENV) $(WHEEL_VENV) alphanet_ext/_C*.so

@@ -1,33 +1,56 @@
-"""Build alphanet_ext and its compiled module alphanet_ext._C.
+"""Build alphanet_ext's compiled module alphanet_ext._C (metadata: pyproject.toml).
 
-CUDA kernels are compiled when ALPHANET_CUDA=1, skipped when ALPHANET_CUDA=0,
-and on auto (unset) when both nvcc and a CUDA build of torch are present.
-CUDA_HOME defaults to /usr/local/cuda when that exists.
+Build options (environment variables of the build, not of the library):
+- ALPHANET_CUDA: 1 compiles the CUDA kernels, 0 skips them, unset: when both nvcc
+  and a CUDA build of torch are present. CUDA_HOME defaults to /usr/local/cuda.
+- TORCH_CUDA_ARCH_LIST: the GPU architectures; by default every one from 7.0
+  (V100) to the newest that this nvcc supports, plus PTX of the newest.
+- ALPHANET_NATIVE=1: compile for this machine's CPU (-march=native): faster here,
+  but the binary may crash on another CPU. The default is portable x86-64; the
+  kernels that need AVX2 are compiled for it on their own and chosen at run time.
+- ALPHANET_OPENMP=0: build without OpenMP.
 """
 import glob
 import os
 import platform
+import re
 import shutil
+import subprocess
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 if "CUDA_HOME" not in os.environ and os.path.isdir("/usr/local/cuda"):
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
 
-import torch  # noqa: E402  (CUDA_HOME must be set before cpp_extension reads it)
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+# Architectures from Volta (7.0) to Blackwell (12.0): those nvcc can build get SASS; the newest also PTX,
+# which newer GPUs compile when they load it.
+WANTED_ARCHS = ("7.0", "7.5", "8.0", "8.6", "8.9", "9.0", "10.0", "12.0")
 
 
-def want_cuda() -> bool:
+def nvcc_path():
+    found = os.path.join(os.environ.get("CUDA_HOME", ""), "bin", "nvcc")
+    return found if os.path.exists(found) else shutil.which("nvcc")
+
+
+def default_arch_list(supported):
+    """``TORCH_CUDA_ARCH_LIST`` for the compute capabilities nvcc supports (e.g. ``["7.5", "8.0"]``)."""
+    archs = [arch for arch in WANTED_ARCHS if arch in supported]
+    if not archs:
+        raise RuntimeError(f"nvcc supports none of {WANTED_ARCHS} (it lists {supported})")
+    return ";".join(archs) + "+PTX"
+
+
+def nvcc_archs():
+    listed = subprocess.run([nvcc_path(), "--list-gpu-arch"], capture_output=True, text=True).stdout.split()
+    return [f"{int(name.split('_')[1]) // 10}.{int(name.split('_')[1]) % 10}" for name in listed
+            if re.fullmatch(r"compute_\d+", name)]
+
+
+def want_cuda(torch) -> bool:
     choice = os.environ.get("ALPHANET_CUDA", "auto").lower()
     if choice in ("0", "false", "no", "off"):
         return False
-    has_nvcc = shutil.which("nvcc") is not None or os.path.exists(
-        os.path.join(os.environ.get("CUDA_HOME", ""), "bin", "nvcc"))
-    available = torch.version.cuda is not None and has_nvcc
+    available = torch.version.cuda is not None and nvcc_path() is not None
     if choice in ("1", "true", "yes", "on"):
         if not available:
             raise RuntimeError("ALPHANET_CUDA=1 but nvcc or a CUDA build of torch is missing "
@@ -36,22 +59,36 @@ def want_cuda() -> bool:
     return available
 
 
+def version_token(text: str) -> str:
+    """``2.13.0+cpu`` -> ``2_13_0``: a token the preprocessor can turn into a string."""
+    return "_".join(re.findall(r"\d+", text.split("+")[0])[:3])
+
+
 def extension():
+    import torch  # CUDA_HOME must be set before cpp_extension reads it
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-fvisibility=hidden"]
-    if platform.machine() in ("x86_64", "AMD64") and os.environ.get("ALPHANET_NATIVE", "1") == "1":
+    native = os.environ.get("ALPHANET_NATIVE", "0") == "1"
+    if platform.machine() in ("x86_64", "AMD64") and native:
         cxx.append("-march=native")
     if os.environ.get("ALPHANET_OPENMP", "1") == "1":
         cxx.append("-fopenmp")
-    if want_cuda():
+    macros = [("ALPHANET_TORCH_VERSION", version_token(torch.__version__)),
+              ("ALPHANET_NATIVE_BUILD", "1" if native else "0")]
+    if want_cuda(torch):
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            os.environ["TORCH_CUDA_ARCH_LIST"] = default_arch_list(nvcc_archs())
+        archs = os.environ["TORCH_CUDA_ARCH_LIST"].replace("+PTX", "_PTX").replace(".", "").replace(";", "_")
+        macros += [("ALPHANET_WITH_CUDA", None), ("ALPHANET_CUDA_ARCHS", "sm_" + re.sub(r"[^0-9A-Z_]", "", archs)),
+                   ("ALPHANET_CUDA_VERSION", version_token(torch.version.cuda))]
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         return CUDAExtension(
-            "alphanet_ext._C", sources, define_macros=[("ALPHANET_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr",
-                                                       "-lineinfo"]})
+            "alphanet_ext._C", sources, define_macros=macros,
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]})
     # CPU builds on x86-64 Linux also compile the CUDA kernels as C++ for a CPU
     # emulator (csrc/emulation), so the CPU test suite runs them.
-    macros = []
     if platform.system() == "Linux" and platform.machine() == "x86_64":
         sources += sorted(glob.glob("csrc/emulation/*.cpp"))
         macros.append(("ALPHANET_CUDA_EMULATION", None))
@@ -60,15 +97,10 @@ def extension():
                         extra_link_args=["-fopenmp"] if "-fopenmp" in cxx else [])
 
 
-setup(
-    name="alphanet_ext",
-    version="0.1.0",
-    description="Fast AlphaNet post-hoc correction of long-tailed classifiers (PyTorch C++/CUDA extension)",
-    packages=find_packages(include=["alphanet_ext", "alphanet_ext.*"]),
-    ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy"],
-    extras_require={"cli": ["tqdm", "matplotlib", "safetensors"], "test": ["pytest"], "cupy": ["cupy"]},
-    entry_points={"console_scripts": ["alphanet=alphanet_ext.cli:main"]},
-)
+def build_ext_class():
+    from torch.utils.cpp_extension import BuildExtension
+    return BuildExtension.with_options(use_ninja=True)
+
+
+if __name__ == "__main__":
+    setup(ext_modules=[extension()], cmdclass={"build_ext": build_ext_class()})

@@ -464,6 +464,11 @@ def run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_doctor(args: argparse.Namespace) -> int:
+    from .doctor import run
+    return run(args.json)
+
+
 def run_demo(args: argparse.Namespace) -> int:
     _say(args, "AlphaNet demo: a synthetic CIFAR-100-LT-shaped problem (100 classes, 35 many / 35 medium / 30 few, "
                "d=64), corrected with rho=0.5 and 3 trials.")
@@ -642,6 +647,10 @@ def build_parser() -> argparse.ArgumentParser:
                               help="feature dimension (default: the preset's)")
     common(synth_parser, device=False, splits=False)
     synth_parser.set_defaults(handler=run_synth)
+
+    doctor_parser = commands.add_parser("doctor", help="versions, what was built, and a short self-test of each op")
+    doctor_parser.add_argument("--json", action="store_true", help="print one JSON document")
+    doctor_parser.set_defaults(handler=run_doctor)
 
     demo_parser = commands.add_parser("demo", help="generate, correct and report a small problem (< 1 minute)")
     demo_parser.add_argument("--out", help="also write the corrected classifier here")

@@ -1,12 +1,15 @@
-"""The three fused ops, as ``torch.ops.alphanet.*`` and typed Python wrappers.
+"""The fused ops (class means, kNN, alpha combine and the training step's
+gradients), as ``torch.ops.alphanet.*`` and typed Python wrappers.
 
 The wrappers validate what the kernels cannot check cheaply on a GPU, register
 fake (meta) implementations so ``torch.compile`` can trace the ops, and wire up
-autograd. Without the compiled module they fall back, with one warning, to the
-float64 references in :mod:`alphanet_ext.reference`.
+autograd. Without the compiled module, importing fails with how to rebuild it,
+unless ``ALPHANET_ALLOW_REFERENCE=1`` asks for the float64 references in
+:mod:`alphanet_ext.reference` (with one warning: they are hours slower at scale).
 """
 from __future__ import annotations
 
+import os
 import warnings
 from numbers import Integral
 
@@ -18,12 +21,35 @@ from . import fallback_checks, reference
 __all__ = ["class_means", "ClassMeanAccumulator", "knn", "alpha_combine", "HAS_EXTENSION",
            "compiled_with_cuda"]
 
+REBUILD = "pip install --no-build-isolation --force-reinstall --no-deps ."
+
+
+def torch_mismatch(built: str, running: str) -> str | None:
+    """Why a module compiled against torch ``built`` cannot run under torch ``running``, or None.
+    The C++ ABI of torch changes between releases, so the versions must match (local
+    tags such as ``+cpu`` aside)."""
+    def release(version: str) -> str:
+        return version.split("+")[0].replace("_", ".")
+    if built == "unknown" or release(built) == release(running):
+        return None
+    return (f"alphanet_ext's compiled kernels were built against torch {release(built)} but torch {running} is "
+            f"running; rebuild them for this torch from the source folder: {REBUILD}")
+
+
 try:
     from . import _C  # noqa: F401  (loading it registers torch.ops.alphanet)
     HAS_EXTENSION = True
-except ImportError as _error:  # pragma: no cover - exercised only without a build
+except ImportError as _error:
+    if os.environ.get("ALPHANET_ALLOW_REFERENCE") != "1":
+        raise ImportError(f"alphanet_ext: the compiled kernels are missing or cannot load ({_error}). Rebuild them "
+                          f"from the source folder: {REBUILD}. To run the slow float64 reference instead "
+                          "(hours at iNaturalist size), set ALPHANET_ALLOW_REFERENCE=1") from _error
     HAS_EXTENSION = False
     _IMPORT_ERROR = _error
+if HAS_EXTENSION:
+    _mismatch = torch_mismatch(_C.build_info["torch_version"], torch.__version__)
+    if _mismatch:
+        raise ImportError(_mismatch)
 
 _warned = False
 
@@ -53,7 +79,7 @@ OP_NAMES = ("class_means", "class_sums_", "knn", "alpha_combine", "alpha_combine
 
 def check_registered(dispatch_key: str = "CPU") -> None:
     """Raises if some ``torch.ops.alphanet`` op lacks a kernel for ``dispatch_key`` ("CPU" or "CUDA")."""
-    if not HAS_EXTENSION:
+    if not HAS_EXTENSION:  # only with ALPHANET_ALLOW_REFERENCE=1
         raise RuntimeError(f"alphanet_ext: compiled module missing ({_IMPORT_ERROR})")
     missing = [name for name in OP_NAMES
                if not torch._C._dispatch_has_kernel_for_dispatch_key(f"alphanet::{name}", dispatch_key)]

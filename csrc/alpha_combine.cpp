@@ -3,6 +3,7 @@
 #include <cstring>
 #include <vector>
 
+#include "alpha_combine_params.h"
 #include "op_utils.h"
 
 namespace alphanet {

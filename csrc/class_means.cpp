@@ -1,5 +1,6 @@
 #include <torch/library.h>
 
+#include "class_means_params.h"
 #include "op_utils.h"
 
 namespace alphanet {

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "alpha_combine_ops.h"
+#include "coefficient_grads_params.h"
 #include "op_utils.h"
 
 namespace alphanet {

@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "device_functions.h"
-#include "kernel_params.h"
+#include "coefficient_grads_params.h"
 
 #ifdef ALPHANET_CUDA_EMULATION
 namespace alphanet::emulation {
@@ -20,6 +20,17 @@ std::vector<int> self_test(const std::string& name, uint64_t schedule_seed);  //
 #endif
 
 namespace py = pybind11;
+
+// Build facts that setup.py passes as preprocessor tokens (2_13_0, sm_75_80_90_PTX):
+// the torch this module was compiled against (its ABI), and what was compiled.
+#define ALPHANET_STRINGIFY_(x) #x
+#define ALPHANET_STRINGIFY(x) ALPHANET_STRINGIFY_(x)
+#ifndef ALPHANET_TORCH_VERSION
+#define ALPHANET_TORCH_VERSION unknown
+#endif
+#ifndef ALPHANET_NATIVE_BUILD
+#define ALPHANET_NATIVE_BUILD 0
+#endif
 
 namespace {
 
@@ -53,6 +64,14 @@ std::vector<double> l1_normalized_grad(const std::vector<double>& alphas, const 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "alphanet_ext compiled kernels (ops are under torch.ops.alphanet)";
+  py::dict build;
+  build["torch_version"] = ALPHANET_STRINGIFY(ALPHANET_TORCH_VERSION);
+  build["native_cpu"] = static_cast<bool>(ALPHANET_NATIVE_BUILD);
+#ifdef ALPHANET_WITH_CUDA
+  build["cuda_version"] = ALPHANET_STRINGIFY(ALPHANET_CUDA_VERSION);
+  build["cuda_archs"] = ALPHANET_STRINGIFY(ALPHANET_CUDA_ARCHS);
+#endif
+  m.attr("build_info") = build;
   m.def("compiled_with_cuda", []() {
 #ifdef ALPHANET_WITH_CUDA
     return true;

@@ -6,6 +6,7 @@
 #include <limits>
 #include <string>
 
+#include "knn_params.h"
 #include "op_utils.h"
 
 namespace alphanet {

@@ -10,7 +10,7 @@
 #include <utility>
 #include <vector>
 
-#include "kernel_params.h"
+#include "kernel_common.h"
 
 namespace alphanet {
 

@@ -3,7 +3,7 @@
 #include <vector>
 
 #include "../device_functions.h"
-#include "../kernel_params.h"
+#include "../alpha_combine_params.h"
 
 namespace alphanet::cpu {
 namespace {

@@ -4,7 +4,7 @@
 #include <vector>
 
 #include "../device_functions.h"
-#include "../kernel_params.h"
+#include "../class_means_params.h"
 
 namespace alphanet::cpu {
 

@@ -7,7 +7,7 @@
 
 #include <algorithm>
 
-#include "../kernel_params.h"
+#include "../coefficient_grads_params.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>

@@ -15,7 +15,7 @@
 #endif
 
 #include "../device_functions.h"
-#include "../kernel_params.h"
+#include "../knn_params.h"
 
 namespace alphanet::cpu {
 

@@ -2,7 +2,7 @@
 #include <limits>
 
 #include "../device_functions.h"
-#include "../kernel_params.h"
+#include "../alpha_combine_params.h"
 #include "launch.cuh"
 #include "pack.cuh"
 

@@ -7,7 +7,7 @@
 #endif
 
 #include "../device_functions.h"
-#include "../kernel_params.h"
+#include "../class_means_params.h"
 #include "launch.cuh"
 #include "pack.cuh"
 

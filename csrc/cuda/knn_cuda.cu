@@ -3,7 +3,7 @@
 #include <type_traits>
 
 #include "../device_functions.h"
-#include "../kernel_params.h"
+#include "../knn_params.h"
 #include "launch.cuh"
 
 namespace alphanet::cuda {

@@ -12,7 +12,7 @@
 #include <string>
 #include <vector>
 
-#include "../kernel_params.h"
+#include "../kernel_common.h"
 
 // switch_stacks(&save, load): saves the callee-saved registers and the SSE/x87
 // control words on the current stack, stores its pointer in save, and resumes

@@ -8,7 +8,7 @@
 
 #include "../cuda/launch.cuh"
 #include "../cuda/pack.cuh"
-#include "../kernel_params.h"
+#include "../kernel_common.h"
 
 namespace alphanet::emulation {
 namespace {
