@@ -40,7 +40,7 @@ cuda-check:
 WHEEL_VENV ?= .venv-wheel
 package-check: setup
 	rm -rf dist $(WHEEL_VENV)
-	MAX_JOBS=2 $(VENV)/bin/python -m build --no-isolation --outdir dist .
+	cd /tmp && MAX_JOBS=2 $(abspath $(VENV))/bin/python -m build --no-isolation --outdir $(abspath dist) $(abspath .)
 	$(PYTHON) -m venv $(WHEEL_VENV)
 	$(WHEEL_VENV)/bin/pip install -q $(TORCH) dist/*.whl tqdm matplotlib safetensors
 	cd /tmp && $(abspath $(WHEEL_VENV))/bin/alphanet doctor && $(abspath $(WHEEL_VENV))/bin/alphanet demo --quiet

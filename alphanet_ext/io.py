@@ -231,14 +231,17 @@ def _as_tensor(value: Any) -> torch.Tensor:
     return value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
 
 
-def _classifier_from_mapping(data: Any, path: str, key: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The ``weight``/``bias`` pair of a dict or state dict: ``KEY.weight`` with
-    ``key``, else the only 2-D ``*weight`` entry (a whole model's state dict has
-    one 2-D weight when its last layer is its only linear one). A training
-    checkpoint's ``state_dict``/``model`` entry is looked into."""
+def locate_classifier(data: Any, path: str, key: str | None = None) -> tuple[str | None, str, str | None]:
+    """Where the classifier is in a dict or state dict: ``(nested entry or None,
+    weight key, bias key or None)``. ``KEY.weight`` with ``key``, else the only
+    2-D ``*weight`` entry (a whole model's state dict has one 2-D weight when its
+    last layer is its only linear one). A training checkpoint's
+    ``state_dict``/``model`` entry is looked into."""
     nested = [name for name in CHECKPOINT_KEYS if hasattr(data.get(name), "keys")] if hasattr(data, "get") else []
+    entry = None
     if nested and not any(isinstance(name, str) and name.endswith("weight") for name in data.keys()):
-        data = data[nested[0]]
+        entry = nested[0]
+        data = data[entry]
     keys = [name for name in data.keys() if isinstance(name, str)]
     if key is not None:
         weight_key = f"{key}.weight" if key else "weight"
@@ -254,12 +257,18 @@ def _classifier_from_mapping(data: Any, path: str, key: str | None = None) -> tu
             raise InputError(f"{path}: expected one 'weight' entry (a [classes, dims] matrix), found "
                              f"{_describe(data, candidates) or 'none'}{hint}")
         weight_key = candidates[0]
-    weight = _as_tensor(data[weight_key])
+    if len(getattr(data[weight_key], "shape", ())) != 2:
+        raise InputError(f"{path}: {weight_key} must be 2-D [classes, dims], got shape "
+                         f"{tuple(getattr(data[weight_key], 'shape', ()))}")
     bias_key = weight_key[:-len("weight")] + "bias"
-    bias = _as_tensor(data[bias_key]) if bias_key in keys else None
-    if weight.dim() != 2:
-        raise InputError(f"{path}: {weight_key} must be 2-D [classes, dims], got shape {tuple(weight.shape)}")
-    return weight, bias
+    return entry, weight_key, bias_key if bias_key in keys else None
+
+
+def _classifier_from_mapping(data: Any, path: str, key: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ``weight``/``bias`` pair of a dict or state dict (see :func:`locate_classifier`)."""
+    entry, weight_key, bias_key = locate_classifier(data, path, key)
+    layer = data if entry is None else data[entry]
+    return _as_tensor(layer[weight_key]), None if bias_key is None else _as_tensor(layer[bias_key])
 
 
 def _matrices(data: Any, keys: list[str]) -> list[str]:
