@@ -464,6 +464,23 @@ def run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_apply(args: argparse.Namespace) -> int:
+    from .apply import apply_correction_file
+    if os.path.splitext(args.out)[1].lower() not in (".pt", ".pth"):
+        raise UsageError(f"--out {args.out}: the corrected checkpoint is written as .pt or .pth")
+    check_writable(args.out)
+    for flag in ("checkpoint", "corrected"):
+        given = getattr(args, flag)
+        if os.path.exists(given) and os.path.exists(args.out) and os.path.samefile(given, args.out):
+            raise InputError(f"--out {args.out} is the --{flag} file; write to another path (inputs are never "
+                             "overwritten)")
+    with StagedOutputs() as outputs:
+        replaced = apply_correction_file(args.checkpoint, args.corrected, outputs.file(args.out), args.classifier_key)
+        outputs.commit()
+    _say(args, f"wrote {args.out}: {args.checkpoint} with {replaced} (and its bias) from {args.corrected}")
+    return 0
+
+
 def run_doctor(args: argparse.Namespace) -> int:
     from .doctor import run
     return run(args.json)
@@ -647,6 +664,17 @@ def build_parser() -> argparse.ArgumentParser:
                               help="feature dimension (default: the preset's)")
     common(synth_parser, device=False, splits=False)
     synth_parser.set_defaults(handler=run_synth)
+
+    apply_parser = commands.add_parser("apply", help="write your checkpoint back with the corrected classifier")
+    apply_parser.add_argument("--checkpoint", required=True,
+                              help="the model's checkpoint: a state dict or a training checkpoint (state_dict/model)")
+    apply_parser.add_argument("--corrected", required=True, help="alphanet fit's output (--out)")
+    apply_parser.add_argument("--out", required=True, help="the corrected checkpoint (.pt/.pth): every other tensor and "
+                              "the structure kept, loadable with load_state_dict as the original")
+    classifier_key(apply_parser)
+    apply_parser.add_argument("--quiet", action="store_true", help="no messages")
+    apply_parser.add_argument("--debug", action="store_true", help="on an unexpected error, print the whole traceback")
+    apply_parser.set_defaults(handler=run_apply)
 
     doctor_parser = commands.add_parser("doctor", help="versions, what was built, and a short self-test of each op")
     doctor_parser.add_argument("--json", action="store_true", help="print one JSON document")

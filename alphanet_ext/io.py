@@ -231,12 +231,13 @@ def _as_tensor(value: Any) -> torch.Tensor:
     return value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
 
 
-def locate_classifier(data: Any, path: str, key: str | None = None) -> tuple[str | None, str, str | None]:
+def locate_classifier(data: Any, path: str, key: str | None = None,
+                      shape: tuple[int, ...] | None = None) -> tuple[str | None, str, str | None]:
     """Where the classifier is in a dict or state dict: ``(nested entry or None,
     weight key, bias key or None)``. ``KEY.weight`` with ``key``, else the only
     2-D ``*weight`` entry (a whole model's state dict has one 2-D weight when its
-    last layer is its only linear one). A training checkpoint's
-    ``state_dict``/``model`` entry is looked into."""
+    last layer is its only linear one), or the only one of ``shape``. A training
+    checkpoint's ``state_dict``/``model`` entry is looked into."""
     nested = [name for name in CHECKPOINT_KEYS if hasattr(data.get(name), "keys")] if hasattr(data, "get") else []
     entry = None
     if nested and not any(isinstance(name, str) and name.endswith("weight") for name in data.keys()):
@@ -252,6 +253,9 @@ def locate_classifier(data: Any, path: str, key: str | None = None) -> tuple[str
         candidates = [name for name in keys if name == "weight" or name.endswith(".weight")]
         if len(candidates) > 1:
             candidates = _matrices(data, candidates)
+        if len(candidates) > 1 and shape is not None:  # the one of a known shape (apply knows it)
+            matching = [name for name in candidates if tuple(data[name].shape) == tuple(shape)]
+            candidates = matching if len(matching) == 1 else candidates
         if len(candidates) != 1:
             hint = f"; choose one with --classifier-key (e.g. {candidates[-1][:-len('.weight')]!r})" if candidates else ""
             raise InputError(f"{path}: expected one 'weight' entry (a [classes, dims] matrix), found "
