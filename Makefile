@@ -9,7 +9,7 @@ PACKAGES := numpy pytest ninja tqdm matplotlib safetensors 'setuptools>=77' whee
 SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 export CUDA_HOME ?= /usr/local/cuda
 
-.PHONY: setup demo test cuda-check package-check bench clean
+.PHONY: setup demo test cuda-check extract-test package-check bench clean
 
 setup: $(VENV)/.built
 
@@ -34,6 +34,12 @@ cuda-check:
 	cp -r setup.py csrc alphanet_ext build/cuda-check/
 	cd build/cuda-check && ALPHANET_CUDA=1 MAX_JOBS=2 ../../$(CUDA_VENV)/bin/python setup.py -q build_ext --inplace
 	cd build/cuda-check && ../../$(CUDA_VENV)/bin/python -c "import alphanet_ext.ops as o; o.check_registered('CUDA'); print('CUDA kernels registered for every op')"
+
+# alphanet extract's tests need torchvision, which the registry builds against the
+# CUDA torch: they run in the CUDA venv (on the CPU), against the module cuda-check built.
+extract-test: cuda-check
+	$(CUDA_VENV)/bin/pip install -q torchvision==0.29.1 pillow pytest tqdm matplotlib safetensors
+	cd build/cuda-check && ../../$(CUDA_VENV)/bin/python -m pytest ../../python_tests/test_extract.py -q -p no:cacheprovider
 
 # The release path: an sdist, a wheel built from it (python -m build), the wheel
 # installed into a fresh venv, and the installed command run from outside the source tree.

@@ -464,6 +464,40 @@ def run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _splits_argument(values: list[str]) -> dict[str, str]:
+    splits = {}
+    for value in values:
+        name, given, path = value.partition("=")
+        name, path = (name, path) if given else ("train", value)
+        if name not in ("train", "val", "test") or not path:
+            raise UsageError(f"--data {value}: expected PATH or SPLIT=PATH with SPLIT train, val or test")
+        if name in splits:
+            raise UsageError(f"--data: split {name} given twice")
+        splits[name] = path
+    return splits
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    from . import extract
+    splits = _splits_argument(args.data)
+    check_writable(args.out, folder=True)
+    loaded = extract.load_model(args.model, args.checkpoint, args.classifier_key)
+    resize, crop, mean, std = extract.default_preprocessing(args.model, loaded.model)
+    options = extract.Options(resize=args.resize or resize, crop=args.crop or crop, mean=mean, std=std,
+                              dtype=args.dtype, batch_size=args.batch_size, workers=args.workers,
+                              amp=args.amp if args.amp != "auto" else ("bf16" if str(args.device).startswith("cuda")
+                                                                        else "off"),
+                              skip_bad=args.skip_bad, progress=not args.quiet)
+    summary = extract.extract(args.model, args.checkpoint, splits, args.out, options, root=args.root,
+                              classifier_key=args.classifier_key, device=args.device,
+                              say=lambda text: _say(args, text))
+    _say(args, f"wrote {args.out}: " + ", ".join(f"{name} {split['rows']} rows" for name, split in
+                                                 summary["splits"].items())
+         + f" of {summary['dim']} features, and classifier.pt ({summary['num_classes']} classes); next: alphanet fit "
+           f"--train {args.out} --classifier {os.path.join(args.out, 'classifier.pt')} --out corrected.pt")
+    return 0
+
+
 def run_apply(args: argparse.Namespace) -> int:
     from .apply import apply_correction_file
     if os.path.splitext(args.out)[1].lower() not in (".pt", ".pth"):
@@ -664,6 +698,32 @@ def build_parser() -> argparse.ArgumentParser:
                               help="feature dimension (default: the preset's)")
     common(synth_parser, device=False, splits=False)
     synth_parser.set_defaults(handler=run_synth)
+
+    extract_parser = commands.add_parser("extract", help="features of a trained network's images, for fit")
+    extract_parser.add_argument("--model", required=True, metavar="SPEC",
+                                help="torchvision:NAME, timm:NAME or module:package.module.factory (called with "
+                                     "num_classes=)")
+    extract_parser.add_argument("--checkpoint", required=True, help="the trained weights (read with tensors only)")
+    extract_parser.add_argument("--data", required=True, nargs="+", metavar="[SPLIT=]PATH",
+                                help="an ImageFolder tree or a list file of 'PATH LABEL' lines, per split "
+                                     "(train=... val=... test=...; a bare PATH is train)")
+    extract_parser.add_argument("--root", help="folder the list files' paths are relative to (default: the list's)")
+    extract_parser.add_argument("--out", required=True, help="folder for SPLIT_x.npy, SPLIT_y.npy, classifier.pt")
+    classifier_key(extract_parser)
+    extract_parser.add_argument("--resize", type=_bounded(int, 1, 8192), help="shorter side before the centre crop "
+                                "(default: the model's pretrained config, else 256)")
+    extract_parser.add_argument("--crop", type=_bounded(int, 1, 8192), help="centre crop (default: the model's, else 224)")
+    extract_parser.add_argument("--dtype", choices=("float16", "float32"), default="float16",
+                                help="stored features (default float16)")
+    extract_parser.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
+                                help="autocast of the forward pass (default: bf16 on a GPU, off on the CPU)")
+    extract_parser.add_argument("--batch-size", type=_bounded(int, 1, 65536), default=64)
+    extract_parser.add_argument("--workers", type=_bounded(int, 0, 256), default=min(8, os.cpu_count() or 1),
+                                help="DataLoader workers decoding images (default %(default)s)")
+    extract_parser.add_argument("--skip-bad", action="store_true",
+                                help="skip unreadable images, listed in extract.json (default: stop at the first)")
+    common(extract_parser, splits=False)
+    extract_parser.set_defaults(handler=run_extract)
 
     apply_parser = commands.add_parser("apply", help="write your checkpoint back with the corrected classifier")
     apply_parser.add_argument("--checkpoint", required=True,
