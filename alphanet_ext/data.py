@@ -159,6 +159,21 @@ def gather_rows(array: ArrayLike, rows: Tensor, name: str, device: torch.device)
     return as_tensor(array, name)[rows.to(as_tensor(array, name).device)].to(device)
 
 
+def inputs_device(*arrays: ArrayLike) -> torch.device | None:
+    """The GPU the first GPU-resident input lives on (a torch tensor, or a cupy
+    array through its DLPack device), or None when every input is on the host:
+    CUDA tensors on ``cuda:1`` make a fit run on ``cuda:1``, not the current device."""
+    for array in arrays:
+        if isinstance(array, Tensor):
+            if array.is_cuda:
+                return array.device
+        elif hasattr(array, "__dlpack_device__"):
+            kind, index = array.__dlpack_device__()
+            if int(kind) in (2, 13):  # kDLCUDA, kDLCUDAManaged
+                return torch.device("cuda", int(index))
+    return None
+
+
 def resolve_device(device: torch.device | str | None) -> torch.device:
     """``device``, checked to be usable here, or CUDA when available (and built), else the CPU."""
     if device is None:

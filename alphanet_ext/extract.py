@@ -28,7 +28,7 @@ from .io import CHECKPOINT_KEYS, InputError, locate_classifier, save_classifier,
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-ROWS_PER_CHUNK = 1024  # rows between progress records: what a killed run may redo
+ROWS_PER_CHUNK = 4096  # rows between progress records: at most what a killed run redoes
 
 
 def _vision():
@@ -296,30 +296,30 @@ def extract_split(loaded: LoadedModel, spec: str, checkpoint: str, name: str, it
     bar = progress_bar(wanted(options.progress), total=len(items), initial=state["done"], desc=f"extract {name}",
                        unit="img")
     tic, seen = time.perf_counter(), 0
+    rows = ImageRows(items, transform, state["done"], len(items), (3, options.crop, options.crop))
+    loader = torch.utils.data.DataLoader(rows, batch_size=options.batch_size, num_workers=options.workers,
+                                         pin_memory=device.type == "cuda", shuffle=False)
     try:
-        for chunk_begin in range(state["done"], len(items), ROWS_PER_CHUNK):
-            chunk_end = min(chunk_begin + ROWS_PER_CHUNK, len(items))
-            rows = ImageRows(items, transform, chunk_begin, chunk_end, (3, options.crop, options.crop))
-            loader = torch.utils.data.DataLoader(rows, batch_size=options.batch_size, num_workers=options.workers,
-                                                 pin_memory=device.type == "cuda", shuffle=False)
-            for images, row_ids, errors in loader:
-                for row, error in zip(row_ids.tolist(), errors):
-                    if error:
-                        if not options.skip_bad:
-                            raise InputError(f"{items[row][0]}: cannot read the image ({error}); --skip-bad lists "
-                                             "unreadable images instead of stopping")
-                        state["bad"].append({"row": row, "path": items[row][0], "error": error})
-                images = images.to(device, non_blocking=True)
-                if device.type == "cuda":
-                    images = images.contiguous(memory_format=torch.channels_last)
-                with torch.inference_mode(), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                    model(images)
-                features[row_ids[0].item():row_ids[-1].item() + 1] = hook.features.float().cpu().numpy()
-                bar.update(len(row_ids))
-                seen += len(row_ids)
-            features.flush()
-            state["done"] = chunk_end
-            _write_json(progress_path, state)
+        for images, row_ids, errors in loader:  # in row order: the rows before `end` are all written
+            for row, error in zip(row_ids.tolist(), errors):
+                if error:
+                    if not options.skip_bad:
+                        raise InputError(f"{items[row][0]}: cannot read the image ({error}); --skip-bad lists "
+                                         "unreadable images instead of stopping")
+                    state["bad"].append({"row": row, "path": items[row][0], "error": error})
+            images = images.to(device, non_blocking=True)
+            if device.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode(), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                model(images)
+            end = row_ids[-1].item() + 1
+            features[row_ids[0].item():end] = hook.features.float().cpu().numpy()
+            bar.update(len(row_ids))
+            seen += len(row_ids)
+            if end - state["done"] >= ROWS_PER_CHUNK or end == len(items):
+                features.flush()  # the rows first, then the record that they are there
+                state["done"] = end
+                _write_json(progress_path, state)
     finally:
         hook.close()
         bar.close()

@@ -22,7 +22,8 @@ import torch
 
 from .classifier import apply_correction, combine_experts
 from .config import FitConfig
-from .data import ArrayLike, as_tensor, check_classifier, check_features, check_labels, resolve_device
+from .data import (ArrayLike, as_tensor, check_classifier, check_features, check_labels, inputs_device,
+                   resolve_device)
 from .result import FitResult, load
 from .training import checkpoint as checkpoints
 from .training import progress as bars
@@ -93,7 +94,8 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
         trials: independently seeded models trained together in one pass.
         seed: trial ``t`` uses seed ``seed + t``; results are deterministic per device.
         cuda_graphs: on a GPU, replay full training batches as a CUDA graph (same values).
-        device: defaults to CUDA when a GPU and the CUDA kernels are available.
+        device: defaults to the GPU the inputs are on (CUDA tensors on ``cuda:1``
+            run on ``cuda:1``), else CUDA when a GPU and the CUDA kernels are available.
             On a GPU, host features (even memory-mapped ones) are copied to the
             device once if they take at most a quarter of its free memory;
             otherwise each chunk's rows are read from the host.
@@ -130,7 +132,7 @@ def fit_with_config(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, b
     host features; both default to what the device allows."""
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    device = resolve_device(device)
+    device = resolve_device(device if device is not None else inputs_device(train_x, weight, val_x))
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {callback!r}")
     inputs = _checked_inputs(train_x, train_y, weight, bias, val_x, val_y, device)

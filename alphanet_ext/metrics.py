@@ -6,7 +6,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .data import ArrayLike, check_classifier, check_features, check_labels, logits, resolve_device
+from .data import ArrayLike, check_classifier, check_features, check_labels, inputs_device, logits, resolve_device
 
 SPLIT_NAMES = ("many", "medium", "few")
 EVALUATION_ROWS = 4096  # samples scored at once by evaluate()
@@ -73,9 +73,9 @@ def checked_scoring_inputs(weight: ArrayLike, bias: ArrayLike | None, x: ArrayLi
                            device: torch.device | str | None, names: tuple[str, str] = ("x", "y")
                            ) -> tuple[Tensor, Tensor, Tensor, torch.device]:
     """``(weight, bias, labels, device)`` for scoring ``x`` with the classifier, all
-    checked; ``device`` defaults to ``weight``'s when it is a CUDA tensor, else the CPU."""
+    checked; ``device`` defaults to the GPU ``weight`` or ``x`` is on, else the CPU."""
     if device is None:
-        device = weight.device if isinstance(weight, Tensor) and weight.is_cuda else "cpu"
+        device = inputs_device(weight, x) or "cpu"
     device = resolve_device(device)
     w, b = check_classifier(weight, bias, device)
     check_features(x, names[0], w.shape[1])
@@ -92,7 +92,7 @@ def evaluate(weight: ArrayLike, bias: ArrayLike | None, x: ArrayLike, y: ArrayLi
     ``splits`` is a mapping with ``many`` / ``medium`` / ``few`` class ids
     (for instance ``FitResult.splits`` or ``make_splits(counts)``); a split
     it leaves out, or all three with ``splits=None``, scores NaN. ``device``
-    defaults to ``weight``'s when it is a CUDA tensor, else the CPU.
+    defaults to the GPU ``weight`` or ``x`` is on (``cuda:1`` stays ``cuda:1``), else the CPU.
     """
     splits = {} if splits is None else splits
     w, b, labels, device = checked_scoring_inputs(weight, bias, x, y, device)

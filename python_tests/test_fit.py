@@ -1038,3 +1038,28 @@ def test_divergence_stops_the_fit_naming_the_learning_rate(problem):
                                          "lower lr or pred_scale"):
         alphanet_ext.fit(problem.train_x, problem.train_y, problem.weight * 1e34, problem.bias, epochs=3,
                          pred_scale=1e4, progress=False)
+
+
+def test_the_inputs_device_is_the_default():
+    from alphanet_ext.data import inputs_device
+
+    class OnGpu:  # a cupy array on GPU 1, as DLPack describes it
+        def __dlpack_device__(self):
+            return (2, 1)
+
+    class OnHost:
+        def __dlpack_device__(self):
+            return (1, 0)
+    assert inputs_device(torch.ones(2), np.ones(2), OnHost()) is None
+    assert inputs_device(torch.ones(2), OnGpu()) == torch.device("cuda", 1)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2 or not alphanet_ext.compiled_with_cuda(), reason="needs two GPUs")
+def test_inputs_on_the_second_gpu_are_fitted_and_scored_there(problem):
+    with torch.cuda.device(0):
+        on_second = [t.to("cuda:1") for t in (problem.train_x, problem.train_y, problem.weight, problem.bias)]
+        result = alphanet_ext.fit(*on_second, epochs=2, progress=False)
+        assert result.config["device"] == "cuda:1"
+        scores = alphanet_ext.evaluate(result.weight.to("cuda:1"), result.bias, on_second[0], on_second[1],
+                                       result.splits)
+        assert scores["samples"] == problem.train_y.numel()
