@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from alphanet_ext import cli, synthetic
-from alphanet_ext.io import save_classifier
 
 
 class Net(torch.nn.Module):

@@ -4,7 +4,6 @@ then fit and apply: the whole journey on generated images and a small random net
 Needs torchvision and pillow. Registry torchvision is built against the CUDA torch
 build, so `make extract-test` runs this file in the CUDA venv (on the CPU)."""
 import json
-import os
 import random
 
 import numpy as np
