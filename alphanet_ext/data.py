@@ -124,17 +124,31 @@ def streamed_class_means(x: ArrayLike, labels: Tensor, num_classes: int, name: s
     """``(means, counts)`` of the rows of ``x``, read a chunk at a time (a memory-mapped
     file once, in order) and summed in ``dtype``; ``each_chunk(first_row, rows)`` sees
     every chunk first. A NaN or inf is reported by its row."""
-    accumulator = ops.ClassMeanAccumulator(num_classes, x.shape[1], device=device, dtype=dtype)
+    return streamed_class_sums(x, labels, num_classes, name, device, dtype, each_chunk).means()
+
+
+def streamed_class_sums(x: ArrayLike, labels: Tensor, num_classes: int, name: str, device: torch.device,
+                        dtype: torch.dtype = torch.float32, each_chunk: Callable[[int, Tensor], None] | None = None,
+                        classes: tuple[int, int] | None = None) -> "ops.ClassMeanAccumulator":
+    """:func:`streamed_class_means`'s accumulator (``sums``, ``counts``), to be combined
+    with other processes' before dividing. With ``classes=(first, end)`` only rows
+    labelled in that range are summed, into ``end - first`` classes."""
+    first, end = classes if classes is not None else (0, num_classes)
+    accumulator = ops.ClassMeanAccumulator(end - first, x.shape[1], device=device, dtype=dtype)
     for begin, chunk in iter_row_chunks(x, name, device):
         if each_chunk is not None:
             each_chunk(begin, chunk)
+        rows, chunk_labels = chunk, labels[begin:begin + chunk.shape[0]]
+        if classes is not None:
+            inside = (chunk_labels >= first) & (chunk_labels < end)
+            rows, chunk_labels = chunk[inside], chunk_labels[inside] - first
         try:
-            accumulator.add(chunk, labels[begin:begin + chunk.shape[0]])
+            accumulator.add(rows, chunk_labels)
         except RuntimeError as error:
             if "NaN or inf" in str(error):
                 raise non_finite_error(name, chunk, begin) from None
             raise
-    return accumulator.means()
+    return accumulator
 
 
 def _host_rows(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.distributed as dist
 
 from .classifier import apply_correction, combine_experts
 from .config import FitConfig
@@ -27,6 +28,7 @@ from .data import (ArrayLike, as_tensor, check_classifier, check_features, check
 from .result import FitResult, load
 from .training import checkpoint as checkpoints
 from .training import progress as bars
+from .training import sharded
 from .training.cache import CacheSizes, LogitCache
 from .training.sampler import EpochSampler
 from .training.selection import EpochSelector, ValScorer
@@ -49,17 +51,23 @@ class _Inputs:
     val_labels: torch.Tensor | None
 
 
-def _checked_inputs(train_x, train_y, weight, bias, val_x, val_y, device: torch.device) -> _Inputs:
+def _checked_inputs(train_x, train_y, weight, bias, val_x, val_y, device: torch.device,
+                    classes: tuple[int, int] | None = None, sharded: bool = False) -> _Inputs:
+    """The inputs, checked; with ``classes=(first, end)`` only that slice of the
+    classifier is read (a class-sharded fit); a sharded rank may hold no val rows."""
     if (val_x is None) != (val_y is None):
         raise ValueError("give both val_x and val_y, or neither")
+    num_classes = int(weight.shape[0]) if classes is not None else None
+    if classes is not None:
+        weight, bias = weight[classes[0]:classes[1]], None if bias is None else bias[classes[0]:classes[1]]
     w, b = check_classifier(weight, bias, device)
-    num_classes, dim = w.shape
+    num_classes, dim = num_classes or w.shape[0], w.shape[1]
     check_features(train_x, "train_x", dim)
     labels = check_labels(train_y, "train_y", train_x.shape[0], num_classes, device)
     val_labels = None
     if val_x is not None:
         check_features(val_x, "val_x", dim)
-        if val_x.shape[0] == 0:
+        if val_x.shape[0] == 0 and not sharded:
             raise ValueError("val_x has no samples; pass val_x=None to train without a validation set")
         val_labels = check_labels(val_y, "val_y", val_x.shape[0], num_classes, device)
     return _Inputs(train_x, labels, w, b, val_x, val_labels)
@@ -73,7 +81,8 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
         hidden: Sequence[int] = (32, 32, 32), few_threshold: int = 20, many_threshold: int = 100,
         pred_scale: float = 1.0, trials: int = 1, seed: int = 0, cuda_graphs: bool = True,
         device: torch.device | str | None = None, progress: bool = True,
-        checkpoint: str | os.PathLike | None = None, callback: Callback | None = None) -> FitResult:
+        checkpoint: str | os.PathLike | None = None, callback: Callback | None = None,
+        process_group: Any = None, shard_classes: bool = False) -> FitResult:
     """Corrects the few-split rows of a linear classifier with AlphaNet.
 
     Args:
@@ -107,6 +116,20 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
         callback: called after every epoch with its record (``epoch``, ``loss``
             per trial, ``lr``, ``val_top1`` per trial where there is val); returning
             ``False`` stops the fit after that epoch.
+        process_group: a ``torch.distributed`` process group (``torch.distributed.group.WORLD``
+            for all processes) to fit over: every rank calls ``fit`` with its own rows of
+            the train and val features (global row order is rank order) and the same
+            classifier and options. Sums, neighbours, the epoch's draw and the step's
+            gradients are shared, so every rank returns the same result, equal to a
+            one-process fit on the concatenated rows within float rounding and
+            bit-identical across reruns at the same world size. Inputs that differ
+            across ranks are refused on every rank; a rank that dies or hangs makes the
+            others raise :class:`~alphanet_ext.training.sharding.RankFailure` after the
+            group's timeout. A checkpoint path must be visible to every rank (rank 0 writes it).
+        shard_classes: also split the classifier and every logit matrix by class across
+            the ranks (for label spaces too large for one device): each rank reads only
+            its slice of ``weight``, and memory per rank for the classifier, the class
+            means and the logits falls as ``1/world_size``.
 
     Every option is checked before any work (:class:`~alphanet_ext.config.FitConfig`);
     a value out of range raises a ``ValueError`` naming it.
@@ -119,14 +142,16 @@ def fit(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLi
                        few_threshold=few_threshold, many_threshold=many_threshold, pred_scale=pred_scale,
                        trials=trials, seed=seed, cuda_graphs=cuda_graphs)
     return fit_with_config(train_x, train_y, weight, bias, val_x, val_y, config, device=device, progress=progress,
-                           checkpoint=checkpoint, callback=callback)
+                           checkpoint=checkpoint, callback=callback, process_group=process_group,
+                           shard_classes=shard_classes)
 
 
 def fit_with_config(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, bias: ArrayLike | None,
                     val_x: ArrayLike | None, val_y: ArrayLike | None, config: FitConfig, *,
                     device: torch.device | str | None = None, progress: bool = True,
                     checkpoint: str | os.PathLike | None = None, callback: Callback | None = None,
-                    sizes: CacheSizes = CacheSizes(), keep_features: bool | None = None) -> FitResult:
+                    sizes: CacheSizes = CacheSizes(), keep_features: bool | None = None,
+                    process_group: Any = None, shard_classes: bool = False) -> FitResult:
     """:func:`fit` with its options as a :class:`FitConfig`. ``sizes`` bound the
     fit's temporaries and ``keep_features`` forces (or forbids) a device copy of
     host features; both default to what the device allows."""
@@ -135,39 +160,81 @@ def fit_with_config(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, b
     device = resolve_device(device if device is not None else inputs_device(train_x, weight, val_x))
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {callback!r}")
-    inputs = _checked_inputs(train_x, train_y, weight, bias, val_x, val_y, device)
+    shard = _shard_of(process_group, shard_classes)
+    by_class = shard is not None and shard.mode == "classes"
+    classes = shard.class_range(int(weight.shape[0])) if by_class else None
+    inputs = _checked_inputs(train_x, train_y, weight, bias, val_x, val_y, device, classes, shard is not None)
     has_val = inputs.val_x is not None
     config = config.resolved(has_val)
-    show = bars.wanted(progress)
+    if shard is not None:
+        shard.check_agreement(_agreement_facts(config, weight, bias, has_val, device),
+                              {"train": inputs.labels.numel(), "val": 0 if not has_val else inputs.val_labels.numel()})
+        if has_val and shard.offsets["val"][-1] == 0:
+            raise ValueError("val_x has no samples on any rank; pass val_x=None to train without a validation set")
+    show = bars.wanted(progress) and (shard is None or shard.rank == 0)
     w, b, labels = inputs.w, inputs.b, inputs.labels
-    num_classes = w.shape[0]
+    num_classes = int(weight.shape[0])
+    full_bias = b if not by_class else (torch.zeros(num_classes, device=device) if bias is None
+                                        else as_tensor(bias, "bias", device).float())
 
     # 1. Class statistics: means, splits and neighbours, from one pass over the features.
     tic = time.perf_counter()
     keep = keeps_features_on(device, inputs.train_x) if keep_features is None else keep_features
+    keep = keep and not by_class
     resident = torch.empty(tuple(inputs.train_x.shape), dtype=as_tensor(inputs.train_x[:0], "train_x").dtype,
                            device=device) if keep else None
-    stats = class_statistics(inputs.train_x, labels, num_classes, config.few_threshold, config.many_threshold,
-                             config.k, device, resident, show)
+    statistics = (config.few_threshold, config.many_threshold, config.k, device)
+    if shard is None:
+        stats = class_statistics(inputs.train_x, labels, num_classes, *statistics[:3], device, resident, show)
+    elif by_class:
+        stats = sharded.class_sharded_statistics(shard, inputs.train_x, labels, num_classes, *statistics)
+    else:
+        stats = sharded.row_sharded_statistics(shard, inputs.train_x, labels, num_classes, *statistics, resident)
     train_rows = resident if resident is not None else inputs.train_x
     timings["class_means"] = time.perf_counter() - tic
     tic = time.perf_counter()
-    find_neighbors(stats, config.k, config.metric, config.seed)
+    if shard is None:
+        find_neighbors(stats, config.k, config.metric, config.seed)
+    elif by_class:
+        sharded.class_sharded_neighbors(shard, stats, num_classes, config.k, config.metric, config.seed)
+    else:
+        sharded.broadcast_neighbors(shard, stats, lambda s: find_neighbors(s, config.k, config.metric, config.seed))
     timings["neighbors"] = time.perf_counter() - tic
     few, neighbors = stats.few, stats.neighbors
+    all_labels = labels if shard is None else sharded.gathered_labels(shard, labels, "train")
 
     # 2. The training step (networks, optimiser) and the epochs' sampler.
-    step = TrainStep(w, b, few, neighbors, config.hidden, config.trials, config.seed, config.lr, config.weight_decay,
-                     config.pred_scale, config.cuda_graphs)
     few_position = torch.full((num_classes,), -1, dtype=torch.long, device=device)
     few_position[few] = torch.arange(few.numel(), device=device)
-    sampler = EpochSampler(labels, stats.counts, few_position >= 0, stats.base, config.rho)
+    sampler = EpochSampler(all_labels, stats.counts, few_position >= 0, stats.base, config.rho)
+    step_options = (config.hidden, config.trials, config.seed, config.lr, config.weight_decay, config.pred_scale)
+    if by_class:  # the step works in the compact space of the columns it reads
+        columns = torch.unique(torch.cat([few, neighbors.flatten()]))
+        few_at, neighbors_at = torch.searchsorted(columns, few), torch.searchsorted(columns, neighbors)
+        step = TrainStep(sharded.owned_rows(shard, num_classes, columns, w), full_bias[columns], few_at,
+                         neighbors_at, *step_options, config.cuda_graphs)
+    elif shard is not None:
+        step = sharded.RowShardedStep(shard, w, b, few, neighbors, *step_options, False)
+    else:
+        step = TrainStep(w, b, few, neighbors, *step_options, config.cuda_graphs)
 
     # 3. The logits read every epoch, kept where memory allows.
-    cache = LogitCache(train_rows, labels, w, b, few, sampler.few_rows, inputs.val_x, config.pred_scale,
-                       config.trials, config.batch_size, sampler.epoch_size, sizes, show)
+    cache_options = (inputs.val_x, config.pred_scale, config.trials, config.batch_size, sampler.epoch_size, sizes,
+                     show)
+    reduce_counts = None if shard is None else (lambda counts: shard.all_reduce(counts, what="the val counts"))
+    if by_class:
+        cache = sharded.ClassShardedCache(shard, train_rows, all_labels, w, full_bias, few, columns, sampler.few_rows,
+                                          inputs.val_x, None, *cache_options[1:])
+        scorer = ValScorer(cache, inputs.val_labels, few_at, neighbors_at, stats.splits, few_ids=few,
+                           num_classes=num_classes, reduce_counts=reduce_counts) if has_val else None
+    else:
+        if shard is not None:
+            cache = sharded.RowShardedCache(shard, train_rows, labels, w, b, few, sampler.few_rows, *cache_options)
+        else:
+            cache = LogitCache(train_rows, labels, w, b, few, sampler.few_rows, *cache_options)
+        scorer = ValScorer(cache, inputs.val_labels, few, neighbors, stats.splits,
+                           reduce_counts=reduce_counts) if has_val else None
     timings.update(cache.timings)
-    scorer = ValScorer(cache, inputs.val_labels, few, neighbors, stats.splits) if has_val else None
 
     # 4. Epochs, with selection on val and a checkpoint after each.
     selector = EpochSelector(config.trials, config.epochs, config.min_epochs, step.few_bias, few.numel(), config.k)
@@ -175,8 +242,13 @@ def fit_with_config(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, b
     saved_path = os.fspath(checkpoint) if checkpoint is not None else None
     expected = None
     if saved_path is not None:
-        expected = checkpoints.fingerprint(config.to_dict(), device, _input_digests(inputs, stats))
+        digests = _input_digests(inputs, stats)
+        if shard is not None:
+            digests = {**_sharded_digests(shard, digests), **shard.describe()}
+        expected = checkpoints.fingerprint(config.to_dict(), device, digests)
         saved = checkpoints.load(saved_path, expected)
+        if shard is not None:
+            _check_same_resume(shard, saved_path, 0 if saved is None else len(saved["history"]))
         if saved is not None:
             step.load_state(saved["step"])
             selector.load_state(saved["selector"])
@@ -207,11 +279,13 @@ def fit_with_config(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, b
         history.append(record)
 
         def save() -> None:
-            if saved_path is not None:
+            if saved_path is not None and (shard is None or shard.rank == 0):
                 checkpoints.save(saved_path, {"fingerprint": expected, "step": step.state(),
                                               "selector": selector.state(), "history": history})
         save()  # before the callback, which may stop the process
         stop = callback is not None and callback(dict(record)) is False
+        if shard is not None:  # every rank stops if any callback asks
+            stop = bool(shard.all_reduce(torch.tensor([int(stop)]), dist.ReduceOp.MAX, "the callbacks' stop")[0])
         if stop:  # stopped before min_epochs: the last epoch run is eligible
             record["stopped"] = True
             selector.offer(record, alphas, step.few_bias, step.nets.state, force=epoch < config.min_epochs)
@@ -235,9 +309,10 @@ def fit_with_config(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, b
         weight=out_weight, bias=out_bias, splits={name: ids.cpu() for name, ids in stats.splits.items()},
         neighbors=neighbors.cpu(), alphas=normalized.detach().cpu(), history=history,
         best_epochs=list(selector.best_epochs), best_trial=best_trial, trial_val_top1=trial_val,
-        config={**config.to_dict(), "device": str(device)}, timings=timings,
-        neighbor_distances=stats.neighbor_distances.float().cpu(), trial_alphas=selector.best_alphas.detach().cpu(),
-        trial_few_bias=selector.best_bias.detach().cpu(), class_means=stats.means.float().cpu(),
+        config={**config.to_dict(), "device": str(device), **({} if shard is None else shard.describe())},
+        timings=timings, neighbor_distances=stats.neighbor_distances.float().cpu(),
+        trial_alphas=selector.best_alphas.detach().cpu(), trial_few_bias=selector.best_bias.detach().cpu(),
+        class_means=None if by_class else stats.means.float().cpu(),
         mlp_state=selector.best_states[best_trial])
 
 
@@ -247,13 +322,10 @@ def _train_epoch(step: TrainStep, sampler: EpochSampler, cache: LogitCache, few_
     entries = torch.stack([sampler.draw(g) for g in step.generators])  # [T, epoch_size]
     step.loss_sum.zero_()
     for chunk_begin in range(0, sampler.epoch_size, cache.chunk_samples):
-        raw, chunk_labels, base_lse, target_base_score = cache.chunk(
-            entries[:, chunk_begin:chunk_begin + cache.chunk_samples])
-        target_few = few_position[chunk_labels]  # [S, T], -1 for base targets
-        for begin in range(0, raw.shape[0], batch_size):
-            end = begin + batch_size
-            step(batch_size, raw[begin:end], base_lse[begin:end], target_few[begin:end], target_base_score[begin:end])
-            bar.update(min(end, raw.shape[0]) - begin)
+        for batch in cache.batches(entries[:, chunk_begin:chunk_begin + cache.chunk_samples], batch_size,
+                                   few_position):
+            step(batch_size, batch)
+            bar.update(batch.rows)
 
 
 def _check_finite(record: dict, alphas: torch.Tensor, config: FitConfig) -> None:
@@ -269,6 +341,39 @@ def _check_finite(record: dict, alphas: torch.Tensor, config: FitConfig) -> None
 def _diverged(epoch: int, what: str, lr: float, config: FitConfig) -> str:
     return (f"training diverged at epoch {epoch}: {what} with lr={lr:g} (pred_scale {config.pred_scale:g}); lower "
             "lr or pred_scale, or check the classifier's scale")
+
+
+def _shard_of(process_group: Any, shard_classes: bool) -> sharded.Shard | None:
+    if process_group is None:
+        if shard_classes:
+            raise ValueError("shard_classes=True needs a process_group (a class-sharded fit runs over several ranks)")
+        return None
+    return sharded.Shard.of(process_group, "classes" if shard_classes else "rows")
+
+
+def _agreement_facts(config: FitConfig, weight: ArrayLike, bias: ArrayLike | None, has_val: bool,
+                     device: torch.device) -> dict[str, Any]:
+    """What every rank of a sharded fit must agree on (compared by digest at the start)."""
+    return {"options": config.to_dict(), "classifier shape": list(weight.shape),
+            "classifier": checkpoints.sampled_digest(weight, "weight"),
+            "bias": "none" if bias is None else checkpoints.sampled_digest(bias, "bias", samples=1 << 20),
+            "val set (given or not)": has_val, "device kind": device.type}
+
+
+def _sharded_digests(shard: sharded.Shard, digests: dict[str, str]) -> dict[str, str]:
+    """One digest per input over every rank's part, the same on every rank."""
+    out = {}
+    for name in sorted(digests):
+        mine = torch.tensor([int(digests[name][:14], 16)], dtype=torch.long)
+        out[name] = ",".join(f"{v:x}" for v in shard.all_gather(mine, "the checkpoint's fingerprint").flatten().tolist())
+    return out
+
+
+def _check_same_resume(shard: sharded.Shard, path: str, epochs_done: int) -> None:
+    seen = shard.all_gather(torch.tensor([epochs_done], dtype=torch.long), "the checkpoint check").flatten().tolist()
+    if len(set(seen)) > 1:
+        raise ValueError(f"{path}: the ranks see different checkpoints (epochs done per rank: {seen}); put the "
+                         "checkpoint on a file system every rank reads")
 
 
 def _input_digests(inputs: _Inputs, stats) -> dict[str, str]:

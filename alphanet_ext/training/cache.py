@@ -11,7 +11,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 from torch import Tensor
@@ -19,6 +19,18 @@ from torch import Tensor
 from ..data import ArrayLike, cache_budget, gather_rows, logits
 from . import progress
 from .step import base_logsumexp_
+
+
+class Batch(NamedTuple):
+    """One training step's inputs: ``rows`` is the batch's size in the whole epoch
+    (a sharded fit's rank holds only some of them); logits ``raw [n, T, C]``, the base
+    classes' log-sum-exp ``[n, T]``, the few position of each target ``[n, T]`` (-1 for
+    a base class) and a base target's score ``[n, T]``."""
+    rows: int
+    raw: Tensor
+    base_lse: Tensor
+    target_few: Tensor
+    target_base: Tensor
 
 
 @dataclass(frozen=True)
@@ -125,8 +137,26 @@ class LogitCache:
         """For a chunk of epoch entries ``[T, S]``: logits without bias ``[S, T, C]``, train
         labels ``[S, T]``, the log-sum-exp of the base-class scores ``[S, T]`` and the
         score of the true class ``[S, T]`` (read for base classes only; 0 or stale for few ones)."""
-        device, trials, num_classes = self.device, self.trials, self.num_classes
-        flat = entries.T.reshape(-1)  # sample-major: row s*T + t
+        out, chunk_labels, base_lse, target_score = self.entry_logits(entries.T.reshape(-1))  # sample-major
+        shape = (entries.shape[1], self.trials)
+        return (out.view(*shape, self.num_classes), chunk_labels.view(shape), base_lse.view(shape),
+                target_score.view(shape))
+
+    def batches(self, entries: Tensor, batch_size: int, few_position: Tensor) -> Iterator[Batch]:
+        """The training batches of a chunk of epoch entries ``[T, S]`` (``S`` a multiple of
+        ``batch_size`` but for the epoch's last chunk)."""
+        raw, chunk_labels, base_lse, target_base = self.chunk(entries)
+        target_few = few_position[chunk_labels]  # [S, T], -1 for base targets
+        for begin in range(0, raw.shape[0], batch_size):
+            end = begin + batch_size
+            yield Batch(raw[begin:end].shape[0], raw[begin:end], base_lse[begin:end], target_few[begin:end],
+                        target_base[begin:end])
+
+    def entry_logits(self, flat: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """:meth:`chunk` for a flat list of entries (train row ids, few rows as
+        ``-(position + 1)`` in ``few_rows``): ``[n, C]`` logits and ``[n]`` labels,
+        base log-sum-exp and target scores."""
+        device = self.device
         out = self.chunk_buffer[:flat.numel()]
         base_lse = torch.empty(flat.numel(), device=device)
         target_score = torch.zeros(flat.numel(), device=device)
@@ -148,5 +178,4 @@ class LogitCache:
             out.index_copy_(0, computed_at, computed)
             base_lse[computed_at], target_score[computed_at] = base_logsumexp_(computed, self.b, self.few,
                                                                                self.pred_scale, chunk_labels[computed_at])
-        shape = (entries.shape[1], trials)
-        return out.view(*shape, num_classes), chunk_labels.view(shape), base_lse.view(shape), target_score.view(shape)
+        return out, chunk_labels, base_lse, target_score

@@ -2,23 +2,31 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from .. import ops
-from ..metrics import accuracy_by_split
-from .cache import LogitCache
+from ..metrics import SPLIT_NAMES, accuracy_by_split, split_of_classes
 
 
 class ValScorer:
     """Val top-1 per split of every trial, from the cached val logits:
-    ``O(N_val * T * C_f * k)`` per epoch, never ``N_val * C * d``."""
+    ``O(N_val * T * C_f * k)`` per epoch, never ``N_val * C * d``.
 
-    def __init__(self, cache: LogitCache, val_labels: Tensor, few: Tensor, neighbors: Tensor,
-                 splits: dict[str, Tensor]):
+    ``few`` and ``neighbors`` index the columns of the cached logits; ``few_ids`` are
+    the few classes' ids (the same unless the cache holds a compact set of columns).
+    A sharded fit scores each rank's val rows and sums the per-split counts over
+    ranks (``reduce_counts``)."""
+
+    def __init__(self, cache, val_labels: Tensor, few: Tensor, neighbors: Tensor,
+                 splits: dict[str, Tensor], few_ids: Tensor | None = None, num_classes: int | None = None,
+                 reduce_counts: Callable[[Tensor], Tensor] | None = None):
         self.cache, self.val_labels, self.few, self.neighbors, self.splits = cache, val_labels, few, neighbors, splits
+        self.few_ids = few if few_ids is None else few_ids
+        self.num_classes = cache.num_classes if num_classes is None else num_classes
+        self.reduce_counts = reduce_counts
 
     @torch.no_grad()
     def __call__(self, alphas: Tensor, few_bias: Tensor) -> list[dict[str, float]]:
@@ -32,13 +40,27 @@ class ValScorer:
                                                self.neighbors.repeat(trials, 1), flat_alphas, 1)
             few_scores = cache.pred_scale * (few_scores.view(-1, trials, few.numel()) + few_bias.detach())
             few_best, few_index = few_scores.max(dim=2)
-            few_class = few[few_index]
+            few_class = self.few_ids[few_index]
             base_best, base_class = cache.val_base_best[begin:end, None], cache.val_base_class[begin:end, None]
             # argmax over all classes, ties to the lower class id
             take_few = (few_best > base_best) | ((few_best == base_best) & (few_class < base_class))
             predicted = torch.where(take_few, few_class, base_class)
             correct[:, begin:end] = (predicted == self.val_labels[begin:end, None]).T
-        return [accuracy_by_split(correct[t], self.val_labels, self.splits, cache.num_classes) for t in range(trials)]
+        if self.reduce_counts is None:
+            return [accuracy_by_split(correct[t], self.val_labels, self.splits, self.num_classes)
+                    for t in range(trials)]
+        return self._from_counts(correct)
+
+    def _from_counts(self, correct: Tensor) -> list[dict[str, float]]:
+        """Top-1 per split from the correct and total counts of every rank's rows."""
+        which = split_of_classes(self.splits, self.num_classes).to(self.val_labels.device)[self.val_labels]
+        masks = torch.stack([which == index for index in range(len(SPLIT_NAMES))] +
+                            [torch.ones_like(which, dtype=torch.bool)])  # [4, n]
+        counts = torch.stack([(correct[:, None, :] & masks[None]).sum(dim=2),
+                              masks.sum(dim=1)[None].expand(correct.shape[0], -1)], dim=2)  # [T, 4, 2]
+        counts = self.reduce_counts(counts.to(torch.float64)).tolist()
+        return [{name: (100.0 * right / total if total else float("nan"))
+                 for name, (right, total) in zip(SPLIT_NAMES + ("overall",), trial)} for trial in counts]
 
 
 class EpochSelector:

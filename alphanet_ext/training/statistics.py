@@ -54,6 +54,13 @@ def class_statistics(train_x: ArrayLike, labels: Tensor, num_classes: int, few_t
 
     means, counts = streamed_class_means(train_x, labels, num_classes, "train_x", device, each_chunk=each_chunk)
     bar.close()
+    return statistics_of(means, counts, few_threshold, many_threshold, k, device)
+
+
+def statistics_of(means: Tensor, counts: Tensor, few_threshold: int, many_threshold: int, k: int,
+                  device: torch.device) -> ClassStatistics:
+    """The splits of classes with these ``counts``; refuses an empty class, no few or
+    no base class, or k larger than the base split."""
     splits = make_splits(counts, few_threshold, many_threshold)
     few, base = splits["few"].to(device), torch.cat([splits["many"], splits["medium"]]).sort().values.to(device)
     empty = torch.nonzero(counts == 0).flatten().tolist()

@@ -199,10 +199,17 @@ class TrainStep:
         self.replayed = ReplayedStep(self._step) if ReplayedStep.wanted(device, cuda_graphs) else None
 
     def _step(self, raw: Tensor, base_lse: Tensor, target_few: Tensor, target_base_score: Tensor) -> None:
+        losses, grads = self._grads(raw, base_lse, target_few, target_base_score)
+        self.optimizer.step(grads)
+        self.loss_sum.add_(losses * raw.shape[0])
+
+    def _grads(self, raw: Tensor, base_lse: Tensor, target_few: Tensor,
+               target_base_score: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """The batch's mean loss per trial and its gradients."""
         rows = raw.shape[0]
         nets = self.nets
         try:
-            losses, grads = ops.coefficient_grads(
+            return ops.coefficient_grads(
                 self.inputs, nets.first, nets.rest, nets.biases, self.few_bias,
                 raw.view(rows, self.trials * self.num_classes), self.trial_targets, self.trial_neighbors, base_lse,
                 target_few, target_base_score, self.pred_scale)
@@ -210,16 +217,15 @@ class TrainStep:
             if "NaN or inf" in str(error):
                 raise Diverged("the coefficients are no longer finite") from None
             raise
-        self.optimizer.step(grads)
-        self.loss_sum.add_(losses * rows)
 
-    def __call__(self, batch_size: int, raw: Tensor, base_lse: Tensor, target_few: Tensor,
-                 target_base_score: Tensor) -> None:
-        """One step; full batches (``batch_size`` rows) go through the CUDA graph where wanted."""
-        if self.replayed is not None and raw.shape[0] == batch_size:
-            self.replayed(self.optimizer.lr, raw, base_lse, target_few, target_base_score)
+    def __call__(self, batch_size: int, batch) -> None:
+        """One step on a :class:`~alphanet_ext.training.cache.Batch`; full batches
+        (``batch_size`` rows) go through the CUDA graph where wanted."""
+        parts = (batch.raw, batch.base_lse, batch.target_few, batch.target_base)
+        if self.replayed is not None and batch.raw.shape[0] == batch_size:
+            self.replayed(self.optimizer.lr, *parts)
         else:
-            self._step(raw, base_lse, target_few, target_base_score)
+            self._step(*parts)
 
     @torch.no_grad()
     def alphas(self) -> Tensor:

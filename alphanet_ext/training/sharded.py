@@ -1,0 +1,362 @@
+"""The stages of a fit sharded over ranks: other implementations of the class
+statistics, the logit cache and the step of :mod:`alphanet_ext.fit`.
+
+Row-sharded (``mode="rows"``): each rank holds some of the train and val rows
+and the whole classifier. Class sums and counts are all-reduced; rank 0 finds
+the neighbours and broadcasts them. Every rank draws the same epoch (the same
+seed over the same global labels), computes the logits of the drawn rows it
+holds, packed per trial and padded with neutral rows, and the step's
+gradients are all-reduced, so every rank holds the same networks.
+
+Class-sharded (``mode="classes"``): each rank also holds only a contiguous
+slice of the classes, ``W[C/R]``. The step reads only the columns the
+α-combination needs (``U``: every few class and its neighbours), the base
+classes' log-sum-exp and the target's score, so a batch's logits are reduced
+across ranks to exactly those: features of the batch's rows are gathered,
+each rank computes its slice of the logits, the log-sum-exp is combined (max,
+then sum) and the ``U`` columns are gathered. The step then runs on the same
+compact batch on every rank.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .. import ops
+from ..data import ArrayLike, cache_budget, streamed_class_sums
+from . import progress
+from .cache import Batch, CacheSizes, LogitCache
+from .sharding import RankFailure, Shard
+from .statistics import ClassStatistics, statistics_of
+from .step import TrainStep
+
+# A padding row's base log-sum-exp and target score: its loss is log(exp(P) + sum exp(s)) - P = 0
+# and its gradients exp(s - P) = 0 exactly in float32 for any finite score s far below P.
+PAD_SCORE = 1e30
+
+
+# --------------------------------------------------------------------------- class statistics
+
+def row_sharded_statistics(shard: Shard, train_x: ArrayLike, labels: Tensor, num_classes: int, few_threshold: int,
+                           many_threshold: int, k: int, device: torch.device,
+                           resident: Tensor | None = None) -> ClassStatistics:
+    """Class means from every rank's sums and counts (all-reduced), so every rank holds the same."""
+    def each_chunk(begin: int, chunk: Tensor) -> None:
+        if resident is not None:
+            resident[begin:begin + chunk.shape[0]] = chunk
+    acc = streamed_class_sums(train_x, labels, num_classes, "train_x", device, each_chunk=each_chunk)
+    sums, counts = acc.sums, acc.counts
+    shard.all_reduce(sums, what="the class sums")
+    shard.all_reduce(counts, what="the class counts")
+    means = (sums / counts.clamp_min(1).unsqueeze(1).to(sums.dtype)).float()
+    return statistics_of(means, counts, few_threshold, many_threshold, k, device)
+
+
+def broadcast_neighbors(shard: Shard, stats: ClassStatistics, find) -> ClassStatistics:
+    """Rank 0 finds the neighbours (``find(stats)``) and sends them to every rank."""
+    num_few, k = stats.few.numel(), None
+    if shard.rank == 0:
+        find(stats)
+        k = stats.neighbors.shape[1]
+    size = shard.broadcast(torch.tensor([k or 0], dtype=torch.long), what="the neighbours")
+    k = int(size[0])
+    if shard.rank != 0:
+        stats.neighbors = torch.empty(num_few, k, dtype=torch.long, device=stats.few.device)
+        stats.neighbor_distances = torch.empty(num_few, k, dtype=torch.float32, device=stats.few.device)
+    stats.neighbor_distances = stats.neighbor_distances.float()
+    shard.broadcast(stats.neighbors, what="the neighbours")
+    shard.broadcast(stats.neighbor_distances, what="the neighbours")
+    return stats
+
+
+def class_sharded_statistics(shard: Shard, train_x: ArrayLike, labels: Tensor, num_classes: int,
+                             few_threshold: int, many_threshold: int, k: int,
+                             device: torch.device) -> ClassStatistics:
+    """Counts of every class (all-reduced) and the means of this rank's slice of the
+    classes only: one pass over the local rows per slice, each slice's sums reduced
+    onto the rank that owns it, so no rank ever holds ``[C, d]``."""
+    counts = torch.bincount(labels, minlength=num_classes)
+    shard.all_reduce(counts, what="the class counts")
+    mine = None
+    for owner in range(shard.world):
+        first, end = shard.class_range(num_classes, owner)
+        acc = streamed_class_sums(train_x, labels, num_classes, "train_x", device, classes=(first, end))
+        shard.reduce(acc.sums, owner, what="the class sums")
+        if owner == shard.rank:
+            mine = (acc.sums / counts[first:end].clamp_min(1).unsqueeze(1).to(acc.sums.dtype)).float()
+    return statistics_of(mine, counts, few_threshold, many_threshold, k, device)
+
+
+def owned_rows(shard: Shard, num_classes: int, ids: Tensor, local: Tensor) -> Tensor:
+    """``rows[ids]`` of a class-sharded ``[C, ...]`` matrix whose ``local`` slice this rank holds,
+    on every rank (each rank fills in the rows it owns; a sum over ranks gathers them)."""
+    first, end = shard.class_range(num_classes)
+    out = local.new_zeros((ids.numel(),) + tuple(local.shape[1:]))
+    inside = (ids >= first) & (ids < end)
+    out[inside] = local[ids[inside] - first]
+    return shard.all_reduce(out, what="gathering class rows")
+
+
+def class_sharded_neighbors(shard: Shard, stats: ClassStatistics, num_classes: int, k: int, metric: str,
+                            seed: int) -> ClassStatistics:
+    """Each few class's ``k`` nearest base classes over keys no rank holds in full: every
+    rank's top-k among its own base classes, merged into the global top-k (ties to the
+    lower class id, as one kNN over all keys). ``"random"`` draws as a one-process fit does."""
+    few, base = stats.few, stats.base
+    if metric == "random":
+        control = torch.Generator().manual_seed(seed)
+        picks = torch.stack([torch.randperm(base.numel(), generator=control)[:k] for _ in range(few.numel())])
+        stats.neighbors = base[picks.to(base.device)]
+        few_means = owned_rows(shard, num_classes, few, stats.means)
+        neighbor_means = owned_rows(shard, num_classes, stats.neighbors.flatten(), stats.means)
+        stats.neighbor_distances = (few_means[:, None, :] - neighbor_means.view(few.numel(), k, -1)).norm(dim=2)
+        return stats
+    first, end = shard.class_range(num_classes)
+    queries = owned_rows(shard, num_classes, few, stats.means)
+    keys = base[(base >= first) & (base < end)]
+    distances = torch.full((few.numel(), k), math.inf, device=few.device)
+    ids = torch.full((few.numel(), k), num_classes, dtype=torch.long, device=few.device)
+    found = min(k, keys.numel())
+    if found:
+        d, nearest = ops.knn(queries, stats.means[keys - first], found, metric)
+        distances[:, :found], ids[:, :found] = d.float(), keys[nearest]
+    all_distances = shard.all_gather(distances, "the neighbours").permute(1, 0, 2).reshape(few.numel(), -1)
+    all_ids = shard.all_gather(ids, "the neighbours").permute(1, 0, 2).reshape(few.numel(), -1)
+    by_id = torch.argsort(all_ids, dim=1, stable=True)
+    by_distance = torch.argsort(all_distances.gather(1, by_id), dim=1, stable=True)
+    order = by_id.gather(1, by_distance)[:, :k]
+    stats.neighbors, stats.neighbor_distances = all_ids.gather(1, order), all_distances.gather(1, order)
+    return stats
+
+
+# --------------------------------------------------------------------------- row-sharded cache and step
+
+class RowShardedCache(LogitCache):
+    """A :class:`LogitCache` over this rank's rows. An epoch's batches keep the entries
+    whose rows this rank holds, packed per trial and padded to the same length with
+    rows whose loss and gradients are exactly zero (``PAD_SCORE``)."""
+
+    def __init__(self, shard: Shard, train_x: ArrayLike, labels: Tensor, w: Tensor, b: Tensor, few: Tensor,
+                 few_rows: Tensor, val_x: ArrayLike | None, pred_scale: float, trials: int, batch_size: int,
+                 epoch_size: int, sizes: CacheSizes = CacheSizes(), show_progress: bool = False):
+        self.first, self.end = shard.rows_of("train")
+        held = (few_rows >= self.first) & (few_rows < self.end)
+        self.global_few_rows = few_rows
+        self.local_few = torch.full_like(few_rows, -1)
+        self.local_few[held] = torch.arange(int(held.sum()), device=few_rows.device)
+        super().__init__(train_x, labels, w, b, few, few_rows[held] - self.first, val_x, pred_scale, trials,
+                         batch_size, epoch_size, sizes, show_progress)
+
+    def batches(self, entries: Tensor, batch_size: int, few_position: Tensor) -> Iterator[Batch]:
+        trials, samples = entries.shape
+        device = entries.device
+        few_at = (-entries - 1).clamp_min(0)
+        rows = torch.where(entries < 0, self.global_few_rows[few_at], entries)
+        held = (rows >= self.first) & (rows < self.end)
+        local = torch.where(entries < 0, -(self.local_few[few_at] + 1), entries - self.first)
+        sample = torch.arange(samples, device=device)
+        group = (sample // batch_size)[None, :] * trials + torch.arange(trials, device=device)[:, None]
+        key = (group * samples + sample[None, :])[held]
+        order = torch.argsort(key)
+        groups = key[order] // samples  # (batch, trial) of every held entry, batch-major
+        raw, labels, base_lse, target_base = self.entry_logits(local[held][order])
+        target_few = few_position[labels]
+        num_batches = -(-samples // batch_size)
+        counts = torch.bincount(groups, minlength=num_batches * trials)
+        starts = counts.cumsum(0) - counts
+        slot = torch.arange(groups.numel(), device=device) - starts[groups]
+        trial = groups % trials
+        counts, starts = counts.view(num_batches, trials).tolist(), starts.view(num_batches, trials).tolist()
+        for index in range(num_batches):
+            begin, size = starts[index][0], sum(counts[index])
+            members = slice(begin, begin + size)
+            n = max(counts[index])
+            where = (slot[members], trial[members])
+            batch_raw = raw.new_zeros(n, trials, self.num_classes)
+            batch_raw[where] = raw[members]
+            lse = torch.full((n, trials), PAD_SCORE, device=device)
+            lse[where] = base_lse[members]
+            base_score = torch.full((n, trials), PAD_SCORE, device=device)
+            base_score[where] = target_base[members]
+            few_target = torch.full((n, trials), -1, dtype=torch.long, device=device)
+            few_target[where] = target_few[members]
+            yield Batch(min(batch_size, samples - index * batch_size), batch_raw, lse, few_target, base_score)
+
+
+class RowShardedStep(TrainStep):
+    """:class:`TrainStep` on this rank's part of each batch; the gradients of the
+    whole batch's mean loss are the ranks' gradients, weighted by their rows and
+    summed (one all-reduce per step), so AdamW sees the same values on every rank."""
+
+    def __init__(self, shard: Shard, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.shard = shard
+        self.replayed = None  # a captured graph cannot hold the all-reduce
+
+    def __call__(self, batch_size: int, batch: Batch) -> None:
+        rows = batch.raw.shape[0]
+        parameters = self.nets.parameters() + [self.few_bias]
+        if rows:
+            losses, grads = self._grads(batch.raw, batch.base_lse, batch.target_few, batch.target_base)
+        else:
+            losses, grads = torch.zeros_like(self.loss_sum), [torch.zeros_like(p) for p in parameters]
+        flat = torch.cat([losses.reshape(-1)] + [g.reshape(-1) for g in grads]).mul_(rows / batch.rows)
+        self.shard.all_reduce(flat, what="the step's gradients")
+        pieces = flat.split([losses.numel()] + [p.numel() for p in parameters])
+        self.optimizer.step([piece.view_as(p) for piece, p in zip(pieces[1:], parameters)])
+        self.loss_sum.add_(pieces[0] * batch.rows)
+
+
+# --------------------------------------------------------------------------- class-sharded cache
+
+class ClassShardedCache:
+    """The logits a class-sharded fit needs, reduced to the columns ``U`` the step reads.
+
+    For a list of global rows, every rank contributes the features of the rows it holds,
+    computes its slice of the logits, and the ranks combine: the base classes'
+    log-sum-exp (max, then sum), the target's score and the ``U`` columns (the step's
+    "raw" logits, in the compact class space of ``columns``). Few-split rows' compact
+    logits are kept where memory allows; val rows' always (only this rank's rows).
+    """
+
+    def __init__(self, shard: Shard, train_x: ArrayLike, labels: Tensor, w_slice: Tensor, b: Tensor, few: Tensor,
+                 columns: Tensor, few_rows: Tensor, val_x: ArrayLike | None, val_labels: Tensor | None,
+                 pred_scale: float, trials: int, batch_size: int, epoch_size: int, sizes: CacheSizes = CacheSizes(),
+                 show_progress: bool = False):
+        self.shard, self.train_x, self.labels, self.w, self.val_x = shard, train_x, labels, w_slice, val_x
+        self.pred_scale, self.trials, self.sizes, self.few_rows = pred_scale, trials, sizes, few_rows
+        self.device = device = w_slice.device
+        self.num_classes = b.numel()
+        self.first, self.end = shard.class_range(self.num_classes)
+        self.b = b[self.first:self.end]
+        self.few_local = few[(few >= self.first) & (few < self.end)] - self.first
+        self.columns = columns
+        self.num_columns = columns.numel()
+        owned = (columns >= self.first) & (columns < self.end)
+        self.owned_at, self.owned_local = torch.nonzero(owned).flatten(), columns[owned] - self.first
+        self.timings: dict[str, float] = {}
+        budget = cache_budget(device) if sizes.budget is None else sizes.budget
+        size = few_rows.numel() * self.num_columns * 4
+        self.keep_few = size <= budget
+        if not self.keep_few:
+            warnings.warn(f"the few-split samples' compact logits ({size / 2**30:.1f} GiB) would take more than half "
+                          f"of the memory available on {device}: computing them every epoch instead", stacklevel=4)
+        self.per_call = max(batch_size, sizes.chunk_values // max(1, self.end - self.first + self.num_columns))
+        self.chunk_samples = max(batch_size, (sizes.chunk_values // (trials * max(1, self.num_columns)))
+                                 // batch_size * batch_size)
+        tic = time.perf_counter()
+        self.few_logits = self.few_base_lse = None
+        if self.keep_few:
+            self.few_logits, self.few_base_lse, _, _ = self.compact(few_rows, "train", show_progress)
+        self.timings["few_logits"] = time.perf_counter() - tic
+        if val_x is not None:
+            tic = time.perf_counter()
+            first_val, end_val = shard.rows_of("val")
+            total = shard.offsets["val"][-1]
+            logits, best, _, best_class = self.compact(torch.arange(total, device=device), "val", show_progress,
+                                                       val_labels)
+            self.val_logits = logits[first_val:end_val]
+            self.val_base_best, self.val_base_class = best[first_val:end_val], best_class[first_val:end_val]
+            self.timings["val_logits"] = time.perf_counter() - tic
+
+    def _features(self, rows: Tensor, split: str) -> Tensor:
+        """The features of global ``rows`` of ``split`` on every rank."""
+        first, end = self.shard.rows_of(split)
+        source = self.train_x if split == "train" else self.val_x
+        x = torch.zeros(rows.numel(), source.shape[1], device=self.device)
+        mine = torch.nonzero((rows >= first) & (rows < end)).flatten()
+        if mine.numel():
+            x[mine] = self.sizes.gather(source, rows[mine] - first, f"{split}_x", self.device).float()
+        return self.shard.all_reduce(x, what=f"the {split} rows' features")
+
+    def compact(self, rows: Tensor, split: str, show_progress: bool = False,
+                labels: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """For global ``rows`` of ``split``: the ``U`` columns of their logits ``[n, |U|]`` (no
+        bias), the base log-sum-exp ``[n]`` and the target score ``[n]`` (train rows), or for
+        val rows (``labels`` given) the best base score and its class (ties to the lower id)."""
+        n = rows.numel()
+        out = torch.empty(n, self.num_columns, device=self.device)
+        first_value = torch.empty(n, device=self.device)
+        second_value = torch.empty(n, device=self.device)
+        best_class = torch.empty(n, dtype=torch.long, device=self.device) if split == "val" else None
+        bar = progress.bar(show_progress, total=n, desc=f"{split} logits (sharded)", unit="row", leave=False)
+        for begin in range(0, n, self.per_call):
+            part = rows[begin:begin + self.per_call]
+            bar.update(part.numel())
+            logits = self._features(part, split) @ self.w.T  # [m, C_r]
+            columns = torch.zeros(part.numel(), self.num_columns, device=self.device)
+            columns[:, self.owned_at] = logits[:, self.owned_local]
+            out[begin:begin + part.numel()] = self.shard.all_reduce(columns, what="the needed logit columns")
+            scores = logits.add_(self.b).mul_(self.pred_scale)
+            if split == "train":
+                label = self.labels[part] - self.first
+                inside = (label >= 0) & (label < scores.shape[1])
+                target = torch.where(inside, scores.gather(1, label.clamp(0, max(0, scores.shape[1] - 1))[:, None]
+                                                           ).squeeze(1) if scores.shape[1] else 0.0, 0.0)
+            scores.index_fill_(1, self.few_local, -math.inf)
+            top = scores.amax(dim=1) if scores.shape[1] else torch.full((part.numel(),), -math.inf,
+                                                                        device=self.device)
+            local_top = top.clone()
+            self.shard.all_reduce(top, dist.ReduceOp.MAX, what="the log-sum-exp")
+            if split == "val":
+                hit = (local_top == top) & torch.isfinite(top)
+                owner_class = scores.argmax(dim=1) + self.first if scores.shape[1] else top.long()
+                candidate = torch.where(hit, owner_class, torch.full_like(owner_class, self.num_classes))
+                best_class[begin:begin + part.numel()] = self.shard.all_reduce(candidate, dist.ReduceOp.MIN,
+                                                                                what="the best base class")
+                first_value[begin:begin + part.numel()] = top
+                continue
+            sums = torch.stack([scores.sub_(top[:, None]).exp_().sum(dim=1), target])
+            self.shard.all_reduce(sums, what="the log-sum-exp")
+            first_value[begin:begin + part.numel()] = sums[0].log_().add_(top)
+            second_value[begin:begin + part.numel()] = sums[1]
+        bar.close()
+        return out, first_value, second_value, best_class
+
+    # the interface ValScorer reads
+    def val_blocks(self) -> list[tuple[int, int]]:
+        num_val = self.val_logits.shape[0]
+        return [(begin, min(begin + self.sizes.row_block, num_val)) for begin in range(0, num_val, self.sizes.row_block)]
+
+    def val_block(self, begin: int, end: int) -> Tensor:
+        return self.val_logits[begin:end]
+
+    def batches(self, entries: Tensor, batch_size: int, few_position: Tensor) -> Iterator[Batch]:
+        flat = entries.T.reshape(-1)  # sample-major
+        is_few = flat < 0
+        rows = torch.where(is_few, self.few_rows[(-flat - 1).clamp_min(0)], flat)
+        labels = self.labels[rows]
+        if self.keep_few:
+            raw = torch.empty(flat.numel(), self.num_columns, device=self.device)
+            base_lse = torch.empty(flat.numel(), device=self.device)
+            target_base = torch.zeros(flat.numel(), device=self.device)
+            few_at, computed_at = torch.nonzero(is_few).flatten(), torch.nonzero(~is_few).flatten()
+            raw[few_at] = self.few_logits[-flat[few_at] - 1]
+            base_lse[few_at] = self.few_base_lse[-flat[few_at] - 1]
+            raw[computed_at], base_lse[computed_at], target_base[computed_at], _ = self.compact(rows[computed_at],
+                                                                                              "train")
+        else:
+            raw, base_lse, target_base, _ = self.compact(rows, "train")
+        shape = (entries.shape[1], self.trials)
+        raw, base_lse, target_base = raw.view(*shape, -1), base_lse.view(shape), target_base.view(shape)
+        target_few = few_position[labels].view(shape)
+        for begin in range(0, shape[0], batch_size):
+            end = begin + batch_size
+            yield Batch(raw[begin:end].shape[0], raw[begin:end], base_lse[begin:end], target_few[begin:end],
+                        target_base[begin:end])
+
+
+def gathered_labels(shard: Shard, labels: Tensor, split: str) -> Tensor:
+    """Every rank's labels of ``split``, in global row order."""
+    return shard.gather_rows_of(labels, split, f"the {split} labels")
+
+
+__all__ = ["PAD_SCORE", "Shard", "RankFailure", "row_sharded_statistics", "broadcast_neighbors", "class_sharded_statistics",
+           "class_sharded_neighbors", "owned_rows", "RowShardedCache", "RowShardedStep", "ClassShardedCache",
+           "gathered_labels"]
