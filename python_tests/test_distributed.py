@@ -1,0 +1,149 @@
+"""The fit over torch.distributed (gloo on the CPU, spawned processes, a file store):
+row-sharded and class-sharded fits against the one-process fit, reruns, a rank that
+dies, ranks given different inputs, and resume."""
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+import alphanet_ext
+from alphanet_ext import synthetic
+
+from distributed_harness import launch
+
+OPTIONS = dict(epochs=4, min_epochs=1, trials=2, progress=False, seed=3, batch_size=32)
+
+
+def _problem():
+    return synthetic.make_long_tailed(num_classes=40, dim=24, max_count=300, min_count=4, seed=11)
+
+
+def _part(n: int, rank: int, world: int) -> slice:
+    return slice(n * rank // world, n * (rank + 1) // world)
+
+
+def _fit_rank(rank: int, world: int, mode: str, extra: dict, kill_at: int | None = None) -> dict:
+    import torch.distributed as dist
+    p = _problem()
+    rows, val_rows = _part(p.train_x.shape[0], rank, world), _part(p.val_x.shape[0], rank, world)
+    weight = p.weight
+    if extra.get("other_classifier_on") == rank:
+        weight = weight.clone()
+        weight[-1, 0] += 1.0
+    options = {**OPTIONS, **{k: v for k, v in extra.items() if k != "other_classifier_on"}}
+    if extra.get("epochs_on_rank") is not None:
+        options.pop("epochs_on_rank")
+        if rank == 1:
+            options["epochs"] = 5
+
+    def callback(record):
+        if kill_at is not None and rank == 1 and record["epoch"] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    result = alphanet_ext.fit(p.train_x[rows], p.train_y[rows], weight, p.bias, p.val_x[val_rows], p.val_y[val_rows],
+                              process_group=dist.group.WORLD, shard_classes=mode == "classes", callback=callback,
+                              **options)
+    return {"weight": result.weight, "bias": result.bias, "neighbors": result.neighbors, "history": result.history,
+            "best_epochs": result.best_epochs, "config": result.config, "alphas": result.alphas}
+
+
+@pytest.fixture(scope="module")
+def one_process():
+    p = _problem()
+    return alphanet_ext.fit(p.train_x, p.train_y, p.weight, p.bias, p.val_x, p.val_y, **OPTIONS)
+
+
+def _ok(results: list[dict]) -> list[dict]:
+    for rank, result in enumerate(results):
+        assert "ok" in result, f"rank {rank}: {result.get('trace', result)}"
+    return [r["ok"] for r in results]
+
+
+_RUNS: dict = {}
+
+
+def _run(mode: str, world: int, tmp_path) -> list[dict]:
+    if (mode, world) not in _RUNS:
+        _RUNS[(mode, world)] = _ok(launch(world, _fit_rank, (mode, {}), tmp_path))
+    return _RUNS[(mode, world)]
+
+
+@pytest.mark.parametrize("mode", ["rows", "classes"])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_sharded_fit_matches_one_process(mode, world, one_process, tmp_path):
+    results = _run(mode, world, tmp_path)
+    for rank, got in enumerate(results):
+        assert torch.equal(got["neighbors"], one_process.neighbors), rank
+        assert torch.allclose(got["weight"], one_process.weight, rtol=1e-5, atol=1e-5), \
+            float((got["weight"] - one_process.weight).abs().max())
+        assert torch.allclose(got["alphas"], one_process.alphas, rtol=1e-4, atol=1e-5)
+        assert got["best_epochs"] == one_process.best_epochs
+        for mine, theirs in zip(got["history"], one_process.history):
+            assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
+            assert [t["overall"] for t in mine["val_top1"]] == pytest.approx(
+                [t["overall"] for t in theirs["val_top1"]], abs=1e-9)
+        assert got["config"]["world_size"] == world and got["config"]["sharding"] == mode
+    for got in results[1:]:  # every rank holds the same result, to the bit
+        assert torch.equal(got["weight"], results[0]["weight"])
+
+
+@pytest.mark.parametrize("mode,world", [("rows", 3), ("classes", 2)])
+def test_rerun_is_bit_identical(mode, world, tmp_path):
+    first = _run(mode, world, tmp_path)
+    again = _ok(launch(world, _fit_rank, (mode, {}), tmp_path))
+    for a, b in zip(first, again):
+        assert torch.equal(a["weight"], b["weight"]) and torch.equal(a["bias"], b["bias"])
+        assert a["history"] == b["history"]
+
+
+@pytest.mark.parametrize("mode", ["rows", "classes"])
+def test_a_dead_rank_stops_every_other_rank_naming_it(mode, tmp_path):
+    results = launch(3, _fit_rank, (mode, {}, 2), tmp_path, timeout=20)
+    assert results[1] == {"exitcode": -signal.SIGKILL}
+    for rank in (0, 2):
+        assert "RankFailure" in results[rank]["error"], results[rank]
+        assert "rank 1 stopped answering" in results[rank]["error"], results[rank]["error"]
+
+
+def test_ranks_given_different_inputs_are_refused_alike(tmp_path):
+    results = launch(3, _fit_rank, ("rows", {"other_classifier_on": 1}), tmp_path)
+    messages = {r["error"] for r in results}
+    assert len(messages) == 1, messages
+    assert "classifier of rank 1 differs from rank 0's" in messages.pop()
+    results = launch(2, _fit_rank, ("classes", {"epochs_on_rank": True}), tmp_path)
+    assert all("the options of rank 1 differs" in r["error"] for r in results), results
+
+
+def _resume_rank(rank: int, world: int, mode: str, path: str, kill_at: int | None) -> dict:
+    import torch.distributed as dist
+    p = _problem()
+    rows, val_rows = _part(p.train_x.shape[0], rank, world), _part(p.val_x.shape[0], rank, world)
+
+    def callback(record):
+        if rank == 1 and record["epoch"] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    result = alphanet_ext.fit(p.train_x[rows], p.train_y[rows], p.weight, p.bias, p.val_x[val_rows],
+                              p.val_y[val_rows], process_group=dist.group.WORLD, shard_classes=mode == "classes",
+                              checkpoint=path, callback=callback, **OPTIONS)
+    return {"weight": result.weight, "history": result.history}
+
+
+@pytest.mark.parametrize("mode", ["rows", "classes"])
+def test_a_killed_sharded_fit_resumes_bit_identically(mode, tmp_path):
+    whole = _ok(launch(2, _resume_rank, (mode, str(tmp_path / "whole.ckpt.pt"), None), tmp_path))
+    path = str(tmp_path / "fit.ckpt.pt")
+    killed = launch(2, _resume_rank, (mode, path, 2), tmp_path, timeout=20)
+    assert killed[1] == {"exitcode": -signal.SIGKILL} and "RankFailure" in killed[0]["error"]
+    assert len(torch.load(path, weights_only=True)["history"]) == 2
+    resumed = _ok(launch(2, _resume_rank, (mode, path, None), tmp_path))
+    for rank in range(2):
+        assert torch.equal(resumed[rank]["weight"], whole[rank]["weight"])
+        assert resumed[rank]["history"] == whole[rank]["history"]
+
+
+def test_shard_classes_needs_a_process_group():
+    p = _problem()
+    with pytest.raises(ValueError, match="shard_classes=True needs a process_group"):
+        alphanet_ext.fit(p.train_x, p.train_y, p.weight, p.bias, shard_classes=True, epochs=1, progress=False)
