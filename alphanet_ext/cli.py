@@ -24,12 +24,13 @@ import torch
 
 from . import __version__
 from .config import DEFAULTS, OPTIONS
-from .data import all_finite, iter_row_chunks, non_finite_error, resolve_device
+from .data import all_finite, iter_row_chunks, non_finite_error, resolve_device, streamed_class_means
 from .fit import FitResult, fit
 from .io import (Features, InputError, check_input_file, folder_features, load_author_splits, load_classifier,
                  load_features, check_writable, classifier_format, read_metadata, save_classifier, write_atomic)
 from .outputs import StagedOutputs
 from .training.sampler import check_rho
+from .training.sharding import RankFailure
 from .metrics import evaluate, make_splits, mean_std
 from .analysis import Hierarchy, neighbor_views, pearson_with_interval, prediction_changes, semantic_accuracy
 from .report import COLUMNS, pyplot, run_label, save_figure, write_report, write_text
@@ -108,7 +109,9 @@ def _fit_grid(args: argparse.Namespace, train: Features, weight: torch.Tensor, b
                              trials=args.trials, seed=args.seed, device=args.device, pred_scale=args.pred_scale,
                              few_threshold=args.few_threshold, many_threshold=args.many_threshold,
                              progress=not args.quiet, checkpoint=checkpoint,
-                             callback=lambda record: _stop_point(args, f"epoch{record['epoch']}"))
+                             callback=lambda record: _stop_point(args, f"epoch{record['epoch']}"),
+                             process_group=getattr(args, "group", None),
+                             shard_classes=getattr(args, "shard_classes", False))
                 _stop_point(args, "fitted")
                 _say(args, f"  done in {time.perf_counter() - tic:.1f}s")
                 runs.append(Run(result))
@@ -146,7 +149,11 @@ def _analyses(args: argparse.Namespace, best: Run, evaluated: Features, before: 
     splits = best.result.splits
     labels = torch.as_tensor(np.asarray(evaluated.y), dtype=torch.long)
     random = best.metric == "random"  # the views show nearest neighbours; the control's are random
-    views = neighbor_views(best.result.class_means, splits, best.k, "euclidean" if random else best.metric,
+    means = best.result.class_means
+    if means is None:  # a class-sharded fit holds no rank's full means; the report reads them once here
+        means = streamed_class_means(args.full_train.x, torch.as_tensor(np.asarray(args.full_train.y)),
+                                     best.result.weight.shape[0], "train", torch.device("cpu"))[0]
+    views = neighbor_views(means, splits, best.k, "euclidean" if random else best.metric,
                            None if random else best.result.neighbors)
     out = {"prediction_changes": {name: prediction_changes(before, after, labels, classes, neighbors)
                                   for name, (classes, neighbors) in views.items()}}
@@ -234,27 +241,77 @@ def _check_rho_work(args: argparse.Namespace, train: Features, num_classes: int)
         raise UsageError(f"argument --rho: {error}") from None
 
 
+def _join_ranks(args: argparse.Namespace) -> tuple[int, int]:
+    """Under torchrun (``WORLD_SIZE`` > 1): joins the process group (NCCL on GPUs, gloo on
+    CPUs, ``--timeout``) and gives ``(rank, world size)``; else ``(0, 1)``."""
+    args.group = None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        if args.shard_classes:
+            raise UsageError("--shard-classes needs several processes: start the fit with torchrun "
+                             "--nproc-per-node N -m alphanet_ext fit ...")
+        return 0, 1
+    import datetime
+    import torch.distributed as dist
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if args.device is not None and args.device.startswith("cuda"):
+        args.device = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    backend = "nccl" if args.device is not None and args.device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.timeout))
+    args.group = dist.group.WORLD
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _rows_of_rank(features: Features | None, rank: int, world: int) -> Features | None:
+    """Rank ``rank``'s contiguous share of the rows (a memory-mapped file reads only those)."""
+    if features is None or world == 1:
+        return features
+    total = features.x.shape[0]
+    part = slice(total * rank // world, total * (rank + 1) // world)
+    return Features(features.x[part], np.asarray(features.y)[part], f"{features.source} (rows {part.start}:{part.stop})")
+
+
 def run_fit(args: argparse.Namespace) -> int:
     _check_fit_options(args)
+    rank, world = _join_ranks(args)
+    try:
+        return _run_fit(args, rank, world)
+    finally:
+        if args.group is not None:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+def _run_fit(args: argparse.Namespace, rank: int, world: int) -> int:
     _check_outputs(args, args.out)
     weight, bias = load_classifier(args.classifier, args.classifier_key)
     train, val, test = _load_train_val_test(args, weight)
+    args.full_train = train
+    full_val = val
+    train, val = _rows_of_rank(train, rank, world), _rows_of_rank(val, rank, world)
     if test is not None:
         _check_finite_features(test, "test")
     if bias is None:
         bias = torch.zeros(weight.shape[0], dtype=weight.dtype)
-    evaluated = test or val or train
+    evaluated = test or full_val or args.full_train
     evaluated_on = "test" if test else ("val" if val else "train")
     if args.hierarchy:
         check_input_file(args.hierarchy)
     hierarchy = Hierarchy.read(args.hierarchy, weight.shape[0]) if args.hierarchy else None
-    _check_rho_work(args, train, weight.shape[0])
+    _check_rho_work(args, args.full_train, weight.shape[0])
     _stop_point(args, "loaded")
     auto = args.rho == ["auto"]
     if auto:
         args.rho = list(AUTO_RHOS)
     metrics = [args.metric] + (["random"] if args.control and args.metric != "random" else [])
     runs = _fit_grid(args, train, weight, bias, val, metrics)
+    if world > 1:  # rank 0 writes, once every rank has finished
+        from .training.sharding import Shard
+        Shard.of(args.group, "rows").barrier("the end of the fits")
+        if rank != 0:
+            return 0
+        val = full_val
     candidates = [run for run in runs if run.metric == args.metric]
     if auto:
         best = candidates[_auto_index(candidates, weight, bias, val, args)]
@@ -649,6 +706,12 @@ def build_parser() -> argparse.ArgumentParser:
                             help="save each fit's state here after every epoch; the same command run again resumes "
                                  "from it (bit-identical on the same device), and refuses a checkpoint of other "
                                  "inputs or options")
+    fit_parser.add_argument("--shard-classes", action="store_true",
+                            help="under torchrun: also split the classifier and the logits by class across the "
+                                 "ranks (label spaces too large for one device); rows are always split")
+    fit_parser.add_argument("--timeout", type=_bounded(float, 1.0), default=1800.0,
+                            help="under torchrun: seconds a rank waits for the others before every rank stops "
+                                 "with an error naming the silent ones (default 1800)")
     fit_parser.add_argument("--stop-at", help=argparse.SUPPRESS)  # test hook: STAGE:SIGNAL
     trust_pickle(fit_parser)
     fit_parser.add_argument("--max-overall-drop", type=_non_negative, default=1.0,
@@ -779,7 +842,7 @@ def _run(args: argparse.Namespace) -> int:
     except UsageError as error:
         print(f"alphanet {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except (InputError, ValueError, OSError, KeyError) as error:
+    except (InputError, ValueError, OSError, KeyError, RankFailure) as error:
         print(f"alphanet: error: {_one_line(error)}", file=sys.stderr)
         if getattr(args, "debug", False):
             traceback.print_exc()

@@ -147,3 +147,49 @@ def test_shard_classes_needs_a_process_group():
     p = _problem()
     with pytest.raises(ValueError, match="shard_classes=True needs a process_group"):
         alphanet_ext.fit(p.train_x, p.train_y, p.weight, p.bias, shard_classes=True, epochs=1, progress=False)
+
+
+# --------------------------------------------------------------------------- the command under torchrun
+
+def _torchrun(tmp_path, world: int, *argv: str) -> "subprocess.CompletedProcess":
+    import subprocess
+    import sys
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+               "-m", "alphanet_ext", *argv]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def synth_folder(tmp_path_factory):
+    from alphanet_ext import cli
+    folder = tmp_path_factory.mktemp("synth") / "problem"
+    assert cli.main(["synth", "--preset", "cifar100-lt", "--out", str(folder), "--scale", "0.3", "--dim", "32",
+                     "--quiet"]) == 0
+    return folder
+
+
+@pytest.mark.parametrize("world,extra", [(2, []), (3, ["--shard-classes", "--report", "report"])])
+def test_alphanet_fit_under_torchrun_matches_one_process(world, extra, synth_folder, tmp_path):
+    from alphanet_ext import cli
+    from alphanet_ext.io import load_classifier, read_metadata
+    common = ["fit", "--train", str(synth_folder), "--classifier", str(synth_folder / "classifier.pt"),
+              "--epochs", "3", "--quiet"]
+    assert cli.main(common + ["--out", str(tmp_path / "one.pt")]) == 0
+    done = _torchrun(tmp_path, world, *common, "--out", str(tmp_path / "many.pt"), *extra)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, many = load_classifier(str(tmp_path / "one.pt")), load_classifier(str(tmp_path / "many.pt"))
+    assert torch.allclose(one[0], many[0], atol=1e-5) and torch.allclose(one[1], many[1], atol=1e-5)
+    config = read_metadata(str(tmp_path / "many.pt"))["config"]
+    assert config["world_size"] == world and config["sharding"] == ("classes" if extra else "rows")
+    if extra:
+        assert (tmp_path / "report" / "report.md").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".alphanet-tmp")) == []
+
+
+def test_shard_classes_without_torchrun_is_a_usage_error(synth_folder, tmp_path, capsys):
+    from alphanet_ext import cli
+    code = cli.main(["fit", "--train", str(synth_folder), "--classifier", str(synth_folder / "classifier.pt"),
+                     "--out", str(tmp_path / "x.pt"), "--shard-classes", "--quiet"])
+    assert code == 2 and "--shard-classes needs several processes" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()
