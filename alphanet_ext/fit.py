@@ -12,6 +12,7 @@ selection, export.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -23,7 +24,7 @@ import torch.distributed as dist
 
 from .classifier import apply_correction, combine_experts
 from .config import FitConfig
-from .data import (ArrayLike, as_tensor, check_classifier, check_features, check_labels, inputs_device,
+from .data import (ArrayLike, as_tensor, cache_budget, check_classifier, check_features, check_labels, inputs_device,
                    resolve_device)
 from .result import FitResult, load
 from .training import checkpoint as checkpoints
@@ -172,6 +173,8 @@ def fit_with_config(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, b
         if has_val and shard.offsets["val"][-1] == 0:
             raise ValueError("val_x has no samples on any rank; pass val_x=None to train without a validation set")
     show = bars.wanted(progress) and (shard is None or shard.rank == 0)
+    if shard is not None and device.type == "cpu" and sizes.budget is None:  # the ranks likely share the host
+        sizes = dataclasses.replace(sizes, budget=cache_budget(device) / shard.world)
     w, b, labels = inputs.w, inputs.b, inputs.labels
     num_classes = int(weight.shape[0])
     full_bias = b if not by_class else (torch.zeros(num_classes, device=device) if bias is None

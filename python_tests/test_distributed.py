@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -151,9 +153,7 @@ def test_shard_classes_needs_a_process_group():
 
 # --------------------------------------------------------------------------- the command under torchrun
 
-def _torchrun(tmp_path, world: int, *argv: str) -> "subprocess.CompletedProcess":
-    import subprocess
-    import sys
+def _torchrun(tmp_path, world: int, *argv: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
                "-m", "alphanet_ext", *argv]
     return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,

@@ -1063,3 +1063,18 @@ def test_inputs_on_the_second_gpu_are_fitted_and_scored_there(problem):
         scores = alphanet_ext.evaluate(result.weight.to("cuda:1"), result.bias, on_second[0], on_second[1],
                                        result.splits)
         assert scores["samples"] == problem.train_y.numel()
+
+
+@pytest.mark.parametrize("num_few,k,dim,columns", [(37, 3, 5, 16), (200, 5, 24, 32), (9, 1, 7, 12)])
+def test_network_inputs_built_in_blocks_equal_the_whole(num_few, k, dim, columns):
+    from alphanet_ext.training import step as steps
+    generator = torch.Generator().manual_seed(num_few)
+    w = torch.randn(300, dim, generator=generator)
+    few = torch.randperm(300, generator=generator)[:num_few]
+    neighbors = torch.randint(0, 300, (num_few, k), generator=generator)
+    whole = steps.network_inputs(torch.cat([w[few], w[neighbors].reshape(num_few, -1)], dim=1), columns)
+    rows = lambda b, e: torch.cat([w[few[b:e]], w[neighbors[b:e]].reshape(e - b, -1)], dim=1)  # noqa: E731
+    for block in (1, 16, 48, 4096):
+        built = steps._laid_out(num_few, (k + 1) * dim, rows, columns, w.device, w.dtype, block=block)
+        assert torch.equal(built, whole), block
+    assert torch.equal(steps.classifier_network_inputs(w, few, neighbors, columns), whole)

@@ -142,14 +142,38 @@ def network_inputs(rows: Tensor, columns: int) -> Tensor:
     without the per-step repacking a BLAS call does. Elsewhere: ``rows.T``.
     The panel width is the compiled op's (``ops.input_panel()``).
     """
-    packable = (ops.HAS_EXTENSION and rows.device.type == "cpu" and rows.dtype == torch.float32 and columns % 16 == 0
+    return _laid_out(rows.shape[0], rows.shape[1], lambda begin, end: rows[begin:end], columns, rows.device,
+                     rows.dtype)
+
+
+def classifier_network_inputs(w: Tensor, few: Tensor, neighbors: Tensor, columns: int) -> Tensor:
+    """:func:`network_inputs` of ``[w[few], w[neighbors]]`` (each few class's row and its
+    neighbours'), built a block of classes at a time: never a second ``[C_f, (k+1)d]`` copy."""
+    def rows(begin: int, end: int) -> Tensor:
+        return torch.cat([w[few[begin:end]], w[neighbors[begin:end]].reshape(end - begin, -1)], dim=1)
+    return _laid_out(few.numel(), w.shape[1] * (neighbors.shape[1] + 1), rows, columns, w.device, w.dtype)
+
+
+def _laid_out(num_few: int, dims: int, rows: Callable[[int, int], Tensor], columns: int, device: torch.device,
+              dtype: torch.dtype, block: int = 4096) -> Tensor:
+    packable = (ops.HAS_EXTENSION and device.type == "cpu" and dtype == torch.float32 and columns % 16 == 0
                 and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
     if not packable:
-        return rows.T.contiguous()
+        out = torch.empty(dims, num_few, dtype=dtype, device=device)
+        for begin in range(0, num_few, block):
+            end = min(begin + block, num_few)
+            out[:, begin:end] = rows(begin, end).T
+        return out
     panel = ops.input_panel()
-    num_few, dims = rows.shape
-    padded = F.pad(rows, (0, -dims % panel, 0, -num_few % panel))
-    return padded.view(-1, panel, padded.shape[1]).transpose(1, 2).contiguous()
+    block = max(panel, block // panel * panel)
+    panels, padded_dims = -(-num_few // panel), dims + (-dims % panel)
+    out = torch.zeros(panels, padded_dims, panel, dtype=dtype, device=device)
+    by_row = out.transpose(1, 2)  # [P, panel, D']: panel p, slot j is row panel * p + j
+    for begin in range(0, num_few, block):
+        end = min(begin + block, num_few)
+        part = F.pad(rows(begin, end), (0, 0, 0, -(end - begin) % panel))
+        by_row[begin // panel:begin // panel + part.shape[0] // panel, :, :dims] = part.view(-1, panel, dims)
+    return out
 
 
 @torch.no_grad()
@@ -186,8 +210,7 @@ class TrainStep:
         self.num_classes, self.trials, self.k, self.pred_scale = num_classes, trials, k, pred_scale
         self.generators = [torch.Generator().manual_seed(seed + t) for t in range(trials)]
         self.nets = CoefficientNets([(k + 1) * dim, *hidden, k], self.generators, device)
-        self.inputs = network_inputs(torch.cat([w[few], w[neighbors].reshape(few.numel(), k * dim)], dim=1),
-                                     self.nets.first.shape[1])
+        self.inputs = classifier_network_inputs(w, few, neighbors, self.nets.first.shape[1])
         self.num_few = few.numel()
         self.few_bias = b[few].repeat(trials, 1)  # [T, C_f]
         self.optimizer = FusedAdamW(self.nets.parameters() + [self.few_bias], lr=lr, weight_decay=weight_decay)
