@@ -4,6 +4,7 @@ dies, ranks given different inputs, and resume."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -106,7 +107,8 @@ def test_a_dead_rank_stops_every_other_rank_naming_it(mode, tmp_path):
     assert results[1] == {"exitcode": -signal.SIGKILL}
     for rank in (0, 2):
         assert "RankFailure" in results[rank]["error"], results[rank]
-        assert "rank 1 stopped answering" in results[rank]["error"], results[rank]["error"]
+        # rank 1 is named; a survivor still waiting on its own timeout may be named with it
+        assert re.search(r"ranks? (\d, )*1(, \d)* stopped answering", results[rank]["error"]), results[rank]["error"]
 
 
 def test_ranks_given_different_inputs_are_refused_alike(tmp_path):

@@ -57,7 +57,12 @@ class Shard:
                 store = dist.distributed_c10d._get_default_store()
             except (AttributeError, RuntimeError, ValueError):
                 store = None
-        return cls(group, mode, dist.get_rank(group), dist.get_world_size(group), store)
+        grace = 10.0
+        try:  # wait as long as a collective would for the other survivors to report their own failure
+            grace = min(60.0, max(grace, store.timeout.total_seconds()))
+        except AttributeError:
+            pass
+        return cls(group, mode, dist.get_rank(group), dist.get_world_size(group), store, grace)
 
     # ----------------------------------------------------------------- collectives
     def _run(self, what: str, call, *tensors: Tensor) -> None:
