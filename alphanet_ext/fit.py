@@ -227,7 +227,7 @@ def fit_with_config(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, b
     reduce_counts = None if shard is None else (lambda counts: shard.all_reduce(counts, what="the val counts"))
     if by_class:
         cache = sharded.ClassShardedCache(shard, train_rows, all_labels, w, full_bias, few, columns, sampler.few_rows,
-                                          inputs.val_x, None, *cache_options[1:])
+                                          *cache_options)
         scorer = ValScorer(cache, inputs.val_labels, few_at, neighbors_at, stats.splits, few_ids=few,
                            num_classes=num_classes, reduce_counts=reduce_counts) if has_val else None
     else:

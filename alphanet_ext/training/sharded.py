@@ -226,7 +226,7 @@ class ClassShardedCache:
     """
 
     def __init__(self, shard: Shard, train_x: ArrayLike, labels: Tensor, w_slice: Tensor, b: Tensor, few: Tensor,
-                 columns: Tensor, few_rows: Tensor, val_x: ArrayLike | None, val_labels: Tensor | None,
+                 columns: Tensor, few_rows: Tensor, val_x: ArrayLike | None,
                  pred_scale: float, trials: int, batch_size: int, epoch_size: int, sizes: CacheSizes = CacheSizes(),
                  show_progress: bool = False):
         self.shard, self.train_x, self.labels, self.w, self.val_x = shard, train_x, labels, w_slice, val_x
@@ -259,8 +259,7 @@ class ClassShardedCache:
             tic = time.perf_counter()
             first_val, end_val = shard.rows_of("val")
             total = shard.offsets["val"][-1]
-            logits, best, _, best_class = self.compact(torch.arange(total, device=device), "val", show_progress,
-                                                       val_labels)
+            logits, best, _, best_class = self.compact(torch.arange(total, device=device), "val", show_progress)
             self.val_logits = logits[first_val:end_val]
             self.val_base_best, self.val_base_class = best[first_val:end_val], best_class[first_val:end_val]
             self.timings["val_logits"] = time.perf_counter() - tic
@@ -275,11 +274,10 @@ class ClassShardedCache:
             x[mine] = self.sizes.gather(source, rows[mine] - first, f"{split}_x", self.device).float()
         return self.shard.all_reduce(x, what=f"the {split} rows' features")
 
-    def compact(self, rows: Tensor, split: str, show_progress: bool = False,
-                labels: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def compact(self, rows: Tensor, split: str, show_progress: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """For global ``rows`` of ``split``: the ``U`` columns of their logits ``[n, |U|]`` (no
         bias), the base log-sum-exp ``[n]`` and the target score ``[n]`` (train rows), or for
-        val rows (``labels`` given) the best base score and its class (ties to the lower id)."""
+        val rows the best base score and its class (ties to the lower id)."""
         n = rows.numel()
         out = torch.empty(n, self.num_columns, device=self.device)
         first_value = torch.empty(n, device=self.device)
