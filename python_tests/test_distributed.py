@@ -20,8 +20,13 @@ from distributed_harness import launch
 OPTIONS = dict(epochs=4, min_epochs=1, trials=2, progress=False, seed=3, batch_size=32)
 
 
-def _problem():
-    return synthetic.make_long_tailed(num_classes=40, dim=24, max_count=300, min_count=4, seed=11)
+def _problem(by_class: bool = False):
+    p = synthetic.make_long_tailed(num_classes=40, dim=24, max_count=300, min_count=4, seed=11)
+    if by_class:  # rows in class order, base classes first, as an ImageFolder of head-first class
+        labels = torch.as_tensor(p.train_y)  # folders gives them: the first ranks hold no few row
+        order = torch.argsort((torch.bincount(labels) < 20)[labels] * 1000 + labels, stable=True)
+        p.train_x, p.train_y = p.train_x[order], p.train_y[order]
+    return p
 
 
 def _part(n: int, rank: int, world: int) -> slice:
@@ -30,13 +35,13 @@ def _part(n: int, rank: int, world: int) -> slice:
 
 def _fit_rank(rank: int, world: int, mode: str, extra: dict, kill_at: int | None = None) -> dict:
     import torch.distributed as dist
-    p = _problem()
+    p = _problem(extra.get("by_class", False))
     rows, val_rows = _part(p.train_x.shape[0], rank, world), _part(p.val_x.shape[0], rank, world)
     weight = p.weight
     if extra.get("other_classifier_on") == rank:
         weight = weight.clone()
         weight[-1, 0] += 1.0
-    options = {**OPTIONS, **{k: v for k, v in extra.items() if k != "other_classifier_on"}}
+    options = {**OPTIONS, **{k: v for k, v in extra.items() if k not in ("other_classifier_on", "by_class")}}
     if extra.get("epochs_on_rank") is not None:
         options.pop("epochs_on_rank")
         if rank == 1:
@@ -92,6 +97,19 @@ def test_sharded_fit_matches_one_process(mode, world, one_process, tmp_path):
         assert torch.equal(got["weight"], results[0]["weight"])
 
 
+@pytest.mark.parametrize("mode", ["rows", "classes"])
+def test_ranks_that_hold_no_few_row(mode, tmp_path):
+    """Rows in class order (an ImageFolder extraction's shards): rank 0 of 3 holds base rows only."""
+    p = _problem(by_class=True)
+    few = torch.bincount(torch.as_tensor(p.train_y), minlength=40) < 20
+    assert not few[torch.as_tensor(p.train_y[_part(p.train_x.shape[0], 0, 3)])].any()
+    one = alphanet_ext.fit(p.train_x, p.train_y, p.weight, p.bias, p.val_x, p.val_y, **OPTIONS)
+    for got in _ok(launch(3, _fit_rank, (mode, {"by_class": True}), tmp_path)):
+        assert torch.equal(got["neighbors"], one.neighbors)
+        assert torch.allclose(got["weight"], one.weight, rtol=1e-5, atol=1e-5)
+        assert got["best_epochs"] == one.best_epochs
+
+
 @pytest.mark.parametrize("mode,world", [("rows", 3), ("classes", 2)])
 def test_rerun_is_bit_identical(mode, world, tmp_path):
     first = _run(mode, world, tmp_path)
@@ -122,7 +140,7 @@ def test_ranks_given_different_inputs_are_refused_alike(tmp_path):
 
 def _resume_rank(rank: int, world: int, mode: str, path: str, kill_at: int | None) -> dict:
     import torch.distributed as dist
-    p = _problem()
+    p = _problem(extra.get("by_class", False))
     rows, val_rows = _part(p.train_x.shape[0], rank, world), _part(p.val_x.shape[0], rank, world)
 
     def callback(record):

@@ -161,7 +161,9 @@ class LogitCache:
         base_lse = torch.empty(flat.numel(), device=device)
         target_score = torch.zeros(flat.numel(), device=device)
         is_few = flat < 0
-        rows = torch.where(is_few, self.few_rows[(-flat - 1).clamp_min(0)], flat.clamp_min(0))
+        # a rank of a row-sharded fit may hold no few row at all; then no entry is few either
+        few_rows = self.few_rows if self.few_rows.numel() else self.few_rows.new_zeros(1)
+        rows = torch.where(is_few, few_rows[(-flat - 1).clamp_min(0)], flat.clamp_min(0))
         chunk_labels = self.labels[rows]
         if self.keep_few:  # few rows from the kept logits, base rows computed
             few_at, computed_at = torch.nonzero(is_few).flatten(), torch.nonzero(~is_few).flatten()
