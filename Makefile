@@ -38,7 +38,7 @@ cuda-check:
 # alphanet extract's tests need torchvision, which the registry builds against the
 # CUDA torch: they run in the CUDA venv (on the CPU), against the module cuda-check built.
 extract-test: cuda-check
-	$(CUDA_VENV)/bin/pip install -q torchvision==0.29.1 pillow pytest tqdm matplotlib safetensors
+	$(CUDA_VENV)/bin/pip install -q torchvision==0.29.1 timm pillow pytest tqdm matplotlib safetensors
 	cd build/cuda-check && ../../$(CUDA_VENV)/bin/python -m pytest ../../python_tests/test_extract.py -q -p no:cacheprovider
 
 # The release path: an sdist, a wheel built from it (python -m build), the wheel

@@ -24,7 +24,7 @@ import torch
 
 from . import __version__
 from .config import DEFAULTS, OPTIONS
-from .data import all_finite, iter_row_chunks, non_finite_error, resolve_device, streamed_class_means
+from .data import RowShards, all_finite, iter_row_chunks, non_finite_error, resolve_device, streamed_class_means
 from .fit import FitResult, fit
 from .io import (Features, InputError, check_input_file, folder_features, load_author_splits, load_classifier,
                  load_features, check_writable, classifier_format, read_metadata, save_classifier, write_atomic)
@@ -264,11 +264,15 @@ def _join_ranks(args: argparse.Namespace) -> tuple[int, int]:
 
 
 def _rows_of_rank(features: Features | None, rank: int, world: int) -> Features | None:
-    """Rank ``rank``'s contiguous share of the rows (a memory-mapped file reads only those)."""
+    """Rank ``rank``'s contiguous share of the rows (a memory-mapped file reads only those):
+    its own shard when the features are the shards of an extraction with as many ranks."""
     if features is None or world == 1:
         return features
     total = features.x.shape[0]
-    part = slice(total * rank // world, total * (rank + 1) // world)
+    if isinstance(features.x, RowShards) and len(features.x.parts) == world:
+        part = slice(int(features.x.starts[rank]), int(features.x.starts[rank + 1]))
+    else:
+        part = slice(total * rank // world, total * (rank + 1) // world)
     return Features(features.x[part], np.asarray(features.y)[part], f"{features.source} (rows {part.start}:{part.stop})")
 
 
@@ -534,10 +538,39 @@ def _splits_argument(values: list[str]) -> dict[str, str]:
     return splits
 
 
+def _join_extract_ranks(args: argparse.Namespace):
+    """Under torchrun (``WORLD_SIZE`` > 1): joins the process group and gives this rank's
+    :class:`Shard`, each rank on its own GPU (``LOCAL_RANK``) when it extracts on GPUs; else None.
+    Gloo carries the few small collectives (a start-up check, the end's summaries) on any device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import datetime
+    import torch.distributed as dist
+    from .training.sharding import Shard
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    on_gpu = args.device.startswith("cuda") if args.device is not None else torch.cuda.is_available()
+    if on_gpu:
+        args.device = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=args.timeout))
+    return Shard.of(dist.group.WORLD, "rows", job="sharded extraction",
+                    leaves="the finished chunks are kept: rerun the same command to resume")
+
+
 def run_extract(args: argparse.Namespace) -> int:
-    from . import extract
     splits = _splits_argument(args.data)
     check_writable(args.out, folder=True)
+    shard = _join_extract_ranks(args)
+    try:
+        return _run_extract(args, splits, shard)
+    finally:
+        if shard is not None:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+def _run_extract(args: argparse.Namespace, splits: dict[str, str], shard) -> int:
+    from . import extract
     loaded = extract.load_model(args.model, args.checkpoint, args.classifier_key)
     resize, crop, mean, std = extract.default_preprocessing(args.model, loaded.model)
     options = extract.Options(resize=args.resize or resize, crop=args.crop or crop, mean=mean, std=std,
@@ -547,7 +580,9 @@ def run_extract(args: argparse.Namespace) -> int:
                               skip_bad=args.skip_bad, progress=not args.quiet)
     summary = extract.extract(args.model, args.checkpoint, splits, args.out, options, root=args.root,
                               classifier_key=args.classifier_key, device=args.device,
-                              say=lambda text: _say(args, text))
+                              say=lambda text: _say(args, text), shard=shard)
+    if shard is not None and shard.rank != 0:
+        return 0
     _say(args, f"wrote {args.out}: " + ", ".join(f"{name} {split['rows']} rows" for name, split in
                                                  summary["splits"].items())
          + f" of {summary['dim']} features, and classifier.pt ({summary['num_classes']} classes); next: alphanet fit "
@@ -673,6 +708,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the last layer's name in a whole model's state dict (e.g. fc, module.head): reads "
                               "LAYER.weight and LAYER.bias (default: the file's only 2-D weight)")
 
+    def timeout(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--timeout", type=_bounded(float, 1.0), default=1800.0,
+                         help="under torchrun: seconds a rank waits for the others before every rank stops "
+                              "with an error naming the silent ones (default 1800)")
+
     def training_options(sub: argparse.ArgumentParser, metrics: tuple[str, ...], rho_default: list,
                          rho_type, rho_help: str) -> None:
         sub.add_argument("--k", type=_option("k"), nargs="+", default=[DEFAULTS.k],
@@ -709,9 +749,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit_parser.add_argument("--shard-classes", action="store_true",
                             help="under torchrun: also split the classifier and the logits by class across the "
                                  "ranks (label spaces too large for one device); rows are always split")
-    fit_parser.add_argument("--timeout", type=_bounded(float, 1.0), default=1800.0,
-                            help="under torchrun: seconds a rank waits for the others before every rank stops "
-                                 "with an error naming the silent ones (default 1800)")
+    timeout(fit_parser)
     fit_parser.add_argument("--stop-at", help=argparse.SUPPRESS)  # test hook: STAGE:SIGNAL
     trust_pickle(fit_parser)
     fit_parser.add_argument("--max-overall-drop", type=_non_negative, default=1.0,
@@ -771,7 +809,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="an ImageFolder tree or a list file of 'PATH LABEL' lines, per split "
                                      "(train=... val=... test=...; a bare PATH is train)")
     extract_parser.add_argument("--root", help="folder the list files' paths are relative to (default: the list's)")
-    extract_parser.add_argument("--out", required=True, help="folder for SPLIT_x.npy, SPLIT_y.npy, classifier.pt")
+    extract_parser.add_argument("--out", required=True, help="folder for SPLIT_x.npy, SPLIT_y.npy, classifier.pt "
+                                "(under torchrun, each rank's SPLIT_x-RRRRR-of-WWWWW.npy shards: fit reads them as "
+                                "one dataset)")
     classifier_key(extract_parser)
     extract_parser.add_argument("--resize", type=_bounded(int, 1, 8192), help="shorter side before the centre crop "
                                 "(default: the model's pretrained config, else 256)")
@@ -785,6 +825,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="DataLoader workers decoding images (default %(default)s)")
     extract_parser.add_argument("--skip-bad", action="store_true",
                                 help="skip unreadable images, listed in extract.json (default: stop at the first)")
+    timeout(extract_parser)
     common(extract_parser, splits=False)
     extract_parser.set_defaults(handler=run_extract)
 

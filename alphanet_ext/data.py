@@ -13,14 +13,86 @@ from torch import Tensor
 
 from . import ops
 
-ArrayLike = Any  # torch.Tensor | numpy.ndarray | numpy.memmap | cupy.ndarray
+ArrayLike = Any  # torch.Tensor | numpy.ndarray | numpy.memmap | cupy.ndarray | RowShards
 
 CHUNK_ROWS = 16384
 
 
+class RowShards:
+    """Several ``[n_i, d]`` arrays (the per-rank shards ``alphanet extract`` writes under
+    torchrun) read as one ``[sum n_i, d]`` array in their order, with no merged copy.
+
+    A row slice inside one shard is that shard's own (memory-mapped) view, so a rank
+    whose rows are one shard reads only that file; a slice across shards is another
+    ``RowShards``. Rows are read through :func:`_read_rows` where a shard is file-backed."""
+
+    ndim = 2
+
+    def __init__(self, parts: list):
+        if not parts:
+            raise ValueError("RowShards needs at least one array")
+        self.parts = list(parts)
+        self.starts = np.cumsum([0] + [int(p.shape[0]) for p in self.parts])
+        self.shape = (int(self.starts[-1]),) + tuple(self.parts[0].shape[1:])
+        self.dtype = self.parts[0].dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _slice(self, begin: int, end: int) -> ArrayLike:
+        if end <= begin:
+            return self.parts[0][:0]
+        first = int(np.searchsorted(self.starts, begin, side="right")) - 1
+        last = int(np.searchsorted(self.starts, end, side="left")) - 1
+        pieces = [self.parts[i][max(begin, self.starts[i]) - self.starts[i]:min(end, self.starts[i + 1]) - self.starts[i]]
+                  for i in range(first, last + 1)]
+        return pieces[0] if len(pieces) == 1 else RowShards(pieces)
+
+    def __getitem__(self, key: Any) -> ArrayLike:
+        if isinstance(key, slice):
+            begin, end, step = key.indices(self.shape[0])
+            if step == 1:
+                return self._slice(begin, end)
+        if isinstance(key, (int, np.integer)):
+            return self.take(np.array([key + self.shape[0] if key < 0 else key], dtype=np.int64))[0]
+        if isinstance(key, slice):
+            return self.take(np.arange(self.shape[0])[key])
+        return self.take(np.asarray(key, dtype=np.int64))
+
+    def take(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """``self[rows]`` (rows in any order) as one array, into ``out`` if given."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.shape[0]):
+            raise IndexError(f"row {int(rows.max()) if rows.max() >= self.shape[0] else int(rows.min())} "
+                             f"is outside the {self.shape[0]} rows")
+        if out is None:
+            out = np.empty((len(rows),) + self.shape[1:], dtype=self.dtype)
+        shard = np.searchsorted(self.starts, rows, side="right") - 1
+        for index in np.unique(shard).tolist():
+            where = np.flatnonzero(shard == index)
+            local = rows[where] - self.starts[index]
+            order = np.argsort(local, kind="stable")
+            part = self.parts[index]
+            picked = _read_rows(part, local[order]) if _backing_file(part) else np.asarray(part[local[order]])
+            out[where[order]] = picked
+        return out
+
+    def read(self, begin: int, end: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``begin:end`` as one array (into ``out`` if given)."""
+        return self.take(np.arange(begin, end), out)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self.read(0, self.shape[0])
+        return whole if dtype is None else whole.astype(dtype)
+
+
 def as_tensor(array: ArrayLike, name: str, device: torch.device | None = None) -> Tensor:
     """A tensor view of ``array`` (no copy for torch, numpy and cupy via DLPack), on ``device`` if given;
-    detached, so a classifier's parameters can be passed as they are."""
+    detached, so a classifier's parameters can be passed as they are. :class:`RowShards` are read
+    into memory (callers pass their row chunks)."""
+    if isinstance(array, RowShards):
+        tensor = torch.from_numpy(np.asarray(array))
+        return tensor if device is None else tensor.to(device)
     if isinstance(array, Tensor):
         tensor = array.detach()
     elif isinstance(array, np.ndarray):
@@ -88,6 +160,8 @@ def iter_row_chunks(array: ArrayLike, name: str, device: torch.device,
     for begin in range(0, num_rows(array), chunk_rows):
         if file_backed:
             chunk = _read_rows(array, np.arange(begin, min(begin + chunk_rows, num_rows(array))))
+        elif isinstance(array, RowShards):
+            chunk = array.read(begin, min(begin + chunk_rows, num_rows(array)))
         else:
             chunk = array[begin:begin + chunk_rows]
         yield begin, as_tensor(chunk, name, device)
@@ -110,6 +184,8 @@ def _uploaded_row_chunks(array: ArrayLike, name: str, device: torch.device, chun
             uploaded.synchronize()  # the previous chunk's upload still reads the buffer
         if file_backed:
             _read_rows(array, np.arange(begin, end), out=buffer.numpy())
+        elif isinstance(array, RowShards):
+            array.read(begin, end, out=buffer.numpy())
         else:  # torch's copy runs on all its threads
             buffer.copy_(as_tensor(array[begin:end], name))
         chunk = buffer.to(device, non_blocking=True)
@@ -163,6 +239,10 @@ def gather_rows(array: ArrayLike, rows: Tensor, name: str, device: torch.device)
     if isinstance(array, Tensor) and array.device.type == "cpu":
         gathered = _host_rows(shape, array.dtype, device)
         return torch.index_select(array.detach(), 0, rows.cpu(), out=gathered).to(device, non_blocking=True)
+    if isinstance(array, RowShards):
+        gathered = _host_rows(shape, as_tensor(array[:0], name).dtype, device)
+        array.take(rows.cpu().numpy(), out=gathered.numpy())
+        return gathered.to(device, non_blocking=True)
     if isinstance(array, np.ndarray):
         rows_np = rows.cpu().numpy()
         order = np.argsort(rows_np, kind="stable")

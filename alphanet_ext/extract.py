@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .apply import read_checkpoint
-from .io import CHECKPOINT_KEYS, InputError, locate_classifier, save_classifier, write_atomic
+from .io import CHECKPOINT_KEYS, InputError, locate_classifier, save_classifier, shard_suffix, write_atomic
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -255,16 +255,50 @@ def _write_json(path: str, data: dict) -> None:
     write_atomic(path, write)
 
 
+@dataclass(frozen=True)
+class Part:
+    """The rows of a split one process extracts: ``rank`` of ``world`` takes items
+    ``begin:end``, whole batches of the one-process run, so that every image goes through
+    the network in the same batch as there (the shards are then bit-identical to it)."""
+    rank: int = 0
+    world: int = 1
+    begin: int = 0
+    end: int | None = None
+
+    @classmethod
+    def of(cls, rank: int, world: int, items: int, batch_size: int) -> "Part":
+        batches = -(-items // batch_size)
+        first, last = batches * rank // world, batches * (rank + 1) // world
+        return cls(rank, world, min(first * batch_size, items), min(last * batch_size, items))
+
+
+def _write_empty(path: str, dtype, shape: tuple[int, ...]) -> None:
+    def write(temporary: str) -> None:
+        with open(temporary, "wb") as stream:
+            np.save(stream, np.zeros(shape, dtype=dtype))
+    write_atomic(path, write)
+
+
 def extract_split(loaded: LoadedModel, spec: str, checkpoint: str, name: str, items: list[tuple[str, int]],
-                  out: str, options: Options, device: torch.device, say: Callable[[str], None]) -> dict:
-    """Writes ``out/NAME_x.npy`` and ``NAME_y.npy``; resumes from ``NAME.progress.json``."""
+                  out: str, options: Options, device: torch.device, say: Callable[[str], None],
+                  part: Part = Part()) -> dict:
+    """Writes ``out/NAME_x.npy`` and ``NAME_y.npy`` (``NAME_x-RRRRR-of-WWWWW.npy`` for rank R of
+    W when ``part`` is one rank's share); resumes from ``NAME[-R-of-W].progress.json``."""
     from numpy.lib.format import open_memmap
     if not items:
         raise InputError(f"split {name}: no images")
-    progress_path = os.path.join(out, f"{name}.progress.json")
-    x_path, y_path = os.path.join(out, f"{name}_x.npy"), os.path.join(out, f"{name}_y.npy")
-    fingerprint = _fingerprint(spec, checkpoint, items, options)
-    state = {"fingerprint": fingerprint, "rows": len(items), "done": 0, "bad": []}
+    split_fingerprint = _fingerprint(spec, checkpoint, items, options)
+    suffix = shard_suffix(part.rank, part.world)
+    split_rows = len(items)
+    first_row, end_row = part.begin, split_rows if part.end is None else part.end
+    items = items[first_row:end_row]
+    progress_path = os.path.join(out, f"{name}{suffix}.progress.json")
+    x_path, y_path = os.path.join(out, f"{name}_x{suffix}.npy"), os.path.join(out, f"{name}_y{suffix}.npy")
+    fingerprint = hashlib.sha256(f"{split_fingerprint}:{part.rank}:{part.world}:{first_row}:{end_row}".encode()
+                                 ).hexdigest()[:32]
+    state = {"fingerprint": fingerprint, "split_fingerprint": split_fingerprint, "rows": len(items), "done": 0,
+             "bad": [], "rank": part.rank, "world": part.world, "first_row": first_row, "end_row": end_row,
+             "split_rows": split_rows}
     if os.path.exists(progress_path):
         with open(progress_path) as stream:
             saved = json.load(stream)
@@ -273,7 +307,14 @@ def extract_split(loaded: LoadedModel, spec: str, checkpoint: str, name: str, it
         else:
             say(f"{name}: the earlier extraction in {out} used other inputs or options; starting over")
     if state.get("finished"):
-        say(f"{name}: already extracted ({state['rows']} rows)")
+        say(f"{name}{suffix}: already extracted ({state['rows']} rows)")
+        return state
+    if not items:  # a rank with no whole batch of this split: an empty shard
+        dim = loaded.weight.shape[1]
+        _write_empty(x_path, np.float16 if options.dtype == "float16" else np.float32, (0, dim))
+        _write_empty(y_path, np.int64, (0,))
+        state.update(finished=True, images_per_second=None)
+        _write_json(progress_path, state)
         return state
     transform = eval_transform(options.resize, options.crop, options.mean, options.std)
     hook = FeatureHook(loaded.model.get_submodule(loaded.classifier_name))
@@ -293,7 +334,8 @@ def extract_split(loaded: LoadedModel, spec: str, checkpoint: str, name: str, it
         write_atomic(y_path, write_labels)
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.amp)
     from .training.progress import bar as progress_bar, wanted
-    bar = progress_bar(wanted(options.progress), total=len(items), initial=state["done"], desc=f"extract {name}",
+    bar = progress_bar(wanted(options.progress), total=len(items), initial=state["done"],
+                       desc=f"extract {name}{suffix}",
                        unit="img")
     tic, seen = time.perf_counter(), 0
     rows = ImageRows(items, transform, state["done"], len(items), (3, options.crop, options.crop))
@@ -329,7 +371,7 @@ def extract_split(loaded: LoadedModel, spec: str, checkpoint: str, name: str, it
         _drop_rows(x_path, y_path, {entry["row"] for entry in state["bad"]})
     state["finished"] = True
     _write_json(progress_path, state)
-    say(f"{name}: {state['rows'] - len(state['bad'])} rows of {dim} features"
+    say(f"{name}{suffix}: {state['rows'] - len(state['bad'])} rows of {dim} features"
         + (f", {len(state['bad'])} unreadable images skipped" if state["bad"] else "")
         + (f", {state['images_per_second']:.0f} images/s" if state["images_per_second"] else ""))
     return state
@@ -355,24 +397,63 @@ def _drop_rows(x_path: str, y_path: str, bad: set[int]) -> None:
     write_atomic(y_path, write_labels)
 
 
+def _check_layout(out: str, names: list[str], world: int) -> None:
+    """Refuses an ``out`` that already holds a split extracted with another number of
+    processes: the two layouts would be read as one dataset (nothing is written yet)."""
+    from .io import split_shards
+    for name in names:
+        plain = os.path.join(out, f"{name}_x.npy")
+        others = [path for path in split_shards(out, name) if not path.endswith(f"-of-{world:05d}.npy")]
+        if world > 1 and os.path.exists(plain):
+            others.insert(0, plain)
+        if others:
+            raise InputError(f"--out {out}: already holds {name} features of another extraction "
+                             f"({os.path.basename(others[0])}) with a different number of processes than this one "
+                             f"({world}); use another --out or remove them")
+
+
 def extract(spec: str, checkpoint: str, splits: dict[str, str], out: str, options: Options, root: str | None = None,
             classifier_key: str | None = None, device: str | None = None,
-            say: Callable[[str], None] = print) -> dict:
-    """Extracts every split into ``out`` and writes the classifier beside the features."""
+            say: Callable[[str], None] = print, shard: Any = None) -> dict:
+    """Extracts every split into ``out`` and writes the classifier beside the features.
+
+    With ``shard`` (a :class:`~alphanet_ext.training.sharding.Shard` of a torchrun job), each
+    rank extracts its whole-batch slice of every split into its own shard files
+    (``SPLIT_x-RRRRR-of-WWWWW.npy``), which ``fit`` reads as one dataset; rank 0 writes the
+    classifier and, once every rank has finished, ``extract.json``."""
     loaded = load_model(spec, checkpoint, classifier_key)
+    rank, world = (shard.rank, shard.world) if shard is not None else (0, 1)
     device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     listed = {name: read_split(path, root) for name, path in splits.items()}
+    _check_layout(out, list(listed), world)
+    if shard is not None:
+        shard.check_agreement({"model": spec, "classifier": classifier_key, "options": _fingerprint(
+            spec, checkpoint, [], options), "batch size": options.batch_size, "skip-bad": options.skip_bad,
+            **{f"{name} images": _fingerprint(spec, checkpoint, items, options) for name, items in listed.items()}}, {})
     os.makedirs(out, exist_ok=True)
-    bias = loaded.bias if loaded.bias is not None else torch.zeros(loaded.weight.shape[0])
-    save_classifier(os.path.join(out, "classifier.pt"), loaded.weight.float(), bias.float(),
-                    {"source": os.path.abspath(checkpoint), "model": spec, "layer": loaded.classifier_name})
-    results = {name: extract_split(loaded, spec, checkpoint, name, items, out, options, device_, say)
+    if rank == 0:
+        bias = loaded.bias if loaded.bias is not None else torch.zeros(loaded.weight.shape[0])
+        save_classifier(os.path.join(out, "classifier.pt"), loaded.weight.float(), bias.float(),
+                        {"source": os.path.abspath(checkpoint), "model": spec, "layer": loaded.classifier_name})
+    results = {name: extract_split(loaded, spec, checkpoint, name, items, out, options, device_, say,
+                                   Part.of(rank, world, len(items), options.batch_size))
                for name, items in listed.items()}
+    every = shard.all_gather_object(results, "the end of the extraction") if shard is not None else [results]
     summary = {"model": spec, "checkpoint": os.path.abspath(checkpoint), "classifier_layer": loaded.classifier_name,
                "num_classes": int(loaded.weight.shape[0]), "dim": int(loaded.weight.shape[1]),
                "resize": options.resize, "crop": options.crop, "mean": list(options.mean), "std": list(options.std),
-               "dtype": options.dtype, "amp": options.amp,
-               "splits": {name: {"rows": r["rows"] - len(r["bad"]), "bad_images": r["bad"]}
-                          for name, r in results.items()}}
-    _write_json(os.path.join(out, "extract.json"), summary)
+               "dtype": options.dtype, "amp": options.amp, "world_size": world,
+               "splits": {name: _split_summary(name, [ranks[name] for ranks in every], world) for name in listed}}
+    if rank == 0:
+        _write_json(os.path.join(out, "extract.json"), summary)
+    return summary
+
+
+def _split_summary(name: str, parts: list[dict], world: int) -> dict:
+    bad = [dict(entry, row=entry["row"] + part["first_row"]) for part in parts for entry in part["bad"]]
+    summary = {"rows": sum(part["rows"] - len(part["bad"]) for part in parts), "bad_images": bad}
+    if world > 1:
+        summary["shards"] = [{"features": f"{name}_x{shard_suffix(rank, world)}.npy",
+                              "rows": part["rows"] - len(part["bad"]), "images": [part["first_row"], part["end_row"]]}
+                             for rank, part in enumerate(parts)]
     return summary

@@ -4,7 +4,9 @@ Features: ``.npz`` (keys ``x``/``y`` or ``features``/``labels``), ``.npy`` pairs
 (``NAME_x.npy`` + ``NAME_y.npy`` or ``features.npy`` + ``labels.npy``, opened
 memory-mapped), ``.pt`` / ``.pth`` (same keys, or an ``(x, y)`` pair),
 ``.safetensors`` (same keys), or a folder: ``ROLE_x.npy`` pairs as
-``alphanet synth`` writes them, or the authors' layout
+``alphanet synth`` writes them, per-rank shards ``ROLE_x-RRRRR-of-WWWWW.npy`` as a
+torchrun ``alphanet extract`` writes them (read as one :class:`~alphanet_ext.data.RowShards`
+dataset), or the authors' layout
 (``splits/{many,medium,few}.txt``, ``train*.pkl``, ``val*.pkl``, ``test*.pkl``
 with ``feats`` / ``labels``; a pickled list of such dicts is an ensemble whose
 features are concatenated).
@@ -19,6 +21,7 @@ import importlib.util
 import json
 import os
 import pickle
+import re
 import stat
 import tempfile
 from collections import OrderedDict
@@ -30,6 +33,7 @@ import torch
 
 from . import safe_pickle
 from .classifier import combine_experts
+from .data import RowShards
 
 FEATURE_KEYS = (("x", "y"), ("features", "labels"), ("feats", "labels"))
 
@@ -95,16 +99,116 @@ def _authors_pickle(path: str, trust: bool = False) -> Features:
     return _check_pair(torch.cat(xs, dim=1) if len(xs) > 1 else xs[0], labels, path)
 
 
+def shard_suffix(rank: int, world: int) -> str:
+    """What rank ``rank`` of ``world`` adds to its file names (``train_x-00001-of-00003.npy``);
+    nothing for one process, whose files are the plain layout."""
+    return "" if world == 1 else f"-{rank:05d}-of-{world:05d}"
+
+
+_SHARD = re.compile(r"-(\d{5})-of-(\d{5})$")
+
+
+def split_shards(folder: str, role: str) -> list[str]:
+    """The paths of ``role``'s sharded feature files in ``folder`` (``ROLE_x-RRRRR-of-WWWWW.npy``),
+    in rank order; empty if there are none."""
+    found = []
+    for path in glob.glob(os.path.join(glob.escape(folder), f"{glob.escape(role)}_x-*-of-*.npy")):
+        match = _SHARD.search(os.path.basename(path)[len(role) + 2:-len(".npy")])
+        if match and os.path.basename(path) == f"{role}_x-{match.group(1)}-of-{match.group(2)}.npy":
+            found.append((int(match.group(2)), int(match.group(1)), path))
+    return [path for _, _, path in sorted(found)]
+
+
 def folder_features(folder: str, role: str) -> str | None:
     """The file of ``role``'s features in ``folder``: ``ROLE_x.npy`` (the layout
-    ``alphanet synth`` writes) or the one ``ROLE*.pkl`` (the authors'); None if neither."""
+    ``alphanet synth`` and a one-process ``alphanet extract`` write), the first of its
+    shards ``ROLE_x-00000-of-WWWWW.npy`` (``alphanet extract`` under torchrun), or the one
+    ``ROLE*.pkl`` (the authors'); None if none."""
     synth = os.path.join(folder, f"{role}_x.npy")
-    if os.path.exists(synth):
-        return synth
-    matches = sorted(glob.glob(os.path.join(folder, f"{role}*.pkl")))
+    shards = split_shards(folder, role)
+    if os.path.exists(synth) and shards:
+        raise InputError(f"{folder}: holds both {role}_x.npy and {len(shards)} shard file(s) such as "
+                         f"{os.path.basename(shards[0])} (two extractions into one folder); remove the ones "
+                         "you do not want")
+    if os.path.exists(synth) or shards:
+        return synth if os.path.exists(synth) else shards[0]
+    matches = sorted(glob.glob(os.path.join(glob.escape(folder), f"{glob.escape(role)}*.pkl")))
     if len(matches) > 1:
         raise InputError(f"{folder}: expected one {role}*.pkl in the authors' layout, found {len(matches)}")
     return matches[0] if matches else None
+
+
+def _progress_of(folder: str, role: str, suffix: str) -> dict | None:
+    """What ``alphanet extract`` recorded of a split (or one rank's shard of it), if anything."""
+    path = os.path.join(folder, f"{role}{suffix}.progress.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as stream:
+            progress = json.load(stream)
+    except (OSError, ValueError) as error:
+        raise InputError(f"{path}: cannot read the extraction's progress record ({_reason(error)})") from None
+    if not isinstance(progress, dict):
+        raise InputError(f"{path}: not an extraction progress record")
+    if not progress.get("finished"):
+        raise InputError(f"{path}: the extraction of {role}{suffix} did not finish ({progress.get('done', 0)} of "
+                         f"{progress.get('rows', '?')} rows); rerun the same alphanet extract command to finish it")
+    return progress
+
+
+def _load_shards(folder: str, role: str, paths: list[str]) -> Features:
+    """One dataset from the shards a torchrun ``alphanet extract`` wrote, in rank order,
+    memory-mapped (no merged copy): the set must be whole, of one run, and cover the split's rows."""
+    worlds = {int(_SHARD.search(os.path.basename(p)[:-len(".npy")]).group(2)) for p in paths}
+    if len(worlds) > 1:
+        raise InputError(f"{folder}: holds {role} shards of {len(worlds)} extractions (world sizes "
+                         f"{', '.join(map(str, sorted(worlds)))}); remove the ones you do not want")
+    world = worlds.pop()
+    ranks = {int(_SHARD.search(os.path.basename(p)[:-len(".npy")]).group(1)) for p in paths}
+    missing = sorted(set(range(world)) - ranks)
+    if missing or len(ranks) != world:
+        named = missing or sorted(ranks - set(range(world)))
+        raise InputError(f"{folder}: {role} shard{'s' if len(named) > 1 else ''} "
+                         f"{', '.join(map(str, named))} of {world} {'are' if len(named) > 1 else 'is'} "
+                         f"{'missing' if missing else 'out of range'} ({role}_x{shard_suffix(named[0], world)}.npy)")
+    parts, labels, progress = [], [], []
+    for rank, path in enumerate(paths):
+        part = load_features(path, role)
+        if parts and (part.x.shape[1:] != parts[0].shape[1:] or part.x.dtype != parts[0].dtype):
+            raise InputError(f"{path}: {part.x.dtype} rows of shape {tuple(part.x.shape[1:])}, but "
+                             f"{os.path.basename(paths[0])} holds {parts[0].dtype} rows of shape "
+                             f"{tuple(parts[0].shape[1:])}")
+        parts.append(part.x)
+        labels.append(part.y)
+        progress.append(_progress_of(folder, role, shard_suffix(rank, world)))
+    if any(p is not None for p in progress):
+        _check_shard_ranges(folder, role, world, progress, [len(y) for y in labels])
+    source = os.path.join(folder, f"{role}_x-*-of-{world:05d}.npy")
+    return Features(RowShards(parts), np.concatenate(labels), source)
+
+
+def _check_shard_ranges(folder: str, role: str, world: int, progress: list, rows: list[int]) -> None:
+    """The shards' recorded item ranges are one extraction's and tile the split with no gap or overlap."""
+    expected_begin = 0
+    for rank, record in enumerate(progress):
+        name = f"{role}{shard_suffix(rank, world)}.progress.json"
+        if record is None:
+            raise InputError(f"{os.path.join(folder, name)}: missing, while other shards of {role} have one")
+        if record.get("split_fingerprint") != progress[0].get("split_fingerprint"):
+            raise InputError(f"{os.path.join(folder, name)}: this shard comes from another extraction than "
+                             f"shard 0 (other images, model or options); rerun the extraction")
+        begin, end = record.get("first_row"), record.get("end_row")
+        if begin != expected_begin or not isinstance(end, int) or end < begin:
+            raise InputError(f"{os.path.join(folder, name)}: covers images {begin}:{end}, but the shards before it "
+                             f"end at {expected_begin} (a gap or an overlap); rerun the extraction")
+        kept = end - begin - len(record.get("bad", []))
+        if kept != rows[rank]:
+            raise InputError(f"{os.path.join(folder, role)}_x{shard_suffix(rank, world)}.npy: {rows[rank]} rows, "
+                             f"but its extraction recorded {kept}")
+        expected_begin = end
+    if expected_begin != progress[0].get("split_rows"):
+        raise InputError(f"{folder}: the {role} shards cover {expected_begin} of the split's "
+                         f"{progress[0].get('split_rows')} images")
 
 
 def load_tensors_only(path: str, what: str) -> Any:
@@ -167,8 +271,13 @@ def load_features(path: str, role: str = "train", trust_pickle: bool = False) ->
         if os.path.isdir(path):
             found = folder_features(path, role)
             if found is None:
-                raise InputError(f"{path}: no {role}_x.npy (alphanet synth's layout) or {role}*.pkl (the authors' "
-                                 "layout) in this folder")
+                raise InputError(f"{path}: no {role}_x.npy (alphanet synth's layout), {role}_x-*-of-*.npy shards "
+                                 f"(alphanet extract under torchrun) or {role}*.pkl (the authors' layout) in this folder")
+            shards = split_shards(path, role)
+            if shards:
+                return _load_shards(path, role, shards)
+            if found.endswith("_x.npy"):
+                _progress_of(path, role, "")
             return load_features(found, role, trust_pickle)
         lower = path.lower()
         if lower.endswith(".npz"):
@@ -177,13 +286,16 @@ def load_features(path: str, role: str = "train", trust_pickle: bool = False) ->
                 return _check_pair(np.asarray(x), _labels(y, path), path)
         if lower.endswith(".npy"):
             folder, name = os.path.split(path)
-            if name.endswith("_x.npy"):
+            shard = _SHARD.search(name[:-len(".npy")])
+            if shard and name[:shard.start()].endswith("_x"):  # one rank's shard: NAME_x-R-of-W.npy
+                label_path = os.path.join(folder, name[:shard.start() - 2] + "_y" + name[shard.start():])
+            elif name.endswith("_x.npy"):
                 label_path = os.path.join(folder, name[:-len("_x.npy")] + "_y.npy")
             elif name == "features.npy":
                 label_path = os.path.join(folder, "labels.npy")
             else:
-                raise InputError(f"{path}: a .npy feature file must be NAME_x.npy (labels in NAME_y.npy) "
-                                 "or features.npy (labels in labels.npy)")
+                raise InputError(f"{path}: a .npy feature file must be NAME_x.npy (labels in NAME_y.npy), a shard "
+                                 "NAME_x-R-of-W.npy (labels in NAME_y-R-of-W.npy) or features.npy (labels in labels.npy)")
             if not os.path.exists(label_path):
                 raise InputError(f"{path}: labels file {label_path} is missing")
             check_input_file(label_path)

@@ -82,7 +82,7 @@ def test_a_npy_name_that_does_not_say_where_the_labels_are(problem, tmp_path, ca
     torch.save({"weight": problem.weight, "bias": problem.bias}, tmp_path / "classifier.pt")
     assert run("fit", "--train", tmp_path / "train.npy", "--classifier", tmp_path / "classifier.pt", "--out",
                tmp_path / "out.pt", "--quiet") == 1
-    assert "a .npy feature file must be NAME_x.npy (labels in NAME_y.npy) or features.npy" in capsys.readouterr().err
+    assert "a .npy feature file must be NAME_x.npy (labels in NAME_y.npy), a shard NAME_x-R-of-W.npy (labels in NAME_y-R-of-W.npy) or features.npy" in capsys.readouterr().err
     assert not (tmp_path / "out.pt").exists()
 
 
@@ -263,7 +263,7 @@ def test_report_when_the_distance_correlation_is_undefined(tmp_path):
     ("truncated", "cannot read features"),
     ("missing_file", "no such file"),
     ("classifier_keys", "expected one 'weight' entry"),
-    ("empty_folder", "no train_x.npy (alphanet synth's layout) or train*.pkl (the authors' layout)"),
+    ("empty_folder", "no train_x.npy (alphanet synth's layout), train_x-*-of-*.npy shards (alphanet extract under torchrun) or train*.pkl (the authors' layout)"),
     ("row_count", f"train.npz: {N_TRAIN} feature rows but {N_TRAIN - 1} labels"),
     ("ensemble_labels", "train_feats.pkl: the ensemble members have different labels"),
     ("two_pickles", "authors: expected one train*.pkl in the authors' layout, found 2"),

@@ -140,7 +140,7 @@ def test_ranks_given_different_inputs_are_refused_alike(tmp_path):
 
 def _resume_rank(rank: int, world: int, mode: str, path: str, kill_at: int | None) -> dict:
     import torch.distributed as dist
-    p = _problem(extra.get("by_class", False))
+    p = _problem()
     rows, val_rows = _part(p.train_x.shape[0], rank, world), _part(p.val_x.shape[0], rank, world)
 
     def callback(record):

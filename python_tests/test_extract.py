@@ -174,3 +174,107 @@ def test_timm_model_if_installed(images, tmp_path):
     classifier = torch.load(tmp_path / "out" / "classifier.pt", weights_only=True)
     ours = torch.from_numpy(x[[0, -1]]) @ classifier["weight"].T + classifier["bias"]
     torch.testing.assert_close(ours, logits, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- many processes (torchrun, gloo)
+
+def _extract_command(images, out, checkpoint, data, *extra):
+    return ["-m", "alphanet_ext", "extract", "--model", "torchvision:resnet18", "--checkpoint", str(checkpoint),
+            "--data", *data, "--out", str(out), "--resize", "36", "--crop", "32", "--dtype", "float32",
+            "--workers", "0", "--batch-size", "16", "--device", "cpu", "--quiet", "--timeout", "120", *extra]
+
+
+def _run(world, argv, cwd):
+    """One process, or ``world`` under torchrun; one thread each, so that the only difference
+    between the runs is how the images are split between processes."""
+    import os
+    import subprocess
+    import sys
+    launcher = [] if world == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(extract.__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
+    return subprocess.run([sys.executable, *launcher, *argv], capture_output=True, text=True, timeout=300, cwd=cwd,
+                          env=env)
+
+
+def _same_dataset(one, many, world):
+    from alphanet_ext.io import load_features
+    for split in ("train", "val"):
+        a, b = load_features(str(one), split), load_features(str(many), split)
+        assert type(b.x).__name__ == "RowShards" and len(b.x.parts) == world
+        assert np.asarray(b.x).tobytes() == np.asarray(a.x).tobytes(), split
+        assert np.array_equal(a.y, b.y), split
+
+
+@pytest.fixture(scope="module")
+def one_process_features(images, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("extract-one")
+    _checkpoint(folder / "model.pt")
+    data = [f"train={images / 'train'}", f"val={images / 'val.txt'}"]
+    done = _run(1, _extract_command(images, folder / "features", folder / "model.pt", data), folder)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return folder
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_torchrun_extraction_writes_shards_bit_identical_to_one_process(world, images, one_process_features,
+                                                                       tmp_path):
+    """Each rank writes its whole-batch slice of every split (val's 2 batches leave rank 0 of 3
+    an empty shard); fit reads the shards as one dataset, equal to the one-process files bit for bit."""
+    checkpoint = one_process_features / "model.pt"
+    data = [f"train={images / 'train'}", f"val={images / 'val.txt'}"]
+    done = _run(world, _extract_command(images, tmp_path / "features", checkpoint, data), tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = one_process_features / "features"
+    assert not (tmp_path / "features" / "train_x.npy").exists()
+    _same_dataset(one, tmp_path / "features", world)
+    summary = json.loads((tmp_path / "features" / "extract.json").read_text())
+    assert summary["world_size"] == world and summary["splits"]["train"]["rows"] == sum(COUNTS)
+    shards = summary["splits"]["train"]["shards"]
+    assert [s["images"][0] for s in shards][0] == 0 and shards[-1]["images"][1] == sum(COUNTS)
+    assert all(a["images"][1] == b["images"][0] for a, b in zip(shards, shards[1:]))
+    classifier = torch.load(tmp_path / "features" / "classifier.pt", weights_only=True)
+    reference = torch.load(one / "classifier.pt", weights_only=True)
+    assert torch.equal(classifier["weight"], reference["weight"])
+    if world == 3:
+        assert np.load(tmp_path / "features" / "val_x-00000-of-00003.npy").shape == (0, 512)
+        # the same command again redoes nothing; another world size into this folder is refused
+        again = _run(world, _extract_command(images, tmp_path / "features", checkpoint, data), tmp_path)
+        assert again.returncode == 0 and _same_dataset(one, tmp_path / "features", world) is None
+        before = sorted(p.name for p in (tmp_path / "features").iterdir())
+        other = _run(2, _extract_command(images, tmp_path / "features", checkpoint, data), tmp_path)
+        assert other.returncode != 0 and "with a different number of processes than this one (2)" in other.stderr
+        assert sorted(p.name for p in (tmp_path / "features").iterdir()) == before
+    else:  # a one-process fit and a 2-rank fit on the shards, against the fit on the one-process files
+        fit = ["-m", "alphanet_ext", "fit", "--classifier", str(one / "classifier.pt"), "--k", "2", "--epochs", "3",
+               "--quiet"]
+        assert cli.main(fit[2:] + ["--train", str(one), "--out", str(tmp_path / "one.pt")]) == 0
+        assert cli.main(fit[2:] + ["--train", str(tmp_path / "features"), "--out", str(tmp_path / "shards.pt")]) == 0
+        a = torch.load(tmp_path / "one.pt", weights_only=True)
+        assert torch.equal(a["weight"], torch.load(tmp_path / "shards.pt", weights_only=True)["weight"])
+        ranks = _run(2, fit + ["--train", str(tmp_path / "features"), "--out", str(tmp_path / "ranks.pt")], tmp_path)
+        assert ranks.returncode == 0, ranks.stderr[-3000:]
+        torch.testing.assert_close(torch.load(tmp_path / "ranks.pt", weights_only=True)["weight"], a["weight"],
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_torchrun_extraction_skips_bad_images_as_one_process_does(images, one_process_features, tmp_path):
+    import shutil
+    shutil.copytree(images / "train", tmp_path / "broken")
+    (tmp_path / "broken" / "class_00" / "7.png").write_bytes(b"\x89PNG not really")   # rank 0's slice
+    (tmp_path / "broken" / "class_04" / "1.png").write_bytes(b"\x89PNG not really")   # the last rank's
+    checkpoint = one_process_features / "model.pt"
+    for world, out in ((1, "one"), (3, "three")):
+        done = _run(world, _extract_command(images, tmp_path / out, checkpoint, [str(tmp_path / "broken")],
+                                            "--skip-bad"), tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+    from alphanet_ext.io import load_features
+    a, b = load_features(str(tmp_path / "one"), "train"), load_features(str(tmp_path / "three"), "train")
+    assert a.x.shape[0] == sum(COUNTS) - 2 and np.asarray(b.x).tobytes() == np.asarray(a.x).tobytes()
+    bad = [json.loads((tmp_path / out / "extract.json").read_text())["splits"]["train"]["bad_images"]
+           for out in ("one", "three")]
+    assert [(e["row"], e["path"]) for e in bad[0]] == [(e["row"], e["path"]) for e in bad[1]] and len(bad[0]) == 2
+    # without --skip-bad the rank that meets a bad image stops the job with its path, and exits non-zero
+    stopped = _run(2, _extract_command(images, tmp_path / "stopped", checkpoint, [str(tmp_path / "broken")]),
+                   tmp_path)
+    assert stopped.returncode != 0 and "7.png: cannot read the image" in stopped.stderr

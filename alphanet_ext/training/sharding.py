@@ -43,9 +43,12 @@ class Shard:
     grace: float = 10.0
     offsets: dict[str, list[int]] = field(default_factory=dict)
     collective_bytes: int = 0
+    job: str = "sharded fit"  # how failures name what stopped, and what it leaves
+    leaves: str = "no output is written"
 
     @classmethod
-    def of(cls, group: Any, mode: str, store: Any = None) -> "Shard":
+    def of(cls, group: Any, mode: str, store: Any = None, job: str = "sharded fit",
+           leaves: str = "no output is written") -> "Shard":
         if mode not in MODES:
             raise ValueError(f"shard mode must be one of {', '.join(MODES)}, got {mode!r}")
         if not dist.is_available() or not dist.is_initialized():
@@ -62,7 +65,7 @@ class Shard:
             grace = min(60.0, max(grace, store.timeout.total_seconds()))
         except AttributeError:
             pass
-        return cls(group, mode, dist.get_rank(group), dist.get_world_size(group), store, grace)
+        return cls(group, mode, dist.get_rank(group), dist.get_world_size(group), store, grace, job=job, leaves=leaves)
 
     # ----------------------------------------------------------------- collectives
     def _run(self, what: str, call, *tensors: Tensor) -> None:
@@ -95,6 +98,14 @@ class Shard:
         self._run(what, lambda: dist.all_gather(list(out.unbind(0)), tensor.contiguous(), group=self.group), out)
         return out
 
+    def all_gather_object(self, value: Any, what: str = "all_gather_object") -> list[Any]:
+        """Every rank's ``value`` (a small picklable summary, never a data file's contents)."""
+        if self.world == 1:
+            return [value]
+        out: list[Any] = [None] * self.world
+        self._run(what, lambda: dist.all_gather_object(out, value, group=self.group))
+        return out
+
     def broadcast(self, tensor: Tensor, src: int = 0, what: str = "broadcast") -> Tensor:
         if self.world > 1:
             self._run(what, lambda: dist.broadcast(tensor, src=dist.get_global_rank(self.group, src)
@@ -116,7 +127,7 @@ class Shard:
             who = f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))} stopped answering"
         else:
             who = "every rank saw the failure"
-        return f"rank {self.rank}: the sharded fit stopped in {what}: {who} ({cause}); no output is written"
+        return f"rank {self.rank}: the {self.job} stopped in {what}: {who} ({cause}); {self.leaves}"
 
     def _silent_ranks(self) -> list[int] | None:
         """The ranks that did not report a failure within ``grace`` seconds (the dead or hung
@@ -148,7 +159,7 @@ class Shard:
             differing = [r for r in range(self.world) if table[r][column] != table[0][column]]
             if differing:
                 ranks = ", ".join(map(str, differing))
-                raise ValueError(f"the ranks of a sharded fit disagree: the {name} of rank{'s' if len(differing) > 1 else ''}"
+                raise ValueError(f"the ranks of a {self.job} disagree: the {name} of rank{'s' if len(differing) > 1 else ''}"
                                  f" {ranks} differs from rank 0's; give every rank the same classifier and options")
         for column, name in enumerate(sorted(local)):
             per_rank = [row[len(names) + column] for row in table]
