@@ -1,6 +1,12 @@
 """alphanet extract against a plain hand-written extraction loop, on the same generated images.
 
     python benchmarks/bench_extract.py [--threads 2] [--images 2000] [--model resnet50] [--crop 64] [--repeats 3]
+    python benchmarks/bench_extract.py --ranks 2 ...   # the command under torchrun against one process
+
+With --ranks N: `alphanet extract` as a command, one process (--threads threads,
+--workers loader workers) against N torchrun ranks splitting the same threads and
+workers between them, alternating, median of --repeats wall times (start-up
+included, as a user sees it); then the shards are checked against the one file.
 
 The peer: the same model, DataLoader and transforms, a forward hook on the
 classifier's input, features gathered in a list and written with torch.save at
@@ -131,6 +137,42 @@ def child(args) -> None:
     print(json.dumps({"peak_rss_mib": peak[0] / 1024}))
 
 
+def command_run(args, folder: str, ckpt: str, out: str, ranks: int) -> float:
+    """Wall seconds of one `alphanet extract` command, alone or under torchrun."""
+    launcher = [] if ranks == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__import__("alphanet_ext").__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, args.threads // ranks)), "PYTHONPATH": package_root}
+    command = [sys.executable, *launcher, "-m", "alphanet_ext", "extract", "--model", f"torchvision:{args.model}",
+               "--checkpoint", ckpt, "--data", folder, "--out", out, "--resize", str(args.crop), "--crop",
+               str(args.crop), "--dtype", "float32", "--batch-size", str(args.batch_size), "--workers",
+               str(max(0, args.workers // ranks)), "--device", args.device, "--quiet"]
+    tic = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=package_root)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
+    return time.perf_counter() - tic
+
+
+def ranks_main(args, folder: str, ckpt: str) -> None:
+    from alphanet_ext.io import load_features
+    times: dict[int, list[float]] = {1: [], args.ranks: []}
+    with tempfile.TemporaryDirectory() as root:
+        for repeat in range(args.repeats):
+            for ranks in times:
+                times[ranks].append(command_run(args, folder, ckpt, os.path.join(root, f"{ranks}-{repeat}"), ranks))
+        one, many = load_features(os.path.join(root, "1-0"), "train"), load_features(
+            os.path.join(root, f"{args.ranks}-0"), "train")
+        same = np.asarray(one.x).tobytes() == np.asarray(many.x).tobytes()
+        close = float(np.abs(np.asarray(one.x) - np.asarray(many.x)).max())
+    rates = {ranks: args.images / statistics.median(values) for ranks, values in times.items()}
+    print(f"| `alphanet extract`, {args.images} images | 1 process img/s | {args.ranks} ranks img/s | ratio |")
+    print("|---|---|---|---|")
+    print(f"| median of {args.repeats} wall times, start-up included | {rates[1]:.1f} | {rates[args.ranks]:.1f} | "
+          f"{rates[args.ranks] / rates[1]:.2f}x |")
+    print(f"\nshards against the one file: {'bit-identical' if same else f'largest difference {close:.3g}'} "
+          f"({args.threads // args.ranks} thread(s) a rank against {args.threads} in one process)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
@@ -142,6 +184,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "alphanet-bench-images"))
+    parser.add_argument("--ranks", type=int, default=1, help="> 1: the command under torchrun against one process")
     parser.add_argument("--child", choices=("ours", "plain"), help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", help=argparse.SUPPRESS)
@@ -157,6 +200,9 @@ def main() -> None:
     checkpoint(ckpt, args.model)
     print(f"machine: {machine()}; device {args.device}; torch {torch.__version__}; threads {threads}; "
           f"{args.model} at {args.crop}x{args.crop}, batch {args.batch_size}, {args.workers} loader workers")
+    if args.ranks > 1:
+        ranks_main(args, sizes[args.images], ckpt)
+        return
     times = {"ours": [], "plain": []}
     for _ in range(args.repeats):
         for name, run in (("ours", ours), ("plain", plain)):
