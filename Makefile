@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 CUDA_VENV ?= .venv-cuda
 CUDA_TORCH ?= torch==2.14.1
 PACKAGES := numpy pytest ninja tqdm matplotlib safetensors 'setuptools>=77' wheel build
-SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+SOURCES := setup.py alphanet_ext/messages.py $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 export CUDA_HOME ?= /usr/local/cuda
 
 .PHONY: setup demo test cuda-check extract-test package-check bench clean

@@ -64,17 +64,33 @@ def version_token(text: str) -> str:
     return "_".join(re.findall(r"\d+", text.split("+")[0])[:3])
 
 
+def generated_headers() -> str:
+    """Writes the headers generated from Python sources (the ops' check messages,
+    alphanet_ext/messages.py, read as a file: the package itself is not imported)
+    and gives their folder."""
+    import runpy
+    folder = os.path.join("build", "generated")
+    os.makedirs(folder, exist_ok=True)
+    header = runpy.run_path(os.path.join("alphanet_ext", "messages.py"))["c_header"]()
+    path = os.path.join(folder, "alphanet_messages.h")
+    if not os.path.exists(path) or open(path).read() != header:  # unchanged: no rebuild
+        with open(path, "w") as stream:
+            stream.write(header)
+    return os.path.abspath(folder)
+
+
 def extension():
     import torch  # CUDA_HOME must be set before cpp_extension reads it
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
-    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/knn/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-fvisibility=hidden"]
     native = os.environ.get("ALPHANET_NATIVE", "0") == "1"
     if platform.machine() in ("x86_64", "AMD64") and native:
         cxx.append("-march=native")
     if os.environ.get("ALPHANET_OPENMP", "1") == "1":
         cxx.append("-fopenmp")
+    include_dirs = [generated_headers()]
     macros = [("ALPHANET_TORCH_VERSION", version_token(torch.__version__)),
               ("ALPHANET_NATIVE_BUILD", "1" if native else "0")]
     if want_cuda(torch):
@@ -85,7 +101,7 @@ def extension():
                    ("ALPHANET_CUDA_VERSION", version_token(torch.version.cuda))]
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         return CUDAExtension(
-            "alphanet_ext._C", sources, define_macros=macros,
+            "alphanet_ext._C", sources, define_macros=macros, include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]})
     # CPU builds on x86-64 Linux also compile the CUDA kernels as C++ for a CPU
     # emulator (csrc/emulation), so the CPU test suite runs them.
@@ -93,7 +109,8 @@ def extension():
         sources += sorted(glob.glob("csrc/emulation/*.cpp"))
         macros.append(("ALPHANET_CUDA_EMULATION", None))
         cxx.append("-Wno-unknown-pragmas")  # the kernels' `#pragma unroll` is for nvcc
-    return CppExtension("alphanet_ext._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx},
+    return CppExtension("alphanet_ext._C", sources, define_macros=macros, include_dirs=include_dirs,
+                        extra_compile_args={"cxx": cxx},
                         extra_link_args=["-fopenmp"] if "-fopenmp" in cxx else [])
 
 

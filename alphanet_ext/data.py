@@ -172,7 +172,7 @@ def _uploaded_row_chunks(array: ArrayLike, name: str, device: torch.device, chun
     """:func:`iter_row_chunks` for host rows bound for a GPU. Each chunk is read
     (from its file, for a memory map) into one pinned buffer and uploaded from
     there asynchronously: a copy from pageable memory goes through the driver's
-    own staging and ran at about 7 GB/s on an H200 (2.9 GB of features, 427 ms)."""
+    own staging copy first (benchmarks/RESULTS.md has both rates)."""
     total = num_rows(array)
     staging = _host_rows((min(chunk_rows, total),) + tuple(array.shape[1:]), dtype, device)
     file_backed = _backing_file(array) is not None

@@ -231,9 +231,7 @@ def knn(queries: Tensor, keys: Tensor, k: int, metric: str = "euclidean", rankin
     """
     if not HAS_EXTENSION:
         _fallback("knn")
-        fallback_checks.knn(queries, keys, k, metric)
-        if ranking not in RANKINGS:
-            fallback_checks.refuse("knn", f"ranking must be 'auto', 'screening', 'int8' or 'matmul', got '{ranking}'")
+        fallback_checks.knn(queries, keys, k, metric, ranking)
         distances, indices = reference.knn(queries, keys, k, metric)
         return distances.to(_acc_dtype(queries.dtype)), indices
     return torch.ops.alphanet.knn(queries, keys, k, metric, ranking)

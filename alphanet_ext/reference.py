@@ -1,4 +1,4 @@
-"""Pure-torch float64 implementations of the three ops and of the training step.
+"""Pure-torch float64 implementations of the ops (class means, kNN, the alpha combination) and of the training step.
 
 They define what the kernels must compute: the tests compare every kernel with
 them, and :mod:`alphanet_ext.ops` falls back to them when the compiled module is

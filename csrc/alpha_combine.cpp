@@ -19,18 +19,18 @@ struct Checked {
 
 // Index and coefficient values: every index in [0, num_lines), every
 // coefficient row finite and nonzero. The same messages on every backend.
-void check_values(const at::Tensor& source, const CombineParams& params, int64_t dim) {
+void check_values(Backend backend, const at::Tensor& source, const CombineParams& params, int64_t dim) {
   constexpr int64_t kSummaryFields = sizeof(CombineValueSummary) / sizeof(int64_t);
   const at::Tensor summary = at::empty({kSummaryFields}, source.options().dtype(at::kLong));
-  run_kernel(source, &cpu::alpha_combine_checks, ALPHANET_CUDA_KERNEL(alpha_combine_checks),
+  run_kernel(backend, &cpu::alpha_combine_checks, ALPHANET_CUDA_KERNEL(alpha_combine_checks),
              CombineCheckParams{params, reinterpret_cast<CombineValueSummary*>(summary.data_ptr<int64_t>())});
   CombineValueSummary values;
   std::memcpy(&values, summary.cpu().data_ptr<int64_t>(), sizeof(values));
   const char* lines = dim == 0 ? "rows of source" : "columns of source";
   check_index_range(values.lowest_target, values.highest_target, params.num_lines, kOp, "targets", lines);
   check_index_range(values.lowest_neighbor, values.highest_neighbor, params.num_lines, kOp, "neighbors", lines);
-  TORCH_CHECK(values.nonfinite_rows == 0, kOp, ": alphas contains NaN or inf");
-  TORCH_CHECK(values.zero_rows == 0, kOp, ": a row of alphas is all zeros, so its L1 normalisation is undefined");
+  TORCH_CHECK(values.nonfinite_rows == 0, message(kOp, msg::not_finite, {{"name", "alphas"}}));
+  TORCH_CHECK(values.zero_rows == 0, message(kOp, msg::combine_zero_row));
 }
 
 // Validates the inputs and fills everything but the output pointers. The op
@@ -39,23 +39,26 @@ void check_values(const at::Tensor& source, const CombineParams& params, int64_t
 // pay, so there the Python wrapper runs _check_combine_values first and the
 // kernels guard their reads (the emulator follows the CUDA path, so CPU tests
 // cover it).
-Checked prepare(const at::Tensor& source, const at::Tensor& targets, const at::Tensor& neighbors,
+Checked prepare(Backend backend, const at::Tensor& source, const at::Tensor& targets, const at::Tensor& neighbors,
                 const at::Tensor& alphas, int64_t dim, bool values) {
   check_float_matrix(source, kOp, "source");
   check_backend(source, kOp);
   check_same_device(source, targets, kOp, "source", "targets");
   check_same_device(source, neighbors, kOp, "source", "neighbors");
   check_same_device(source, alphas, kOp, "source", "alphas");
-  TORCH_CHECK(dim == 0 || dim == 1 || dim == -1 || dim == -2, kOp, ": dim must be 0 (rows) or 1 (columns), got ", dim);
+  TORCH_CHECK(dim == 0 || dim == 1 || dim == -1 || dim == -2,
+              message(kOp, msg::combine_dim, {{"value", std::to_string(dim)}}));
   dim = dim < 0 ? dim + 2 : dim;
-  TORCH_CHECK(targets.dim() == 1, kOp, ": targets must be 1-D, got shape ", targets.sizes());
-  TORCH_CHECK(neighbors.dim() == 2 && neighbors.size(0) == targets.size(0), kOp,
-              ": neighbors must be [len(targets), k] = [", targets.size(0), ", k], got shape ", neighbors.sizes());
-  TORCH_CHECK(neighbors.size(1) >= 1, kOp, ": need at least one neighbour per target (k >= 1)");
-  TORCH_CHECK(alphas.sizes() == neighbors.sizes(), kOp, ": alphas must have the shape of neighbors ",
-              neighbors.sizes(), ", got ", alphas.sizes());
-  TORCH_CHECK(at::isFloatingType(alphas.scalar_type()), kOp, ": alphas must be floating point, got ",
-              alphas.scalar_type());
+  TORCH_CHECK(targets.dim() == 1, message(kOp, msg::combine_targets, {{"shape", c10::str(targets.sizes())}}));
+  TORCH_CHECK(neighbors.dim() == 2 && neighbors.size(0) == targets.size(0),
+              message(kOp, msg::combine_neighbors, {{"targets", std::to_string(targets.size(0))},
+                                                    {"shape", c10::str(neighbors.sizes())}}));
+  TORCH_CHECK(neighbors.size(1) >= 1, message(kOp, msg::combine_k));
+  TORCH_CHECK(alphas.sizes() == neighbors.sizes(),
+              message(kOp, msg::combine_alphas_shape, {{"expected", c10::str(neighbors.sizes())},
+                                                       {"shape", c10::str(alphas.sizes())}}));
+  TORCH_CHECK(at::isFloatingType(alphas.scalar_type()),
+              message(kOp, msg::combine_alphas_float, {{"dtype", c10::str(alphas.scalar_type())}}));
 
   Checked checked;
   checked.dim = dim;
@@ -76,11 +79,11 @@ Checked prepare(const at::Tensor& source, const at::Tensor& targets, const at::T
   p.alphas = checked.alphas.data_ptr();
   p.num_out = targets.size(0);
   p.k = neighbors.size(1);
-  if (values) check_values(source, p, dim);
+  if (values) check_values(backend, source, p, dim);
   return checked;
 }
 
-bool checks_values(const at::Tensor& source) { return !uses_cuda_kernels(source); }
+bool checks_values(Backend backend) { return !cuda_paths(backend); }
 
 // The output's shape when combining along `dim`: [n, elems] for rows, [elems, n] for columns.
 std::vector<int64_t> output_shape(const Checked& c) {
@@ -95,8 +98,8 @@ void set_output_strides(const at::Tensor& out, int64_t dim, int64_t* line_stride
 
 // Buffers for the plan of the CUDA kernels whose output lines are contiguous
 // (CombineParams::column_lines, column_weights); none elsewhere.
-std::pair<at::Tensor, at::Tensor> attach_column_plan(const at::Tensor& source, CombineParams& p) {
-  if (!uses_cuda_kernels(source) || p.out_line_stride != 1) return {};
+std::pair<at::Tensor, at::Tensor> attach_column_plan(Backend backend, const at::Tensor& source, CombineParams& p) {
+  if (!cuda_paths(backend) || p.out_line_stride != 1) return {};
   at::Tensor lines = at::empty({p.k + 1, p.num_out}, source.options().dtype(at::kInt));
   at::Tensor weights = at::empty({p.k, p.num_out}, source.options().dtype(acc_type(source.scalar_type())));
   p.column_lines = lines.data_ptr<int32_t>();
@@ -106,14 +109,15 @@ std::pair<at::Tensor, at::Tensor> attach_column_plan(const at::Tensor& source, C
 
 at::Tensor alpha_combine(const at::Tensor& source, const at::Tensor& targets, const at::Tensor& neighbors,
                          const at::Tensor& alphas, int64_t dim) {
-  Checked c = prepare(source, targets, neighbors, alphas, dim, checks_values(source));
+  const Backend backend = backend_of(source);
+  Checked c = prepare(backend, source, targets, neighbors, alphas, dim, checks_values(backend));
   at::Tensor out = at::empty(output_shape(c), source.options());
   if (out.numel() == 0) return out;
   const at::OptionalDeviceGuard guard(at::device_of(source));
   c.params.out = out.data_ptr();
   set_output_strides(out, c.dim, &c.params.out_line_stride, &c.params.out_elem_stride);
-  const auto plan = attach_column_plan(source, c.params);
-  run_kernel(source, &cpu::alpha_combine, ALPHANET_CUDA_KERNEL(alpha_combine), c.params);
+  const auto plan = attach_column_plan(backend, source, c.params);
+  run_kernel(backend, &cpu::alpha_combine, ALPHANET_CUDA_KERNEL(alpha_combine), c.params);
   return out;
 }
 
@@ -123,13 +127,14 @@ std::tuple<at::Tensor, at::Tensor> alpha_combine_backward(const at::Tensor& grad
                                                           const at::Tensor& targets, const at::Tensor& neighbors,
                                                           const at::Tensor& alphas, int64_t dim, bool need_source,
                                                           bool need_alphas) {
-  Checked c = prepare(source, targets, neighbors, alphas, dim, checks_values(source));
+  const Backend backend = backend_of(source);
+  Checked c = prepare(backend, source, targets, neighbors, alphas, dim, checks_values(backend));
   const at::ScalarType acc = acc_type(source.scalar_type());
   const std::vector<int64_t> expected = output_shape(c);
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(expected), kOp, ": grad_out must have shape ",
               at::IntArrayRef(expected), ", got ", grad_out.sizes());
   check_same_device(source, grad_out, kOp, "source", "grad_out");
-  TORCH_CHECK(!(need_alphas && uses_cuda_kernels(source)) || c.params.k <= kMaxCudaGradNeighbors, kOp,
+  TORCH_CHECK(!(need_alphas && cuda_paths(backend)) || c.params.k <= kMaxCudaGradNeighbors, kOp,
               ": the gradient of alphas on CUDA supports up to ", kMaxCudaGradNeighbors, " neighbours per class, got k=",
               c.params.k);
   const at::OptionalDeviceGuard guard(at::device_of(source));
@@ -141,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor> alpha_combine_backward(const at::Tensor& grad
   set_output_strides(grad, c.dim, &b.forward.out_line_stride, &b.forward.out_elem_stride);
   // The CPU kernel adds each class's terms into grad_source; the CUDA kernels,
   // when they run (grad not empty), write every element of both gradients.
-  const bool written_whole = uses_cuda_kernels(source) && grad.numel() > 0;
+  const bool written_whole = cuda_paths(backend) && grad.numel() > 0;
   const auto gradient_buffer = [&](at::IntArrayRef sizes) {
     const auto options = source.options().dtype(acc);
     return written_whole ? at::empty(sizes, options) : at::zeros(sizes, options);
@@ -151,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor> alpha_combine_backward(const at::Tensor& grad
   at::Tensor alpha_partials;
   if (need_alphas) {
     b.grad_alphas = grad_alphas.data_ptr();
-    if (uses_cuda_kernels(source) && b.forward.out_line_stride == 1) {
+    if (cuda_paths(backend) && b.forward.out_line_stride == 1) {
       const int64_t chunk_elems =
           std::clamp(c.params.elems / kTargetAlphaChunks, kMinAlphaChunkElems, kAlphaChunkElems);
       b.alpha_chunks = std::min(kMaxAlphaChunks, (c.params.elems + chunk_elems - 1) / chunk_elems);
@@ -159,13 +164,13 @@ std::tuple<at::Tensor, at::Tensor> alpha_combine_backward(const at::Tensor& grad
       b.alpha_partials = alpha_partials.data_ptr();
     }
   }
-  const auto plan = need_alphas ? attach_column_plan(source, b.forward) : std::pair<at::Tensor, at::Tensor>{};
+  const auto plan = need_alphas ? attach_column_plan(backend, source, b.forward) : std::pair<at::Tensor, at::Tensor>{};
   at::Tensor line_offsets, line_entries;
   if (need_source) {
     b.grad_source = grad_source.data_ptr();
     b.grad_line_stride = grad_source.stride(c.dim);
     b.grad_elem_stride = grad_source.stride(1 - c.dim);
-    if (uses_cuda_kernels(source)) {
+    if (cuda_paths(backend)) {
       const at::Tensor lines = at::cat({c.targets.unsqueeze(1), c.neighbors}, 1).reshape(-1);
       line_entries = std::get<1>(lines.sort(/*stable=*/true, 0, false));
       line_offsets = at::zeros({c.params.num_lines + 1}, lines.options());
@@ -175,7 +180,7 @@ std::tuple<at::Tensor, at::Tensor> alpha_combine_backward(const at::Tensor& grad
     }
   }
   if (grad.numel() > 0 && (need_alphas || need_source)) {
-    run_kernel(source, &cpu::alpha_combine_backward, ALPHANET_CUDA_KERNEL(alpha_combine_backward), b);
+    run_kernel(backend, &cpu::alpha_combine_backward, ALPHANET_CUDA_KERNEL(alpha_combine_backward), b);
   }
   // A part not asked for comes back empty (custom-op returns cannot be None).
   const at::Tensor none = at::empty({0}, source.options());
@@ -187,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor> alpha_combine_backward(const at::Tensor& grad
 void check_combine_values(const at::Tensor& source, const at::Tensor& targets, const at::Tensor& neighbors,
                           const at::Tensor& alphas, int64_t dim) {
   const at::OptionalDeviceGuard guard(at::device_of(source));
-  prepare(source, targets, neighbors, alphas, dim, true);
+  prepare(backend_of(source), source, targets, neighbors, alphas, dim, true);
 }
 
 }  // namespace

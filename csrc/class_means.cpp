@@ -75,7 +75,7 @@ void cuda_class_sums(at::Tensor& sums, at::Tensor& counts, const at::Tensor& x, 
   params.means = means;
   params.counts = counts.data_ptr<int64_t>();
   params.nonfinite = label_ends.data_ptr<double>() + 2;
-  if (x.size(1) > 0) run_kernel(x, &cpu::class_sums, ALPHANET_CUDA_KERNEL(class_sums), params);
+  if (x.size(1) > 0) run_cuda_kernel(ALPHANET_CUDA_KERNEL(class_sums), params);
   if (!means) return check_finite_sums(sums);
   const at::Tensor host = label_ends.cpu();
   check_label_ends(host[0].item<double>(), host[1].item<double>(), label_ids, num_classes);
@@ -84,15 +84,15 @@ void cuda_class_sums(at::Tensor& sums, at::Tensor& counts, const at::Tensor& x, 
 
 // Adds x's rows into sums and counts by label, or (means, CUDA kernels only)
 // writes the class means over sums.
-void add_class_sums(at::Tensor& sums, at::Tensor& counts, const at::Tensor& x, const at::Tensor& labels,
-                    bool means) {
+void add_class_sums(Backend backend, at::Tensor& sums, at::Tensor& counts, const at::Tensor& x,
+                    const at::Tensor& labels, bool means) {
   check_float_matrix(x, kOp, "x");
   check_backend(x, kOp);
   check_same_device(x, labels, kOp, "x", "labels");
   check_same_device(x, sums, kOp, "x", "sums");
   check_same_device(x, counts, kOp, "x", "counts");
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == x.size(0), kOp, ": labels must be 1-D with one entry per row of x (",
-              x.size(0), "), got shape ", labels.sizes());
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == x.size(0),
+              message(kOp, msg::labels_per_row, {{"rows", std::to_string(x.size(0))}, {"shape", c10::str(labels.sizes())}}));
   TORCH_CHECK(sums.dim() == 2 && sums.size(1) == x.size(1), kOp, ": sums must be [num_classes, ", x.size(1),
               "], got shape ", sums.sizes());
   TORCH_CHECK(sums.scalar_type() == acc_type(x.scalar_type()) && sums.is_contiguous(), kOp,
@@ -103,7 +103,7 @@ void add_class_sums(at::Tensor& sums, at::Tensor& counts, const at::Tensor& x, c
               ": counts must be an int64 tensor of shape [", num_classes, "], got ", counts.scalar_type(), " ",
               counts.sizes());
   const at::OptionalDeviceGuard guard(at::device_of(x));
-  if (uses_cuda_kernels(x)) return cuda_class_sums(sums, counts, x, integer_indices(labels, kOp, "labels"), means);
+  if (cuda_paths(backend)) return cuda_class_sums(sums, counts, x, integer_indices(labels, kOp, "labels"), means);
   const at::Tensor label_ids = checked_indices(labels, num_classes, kOp, "labels", "num_classes");
   if (x.size(0) == 0 || x.size(1) == 0) {
     counts.add_(at::bincount(label_ids, {}, num_classes));
@@ -116,20 +116,21 @@ void add_class_sums(at::Tensor& sums, at::Tensor& counts, const at::Tensor& x, c
 }
 
 void class_sums_(at::Tensor& sums, at::Tensor& counts, const at::Tensor& x, const at::Tensor& labels) {
-  add_class_sums(sums, counts, x, labels, /*means=*/false);
+  add_class_sums(backend_of(x), sums, counts, x, labels, /*means=*/false);
 }
 
 std::tuple<at::Tensor, at::Tensor> class_means(const at::Tensor& x, const at::Tensor& labels, int64_t num_classes) {
   check_float_matrix(x, kOp, "x");
-  TORCH_CHECK(num_classes >= 1, kOp, ": num_classes must be at least 1, got ", num_classes);
+  TORCH_CHECK(num_classes >= 1, message(kOp, msg::num_classes, {{"value", std::to_string(num_classes)}}));
   // The CUDA kernels write every class's mean and count when there is anything to sum.
-  const bool written_whole = uses_cuda_kernels(x) && x.numel() > 0;
+  const Backend backend = backend_of(x);
+  const bool written_whole = cuda_paths(backend) && x.numel() > 0;
   const auto options = x.options().dtype(acc_type(x.scalar_type()));
   const auto count_options = x.options().dtype(at::kLong);
   at::Tensor sums = written_whole ? at::empty({num_classes, x.size(1)}, options)
                                   : at::zeros({num_classes, x.size(1)}, options);
   at::Tensor counts = written_whole ? at::empty({num_classes}, count_options) : at::zeros({num_classes}, count_options);
-  add_class_sums(sums, counts, x, labels, written_whole);
+  add_class_sums(backend, sums, counts, x, labels, written_whole);
   if (!written_whole) sums.div_(counts.clamp_min(1).unsqueeze(1).to(sums.scalar_type()));
   return {sums, counts};
 }

@@ -34,8 +34,8 @@ at::Tensor combine_alphas_grad(const at::Tensor& grad, const at::Tensor& source,
 // (see InputProductParams; alphanet_ext.fit packs it). Returns inputs_t^T @ first [C_f, N].
 at::Tensor first_layer(const at::Tensor& inputs, const at::Tensor& first, int64_t num_few) {
   if (inputs.dim() == 2) {
-    // inputs_t.t() @ first: MKL takes the transposed operand in place, and this
-    // order measured faster than first.t() @ inputs_t at both 136 and 4,515 few classes.
+    // inputs_t.t() @ first: the BLAS takes the transposed operand in place (this
+    // order is the faster of the two; benchmarks/RESULTS.md).
     return at::mm(inputs.t(), first);
   }
   at::Tensor out = at::empty({inputs.size(0) * kInputPanel, first.size(1)}, first.options());
@@ -48,15 +48,15 @@ at::Tensor first_layer(const at::Tensor& inputs, const at::Tensor& first, int64_
 // Few classes per part of the first layer's gradient on CUDA. That product,
 // [D, C_f] x [C_f, N], has a small output (12,288 x 32 at iNaturalist size:
 // about 100 cuBLAS tiles for 132 multiprocessors) and a long inner dimension,
-// so it is run as products over parts of the few classes, summed (an H200:
-// 1.44x the single product at that size).
+// so it is run as products over parts of the few classes, summed: more tiles
+// in flight (the measurement is in benchmarks/RESULTS.md).
 constexpr int64_t kFewClassesPerGradPart = 1024;
 
 // inputs_t @ grad [D, N] for grad [C_f, N].
-at::Tensor first_layer_grad(const at::Tensor& inputs, const at::Tensor& grad, int64_t dims) {
+at::Tensor first_layer_grad(Backend backend, const at::Tensor& inputs, const at::Tensor& grad, int64_t dims) {
   if (inputs.dim() == 2) {
     const int64_t num_few = inputs.size(1), parts = num_few / kFewClassesPerGradPart;
-    if (!uses_cuda_kernels(inputs) || parts < 2) return at::mm(inputs, grad);
+    if (!cuda_paths(backend) || parts < 2) return at::mm(inputs, grad);
     const int64_t per_part = num_few / parts, split = parts * per_part;
     const at::Tensor left = inputs.contiguous(), right = grad.contiguous();
     at::Tensor out = at::bmm(left.as_strided({parts, left.size(0), per_part}, {per_part, num_few, 1}),
@@ -101,6 +101,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> coefficient_grads(
     const at::Tensor& inputs_t, const at::Tensor& first, at::TensorList rest, at::TensorList biases,
     const at::Tensor& few_bias, const at::Tensor& raw, const at::Tensor& targets, const at::Tensor& neighbors,
     const at::Tensor& base_lse, const at::Tensor& target_few, const at::Tensor& target_base, double pred_scale) {
+  const Backend backend = backend_of(inputs_t);
   TORCH_CHECK(biases.size() == rest.size() + 1, kOp, ": need one bias per layer, got ", biases.size(), " for ",
               rest.size() + 1, " layers");
   TORCH_CHECK(few_bias.dim() == 2, kOp, ": few_bias must be [T, C_f], got ", few_bias.sizes());
@@ -165,7 +166,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> coefficient_grads(
   }
   grad_biases[0] = grad.sum(1);
   const at::Tensor grad_first =
-      first_layer_grad(inputs_t, grad.transpose(0, 1).reshape({num_few, trials * hidden}), first.size(0));
+      first_layer_grad(backend, inputs_t, grad.transpose(0, 1).reshape({num_few, trials * hidden}), first.size(0));
 
   std::vector<at::Tensor> grads;
   grads.push_back(grad_first);

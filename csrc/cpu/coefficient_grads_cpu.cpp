@@ -21,8 +21,8 @@ namespace {
 
 constexpr int kTileColumns = 16;    // a 6 x 16 tile: 12 ymm accumulators
 constexpr int64_t kDepthChunk = 1024;  // forward: rows of `right` (128 KB at 32 columns) kept in L2 across panels
-constexpr int64_t kPanelChunk = 8;     // backward: panels of classes per pass; each is a memory stream, and more than
-                                        // about 8 streams measured slower (prefetchers lose track)
+constexpr int64_t kPanelChunk = 8;     // backward: panels of classes per pass; each is a memory stream, and
+                                        // the hardware prefetchers follow only a few streams at once
 
 #define ALPHANET_AVX2 __attribute__((target("avx2,fma")))
 

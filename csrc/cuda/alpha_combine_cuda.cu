@@ -103,8 +103,8 @@ __global__ void forward_by_element_kernel(CombineParams p) {
 
 // Logit rows held in shared memory at once by the staged kernels (the alpha
 // gradient's registers for a class's per-row gradients bound it), and their
-// blocks' threads: with two blocks of 112 KB per multiprocessor, 256-thread
-// blocks left the H100 at a quarter of its warps, latency-bound.
+// blocks' threads: with two blocks of 112 KB per multiprocessor, smaller
+// blocks leave a multiprocessor too few warps to hide memory latency.
 constexpr int kMaxStagedRows = 8, kStagedThreads = 512;
 
 // Threads of a column alpha-gradient block whose classes' sums and staged rows
@@ -114,9 +114,9 @@ constexpr int kMaxPartialsThreads = 1024;
 
 // Loads a thread issues before it uses them, while summing the alpha
 // gradient's chunks (kLoadBatch values) or staging rows (kPackBatch 16-byte
-// packs). Staging one 4-byte value at a time left the H200 at 16 % of its DRAM
-// bandwidth: too few bytes in flight per multiprocessor. 4 packs made the
-// staged kernels spill registers.
+// packs): enough bytes in flight per multiprocessor to keep DRAM busy, which
+// one 4-byte value at a time is not; more packs make the staged kernels spill
+// registers (benchmarks/RESULTS.md has the measurements).
 constexpr int kLoadBatch = 8, kPackBatch = 2;
 
 // A staged row's elements, whole 16-byte packs: the logit row's num_lines values
@@ -400,8 +400,8 @@ __global__ void alpha_partials_kernel(CombineBackwardParams b, int64_t chunk) {
 // shared memory instead of a 32-byte sector each, the lines from the plan and
 // the gradients in consecutive slots for a warp's classes, and every sum runs
 // over the chunk's rows in order, as in alpha_partials_kernel (the same bits).
-// Run C's kernel kept the sums in global memory instead: re-read and re-written
-// once a pass of three staged rows, they were most of its L2 traffic.
+// Sums kept in global memory instead would be re-read and re-written once a
+// pass of staged rows and dominate the L2 traffic.
 template <typename T, typename A>
 __global__ void __launch_bounds__(kMaxPartialsThreads, 1)
     alpha_partials_staged_kernel(CombineBackwardParams b, int64_t chunk, int staged_rows, int classes_per_block) {
