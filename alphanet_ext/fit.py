@@ -12,7 +12,6 @@ selection, export.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import time
@@ -20,20 +19,21 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.distributed as dist
 
 from .classifier import apply_correction, combine_experts
 from .config import FitConfig
-from .data import (ArrayLike, as_tensor, cache_budget, check_classifier, check_features, check_labels, inputs_device,
+from .data import (ArrayLike, as_tensor, check_classifier, check_features, check_labels, inputs_device,
                    resolve_device)
 from .result import FitResult, load
 from .training import checkpoint as checkpoints
+from .training import layouts
 from .training import progress as bars
-from .training import sharded
 from .training.cache import CacheSizes, LogitCache
+from .training.layouts import layout_of
 from .training.sampler import EpochSampler
 from .training.selection import EpochSelector, ValScorer
-from .training.statistics import class_statistics, find_neighbors, keeps_features_on
+from .training.sharding import Shard
+from .training.statistics import keeps_features_on
 from .training.step import Diverged, TrainStep
 
 __all__ = ["fit", "FitResult", "load", "combine_experts", "FitConfig", "Diverged"]
@@ -157,108 +157,90 @@ def fit_with_config(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, b
     fit's temporaries and ``keep_features`` forces (or forbids) a device copy of
     host features; both default to what the device allows."""
     started = time.perf_counter()
-    timings: dict[str, float] = {}
     device = resolve_device(device if device is not None else inputs_device(train_x, weight, val_x))
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {callback!r}")
-    shard = _shard_of(process_group, shard_classes)
-    by_class = shard is not None and shard.mode == "classes"
-    classes = shard.class_range(int(weight.shape[0])) if by_class else None
-    inputs = _checked_inputs(train_x, train_y, weight, bias, val_x, val_y, device, classes, shard is not None)
-    has_val = inputs.val_x is not None
-    config = config.resolved(has_val)
-    if shard is not None:
-        shard.check_agreement(_agreement_facts(config, weight, bias, has_val, device),
-                              {"train": inputs.labels.numel(), "val": 0 if not has_val else inputs.val_labels.numel()})
-        if has_val and shard.offsets["val"][-1] == 0:
-            raise ValueError("val_x has no samples on any rank; pass val_x=None to train without a validation set")
-    show = bars.wanted(progress) and (shard is None or shard.rank == 0)
-    if shard is not None and device.type == "cpu" and sizes.budget is None:  # the ranks likely share the host
-        sizes = dataclasses.replace(sizes, budget=cache_budget(device) / shard.world)
-    w, b, labels = inputs.w, inputs.b, inputs.labels
-    num_classes = int(weight.shape[0])
-    full_bias = b if not by_class else (torch.zeros(num_classes, device=device) if bias is None
-                                        else as_tensor(bias, "bias", device).float())
+    layout = layout_of(process_group, shard_classes)
+    inputs = _checked_inputs(train_x, train_y, weight, bias, val_x, val_y, device,
+                             layout.classes(int(weight.shape[0])), layout.shard is not None)
+    config = config.resolved(inputs.val_x is not None)
+    layout.agree(_agreement_facts(config, weight, bias, inputs.val_x is not None, device), inputs.labels.numel(),
+                 None if inputs.val_x is None else inputs.val_labels.numel())
+    stages = _stages(layout, inputs, weight, bias, config, device, layout.sizes(sizes, device), keep_features,
+                     layout.show_progress(bars.wanted(progress)))
+    history, selector = _run_epochs(stages, config, checkpoint, callback)
+    return _export(stages, weight, bias, config, history, selector, started)
 
-    # 1. Class statistics: means, splits and neighbours, from one pass over the features.
+
+@dataclass
+class _Stages:
+    """A fit's parts, made by its layout for its data: what the epochs run."""
+    layout: layouts.OneProcess
+    inputs: _Inputs
+    device: torch.device
+    stats: Any
+    few_position: torch.Tensor
+    sampler: EpochSampler
+    step: TrainStep
+    cache: LogitCache
+    scorer: ValScorer | None
+    show: bool
+    timings: dict[str, float]
+
+
+def _stages(layout: layouts.OneProcess, inputs: _Inputs, weight: ArrayLike, bias: ArrayLike | None,
+            config: FitConfig, device: torch.device, sizes: CacheSizes, keep_features: bool | None,
+            show: bool) -> _Stages:
+    """1. class statistics (means, splits, neighbours) from one pass over the features;
+    2. the epochs' sampler and the training step; 3. the logits read every epoch,
+    kept where memory allows, and the val scorer."""
+    timings: dict[str, float] = {}
+    num_classes = int(weight.shape[0])
     tic = time.perf_counter()
     keep = keeps_features_on(device, inputs.train_x) if keep_features is None else keep_features
-    keep = keep and not by_class
+    keep = keep and layout.reads_all_classes
     resident = torch.empty(tuple(inputs.train_x.shape), dtype=as_tensor(inputs.train_x[:0], "train_x").dtype,
                            device=device) if keep else None
-    statistics = (config.few_threshold, config.many_threshold, config.k, device)
-    if shard is None:
-        stats = class_statistics(inputs.train_x, labels, num_classes, *statistics[:3], device, resident, show)
-    elif by_class:
-        stats = sharded.class_sharded_statistics(shard, inputs.train_x, labels, num_classes, *statistics)
-    else:
-        stats = sharded.row_sharded_statistics(shard, inputs.train_x, labels, num_classes, *statistics, resident)
-    train_rows = resident if resident is not None else inputs.train_x
+    stats = layout.statistics(inputs.train_x, inputs.labels, num_classes, config, device, resident, show)
     timings["class_means"] = time.perf_counter() - tic
     tic = time.perf_counter()
-    if shard is None:
-        find_neighbors(stats, config.k, config.metric, config.seed)
-    elif by_class:
-        sharded.class_sharded_neighbors(shard, stats, num_classes, config.k, config.metric, config.seed)
-    else:
-        sharded.broadcast_neighbors(shard, stats, lambda s: find_neighbors(s, config.k, config.metric, config.seed))
+    layout.neighbors(stats, num_classes, config)
     timings["neighbors"] = time.perf_counter() - tic
-    few, neighbors = stats.few, stats.neighbors
-    all_labels = labels if shard is None else sharded.gathered_labels(shard, labels, "train")
 
-    # 2. The training step (networks, optimiser) and the epochs' sampler.
+    all_labels = layout.all_labels(inputs.labels)
     few_position = torch.full((num_classes,), -1, dtype=torch.long, device=device)
-    few_position[few] = torch.arange(few.numel(), device=device)
+    few_position[stats.few] = torch.arange(stats.few.numel(), device=device)
     sampler = EpochSampler(all_labels, stats.counts, few_position >= 0, stats.base, config.rho)
-    step_options = (config.hidden, config.trials, config.seed, config.lr, config.weight_decay, config.pred_scale)
-    if by_class:  # the step works in the compact space of the columns it reads
-        columns = torch.unique(torch.cat([few, neighbors.flatten()]))
-        few_at, neighbors_at = torch.searchsorted(columns, few), torch.searchsorted(columns, neighbors)
-        step = TrainStep(sharded.owned_rows(shard, num_classes, columns, w), full_bias[columns], few_at,
-                         neighbors_at, *step_options, config.cuda_graphs)
-    elif shard is not None:
-        step = sharded.RowShardedStep(shard, w, b, few, neighbors, *step_options, False)
-    else:
-        step = TrainStep(w, b, few, neighbors, *step_options, config.cuda_graphs)
+    full_bias = layout.full_bias(inputs.b, bias, num_classes, device)
+    step = layout.step(inputs.w, full_bias, stats, num_classes, config)
 
-    # 3. The logits read every epoch, kept where memory allows.
-    cache_options = (inputs.val_x, config.pred_scale, config.trials, config.batch_size, sampler.epoch_size, sizes,
-                     show)
-    reduce_counts = None if shard is None else (lambda counts: shard.all_reduce(counts, what="the val counts"))
-    if by_class:
-        cache = sharded.ClassShardedCache(shard, train_rows, all_labels, w, full_bias, few, columns, sampler.few_rows,
-                                          *cache_options)
-        scorer = ValScorer(cache, inputs.val_labels, few_at, neighbors_at, stats.splits, few_ids=few,
-                           num_classes=num_classes, reduce_counts=reduce_counts) if has_val else None
-    else:
-        if shard is not None:
-            cache = sharded.RowShardedCache(shard, train_rows, labels, w, b, few, sampler.few_rows, *cache_options)
-        else:
-            cache = LogitCache(train_rows, labels, w, b, few, sampler.few_rows, *cache_options)
-        scorer = ValScorer(cache, inputs.val_labels, few, neighbors, stats.splits,
-                           reduce_counts=reduce_counts) if has_val else None
+    options = (inputs.val_x, config.pred_scale, config.trials, config.batch_size, sampler.epoch_size, sizes, show)
+    train_rows = resident if resident is not None else inputs.train_x
+    cache = layout.cache(train_rows, inputs.labels, all_labels, inputs.w, full_bias, stats, sampler, options)
+    scorer = layout.scorer(cache, inputs.val_labels, stats, num_classes) if inputs.val_x is not None else None
     timings.update(cache.timings)
+    return _Stages(layout, inputs, device, stats, few_position, sampler, step, cache, scorer, show, timings)
 
-    # 4. Epochs, with selection on val and a checkpoint after each.
-    selector = EpochSelector(config.trials, config.epochs, config.min_epochs, step.few_bias, few.numel(), config.k)
+
+def _run_epochs(stages: _Stages, config: FitConfig, checkpoint: str | os.PathLike | None,
+                callback: Callback | None) -> tuple[list[dict], EpochSelector]:
+    """4. The epochs, with selection on val, a checkpoint after each (resumed from it
+    if one is there) and the callback."""
+    layout, step, sampler, scorer = stages.layout, stages.step, stages.sampler, stages.scorer
+    selector = EpochSelector(config.trials, config.epochs, config.min_epochs, step.few_bias, stages.stats.few.numel(),
+                             config.k)
     history: list[dict] = []
     saved_path = os.fspath(checkpoint) if checkpoint is not None else None
     expected = None
     if saved_path is not None:
-        digests = _input_digests(inputs, stats)
-        if shard is not None:
-            digests = {**_sharded_digests(shard, digests), **shard.describe()}
-        expected = checkpoints.fingerprint(config.to_dict(), device, digests)
-        saved = checkpoints.load(saved_path, expected)
-        if shard is not None:
-            _check_same_resume(shard, saved_path, 0 if saved is None else len(saved["history"]))
+        expected, saved = _resume_state(stages, config, saved_path)
         if saved is not None:
             step.load_state(saved["step"])
             selector.load_state(saved["selector"])
             history = list(saved["history"])
     train_time = val_time = 0.0
-    bar = bars.bar(show, total=config.epochs * sampler.epoch_size, desc="alphanet fit", unit="sample",
-                       initial=len(history) * sampler.epoch_size)
+    bar = bars.bar(stages.show, total=config.epochs * sampler.epoch_size, desc="alphanet fit", unit="sample",
+                   initial=len(history) * sampler.epoch_size)
     stopped = bool(history) and history[-1].get("stopped", False)
     for epoch in range(len(history) + 1, config.epochs + 1):
         if stopped:
@@ -266,7 +248,7 @@ def fit_with_config(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, b
         tic = time.perf_counter()
         step.optimizer.lr = config.lr * config.lr_gamma ** ((epoch - 1) // config.lr_step)  # StepLR
         try:
-            _train_epoch(step, sampler, cache, few_position, config.batch_size, bar)
+            _train_epoch(step, sampler, stages.cache, stages.few_position, config.batch_size, bar)
         except Diverged as error:
             raise Diverged(_diverged(epoch, str(error), step.optimizer.lr, config)) from None
         train_time += time.perf_counter() - tic
@@ -282,40 +264,56 @@ def fit_with_config(train_x: ArrayLike, train_y: ArrayLike, weight: ArrayLike, b
         history.append(record)
 
         def save() -> None:
-            if saved_path is not None and (shard is None or shard.rank == 0):
+            if saved_path is not None and layout.writes():
                 checkpoints.save(saved_path, {"fingerprint": expected, "step": step.state(),
                                               "selector": selector.state(), "history": history})
         save()  # before the callback, which may stop the process
-        stop = callback is not None and callback(dict(record)) is False
-        if shard is not None:  # every rank stops if any callback asks
-            stop = bool(shard.all_reduce(torch.tensor([int(stop)]), dist.ReduceOp.MAX, "the callbacks' stop")[0])
+        stop = layout.any_rank(callback is not None and callback(dict(record)) is False)
         if stop:  # stopped before min_epochs: the last epoch run is eligible
             record["stopped"] = True
             selector.offer(record, alphas, step.few_bias, step.nets.state, force=epoch < config.min_epochs)
             save()
-        val_text = f", val top-1 {max(r['overall'] for r in record['val_top1']):.1f}" if has_val else ""
+        val_text = f", val top-1 {max(r['overall'] for r in record['val_top1']):.1f}" if scorer is not None else ""
         bar.set_postfix_str(f"epoch {epoch}/{config.epochs}, loss {min(record['loss']):.3f}{val_text}")
         stopped = stop
     bar.close()
+    stages.timings.update(train=train_time, validation=val_time)
+    return history, selector
 
-    # 5. Export: the chosen trial's corrected classifier.
+
+def _resume_state(stages: _Stages, config: FitConfig, path: str) -> tuple[str, dict | None]:
+    """The fingerprint a checkpoint of this fit carries, and the saved state if one is there."""
+    layout = stages.layout
+    digests = _input_digests(stages.inputs, stages.stats)
+    if layout.shard is not None:
+        digests = {**_sharded_digests(layout.shard, digests), **layout.describe()}
+    expected = checkpoints.fingerprint(config.to_dict(), stages.device, digests)
+    saved = checkpoints.load(path, expected)
+    if layout.shard is not None:
+        _check_same_resume(layout.shard, path, 0 if saved is None else len(saved["history"]))
+    return expected, saved
+
+
+def _export(stages: _Stages, weight: ArrayLike, bias: ArrayLike | None, config: FitConfig, history: list[dict],
+            selector: EpochSelector, started: float) -> FitResult:
+    """5. The chosen trial's corrected classifier, and everything the report reads."""
+    stats, timings = stages.stats, stages.timings
     best_trial, trial_val = selector.best_trial(history)
     tic = time.perf_counter()
     chosen = selector.best_alphas[best_trial]
     normalized = chosen / chosen.abs().sum(dim=1, keepdim=True)
-    out_weight, out_bias = apply_correction(weight, bias, few, neighbors, chosen, selector.best_bias[best_trial])
+    out_weight, out_bias = apply_correction(weight, bias, stats.few, stats.neighbors, chosen,
+                                            selector.best_bias[best_trial])
     timings["export"] = time.perf_counter() - tic
-    timings["train"] = train_time
-    timings["validation"] = val_time
     timings["total"] = time.perf_counter() - started
     return FitResult(
         weight=out_weight, bias=out_bias, splits={name: ids.cpu() for name, ids in stats.splits.items()},
-        neighbors=neighbors.cpu(), alphas=normalized.detach().cpu(), history=history,
+        neighbors=stats.neighbors.cpu(), alphas=normalized.detach().cpu(), history=history,
         best_epochs=list(selector.best_epochs), best_trial=best_trial, trial_val_top1=trial_val,
-        config={**config.to_dict(), "device": str(device), **({} if shard is None else shard.describe())},
+        config={**config.to_dict(), "device": str(stages.device), **stages.layout.describe()},
         timings=timings, neighbor_distances=stats.neighbor_distances.float().cpu(),
         trial_alphas=selector.best_alphas.detach().cpu(), trial_few_bias=selector.best_bias.detach().cpu(),
-        class_means=None if by_class else stats.means.float().cpu(),
+        class_means=stats.means.float().cpu() if stages.layout.reads_all_classes else None,
         mlp_state=selector.best_states[best_trial])
 
 
@@ -346,14 +344,6 @@ def _diverged(epoch: int, what: str, lr: float, config: FitConfig) -> str:
             "lr or pred_scale, or check the classifier's scale")
 
 
-def _shard_of(process_group: Any, shard_classes: bool) -> sharded.Shard | None:
-    if process_group is None:
-        if shard_classes:
-            raise ValueError("shard_classes=True needs a process_group (a class-sharded fit runs over several ranks)")
-        return None
-    return sharded.Shard.of(process_group, "classes" if shard_classes else "rows")
-
-
 def _agreement_facts(config: FitConfig, weight: ArrayLike, bias: ArrayLike | None, has_val: bool,
                      device: torch.device) -> dict[str, Any]:
     """What every rank of a sharded fit must agree on (compared by digest at the start)."""
@@ -363,7 +353,7 @@ def _agreement_facts(config: FitConfig, weight: ArrayLike, bias: ArrayLike | Non
             "val set (given or not)": has_val, "device kind": device.type}
 
 
-def _sharded_digests(shard: sharded.Shard, digests: dict[str, str]) -> dict[str, str]:
+def _sharded_digests(shard: Shard, digests: dict[str, str]) -> dict[str, str]:
     """One digest per input over every rank's part, the same on every rank."""
     out = {}
     for name in sorted(digests):
@@ -372,7 +362,7 @@ def _sharded_digests(shard: sharded.Shard, digests: dict[str, str]) -> dict[str,
     return out
 
 
-def _check_same_resume(shard: sharded.Shard, path: str, epochs_done: int) -> None:
+def _check_same_resume(shard: Shard, path: str, epochs_done: int) -> None:
     seen = shard.all_gather(torch.tensor([epochs_done], dtype=torch.long), "the checkpoint check").flatten().tolist()
     if len(set(seen)) > 1:
         raise ValueError(f"{path}: the ranks see different checkpoints (epochs done per rank: {seen}); put the "
