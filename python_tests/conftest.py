@@ -77,3 +77,13 @@ def generator():
 
 def rand(*shape, dtype=torch.float32, device="cpu", generator=None):
     return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype=dtype, device=device)
+
+
+@pytest.fixture(scope="session")
+def synth_folder(tmp_path_factory):
+    """A small `alphanet synth` folder (cifar100-lt at 0.3 scale, 32 dims), made once per run."""
+    from alphanet_ext import cli
+    folder = tmp_path_factory.mktemp("synth") / "problem"
+    assert cli.main(["synth", "--preset", "cifar100-lt", "--out", str(folder), "--scale", "0.3", "--dim", "32",
+                     "--quiet"]) == 0
+    return folder

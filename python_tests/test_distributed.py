@@ -180,15 +180,6 @@ def _torchrun(tmp_path, world: int, *argv: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-@pytest.fixture(scope="module")
-def synth_folder(tmp_path_factory):
-    from alphanet_ext import cli
-    folder = tmp_path_factory.mktemp("synth") / "problem"
-    assert cli.main(["synth", "--preset", "cifar100-lt", "--out", str(folder), "--scale", "0.3", "--dim", "32",
-                     "--quiet"]) == 0
-    return folder
-
-
 @pytest.mark.parametrize("world,extra", [(2, []), (3, ["--shard-classes", "--report", "report"])])
 def test_alphanet_fit_under_torchrun_matches_one_process(world, extra, synth_folder, tmp_path):
     from alphanet_ext import cli

@@ -41,12 +41,9 @@ def _shard_folder(source, out, world: int, splits=("train", "test"), records: bo
     return out
 
 
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("synth") / "problem"
-    assert cli.main(["synth", "--preset", "cifar100-lt", "--out", str(folder), "--scale", "0.3", "--dim", "32",
-                     "--quiet"]) == 0
-    return folder
+@pytest.fixture
+def synth(synth_folder):
+    return synth_folder
 
 
 # --------------------------------------------------------------------------- the array
