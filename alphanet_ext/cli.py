@@ -142,6 +142,27 @@ def _auto_index(candidates: list[Run], weight: torch.Tensor, bias: torch.Tensor,
     return max(allowed, key=lambda i: summaries[i]["few"]["mean"])
 
 
+def _worse_than_input(args: argparse.Namespace, best: Run, weight: torch.Tensor, bias: torch.Tensor,
+                      val: Features) -> str | None:
+    """Why the chosen correction is worse on val than the input classifier, or None:
+    its few-split top-1 is not higher, or its overall top-1 is more than
+    --max-overall-drop points lower (what the correction is for, and what it may cost)."""
+    before = evaluate(weight, bias, val.x, val.y, best.result.splits, device=args.device)["top1"]
+    after = best.result.trial_val_top1[best.result.best_trial]
+    reasons = []
+    if after["few"] <= before["few"]:
+        reasons.append(f"few-split top-1 {before['few']:.1f} -> {after['few']:.1f}")
+    if after["overall"] < before["overall"] - args.max_overall_drop:
+        reasons.append(f"overall top-1 {before['overall']:.1f} -> {after['overall']:.1f}, more than "
+                       f"--max-overall-drop {args.max_overall_drop:g} points lower")
+    if not reasons:
+        return None
+    advice = ("the input classifier is better for this data" if args.rho_auto else
+              "try --rho auto (rho chosen on val) or a smaller --rho, or keep the input classifier")
+    return (f"the correction (k={best.k}, rho={best.rho}) is worse than the input classifier on val: "
+            f"{'; '.join(reasons)}; {advice}")
+
+
 def _analyses(args: argparse.Namespace, best: Run, evaluated: Features, before: torch.Tensor, after: torch.Tensor,
               hierarchy: Hierarchy | None) -> dict:
     """Prediction changes in the paper's three neighbour views, and semantic closeness,
@@ -176,6 +197,9 @@ class UsageError(Exception):
 def _check_fit_options(args: argparse.Namespace) -> None:
     if args.hierarchy and not args.report:
         raise UsageError("--hierarchy is used by the report: add --report DIR")
+    args.rho_defaulted = args.rho is None
+    if args.rho is None:  # with a val set rho is chosen on it; a fixed 1 can make things worse (README)
+        args.rho = ["auto"] if args.val is not None or _folder_has(args.train, "val") else [1.0]
     if "auto" in args.rho and args.rho != ["auto"]:
         raise UsageError("--rho auto cannot be mixed with numbers")
     if args.rho == ["auto"] and args.val is None and not _folder_has(args.train, "val"):
@@ -305,9 +329,12 @@ def _run_fit(args: argparse.Namespace, rank: int, world: int) -> int:
     hierarchy = Hierarchy.read(args.hierarchy, weight.shape[0]) if args.hierarchy else None
     _check_rho_work(args, args.full_train, weight.shape[0])
     _stop_point(args, "loaded")
-    auto = args.rho == ["auto"]
+    auto = args.rho_auto = args.rho == ["auto"]
     if auto:
         args.rho = list(AUTO_RHOS)
+        if args.rho_defaulted and rank == 0:
+            _say(args, f"choosing rho on val among {', '.join(map(str, AUTO_RHOS))} (the default with a val set; "
+                       "--rho 1 fits once)")
     metrics = [args.metric] + (["random"] if args.control and args.metric != "random" else [])
     runs = _fit_grid(args, train, weight, bias, val, metrics)
     if world > 1:  # rank 0 writes, once every rank has finished
@@ -325,6 +352,9 @@ def _run_fit(args: argparse.Namespace, rank: int, world: int) -> int:
         best = candidates[0]
 
     splits = best.result.splits
+    warning = _worse_than_input(args, best, weight, bias, val) if val else None
+    if warning:
+        print(f"alphanet: warning: {warning}", file=sys.stderr, flush=True)
     baseline = evaluate(weight, bias, evaluated.x, evaluated.y, splits, device=args.device)
     rows = [("baseline", baseline["top1"])]
     report_runs = []
@@ -342,7 +372,8 @@ def _run_fit(args: argparse.Namespace, rank: int, world: int) -> int:
             chosen = per_trial[run.result.best_trial]
 
     with StagedOutputs() as outputs:
-        save_classifier(outputs.file(args.out), best.result.weight, best.result.bias, _metadata(best.result))
+        metadata = {**_metadata(best.result), **({"warning": warning} if warning else {})}
+        save_classifier(outputs.file(args.out), best.result.weight, best.result.bias, metadata)
         files = []
         if args.report:
             few = splits["few"]
@@ -351,7 +382,8 @@ def _run_fit(args: argparse.Namespace, rank: int, world: int) -> int:
             keep = ~torch.isnan(change)
             correlation = (pearson_with_interval(distance[keep], change[keep]) if int(keep.sum()) >= 3
                            else {"r": float("nan"), "low": float("nan"), "high": float("nan")})
-            report = {"config": best.result.config, "evaluated_on": evaluated_on, "samples": baseline["samples"],
+            report = {**({"warning": warning} if warning else {}),
+                      "config": best.result.config, "evaluated_on": evaluated_on, "samples": baseline["samples"],
                       "baseline": {top: {c: {"mean": baseline[top][c], "std": 0.0} for c in COLUMNS}
                                    for top in ("top1", "top5")},
                       "runs": report_runs, "distance_correlation": correlation["r"],
@@ -740,8 +772,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit_parser.add_argument("--test", help="test features (for the printed table and the report)")
     fit_parser.add_argument("--out", required=True, help="corrected classifier (.pt, .pth, .npz or .safetensors)")
     fit_parser.add_argument("--report", help="folder for report.json, report.md and plots")
-    training_options(fit_parser, ("euclidean", "cosine", "random"), [1.0], _rho_value,
-                     "one value, several to sweep, or 'auto' (sweep %s on val)" % (AUTO_RHOS,))
+    training_options(fit_parser, ("euclidean", "cosine", "random"), None, _rho_value,
+                     "one value, several to sweep, or 'auto' (sweep %s on val: %d fits). Default: auto when "
+                     "there is a val set (--val, or val files in the --train folder), else 1" % (AUTO_RHOS,
+                                                                                                  len(AUTO_RHOS)))
     fit_parser.add_argument("--checkpoint", metavar="DIR",
                             help="save each fit's state here after every epoch; the same command run again resumes "
                                  "from it (bit-identical on the same device), and refuses a checkpoint of other "
@@ -753,7 +787,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit_parser.add_argument("--stop-at", help=argparse.SUPPRESS)  # test hook: STAGE:SIGNAL
     trust_pickle(fit_parser)
     fit_parser.add_argument("--max-overall-drop", type=_non_negative, default=1.0,
-                            help="with --rho auto: the most overall val top-1 (points) to give up for the few split")
+                            help="the most overall val top-1 (points) to give up for the few split: --rho auto "
+                                 "chooses within it, and a fit with val warns beyond it (default 1)")
     fit_parser.add_argument("--control", action="store_true",
                             help="also fit the random-neighbour control for every k and rho (report tables only)")
     fit_parser.add_argument("--hierarchy", help="class hierarchy for the report: a text file of 'CHILD PARENT' lines, "

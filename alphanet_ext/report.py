@@ -42,7 +42,8 @@ def _changes_table(changes: dict, neighbour_words: str) -> list[str]:
 
 
 def markdown(report: dict) -> str:
-    lines = ["# AlphaNet correction report", ""]
+    lines = ([f"**Warning: {report['warning']}**", ""] if report.get("warning") else []) + \
+        ["# AlphaNet correction report", ""]
     config = report["config"]
     lines.append(f"k={config['k']}, metric={config['metric']}, epochs={config['epochs']}, trials={config['trials']}, "
                  f"seed={config['seed']}, evaluated on the {report['evaluated_on']} set "

@@ -68,7 +68,8 @@ def test_fit_every_feature_format(problem, tmp_path, fmt, capsys):
     classifier = tmp_path / "classifier.pt"
     torch.save({"weight": problem.weight, "bias": problem.bias}, classifier)
     out = tmp_path / "corrected.pt"
-    assert run("fit", "--train", train, "--val", val, "--classifier", classifier, "--out", out, "--epochs", 2) == 0
+    assert run("fit", "--train", train, "--val", val, "--classifier", classifier, "--out", out, "--epochs", 2,
+               "--rho", 1) == 0
     assert f"wrote {out} (k=5, rho=1.0)\n" in capsys.readouterr().out
     layer = torch.nn.Linear(16, 30)
     layer.load_state_dict(torch.load(out, weights_only=True))
@@ -93,7 +94,7 @@ def test_training_options_reach_fit(problem, tmp_path, hidden):
     classifier = tmp_path / "classifier.pt"
     torch.save({"weight": problem.weight, "bias": problem.bias}, classifier)
     options = dict(epochs=4, min_epochs=2, batch_size=32, lr=0.01, weight_decay=0.0, lr_step=3, lr_gamma=0.5,
-                   pred_scale=2.0, seed=7, trials=3)
+                   pred_scale=2.0, seed=7, trials=3, rho=1.0)
     flags = [item for name, value in options.items() for item in (f"--{name.replace('_', '-')}", value)]
     assert run("fit", "--train", train, "--val", val, "--classifier", classifier, "--out", tmp_path / "c.pt",
                *flags, "--hidden", *hidden, "--quiet", "--device", "cpu") == 0
@@ -224,11 +225,11 @@ def test_synth_then_fit(tmp_path, capsys):
     assert {"train_x.npy", "train_y.npy", "val_x.npy", "test_x.npy", "classifier.pt", "hierarchy.txt"} <= \
         set(os.listdir(data))
     assert run("fit", "--train", data / "train_x.npy", "--val", data / "val_x.npy", "--test", data / "test_x.npy",
-               "--classifier", data / "classifier.pt", "--out", tmp_path / "files.pt", "--epochs", 1,
+               "--classifier", data / "classifier.pt", "--out", tmp_path / "files.pt", "--epochs", 1, "--rho", 1,
                "--report", tmp_path / "files", "--quiet") == 0
     # the folder itself: its val and test files are picked up as if named
     assert run("fit", "--train", data, "--classifier", data / "classifier.pt", "--out", tmp_path / "folder.pt",
-               "--epochs", 1, "--report", tmp_path / "folder", "--quiet") == 0
+               "--epochs", 1, "--rho", 1, "--report", tmp_path / "folder", "--quiet") == 0
     by_folder, by_files = (json.loads((tmp_path / name / "report.json").read_text()) for name in ("folder", "files"))
     assert by_folder["evaluated_on"] == "test" and by_folder["runs"][0]["val_top1"] is not None
     for report in (by_folder, by_files):
@@ -576,3 +577,71 @@ def test_rho_auto_respects_the_overall_drop(problem, tmp_path):
     assert read_metadata(str(out))["rho"] == chosen["rho"]
     assert run("fit", "--train", paths["train"], "--classifier", classifier, "--out", out, "--rho", "auto",
                "--quiet") == 2
+
+
+def test_rho_is_chosen_on_val_by_default_when_there_is_a_val_set(problem, tmp_path, capsys):
+    train = write_features(tmp_path, "train", problem.train_x, problem.train_y, "npz")
+    val = write_features(tmp_path, "val", problem.val_x, problem.val_y, "npz")
+    classifier = tmp_path / "classifier.pt"
+    torch.save({"weight": problem.weight, "bias": problem.bias}, classifier)
+    assert run("fit", "--train", train, "--val", val, "--classifier", classifier, "--out", tmp_path / "a.pt",
+               "--epochs", 2) == 0
+    assert "choosing rho on val among 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0" in capsys.readouterr().out
+    assert read_metadata(str(tmp_path / "a.pt"))["rho"] in cli.AUTO_RHOS
+    assert run("fit", "--train", train, "--classifier", classifier, "--out", tmp_path / "b.pt", "--epochs", 2) == 0
+    assert "choosing rho" not in capsys.readouterr().out and read_metadata(str(tmp_path / "b.pt"))["rho"] == 1.0
+
+
+def test_a_correction_worse_than_the_input_on_val_is_said_everywhere(tmp_path, capsys):
+    """The input classifier is already right on every val sample of the few split (nearest
+    class centre, centres far apart), so no correction can raise it: the fit still writes
+    its output, and says on stderr, in the report's first line, in report.json and in the
+    output's metadata that it is worse than the input on val."""
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(8, 16, generator=generator) * 20
+    counts = [60, 50, 40, 30, 10, 8, 6, 5]
+
+    def sample(per_class):
+        labels = torch.cat([torch.full((n,), c) for c, n in enumerate(per_class)])
+        return centres[labels] + torch.randn(len(labels), 16, generator=generator), labels
+    train_x, train_y = sample(counts)
+    val_x, val_y = sample([6] * 8)
+    train = write_features(tmp_path, "train", train_x, train_y, "npz")
+    val = write_features(tmp_path, "val", val_x, val_y, "npz")
+    torch.save({"weight": centres, "bias": -0.5 * (centres * centres).sum(1)}, tmp_path / "classifier.pt")
+    out = tmp_path / "corrected.pt"
+    assert run("fit", "--train", train, "--val", val, "--classifier", tmp_path / "classifier.pt", "--out", out,
+               "--k", 2, "--rho", 1, "--epochs", 2, "--report", tmp_path / "report", "--quiet") == 0
+    err = capsys.readouterr().err
+    assert "alphanet: warning: the correction (k=2, rho=1.0) is worse than the input classifier on val: " \
+           "few-split top-1 100.0 -> " in err and "try --rho auto" in err
+    first = (tmp_path / "report" / "report.md").read_text().splitlines()[0]
+    assert first.startswith("**Warning: the correction (k=2, rho=1.0) is worse than the input classifier on val")
+    assert "few-split top-1 100.0" in json.loads((tmp_path / "report" / "report.json").read_text())["warning"]
+    assert "few-split top-1 100.0" in read_metadata(str(out))["warning"] and out.exists()
+
+
+def test_a_correction_better_on_val_carries_no_warning(problem, tmp_path, capsys):
+    train = write_features(tmp_path, "train", problem.train_x, problem.train_y, "npz")
+    val = write_features(tmp_path, "val", problem.val_x, problem.val_y, "npz")
+    torch.save({"weight": problem.weight, "bias": problem.bias}, tmp_path / "classifier.pt")
+    assert run("fit", "--train", train, "--val", val, "--classifier", tmp_path / "classifier.pt", "--out",
+               tmp_path / "c.pt", "--rho", 0.5, "--epochs", 10, "--quiet") == 0
+    assert "warning" not in capsys.readouterr().err and "warning" not in read_metadata(str(tmp_path / "c.pt"))
+
+
+@pytest.mark.parametrize("before,after,expected", [
+    ({"few": 40.0, "overall": 70.0}, {"few": 45.0, "overall": 69.5}, None),
+    ({"few": 40.0, "overall": 70.0}, {"few": 40.0, "overall": 71.0}, "few-split top-1 40.0 -> 40.0"),
+    ({"few": 40.0, "overall": 70.0}, {"few": 55.0, "overall": 68.5}, "overall top-1 70.0 -> 68.5, more than "
+                                                                     "--max-overall-drop 1 points lower"),
+    ({"few": 68.0, "overall": 76.8}, {"few": 66.9, "overall": 73.4}, "few-split top-1 68.0 -> 66.9; overall"),
+])
+def test_worse_than_the_input_means_no_few_gain_or_too_large_an_overall_drop(before, after, expected, monkeypatch):
+    from types import SimpleNamespace
+    monkeypatch.setattr(cli, "evaluate", lambda *args, **kwargs: {"top1": before})
+    best = SimpleNamespace(k=5, rho=1.0, result=SimpleNamespace(splits={}, best_trial=0, trial_val_top1=[after]))
+    args = SimpleNamespace(device="cpu", max_overall_drop=1.0, rho_auto=False)
+    val = SimpleNamespace(x=None, y=None)
+    said = cli._worse_than_input(args, best, None, None, val)
+    assert said is None if expected is None else expected in said
