@@ -38,8 +38,39 @@ from .synthetic import PRESETS, make_preset
 
 
 def _say(args: argparse.Namespace, message: str) -> None:
+    """A message for the person at the terminal: stderr, so stdout holds results only."""
     if not args.quiet:
-        print(message, flush=True)
+        print(message, file=sys.stderr, flush=True)
+
+
+def _results(args: argparse.Namespace, text: str, document: dict) -> None:
+    """The command's results on stdout: ``text`` for a person, or with --json one JSON
+    document (``document``) for a script."""
+    if getattr(args, "json", False):
+        import json
+        print(json.dumps(_finite(document), indent=1, allow_nan=False, default=_plain))
+    else:
+        print(text, flush=True)
+
+
+def _finite(value: object) -> object:
+    """``value`` with NaN and infinities as null (strict JSON has neither)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
+def _plain(value: object) -> object:
+    """JSON for the tensors and numpy numbers in a result document."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON: {type(value).__name__}")
 
 
 def _table(rows: list[tuple[str, dict]]) -> str:
@@ -396,9 +427,15 @@ def _run_fit(args: argparse.Namespace, rank: int, world: int) -> int:
         outputs.commit(moving=lambda: _stop_point(args, "committing"))
     if not getattr(args, "demo", False):
         _say(args, f"wrote {args.out} (k={best.k}, rho={best.rho})")
-    _say(args, f"top-1 on the {evaluated_on} set (%):\n" + _table(rows))
     if files:
         _say(args, f"report: {', '.join(os.path.join(args.report, f) for f in files)}")
+    _results(args, f"top-1 on the {evaluated_on} set (%):\n" + _table(rows),
+             {"command": "fit", "out": args.out, "k": best.k, "rho": best.rho, "metric": best.metric,
+              "warning": warning, "evaluated_on": evaluated_on, "samples": baseline["samples"],
+              "top1": {name: {c: accuracy[c] for c in COLUMNS} for name, accuracy in rows},
+              "runs": [{key: run[key] for key in ("k", "rho", "metric", "best", "top1", "top5", "val_top1")}
+                       for run in report_runs],
+              "report": [os.path.join(args.report, f) for f in files] if files else None})
     return 0
 
 
@@ -469,7 +506,7 @@ def run_compare(args: argparse.Namespace) -> int:
         cells = [f"{row['top1'][c]['mean']:.1f} ± {row['top1'][c]['std']:.1f}" for c in COLUMNS]
         lines.append(f"| {row['method']} | " + " | ".join(cells) + f" | {row['top5']['overall']['mean']:.1f} |")
     table = "\n".join(lines) + "\n"
-    print(table)
+    _results(args, table, {"command": "compare", "evaluated_on": evaluated_on, "methods": rows})
     if args.report:
         import json
         with StagedOutputs() as outputs:
@@ -524,7 +561,9 @@ def run_eval(args: argparse.Namespace) -> int:
                       f"{weight.shape[0]}; check that the data and the classifier share a label space")
     result = evaluate(weight, bias, data.x, data.y, splits, device=args.device)
     _say(args, f"{args.classifier} on {data.source} ({result['samples']} samples), accuracy in percent:")
-    print(_table([("top-1", result["top1"]), ("top-5", result["top5"])]).replace("| model |", "| metric |"))
+    _results(args, _table([("top-1", result["top1"]), ("top-5", result["top5"])]).replace("| model |", "| metric |"),
+             {"command": "eval", "classifier": args.classifier, "data": data.source, "samples": result["samples"],
+              "top1": {c: result["top1"][c] for c in COLUMNS}, "top5": {c: result["top5"][c] for c in COLUMNS}})
     return 0
 
 
@@ -716,6 +755,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command", required=True)
 
+    def json_output(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--json", action="store_true",
+                         help="print the results as one JSON document on stdout (messages stay on stderr)")
+
     def common(sub: argparse.ArgumentParser, device: bool = True, splits: bool = True) -> None:
         if device:
             sub.add_argument("--device", type=_device, default=None,
@@ -797,6 +840,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help="with --hierarchy: a prediction sharing an ancestor at most this many levels above "
                             "the true class counts as semantically close (default 4)")
     common(fit_parser)
+    json_output(fit_parser)
     fit_parser.set_defaults(handler=run_fit)
 
     compare_parser = commands.add_parser("compare", help="AlphaNet against post-hoc peers, in one table")
@@ -810,6 +854,7 @@ def build_parser() -> argparse.ArgumentParser:
     training_options(compare_parser, ("euclidean", "cosine"), [0.5, 1.0, 1.5], _option("rho"),
                      "values of rho to compare")
     common(compare_parser)
+    json_output(compare_parser)
     compare_parser.set_defaults(handler=run_compare)
 
     eval_parser = commands.add_parser("eval", help="top-1/top-5 per split of a classifier")
@@ -821,6 +866,7 @@ def build_parser() -> argparse.ArgumentParser:
     trust_pickle(eval_parser)
     eval_parser.add_argument("--splits-from", help="train features whose labels define the splits")
     common(eval_parser)
+    json_output(eval_parser)
     eval_parser.set_defaults(handler=run_eval)
 
     synth_parser = commands.add_parser("synth", help="write a synthetic long-tailed problem")

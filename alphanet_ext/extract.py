@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -414,7 +415,7 @@ def _check_layout(out: str, names: list[str], world: int) -> None:
 
 def extract(spec: str, checkpoint: str, splits: dict[str, str], out: str, options: Options, root: str | None = None,
             classifier_key: str | None = None, device: str | None = None,
-            say: Callable[[str], None] = print, shard: Any = None) -> dict:
+            say: Callable[[str], None] = logging.getLogger("alphanet_ext").info, shard: Any = None) -> dict:
     """Extracts every split into ``out`` and writes the classifier beside the features.
 
     With ``shard`` (a :class:`~alphanet_ext.training.sharding.Shard` of a torchrun job), each

@@ -70,7 +70,7 @@ def test_fit_every_feature_format(problem, tmp_path, fmt, capsys):
     out = tmp_path / "corrected.pt"
     assert run("fit", "--train", train, "--val", val, "--classifier", classifier, "--out", out, "--epochs", 2,
                "--rho", 1) == 0
-    assert f"wrote {out} (k=5, rho=1.0)\n" in capsys.readouterr().out
+    assert f"wrote {out} (k=5, rho=1.0)\n" in capsys.readouterr().err
     layer = torch.nn.Linear(16, 30)
     layer.load_state_dict(torch.load(out, weights_only=True))
     metadata = read_metadata(str(out))
@@ -162,7 +162,7 @@ def test_report_without_matplotlib_has_tables_and_no_plots(problem, tmp_path, mo
     compared = tmp_path / "compared"
     assert run("compare", "--train", paths["train"], "--test", paths["test"], "--classifier", classifier,
                "--epochs", 1, "--report", compared) == 0
-    assert f"report: {compared}/compare.json, compare.md\n" in capsys.readouterr().out  # no frontier.png named
+    assert f"report: {compared}/compare.json, compare.md\n" in capsys.readouterr().err  # no frontier.png named
     assert sorted(p.name for p in compared.iterdir()) == ["compare.json", "compare.md"]
 
 
@@ -216,7 +216,7 @@ def test_authors_layout_and_ensemble_classifier(problem, tmp_path, capsys):
         assert archive["weight"].shape == (30, 16) and "metadata" in archive.files
     capsys.readouterr()
     assert run("eval", "--classifier", classifier, "--data", folder) == 0
-    assert f"on {folder / 'test_feats.pkl'} (300 samples)" in capsys.readouterr().out  # which of the folder's sets
+    assert f"on {folder / 'test_feats.pkl'} (300 samples)" in capsys.readouterr().err  # which of the folder's sets
 
 
 def test_synth_then_fit(tmp_path, capsys):
@@ -239,8 +239,9 @@ def test_synth_then_fit(tmp_path, capsys):
     # eval on the folder: its test set, with the splits from the corrected file's metadata
     capsys.readouterr()
     assert run("eval", "--classifier", tmp_path / "folder.pt", "--data", data) == 0
-    table = capsys.readouterr().out
-    assert f"on {data / 'test_x.npy'}" in table and "nan" not in table
+    said = capsys.readouterr()
+    table = said.out
+    assert f"on {data / 'test_x.npy'}" in said.err and "nan" not in table
     top1 = by_folder["runs"][0]["top1"]
     assert f"| top-1 | {top1['many']['mean']:.1f} | {top1['medium']['mean']:.1f} | {top1['few']['mean']:.1f} |" in table
 
@@ -586,10 +587,10 @@ def test_rho_is_chosen_on_val_by_default_when_there_is_a_val_set(problem, tmp_pa
     torch.save({"weight": problem.weight, "bias": problem.bias}, classifier)
     assert run("fit", "--train", train, "--val", val, "--classifier", classifier, "--out", tmp_path / "a.pt",
                "--epochs", 2) == 0
-    assert "choosing rho on val among 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0" in capsys.readouterr().out
+    assert "choosing rho on val among 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0" in capsys.readouterr().err
     assert read_metadata(str(tmp_path / "a.pt"))["rho"] in cli.AUTO_RHOS
     assert run("fit", "--train", train, "--classifier", classifier, "--out", tmp_path / "b.pt", "--epochs", 2) == 0
-    assert "choosing rho" not in capsys.readouterr().out and read_metadata(str(tmp_path / "b.pt"))["rho"] == 1.0
+    assert "choosing rho" not in capsys.readouterr().err and read_metadata(str(tmp_path / "b.pt"))["rho"] == 1.0
 
 
 def test_a_correction_worse_than_the_input_on_val_is_said_everywhere(tmp_path, capsys):
@@ -645,3 +646,40 @@ def test_worse_than_the_input_means_no_few_gain_or_too_large_an_overall_drop(bef
     val = SimpleNamespace(x=None, y=None)
     said = cli._worse_than_input(args, best, None, None, val)
     assert said is None if expected is None else expected in said
+
+
+def test_stdout_holds_results_only_and_json_is_one_document(problem, tmp_path, capsys):
+    """Messages go to stderr and results to stdout, so `alphanet eval ... > results.txt`
+    holds the table only; --json makes stdout one JSON document, on fit, eval and compare."""
+    paths = {name: write_features(tmp_path, name, getattr(problem, f"{name}_x"), getattr(problem, f"{name}_y"), "npz")
+             for name in ("train", "val", "test")}
+    classifier = tmp_path / "classifier.pt"
+    torch.save({"weight": problem.weight, "bias": problem.bias}, classifier)
+    common = ["--train", paths["train"], "--val", paths["val"], "--test", paths["test"], "--classifier", classifier,
+              "--epochs", 2, "--rho", 0.5]
+    assert run("fit", *common, "--out", tmp_path / "c.pt") == 0
+    said = capsys.readouterr()
+    assert said.out.startswith("top-1 on the test set (%):\n| model |") and "wrote" not in said.out
+    assert f"wrote {tmp_path / 'c.pt'}" in said.err and "fitting rho=0.5" in said.err
+
+    assert run("fit", *common, "--out", tmp_path / "d.pt", "--json") == 0
+    said = capsys.readouterr()
+    document = json.loads(said.out)
+    assert document["command"] == "fit" and document["rho"] == 0.5 and document["evaluated_on"] == "test"
+    assert set(document["top1"]) == {"baseline", "AlphaNet rho=0.5"} and document["runs"][0]["best"]
+    assert "few" in document["top1"]["baseline"] and document["warning"] is None
+
+    assert run("eval", "--classifier", tmp_path / "c.pt", "--data", paths["test"]) == 0
+    said = capsys.readouterr()
+    assert said.out.startswith("| metric |") and said.out.count("\n") == 4 and "accuracy in percent" in said.err
+    assert run("eval", "--classifier", tmp_path / "c.pt", "--data", paths["test"], "--json") == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["command"] == "eval" and document["samples"] == len(problem.test_y)
+    overall = evaluate(*load_classifier(str(tmp_path / "c.pt")), problem.test_x, problem.test_y, None)["top1"]
+    assert document["top1"]["overall"] == pytest.approx(overall["overall"])
+
+    assert run("compare", "--train", paths["train"], "--val", paths["val"], "--test", paths["test"], "--classifier",
+               classifier, "--epochs", 2, "--rho", 0.5, "--json", "--quiet") == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["command"] == "compare" and document["methods"][0]["method"] == "baseline"
+    assert any(m["method"].startswith("LWS") for m in document["methods"])

@@ -247,7 +247,7 @@ def test_torchrun_extraction_writes_shards_bit_identical_to_one_process(world, i
         assert sorted(p.name for p in (tmp_path / "features").iterdir()) == before
     else:  # a one-process fit and a 2-rank fit on the shards, against the fit on the one-process files
         fit = ["-m", "alphanet_ext", "fit", "--classifier", str(one / "classifier.pt"), "--k", "2", "--epochs", "3",
-               "--quiet"]
+               "--rho", "1", "--quiet"]
         assert cli.main(fit[2:] + ["--train", str(one), "--out", str(tmp_path / "one.pt")]) == 0
         assert cli.main(fit[2:] + ["--train", str(tmp_path / "features"), "--out", str(tmp_path / "shards.pt")]) == 0
         a = torch.load(tmp_path / "one.pt", weights_only=True)

@@ -50,7 +50,7 @@ def alphanet(*argv, cwd=None, timeout=120):
 def fit_args(folder, *extra, train=None, classifier=None, out=None):
     return ["fit", "--train", train or folder / "train.npz", "--val", folder / "val.npz", "--test",
             folder / "test.npz", "--classifier", classifier or folder / "classifier.pt", "--out",
-            out or folder / "out.pt", "--epochs", "2", "--quiet", *extra]
+            out or folder / "out.pt", "--epochs", "2", "--rho", "1", "--quiet", *extra]
 
 
 def one_line_error(done, code, *fragments):
@@ -216,7 +216,7 @@ def test_legitimate_authors_pickle_needs_no_trust(files, problem, tmp_path):
             pickle.dump({"feats": getattr(problem, f"{role}_x"), "labels": getattr(problem, f"{role}_y").tolist(),
                          "idxs": np.arange(len(getattr(problem, f"{role}_y")))}, stream)
     done = alphanet("fit", "--train", folder, "--classifier", files / "classifier.pt", "--out", files / "new.pt",
-                    "--epochs", "2", "--quiet")
+                    "--epochs", "2", "--rho", "1", "--quiet")
     assert done.returncode == 0, done.stderr
     assert (files / "new.pt").exists()
 

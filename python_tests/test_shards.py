@@ -188,7 +188,7 @@ def test_a_torchrun_fit_on_shards_with_an_empty_one(synth, tmp_path):
         np.save(folder / f"val_x{shard_suffix(rank, 3)}.npy", x[begin:end])
         np.save(folder / f"val_y{shard_suffix(rank, 3)}.npy", y[begin:end])
     common = ["fit", "--train", str(folder), "--classifier", str(folder / "classifier.pt"), "--epochs", "3",
-              "--quiet", "--timeout", "120"]
+              "--rho", "1", "--quiet", "--timeout", "120"]
     assert cli.main(common + ["--out", str(tmp_path / "one.pt")]) == 0
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3",
                            "-m", "alphanet_ext", *common, "--out", str(tmp_path / "ranks.pt")],
