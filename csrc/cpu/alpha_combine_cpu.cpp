@@ -2,8 +2,9 @@
 
 #include <vector>
 
-#include "../device_functions.h"
 #include "../alpha_combine_params.h"
+#include "../device_functions.h"
+#include "row_loops.h"
 
 namespace alphanet::cpu {
 namespace {
@@ -25,7 +26,7 @@ std::vector<A> normalized_alphas(const CombineParams& p) {
 // compiler may not reorder a floating-point sum itself. The order is fixed,
 // so the result does not depend on the thread count.
 template <typename A, typename T>
-A unit_stride_dot(const T* a, const T* b, int64_t n) {
+ALPHANET_AVX2_CLONES A unit_stride_dot(const T* a, const T* b, int64_t n) {
   constexpr int kLanes = 16;
   A lanes[kLanes] = {};
   int64_t j = 0;
@@ -60,11 +61,14 @@ void forward(const CombineParams& p) {
       for (int64_t c = c_begin; c < c_end; ++c) {
         std::fill(acc.begin(), acc.end(), A(0));
         for_each_term(p, weights, c, [&](int64_t line, A weight) {
-          const T* src = source + line * p.line_stride;
-          for (int64_t j = 0; j < p.elems; ++j) acc[j] += weight * static_cast<A>(src[j]);
+          add_scaled_row(acc.data(), weight, source + line * p.line_stride, p.elems);
         });
         T* dst = out + c * p.out_line_stride;
-        for (int64_t j = 0; j < p.elems; ++j) dst[j * p.out_elem_stride] = static_cast<T>(acc[j]);
+        if (p.out_elem_stride == 1) {
+          store_row(dst, acc.data(), p.elems);
+        } else {
+          for (int64_t j = 0; j < p.elems; ++j) dst[j * p.out_elem_stride] = static_cast<T>(acc[j]);
+        }
       }
     });
   } else {
@@ -150,8 +154,8 @@ void backward(const CombineBackwardParams& b) {
         for (int64_t c = 0; c < p.num_out; ++c) {
           const T* grad_row = grad_out + c * p.out_line_stride;
           for_each_term(p, weights, c, [&](int64_t line, A weight) {
-            A* dst = grad_source + line * b.grad_line_stride;
-            for (int64_t j = j_begin; j < j_end; ++j) dst[j] += weight * static_cast<A>(grad_row[j]);
+            add_scaled_row(grad_source + line * b.grad_line_stride + j_begin, weight, grad_row + j_begin,
+                           j_end - j_begin);
           });
         }
       } else if (b.grad_elem_stride == 1) {

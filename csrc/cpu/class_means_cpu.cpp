@@ -3,8 +3,9 @@
 #include <algorithm>
 #include <vector>
 
-#include "../device_functions.h"
 #include "../class_means_params.h"
+#include "../device_functions.h"
+#include "row_loops.h"
 
 namespace alphanet::cpu {
 
@@ -45,14 +46,9 @@ void class_sums(const ClassSumsParams& p) {
           const T* b = x + sorted_rows[r + 1] * p.row_stride;
           const T* c2 = x + sorted_rows[r + 2] * p.row_stride;
           const T* d = x + sorted_rows[r + 3] * p.row_stride;
-          for (int64_t col = 0; col < p.cols; ++col) {
-            sum_row[col] = add_row_group<A>(sum_row[col], a[col], b[col], c2[col], d[col]);
-          }
+          add_four_rows(sum_row, a, b, c2, d, p.cols);
         }
-        for (; r < offsets[c + 1]; ++r) {
-          const T* x_row = x + sorted_rows[r] * p.row_stride;
-          for (int64_t col = 0; col < p.cols; ++col) sum_row[col] += static_cast<A>(x_row[col]);
-        }
+        for (; r < offsets[c + 1]; ++r) add_row(sum_row, x + sorted_rows[r] * p.row_stride, p.cols);
       }
     });
   });
