@@ -264,7 +264,7 @@ def _check_outputs(args: argparse.Namespace, classifier: str | None = None) -> N
         if args.command == "fit" and os.path.isfile(existing):
             with open(existing, "rb") as stream:
                 first = stream.readline().decode("utf-8", "replace").strip()
-            if first != REPORT_MARK:
+            if not first.startswith(REPORT_MARK):
                 raise InputError(f"--report {args.report}: it holds a report.md that alphanet did not write; "
                                  "choose another folder (it is not overwritten)")
 

@@ -42,8 +42,11 @@ def _changes_table(changes: dict, neighbour_words: str) -> list[str]:
 
 
 def markdown(report: dict) -> str:
-    lines = ([f"**Warning: {report['warning']}**", ""] if report.get("warning") else []) + \
-        ["# AlphaNet correction report", ""]
+    if report.get("warning"):  # the first line says it; alphanet recognises its reports by that line's start
+        lines = ["# AlphaNet correction report: WORSE than the input classifier on val", "",
+                 f"**Warning: {report['warning']}**", ""]
+    else:
+        lines = ["# AlphaNet correction report", ""]
     config = report["config"]
     lines.append(f"k={config['k']}, metric={config['metric']}, epochs={config['epochs']}, trials={config['trials']}, "
                  f"seed={config['seed']}, evaluated on the {report['evaluated_on']} set "
