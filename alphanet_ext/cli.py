@@ -470,7 +470,9 @@ def _load_train_val_test(args: argparse.Namespace, weight: torch.Tensor
 
 def run_compare(args: argparse.Namespace) -> int:
     from . import baselines
-    _check_outputs(args)
+    if args.out and args.val is None and not _folder_has(args.train, "val"):
+        raise UsageError("--out exports the method best on val: give --val (or a --train folder with val files)")
+    _check_outputs(args, args.out)
     weight, bias = load_classifier(args.classifier, args.classifier_key)
     train, val, test = _load_train_val_test(args, weight)
     bias = torch.zeros(weight.shape[0], dtype=weight.dtype) if bias is None else bias
@@ -482,23 +484,35 @@ def run_compare(args: argparse.Namespace) -> int:
     def score(w: torch.Tensor, b: torch.Tensor) -> dict:
         return evaluate(w, b, evaluated.x, evaluated.y, splits, device=args.device)
 
-    methods: list[tuple[str, list[dict]]] = [("baseline", [score(weight, bias)])]
+    def on_val(w: torch.Tensor, b: torch.Tensor) -> dict | None:
+        return evaluate(w, b, val.x, val.y, splits, device=args.device)["top1"] if args.out else None
+
+    # (name, results on the evaluated set, classifier, val top-1 of that classifier, fit result or None)
+    methods: list[tuple[str, list[dict], tuple, dict | None, FitResult | None]] = [
+        ("baseline", [score(weight, bias)], (weight, bias), on_val(weight, bias), None)]
+
+    def peer(name: str, classifier: tuple) -> None:
+        methods.append((name, [score(*classifier)], classifier, on_val(*classifier), None))
     _say(args, "peers: NCM, tau-normalisation, logit adjustment, LWS ...")
     for metric in ("cosine", "euclidean"):
-        methods.append((f"NCM ({metric})", [score(*baselines.ncm(train.x, train.y, weight.shape[0], metric))]))
+        peer(f"NCM ({metric})", baselines.ncm(train.x, train.y, weight.shape[0], metric))
     tau, classifier = baselines.choose_tau(weight, bias, val_x, val_y, splits)
-    methods.append((f"tau-normalised (tau={tau})", [score(*classifier)]))
+    peer(f"tau-normalised (tau={tau})", classifier)
     tau, classifier = baselines.choose_logit_adjustment(weight, bias, counts, val_x, val_y, splits)
-    methods.append((f"logit adjustment (tau={tau})", [score(*classifier)]))
-    methods.append(("LWS", [score(*baselines.lws(weight, bias, train.x, train.y, seed=args.seed))]))
+    peer(f"logit adjustment (tau={tau})", classifier)
+    peer("LWS", baselines.lws(weight, bias, train.x, train.y, seed=args.seed))
     for run in _fit_grid(args, train, weight, bias, val, (args.metric, "random")):
+        chosen = run.result.trial_val_top1[run.result.best_trial] if run.result.trial_val_top1 else None
         methods.append((run_label(run.describe(len(args.k) > 1)),
-                        _per_trial(run.result, args.trials, weight, bias, evaluated, splits, args.device)))
+                        _per_trial(run.result, args.trials, weight, bias, evaluated, splits, args.device),
+                        (run.result.weight, run.result.bias), chosen if run.metric != "random" else None,
+                        run.result))
+    selected = _select_method(args, methods) if args.out else None
 
     rows = []
-    for name, results in methods:
+    for name, results, _, val_top1, _ in methods:
         summary = _accuracy_summary(results)
-        rows.append({"method": name, **summary})
+        rows.append({"method": name, **summary, **({"val_top1": val_top1} if args.out else {})})
     header = "| method | " + " | ".join(f"top-1 {c}" for c in COLUMNS) + " | top-5 overall |"
     lines = [f"Accuracy (%) on the {evaluated_on} set, mean ± std over trials", "", header,
              "|---" * (len(COLUMNS) + 2) + "|"]
@@ -506,7 +520,19 @@ def run_compare(args: argparse.Namespace) -> int:
         cells = [f"{row['top1'][c]['mean']:.1f} ± {row['top1'][c]['std']:.1f}" for c in COLUMNS]
         lines.append(f"| {row['method']} | " + " | ".join(cells) + f" | {row['top5']['overall']['mean']:.1f} |")
     table = "\n".join(lines) + "\n"
-    _results(args, table, {"command": "compare", "evaluated_on": evaluated_on, "methods": rows})
+    _results(args, table, {"command": "compare", "evaluated_on": evaluated_on, "methods": rows,
+                           "selected": None if selected is None else methods[selected][0],
+                           "select": args.select if args.out else None, "out": args.out})
+    if selected is not None:
+        name, _, (w, b), val_top1, result = methods[selected]
+        metadata = {**(_metadata(result) if result is not None else {"splits": {k: v.tolist() for k, v in
+                                                                               splits.items()}}),
+                    "selected_method": name, "select": args.select, "val_top1": val_top1}
+        with StagedOutputs() as outputs:
+            save_classifier(outputs.file(args.out), w.float(), (b if b is not None else torch.zeros(w.shape[0])).float(),
+                            metadata)
+            outputs.commit()
+        _say(args, f"wrote {args.out}: {name}, the best on val by --select {args.select}")
     if args.report:
         import json
         with StagedOutputs() as outputs:
@@ -518,6 +544,24 @@ def run_compare(args: argparse.Namespace) -> int:
             outputs.commit()
         _say(args, f"report: {args.report}/compare.json, compare.md" + (", frontier.png" if plotted else ""))
     return 0
+
+
+def _select_method(args: argparse.Namespace, methods: list) -> int:
+    """The method best on val by --select: ``overall`` top-1; ``few`` top-1 among the
+    methods whose overall val top-1 stays within --max-overall-drop points of the input
+    classifier's (the input itself when none does); ``balanced``: the mean of the many,
+    medium and few splits' top-1. Ties go to the earlier method (the input first)."""
+    scored = [(i, val) for i, (_, _, _, val, _) in enumerate(methods) if val is not None]
+    if args.select == "overall":
+        key = lambda item: item[1]["overall"]  # noqa: E731
+    elif args.select == "balanced":
+        key = lambda item: sum(item[1][c] for c in ("many", "medium", "few")) / 3  # noqa: E731
+    else:
+        floor = methods[0][3]["overall"] - args.max_overall_drop
+        scored = [item for item in scored if item[1]["overall"] >= floor] or scored[:1]
+        key = lambda item: item[1]["few"]  # noqa: E731
+    best = max((key(item) for item in scored))
+    return next(i for i, val in scored if key((i, val)) == best)
 
 
 def _frontier_plot(rows: list[dict], path: str) -> bool:
@@ -850,6 +894,13 @@ def build_parser() -> argparse.ArgumentParser:
     compare_parser.add_argument("--val", help="validation features (choose tau, epochs and trials)")
     compare_parser.add_argument("--test", help="test features (the table's data; else val, else train)")
     compare_parser.add_argument("--report", help="folder for compare.json, compare.md and frontier.png")
+    compare_parser.add_argument("--out", help="write the classifier of the method best on val (by --select) here, "
+                                "whichever method it is; needs a val set")
+    compare_parser.add_argument("--select", choices=("overall", "few", "balanced"), default="overall",
+                                help="with --out: the val criterion (overall top-1; few-split top-1 within "
+                                     "--max-overall-drop points of the input's overall; the mean of the splits' top-1)")
+    compare_parser.add_argument("--max-overall-drop", type=_non_negative, default=1.0,
+                                help="with --select few: the most overall val top-1 (points) to give up (default 1)")
     trust_pickle(compare_parser)
     training_options(compare_parser, ("euclidean", "cosine"), [0.5, 1.0, 1.5], _option("rho"),
                      "values of rho to compare")

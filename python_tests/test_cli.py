@@ -687,3 +687,41 @@ def test_stdout_holds_results_only_and_json_is_one_document(problem, tmp_path, c
     document = json.loads(capsys.readouterr().out)
     assert document["command"] == "compare" and document["methods"][0]["method"] == "baseline"
     assert any(m["method"].startswith("LWS") for m in document["methods"])
+
+
+@pytest.mark.parametrize("select", ["overall", "few", "balanced"])
+def test_compare_exports_the_method_best_on_val(problem, tmp_path, capsys, select):
+    paths = {name: write_features(tmp_path, name, getattr(problem, f"{name}_x"), getattr(problem, f"{name}_y"), "npz")
+             for name in ("train", "val", "test")}
+    torch.save({"weight": problem.weight, "bias": problem.bias}, tmp_path / "classifier.pt")
+    out = tmp_path / "best.pt"
+    assert run("compare", "--train", paths["train"], "--val", paths["val"], "--test", paths["test"], "--classifier",
+               tmp_path / "classifier.pt", "--epochs", 3, "--rho", 0.5, 1.0, "--out", out, "--select", select,
+               "--json", "--quiet") == 0
+    document = json.loads(capsys.readouterr().out)
+    scored = [m for m in document["methods"] if m["val_top1"] is not None]
+    assert len(scored) == len(document["methods"]) - 2  # the random-neighbour controls are not candidates
+    if select == "overall":
+        criterion = {m["method"]: m["val_top1"]["overall"] for m in scored}
+    elif select == "balanced":
+        criterion = {m["method"]: sum(m["val_top1"][c] for c in ("many", "medium", "few")) / 3 for m in scored}
+    else:
+        floor = scored[0]["val_top1"]["overall"] - 1.0
+        criterion = {m["method"]: m["val_top1"]["few"] for m in scored if m["val_top1"]["overall"] >= floor}
+    assert document["selected"] == max(criterion, key=criterion.get) and document["select"] == select
+    metadata = read_metadata(str(out))
+    assert metadata["selected_method"] == document["selected"]
+    weight, bias = load_classifier(str(out))
+    splits = {name: torch.tensor(ids) for name, ids in metadata["splits"].items()}
+    again = evaluate(weight, bias, problem.val_x, problem.val_y, splits)["top1"]
+    chosen = next(m for m in scored if m["method"] == document["selected"])
+    assert again["overall"] == pytest.approx(chosen["val_top1"]["overall"], abs=1e-6)
+
+
+def test_compare_out_needs_a_val_set(problem, tmp_path, capsys):
+    train = write_features(tmp_path, "train", problem.train_x, problem.train_y, "npz")
+    torch.save({"weight": problem.weight, "bias": problem.bias}, tmp_path / "classifier.pt")
+    assert run("compare", "--train", train, "--classifier", tmp_path / "classifier.pt", "--out",
+               tmp_path / "best.pt") == 2
+    assert "--out exports the method best on val: give --val" in capsys.readouterr().err
+    assert not (tmp_path / "best.pt").exists()
