@@ -564,17 +564,54 @@ def _select_method(args: argparse.Namespace, methods: list) -> int:
     return next(i for i, val in scored if key((i, val)) == best)
 
 
+# How each method family is drawn on the frontier: one colour and marker a family.
+_FAMILY_STYLE = {"input classifier": ("black", "*"), "NCM": ("0.45", "s"), "tau-normalised": ("tab:blue", "^"),
+                 "logit adjustment": ("tab:orange", "D"), "LWS": ("tab:purple", "v"),
+                 "AlphaNet": ("tab:red", "o"), "AlphaNet, random neighbours": ("0.6", "o")}
+
+
+def _frontier_series(rows: list[dict]) -> list[tuple[str, str, list[tuple[float | None, dict, dict]]]]:
+    """The frontier's series: ``(label, family, points)``, a point ``(rho, few, overall)``.
+    An AlphaNet sweep (and its control) is one series per k, its points in rho order,
+    drawn as a connected curve; every other method is a point of its family."""
+    series: dict[str, tuple[str, list]] = {}
+    for row in rows:
+        name, rho = row["method"], None
+        if name.startswith("AlphaNet") and " rho=" in name:
+            name, value = name.rsplit(" rho=", 1)
+            rho = float(value)
+        family = ("input classifier" if name == "baseline" else
+                  next(f for f in ("AlphaNet, random neighbours", "AlphaNet", "NCM", "tau-normalised",
+                                   "logit adjustment", "LWS", "") if name.startswith(f)))
+        label = "input classifier" if name == "baseline" else name
+        series.setdefault(label, (family, []))[1].append((rho, row["top1"]["few"], row["top1"]["overall"]))
+    return [(label, family, sorted(points, key=lambda p: -1.0 if p[0] is None else p[0]))
+            for label, (family, points) in series.items()]
+
+
 def _frontier_plot(rows: list[dict], path: str) -> bool:
     plt = pyplot()
     if plt is None:
         return False
-    figure, axis = plt.subplots(figsize=(6.5, 4.5))
-    for row in rows:
-        few, overall = row["top1"]["few"], row["top1"]["overall"]
-        axis.errorbar(few["mean"], overall["mean"], xerr=few["std"], yerr=overall["std"], marker="o", label=row["method"])
+    figure, axis = plt.subplots(figsize=(8.5, 4.8))
+    for label, family, points in _frontier_series(rows):
+        colour, marker = _FAMILY_STYLE.get(family, ("tab:green", "o"))
+        few = [p[1]["mean"] for p in points]
+        overall = [p[2]["mean"] for p in points]
+        sweep = points[0][0] is not None
+        axis.errorbar(few, overall, xerr=[p[1]["std"] for p in points], yerr=[p[2]["std"] for p in points],
+                      color=colour, marker=marker, markersize=11 if family == "input classifier" else 6,
+                      linestyle=("--" if "random" in family else "-") if sweep else "none", capsize=2,
+                      label=label + (" (rho sweep)" if sweep and len(points) > 1 else ""))
+        if sweep:
+            for (rho, f, o) in points:
+                axis.annotate(f"ρ={rho:g}", (f["mean"], o["mean"]), textcoords="offset points", xytext=(4, 4),
+                              fontsize=7, color=colour)
     axis.set_xlabel("few-split top-1 (%)")
     axis.set_ylabel("overall top-1 (%)")
-    axis.legend(fontsize=7, loc="best")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    figure.subplots_adjust(right=0.66)
     save_figure(figure, path)
     plt.close(figure)
     return True

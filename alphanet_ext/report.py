@@ -87,6 +87,21 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+BINNED_ABOVE = 300  # few classes beyond which per_class_change.png shows binned means
+
+
+def binned_means(x: torch.Tensor, y: torch.Tensor, bins: int = 20) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``y``'s mean in ``bins`` bins of (about) equal counts along ``x``: each bin's mean x,
+    mean y and the half-width of a normal 95 % interval of that mean (0 for one point)."""
+    order = torch.argsort(x, stable=True)
+    parts = [part for part in torch.tensor_split(order, min(bins, x.numel())) if part.numel()]
+    centres = torch.stack([x[part].double().mean() for part in parts])
+    means = torch.stack([y[part].double().mean() for part in parts])
+    half = torch.stack([1.96 * y[part].double().std() / part.numel() ** 0.5 if part.numel() > 1
+                        else torch.zeros((), dtype=torch.float64) for part in parts])
+    return centres, means, half
+
+
 def save_figure(figure, path: str) -> None:
     write_atomic(path, lambda temporary: figure.savefig(temporary, dpi=110, bbox_inches="tight", format="png"))
 
@@ -152,7 +167,14 @@ def plots(report: dict, per_class: dict, folder: str) -> list[str]:
 
     figure, axis = plt.subplots(figsize=(5, 4))
     distance, change = per_class["distance"], per_class["change"]
-    axis.scatter(distance.numpy(), change.numpy(), s=12, alpha=0.7)
+    if distance.numel() > BINNED_ABOVE:  # thousands of points overplot: binned means with 95 % intervals
+        axis.scatter(distance.numpy(), change.numpy(), s=2, alpha=0.15, color="0.5", linewidths=0)
+        centres, means, half_widths = binned_means(distance, change)
+        axis.errorbar(centres.numpy(), means.numpy(), yerr=half_widths.numpy(), marker="o", markersize=4,
+                      color="C0", capsize=2, label=f"mean per {len(centres)} equal-count bins, 95 % interval")
+        axis.legend(fontsize=7, loc="best")
+    else:
+        axis.scatter(distance.numpy(), change.numpy(), s=12, alpha=0.7)
     if distance.numel() > 1 and float(distance.std()) > 0:
         slope, intercept = torch.linalg.lstsq(torch.stack([distance, torch.ones_like(distance)], 1).double(),
                                               change.double()[:, None]).solution.flatten().tolist()

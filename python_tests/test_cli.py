@@ -725,3 +725,43 @@ def test_compare_out_needs_a_val_set(problem, tmp_path, capsys):
                tmp_path / "best.pt") == 2
     assert "--out exports the method best on val: give --val" in capsys.readouterr().err
     assert not (tmp_path / "best.pt").exists()
+
+
+def _row(method, few, overall):
+    return {"method": method, "top1": {"few": {"mean": few, "std": 0.0}, "overall": {"mean": overall, "std": 0.0}}}
+
+
+def test_the_frontier_draws_families_and_rho_sweeps_as_curves():
+    rows = [_row("baseline", 10, 70), _row("NCM (cosine)", 30, 60), _row("NCM (euclidean)", 25, 62),
+            _row("tau-normalised (tau=1.0)", 20, 69), _row("AlphaNet rho=1.5", 40, 66), _row("AlphaNet rho=0.5", 30, 69),
+            _row("AlphaNet, random neighbours rho=0.5", 12, 70), _row("AlphaNet, random neighbours rho=1.5", 14, 69)]
+    series = {label: (family, points) for label, family, points in cli._frontier_series(rows)}
+    assert series["input classifier"][0] == "input classifier"
+    assert series["NCM (cosine)"][0] == series["NCM (euclidean)"][0] == "NCM"
+    family, points = series["AlphaNet"]
+    assert family == "AlphaNet" and [p[0] for p in points] == [0.5, 1.5]  # one curve, in rho order
+    assert series["AlphaNet, random neighbours"][0] == "AlphaNet, random neighbours"
+    styles = {cli._FAMILY_STYLE[f] for f, _ in series.values()}
+    assert len(styles) == len({f for f, _ in series.values()})  # one colour and marker per family
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is not installed")
+def test_the_frontier_and_the_binned_per_class_plot_are_drawn(tmp_path):
+    from alphanet_ext.report import BINNED_ABOVE, binned_means, plots
+    rows = [_row("baseline", 10, 70), _row("AlphaNet rho=0.5", 30, 69), _row("AlphaNet rho=1.0", 35, 67)]
+    assert cli._frontier_plot(rows, str(tmp_path / "frontier.png"))
+    x = torch.arange(1000, dtype=torch.float64)
+    y = torch.where(x < 500, 1.0, 3.0) + torch.sin(x)
+    centres, means, half = binned_means(x, y, bins=4)
+    assert centres.tolist() == [124.5, 374.5, 624.5, 874.5]
+    assert means[:2].sub(1).abs().max() < 0.1 and means[2:].sub(3).abs().max() < 0.1 and (half > 0).all()
+    assert binned_means(x[:3], y[:3], bins=20)[2].tolist() == [0.0, 0.0, 0.0]
+    from PIL import Image  # noqa: F401  (matplotlib depends on pillow)
+    assert Image.open(tmp_path / "frontier.png").size[0] > 600
+    n = BINNED_ABOVE + 1
+    report = {"config": {"k": 5}, "evaluated_on": "test", "distance_correlation": 0.1,
+              "baseline": {"top1": {c: {"mean": 50.0, "std": 0.0} for c in ("many", "medium", "few", "overall")}},
+              "runs": [{"best": True, "rho": 1.0, "k": 5, "metric": "euclidean",
+                        "top1": {c: {"mean": 55.0, "std": 0.0} for c in ("many", "medium", "few", "overall")}}]}
+    written = plots(report, {"distance": torch.rand(n), "change": torch.randn(n)}, str(tmp_path))
+    assert "per_class_change.png" in written and (tmp_path / "per_class_change.png").exists()
