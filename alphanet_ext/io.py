@@ -148,8 +148,10 @@ def _progress_of(folder: str, role: str, suffix: str) -> dict | None:
             progress = json.load(stream)
     except (OSError, ValueError) as error:
         raise InputError(f"{path}: cannot read the extraction's progress record ({_reason(error)})") from None
-    if not isinstance(progress, dict):
-        raise InputError(f"{path}: not an extraction progress record")
+    if not isinstance(progress, dict) or not isinstance(progress.get("bad", []), list) or any(
+            not isinstance(progress.get(field, 0), int) or isinstance(progress.get(field, 0), bool)
+            for field in ("first_row", "end_row", "split_rows", "done", "rows")):
+        raise InputError(f"{path}: not an extraction progress record (a field of the wrong type)")
     if not progress.get("finished"):
         raise InputError(f"{path}: the extraction of {role}{suffix} did not finish ({progress.get('done', 0)} of "
                          f"{progress.get('rows', '?')} rows); rerun the same alphanet extract command to finish it")

@@ -147,6 +147,8 @@ def _broken(synth, tmp_path, damage):
     (lambda f: _edit(f, 0, split_rows=10 ** 6), "the train shards cover"),
     (lambda f: (f / "train-00001-of-00003.progress.json").unlink(), "missing, while other shards of train have one"),
     (lambda f: (f / "train-00001-of-00003.progress.json").write_text("{not json"), "cannot read the extraction's"),
+    (lambda f: _edit(f, 2, bad=7), "not an extraction progress record (a field of the wrong type)"),
+    (lambda f: _edit(f, 1, first_row="16"), "not an extraction progress record (a field of the wrong type)"),
 ])
 def test_a_broken_shard_set_is_named_before_any_fit(synth, tmp_path, capsys, damage, message):
     folder = _broken(synth, tmp_path, damage)
