@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from .apply import read_checkpoint
-from .io import CHECKPOINT_KEYS, InputError, locate_classifier, save_classifier, shard_suffix, write_atomic
+from .io import (CHECKPOINT_KEYS, InputError, locate_classifier, save_classifier, shard_suffix, split_shards,
+                 write_atomic)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -401,7 +402,6 @@ def _drop_rows(x_path: str, y_path: str, bad: set[int]) -> None:
 def _check_layout(out: str, names: list[str], world: int) -> None:
     """Refuses an ``out`` that already holds a split extracted with another number of
     processes: the two layouts would be read as one dataset (nothing is written yet)."""
-    from .io import split_shards
     for name in names:
         plain = os.path.join(out, f"{name}_x.npy")
         others = [path for path in split_shards(out, name) if not path.endswith(f"-of-{world:05d}.npy")]
