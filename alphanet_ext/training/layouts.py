@@ -164,9 +164,13 @@ class ClassSharded(RowSharded):
         sharded.class_sharded_neighbors(self.shard, stats, num_classes, config.k, config.metric, config.seed)
 
     def _columns(self, stats: ClassStatistics) -> tuple[Tensor, Tensor, Tensor]:
-        """The columns the step reads, and the few classes' and neighbours' places among them."""
-        columns = torch.unique(torch.cat([stats.few, stats.neighbors.flatten()]))
-        return columns, torch.searchsorted(columns, stats.few), torch.searchsorted(columns, stats.neighbors)
+        """The columns the step reads, and the few classes' and neighbours' places among them
+        (worked out once per fit: the step, the cache and the scorer all read them)."""
+        if getattr(self, "_columns_of", (None,))[0] is not stats:
+            columns = torch.unique(torch.cat([stats.few, stats.neighbors.flatten()]))
+            self._columns_of = (stats, (columns, torch.searchsorted(columns, stats.few),
+                                        torch.searchsorted(columns, stats.neighbors)))
+        return self._columns_of[1]
 
     def step(self, w, full_bias, stats, num_classes, config) -> TrainStep:
         columns, few_at, neighbors_at = self._columns(stats)
