@@ -1,7 +1,7 @@
 """The class-sharded fit against the one-process fit on a large synthetic label space.
 
     python benchmarks/bench_distributed.py [--classes 200000] [--dim 256] [--rows 2000000]
-        [--ranks 4] [--steps 24] [--threads 1] [--folder DIR]
+        [--ranks 4] [--steps 24] [--threads 1] [--folder DIR] [--device cpu|cuda]
 
 Writes (once, into --folder) a long-tailed problem: fp16 train features as a
 memory-mapped .npy, int64 labels, a float32 classifier. Then, each in fresh
@@ -14,7 +14,9 @@ anonymous RSS (RssAnon sampled every 20 ms: the memory the process itself
 allocated); the time of the set-up stages and of a training step (median
 over the steps after the first chunk); and, for the sharded fit, the bytes
 each rank sent into collectives per step. The ratio of the largest rank's
-peaks to the one-process fit's is printed last.
+peaks to the one-process fit's is printed last. With --device cuda the ranks
+join over NCCL, rank r on GPU r, and the GPU's peak allocated memory is
+printed too.
 """
 from __future__ import annotations
 
@@ -93,7 +95,7 @@ def _peak_rss() -> int:
     return 0
 
 
-def _fit_steps(folder: str, steps: int, rank: int, world: int, shard_classes: bool) -> dict:
+def _fit_steps(folder: str, steps: int, rank: int, world: int, shard_classes: bool, device: str) -> dict:
     """Runs the fit until ``steps`` training steps are done; returns its measurements."""
     import alphanet_ext
     import importlib
@@ -117,6 +119,8 @@ def _fit_steps(folder: str, steps: int, rank: int, world: int, shard_classes: bo
             for batch in cache.batches(entries[:, begin:begin + cache.chunk_samples], batch_size, few_position):
                 step(batch_size, batch)
                 done += 1
+                if device != "cpu":
+                    torch.cuda.synchronize()
                 now = time.perf_counter()
                 times.append(now - tic)
                 tic = now
@@ -126,13 +130,13 @@ def _fit_steps(folder: str, steps: int, rank: int, world: int, shard_classes: bo
                     raise _Enough
     fit_module._train_epoch = train_epoch
     group = None
-    if world > 1:
+    if shard_classes:  # a class-sharded fit on any number of ranks, one included
         import torch.distributed as dist
         group = dist.group.WORLD
     try:
         alphanet_ext.fit(x[part], np.asarray(y[part]), weight, bias, k=5, rho=1.0, epochs=1, min_epochs=1,
                          batch_size=64, progress=False, process_group=group, shard_classes=shard_classes,
-                         cuda_graphs=False)
+                         cuda_graphs=False, device=device)
     except _Enough:
         pass
     per_chunk = max(1, shard_holder.get("chunk_samples", 64) // 64)
@@ -141,24 +145,29 @@ def _fit_steps(folder: str, steps: int, rank: int, world: int, shard_classes: bo
     chunk_times = [sum(times[i:i + per_chunk]) / per_chunk for i in range(per_chunk, whole, per_chunk)] or times
     return {"rank": rank, "peak_rss": _peak_rss(), "peak_anon": anon.stop(), "setup_s": marks.get("setup"),
             "step_s": statistics.median(chunk_times), "bytes_per_step": shard_holder.get("bytes", 0) / steps,
-            "steps": len(times)}
+            "steps": len(times),
+            "gpu_peak": torch.cuda.max_memory_allocated() if device != "cpu" else 0}
 
 
-def _rank_main(rank: int, world: int, store: str, folder: str, steps: int, threads: int, out: str) -> None:
+def _rank_main(rank: int, world: int, store: str, folder: str, steps: int, threads: int, out: str,
+               device: str) -> None:
     import torch.distributed as dist
     torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=3600))
-    result = _fit_steps(folder, steps, rank, world, True)
+    if device != "cpu":
+        device = f"cuda:{rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("gloo" if device == "cpu" else "nccl", init_method=f"file://{store}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=3600))
+    result = _fit_steps(folder, steps, rank, world, True, device)
     with open(os.path.join(out, f"rank{rank}.json"), "w") as handle:
         json.dump(result, handle)
     dist.destroy_process_group()
 
 
-def _one_process_main(folder: str, steps: int, threads: int, out: str) -> None:
+def _one_process_main(folder: str, steps: int, threads: int, out: str, device: str) -> None:
     torch.set_num_threads(threads)
     with open(os.path.join(out, "one.json"), "w") as handle:
-        json.dump(_fit_steps(folder, steps, 0, 1, False), handle)
+        json.dump(_fit_steps(folder, steps, 0, 1, False, device), handle)
 
 
 def main() -> None:
@@ -170,6 +179,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--threads", type=int, default=1, help="threads per process")
     parser.add_argument("--folder", default=None, help="where the problem is written (default: a temporary folder)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
     import torch.multiprocessing as mp
     folder = args.folder or os.path.join(tempfile.gettempdir(), f"alphanet-bench-{args.classes}-{args.dim}-{args.rows}")
@@ -177,10 +187,10 @@ def main() -> None:
     write_problem(folder, args.classes, args.dim, args.rows)
     print(f"problem: {args.classes:,} classes, d={args.dim}, {np.load(os.path.join(folder, 'train_y.npy'), mmap_mode='r').size:,}"
           f" fp16 rows in {folder} ({time.perf_counter() - tic:.0f}s); {args.threads} thread(s) per process, "
-          f"{os.cpu_count()} CPUs", flush=True)
+          f"{os.cpu_count()} CPUs, device {args.device}", flush=True)
     out = tempfile.mkdtemp()
     context = mp.get_context("spawn")
-    one = context.Process(target=_one_process_main, args=(folder, args.steps, args.threads, out))
+    one = context.Process(target=_one_process_main, args=(folder, args.steps, args.threads, out, args.device))
     tic = time.perf_counter()
     one.start()
     one.join()
@@ -188,7 +198,8 @@ def main() -> None:
         single = json.load(handle)
     print(f"one process: {time.perf_counter() - tic:.0f}s", flush=True)
     tic = time.perf_counter()
-    mp.start_processes(_rank_main, args=(args.ranks, os.path.join(out, "store"), folder, args.steps, args.threads, out),
+    mp.start_processes(_rank_main, args=(args.ranks, os.path.join(out, "store"), folder, args.steps, args.threads, out,
+                                                   args.device),
                        nprocs=args.ranks, start_method="spawn")
     print(f"{args.ranks} ranks: {time.perf_counter() - tic:.0f}s", flush=True)
     ranks = []
@@ -196,10 +207,11 @@ def main() -> None:
         with open(os.path.join(out, f"rank{rank}.json")) as handle:
             ranks.append(json.load(handle))
     gib = 2 ** 30
-    print(f"{'':22s}{'peak RSS GiB':>14s}{'peak anon GiB':>15s}{'set-up s':>10s}{'step ms':>9s}{'sent MB/step':>14s}")
+    print(f"{'':22s}{'peak RSS GiB':>14s}{'peak anon GiB':>15s}{'GPU peak GiB':>14s}{'set-up s':>10s}"
+          f"{'step ms':>9s}{'sent MB/step':>14s}")
     for name, r in [("one process", single)] + [(f"rank {r['rank']} of {args.ranks}", r) for r in ranks]:
-        print(f"{name:22s}{r['peak_rss'] / gib:14.2f}{r['peak_anon'] / gib:15.2f}{r['setup_s']:10.1f}"
-              f"{r['step_s'] * 1e3:9.0f}{r['bytes_per_step'] / 1e6:14.2f}")
+        print(f"{name:22s}{r['peak_rss'] / gib:14.2f}{r['peak_anon'] / gib:15.2f}{r['gpu_peak'] / gib:14.2f}"
+              f"{r['setup_s']:10.1f}{r['step_s'] * 1e3:9.2f}{r['bytes_per_step'] / 1e6:14.2f}")
     worst_rss = max(r["peak_rss"] for r in ranks) / single["peak_rss"]
     worst_anon = max(r["peak_anon"] for r in ranks) / single["peak_anon"]
     print(f"largest rank / one process: peak RSS {worst_rss:.2f}x, peak anonymous RSS {worst_anon:.2f}x "

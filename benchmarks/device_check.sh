@@ -1,22 +1,28 @@
 #!/usr/bin/env bash
-# The prepared GPU run (issue 5): build with CUDA, run the test suite (CUDA tests
-# included), the inat2018-preset correction with the paper's iNaturalist settings (as
-# the CPU run in RESULTS.md), the GPU op
-# benchmarks (with the card's measured bandwidth and matmul rate) and the fit
-# benchmark and a per-kernel profile, then print a table last. Logs go to $OUT
-# (default ./device_out; eight files, the most the device tool returns).
-# Every step's timeout is cut to what is left of BUDGET seconds (default 330), so
-# the whole run fits a 15-minute GPU slot with room for the machine's start; the
-# CPU-only tests (which CI runs anyway) come last, in whatever time is left.
-# A shorter rerun after a kernel change: OPS (bench_ops.py's --ops, default all),
-# SIZES (default medium,large,huge), FIT_SIZES (bench_fit.py's --sizes, default
-# imagenet-lt-2048; inat2018 adds the iNaturalist-sized fit), CASES
-# (profile_kernels.py's --cases, default all those below), NCU=0 (no Nsight
-# Compute counters) and CPU_TESTS=0 (skip the CPU-only tests).
+# The prepared GPU run: build with CUDA, then the steps named in STEPS (default: all,
+# in this order), each cut to what is left of BUDGET seconds (default 330) so the run
+# fits a 15-minute GPU slot with room for the machine's start:
+#   inat        the inat2018-preset `alphanet fit` command, files to report (the paper's
+#               iNaturalist settings), timed whole, then once more under cProfile
+#               ($OUT/inat.prof: where the seconds outside the fit go)
+#   one-rank    bench_one_rank.py: the row- and class-sharded fit on a one-rank NCCL
+#               group against the plain fit at iNaturalist size
+#   extract     bench_extract.py on the GPU: images/s against the model's forward rate
+#   distributed bench_distributed.py --device cuda --ranks 1: the class-sharded step at
+#               200,000 classes, for the cost model
+#   tests       the CUDA tests (the CPU-only ones, which CI runs anyway, are cpu-tests)
+#   ops, fit, profile, cpu-tests   the kernel benchmarks, bench_fit.py, the kernel profile
+# Options: OPS (bench_ops.py's --ops), SIZES (default medium,large,huge), FIT_SIZES
+# (bench_fit.py's --sizes, default imagenet-lt-2048), CASES (profile_kernels.py's
+# --cases), NCU=0 (no Nsight Compute counters). Logs go to $OUT (default ./device_out;
+# eight files at most come back). The built module is copied to $OUT/_C.so; a later run
+# given it in .prebuilt/ (carried) skips the build when the C++ sources did not change.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./device_out}"
-BUDGET="${BUDGET:-330}" SIZES="${SIZES:-medium,large,huge}" CPU_TESTS="${CPU_TESTS:-1}"
+BUDGET="${BUDGET:-330}" SIZES="${SIZES:-medium,large,huge}"
+STEPS="${STEPS:-inat one-rank extract distributed tests ops fit profile cpu-tests}"
+want() { [[ " $STEPS " == *" $1 "* ]]; }
 mkdir -p "$OUT"
 # images that ship only python3
 if ! command -v python >/dev/null; then mkdir -p /tmp/pybin; ln -sf "$(command -v python3)" /tmp/pybin/python; export PATH="/tmp/pybin:$PATH"; fi
@@ -35,7 +41,14 @@ timed() { if [ -x /usr/bin/time ]; then /usr/bin/time -v "$@"; else "$@"; fi; }
 
 step "build"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee -a "$OUT/summary.log"
-timeout "$(limit 240)" python setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+module=$(python -c "import sysconfig; print('alphanet_ext/_C' + sysconfig.get_config_var('EXT_SUFFIX'))")
+if [ -f .prebuilt/_C.so ]; then
+  cp .prebuilt/_C.so "$module" && echo "using the carried module (.prebuilt/_C.so)" | tee -a "$OUT/summary.log"
+else
+  timeout "$(limit 240)" python setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+  echo "built in ${SECONDS}s" | tee -a "$OUT/summary.log"; tail -3 "$OUT/build.log" >> "$OUT/summary.log"; rm -f "$OUT/build.log"
+  strip --strip-debug -o "$OUT/_C.so" "$module" 2>/dev/null || cp "$module" "$OUT/_C.so"
+fi
 python -c "import alphanet_ext.ops as o; o.check_registered('CUDA'); print('CUDA kernels registered')" | tee -a "$OUT/summary.log"
 # a C++ error must reach Python as an exception (see the compiler note above)
 python -c "
@@ -45,29 +58,64 @@ try:
 except RuntimeError as error:
     print('C++ errors raise:', str(error).splitlines()[0])" 2>&1 | tee -a "$OUT/summary.log"
 
-step "tests"
-# the CUDA tests first, so a failure elsewhere cannot hide them; no -x: every failure is listed
-timeout "$(limit 100)" python -m pytest python_tests -q -p no:cacheprovider -k cuda 2>&1 | tee "$OUT/tests_cuda.log" | tail -15
-
-step "inat2018 preset, end to end (the paper's iNaturalist settings: 10 epochs, batch 256; rho 1)"
+if want inat || want one-rank; then
+step "inat2018 preset data"
 timeout "$(limit 90)" python -m alphanet_ext synth --preset inat2018 --out /tmp/inat > "$OUT/inat.log" 2>&1
-begin=$SECONDS
-timed timeout "$(limit 180)" python -m alphanet_ext fit --train /tmp/inat/train_x.npy --val /tmp/inat/val_x.npy \
-  --test /tmp/inat/test_x.npy --classifier /tmp/inat/classifier.pt --out /tmp/inat/corrected.pt \
-  --epochs 10 --batch-size 256 --rho 1 --device cuda --report /tmp/inat/report >> "$OUT/inat.log" 2>&1
-echo "inat2018 fit: exit $?, $((SECONDS - begin)) s wall (whole command: load, means, neighbours, fit, test, report)" \
-  | tee -a "$OUT/inat.log"
-python -c "import json; print('inat2018 fit stages (s):', json.load(open('/tmp/inat/report/report.json'))['runs'][0]['timings'])" \
-  2>&1 | tee -a "$OUT/inat.log"
+fi
+if want inat; then
+step "inat2018 preset, end to end (the paper's iNaturalist settings: 10 epochs, batch 256; rho 1)"
+INAT=(fit --train /tmp/inat/train_x.npy --val /tmp/inat/val_x.npy --test /tmp/inat/test_x.npy
+  --classifier /tmp/inat/classifier.pt --out /tmp/inat/corrected.pt --epochs 10 --batch-size 256 --rho 1
+  --device cuda --report /tmp/inat/report)
+for run in 1 2; do
+  begin=$SECONDS
+  timed timeout "$(limit 60)" python -m alphanet_ext "${INAT[@]}" >> "$OUT/inat.log" 2>&1
+  echo "inat2018 fit: exit $?, $((SECONDS - begin)) s wall (whole command: load, means, neighbours, fit, test, report)" \
+    | tee -a "$OUT/inat.log"
+  python -c "import json; print('inat2018 fit stages (s):', json.load(open('/tmp/inat/report/report.json'))['runs'][0]['timings'])" \
+    2>&1 | tee -a "$OUT/inat.log"
+done
+timeout "$(limit 60)" python -m cProfile -o "$OUT/inat.prof" -m alphanet_ext "${INAT[@]}" >> "$OUT/inat.log" 2>&1
+python -c "import pstats; pstats.Stats('$OUT/inat.prof').sort_stats('cumulative').print_stats(60)" >> "$OUT/inat.log" 2>&1
+fi
 
+if want one-rank; then
+step "the sharded fit on a one-rank NCCL group against the plain fit"
+timeout "$(limit 150)" python benchmarks/bench_one_rank.py --data /tmp/inat --device cuda --repeats 2 --threads 16 2>&1 \
+  | tee "$OUT/one_rank.log"
+fi
+
+if want extract; then
+step "extraction on the GPU"
+timeout "$(limit 120)" python benchmarks/bench_extract.py --device cuda --images 4000 --image-size 256 --crop 224 \
+  --batch-size 128 --workers 12 --threads 16 --repeats 2 --skip-memory 2>&1 | tee "$OUT/extract.log"
+fi
+
+if want distributed; then
+step "the class-sharded step at 200,000 classes on one GPU (NCCL, one rank)"
+timeout "$(limit 150)" python benchmarks/bench_distributed.py --device cuda --ranks 1 --steps 40 --threads 16 \
+  --folder /tmp/dist 2>&1 | tee "$OUT/distributed.log"
+fi
+
+if want tests; then
+step "tests"
+# no -x: every failure is listed
+timeout "$(limit 100)" python -m pytest python_tests -q -p no:cacheprovider -k cuda 2>&1 | tee "$OUT/tests_cuda.log" | tail -15
+fi
+
+if want ops; then
 step "op benchmarks"
 timeout "$(limit 150)" python benchmarks/bench_ops.py --device cuda --sizes "$SIZES" ${OPS:+--ops "$OPS"} --repeats 5 2>&1 \
   | tee "$OUT/bench_ops.log"
+fi
 
+if want fit; then
 step "fit benchmark (training steps replayed as CUDA graphs, and launched one by one)"
 timeout "$(limit 90)" python benchmarks/bench_fit.py --device cuda --sizes "${FIT_SIZES:-imagenet-lt-2048}" \
   --peer-epochs 0 --graphs both 2>&1 | tee "$OUT/bench_fit.log"
+fi
 
+if want profile; then
 step "kernel profile"
 CASES="${CASES:-class-means-large,knn-large,knn-large-matmul,knn-huge,combine-rows-large,combine-columns-large,fit-epoch}"
 timeout "$(limit 75)" python benchmarks/profile_kernels.py --fit-data /tmp/inat --cases "$CASES" 2>&1 \
@@ -79,15 +127,18 @@ if [ "${NCU:-1}" = 1 ] && command -v ncu >/dev/null; then
     python benchmarks/profile_kernels.py --plain --cases class-means-large,combine-rows-large,combine-columns-large \
     >> "$OUT/profile.log" 2>&1
 fi
+fi
 
+if want cpu-tests; then
 step "CPU-only tests"
-if [ "$CPU_TESTS" = 1 ]; then
-  timeout "$(limit 80)" python -m pytest python_tests -q -p no:cacheprovider -k "not cuda" 2>&1 | tee "$OUT/tests.log" | tail -5
-else
-  echo "skipped (CPU_TESTS=0)" | tee "$OUT/tests.log"
+timeout "$(limit 80)" python -m pytest python_tests -q -p no:cacheprovider -k "not cuda" 2>&1 | tee "$OUT/tests.log" | tail -5
 fi
 
 step "table"
-head -2 "$OUT/summary.log"; tail -1 "$OUT/tests_cuda.log"; tail -1 "$OUT/tests.log"
-grep -E "^\| |^card|^\(int8 screening|^\(training step" "$OUT/bench_ops.log" "$OUT/bench_fit.log" | sed 's/^[^:]*://'
-grep -E "inat2018 fit|Elapsed|Maximum resident|^\| (baseline|AlphaNet)" "$OUT/inat.log"
+head -3 "$OUT/summary.log"
+for log in tests_cuda tests; do [ -f "$OUT/$log.log" ] && tail -1 "$OUT/$log.log"; done
+for log in bench_ops bench_fit one_rank extract distributed; do
+  [ -f "$OUT/$log.log" ] && grep -E "^\| |^card|^\(int8 screening|^\(training step|^one |^forward|^largest" "$OUT/$log.log"
+done
+[ -f "$OUT/inat.log" ] && grep -E "inat2018 fit|Elapsed|Maximum resident|^\| (baseline|AlphaNet)" "$OUT/inat.log"
+exit 0

@@ -116,9 +116,8 @@ class RowSharded(OneProcess):
         return sharded.gathered_labels(self.shard, labels, "train")
 
     def step(self, w, full_bias, stats, num_classes, config) -> TrainStep:
-        # a captured graph cannot hold the gradients' all-reduce
         return sharded.RowShardedStep(self.shard, w, full_bias, stats.few, stats.neighbors, *step_options(config),
-                                      False)
+                                      config.cuda_graphs)
 
     def cache(self, train_rows, labels, all_labels, w, full_bias, stats, sampler, options) -> LogitCache:
         return sharded.RowShardedCache(self.shard, train_rows, labels, w, full_bias, stats.few, sampler.few_rows,

@@ -197,9 +197,14 @@ class RowShardedStep(TrainStep):
     def __init__(self, shard: Shard, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.shard = shard
-        self.replayed = None  # a captured graph cannot hold the all-reduce
+        if shard.world > 1:
+            # a captured graph holds no gloo collective, and the ranks' batches change shape
+            self.replayed = None
 
     def __call__(self, batch_size: int, batch: Batch) -> None:
+        if self.shard.world == 1:  # nothing to reduce: the one-process step (replayed where wanted)
+            super().__call__(batch_size, batch)
+            return
         rows = batch.raw.shape[0]
         parameters = self.nets.parameters() + [self.few_bias]
         if rows:
