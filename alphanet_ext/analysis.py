@@ -140,7 +140,8 @@ def neighbor_views(class_means: Tensor, splits: Mapping[str, Tensor], k: int = 5
     k nearest few classes) and ``"all"`` (every class with its k nearest other
     classes). Each value is ``(classes [n], neighbors [n, k])``. ``few_neighbors``
     (a fit's ``neighbors``, in the order of ``splits["few"]``) is the few view as
-    the fit found it, so it is not searched again."""
+    the fit found it, so it is not searched again. The searches run where
+    ``class_means`` lives; the views come back on the CPU."""
     few = torch.as_tensor(splits["few"], dtype=torch.long)
     base = torch.cat([torch.as_tensor(splits[name], dtype=torch.long) for name in ("many", "medium")]).sort().values
     every = torch.cat([few, base]).sort().values
@@ -154,8 +155,9 @@ def neighbor_views(class_means: Tensor, splits: Mapping[str, Tensor], k: int = 5
             continue
         extra = 1 if name == "all" else 0  # the class itself comes back among its own neighbours
         count = min(k + extra, candidates.numel())
-        _, nearest = ops.knn(class_means[classes], class_means[candidates], count, metric)
-        neighbors = candidates[nearest]
+        on = class_means.device
+        _, nearest = ops.knn(class_means[classes.to(on)], class_means[candidates.to(on)], count, metric)
+        neighbors = candidates[nearest.cpu()]
         if extra:
             keep = neighbors != classes[:, None]
             keep &= keep.cumsum(1) <= count - 1
@@ -220,10 +222,15 @@ def semantic_accuracy(predicted: Tensor, labels: Tensor, splits: Mapping[str, Te
 BOOTSTRAP_VALUES = 1 << 20  # resampled values drawn at a time by pearson_with_interval
 
 
-def pearson_with_interval(x: Tensor, y: Tensor, resamples: int = 10_000, seed: int = 0) -> dict[str, float]:
+def pearson_with_interval(x: Tensor, y: Tensor, resamples: int = 10_000, seed: int = 0,
+                          device: torch.device | str = "cpu") -> dict[str, float]:
     """Pearson r and its bootstrap 95 % interval (percentile method); all NaN
-    when r is undefined (a constant series)."""
-    x, y = torch.as_tensor(x).double().flatten(), torch.as_tensor(y).double().flatten()
+    when r is undefined (a constant series). The resamples are drawn and scored
+    on ``device`` (a GPU's generator draws other resamples than the CPU's: the
+    interval is deterministic per device)."""
+    device = torch.device(device)
+    x = torch.as_tensor(x).double().flatten().to(device)
+    y = torch.as_tensor(y).double().flatten().to(device)
     if x.numel() != y.numel() or x.numel() < 3:
         raise ValueError("pearson_with_interval: need two series of the same length, at least 3")
     if not bool(torch.isfinite(x).all() and torch.isfinite(y).all()):
@@ -234,15 +241,16 @@ def pearson_with_interval(x: Tensor, y: Tensor, resamples: int = 10_000, seed: i
         # clamped: rounding put a resample of three points at -1.0000000000000002
         return ((a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))).clamp(-1.0, 1.0)
 
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device).manual_seed(seed)
     block = max(1, BOOTSTRAP_VALUES // x.numel())  # resamples at a time: all at once take resamples * n values
     samples = []
     for begin in range(0, resamples, block):
-        picks = torch.randint(x.numel(), (min(block, resamples - begin), x.numel()), generator=generator)
+        picks = torch.randint(x.numel(), (min(block, resamples - begin), x.numel()), generator=generator,
+                              device=device)
         samples.append(r(x[picks], y[picks]))
     samples = torch.cat(samples)
     samples = samples[~torch.isnan(samples)]
     if samples.numel() == 0:  # a constant series: r is undefined
         return {"r": float("nan"), "low": float("nan"), "high": float("nan")}
-    low, high = torch.quantile(samples, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    low, high = torch.quantile(samples.cpu(), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     return {"r": float(r(x, y)), "low": low, "high": high}

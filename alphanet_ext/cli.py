@@ -33,7 +33,7 @@ from .training.sampler import check_rho
 from .training.sharding import RankFailure
 from .metrics import evaluate, make_splits, mean_std
 from .analysis import Hierarchy, neighbor_views, pearson_with_interval, prediction_changes, semantic_accuracy
-from .report import COLUMNS, pyplot, run_label, save_figure, write_report, write_text
+from .report import COLUMNS, preload_plotting, pyplot, run_label, save_figure, write_report, write_text
 from .synthetic import PRESETS, make_preset
 
 
@@ -205,8 +205,8 @@ def _analyses(args: argparse.Namespace, best: Run, evaluated: Features, before: 
     if means is None:  # a class-sharded fit holds no rank's full means; the report reads them once here
         means = streamed_class_means(args.full_train.x, torch.as_tensor(np.asarray(args.full_train.y)),
                                      best.result.weight.shape[0], "train", torch.device("cpu"))[0]
-    views = neighbor_views(means, splits, best.k, "euclidean" if random else best.metric,
-                           None if random else best.result.neighbors)
+    views = neighbor_views(means.to(resolve_device(args.device)), splits, best.k,
+                           "euclidean" if random else best.metric, None if random else best.result.neighbors)
     out = {"prediction_changes": {name: prediction_changes(before, after, labels, classes, neighbors)
                                   for name, (classes, neighbors) in views.items()}}
     if hierarchy is not None:
@@ -344,6 +344,8 @@ def run_fit(args: argparse.Namespace) -> int:
 
 def _run_fit(args: argparse.Namespace, rank: int, world: int) -> int:
     _check_outputs(args, args.out)
+    if args.report and rank == 0:
+        preload_plotting()  # while the fit runs
     weight, bias = load_classifier(args.classifier, args.classifier_key)
     train, val, test = _load_train_val_test(args, weight)
     args.full_train = train
@@ -411,7 +413,8 @@ def _run_fit(args: argparse.Namespace, rank: int, world: int) -> int:
             change = chosen["per_class_top1"][few] - baseline["per_class_top1"][few]
             distance = best.result.neighbor_distances.mean(dim=1)
             keep = ~torch.isnan(change)
-            correlation = (pearson_with_interval(distance[keep], change[keep]) if int(keep.sum()) >= 3
+            correlation = (pearson_with_interval(distance[keep], change[keep], device=resolve_device(args.device))
+                           if int(keep.sum()) >= 3
                            else {"r": float("nan"), "low": float("nan"), "high": float("nan")})
             report = {**({"warning": warning} if warning else {}),
                       "config": best.result.config, "evaluated_on": evaluated_on, "samples": baseline["samples"],

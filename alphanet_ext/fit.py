@@ -198,7 +198,6 @@ def _stages(layout: layouts.OneProcess, inputs: _Inputs, weight: ArrayLike, bias
     num_classes = int(weight.shape[0])
     tic = time.perf_counter()
     keep = keeps_features_on(device, inputs.train_x) if keep_features is None else keep_features
-    keep = keep and layout.reads_all_classes
     resident = torch.empty(tuple(inputs.train_x.shape), dtype=as_tensor(inputs.train_x[:0], "train_x").dtype,
                            device=device) if keep else None
     stats = layout.statistics(inputs.train_x, inputs.labels, num_classes, config, device, resident, show)

@@ -28,6 +28,9 @@ mkdir -p "$OUT"
 if ! command -v python >/dev/null; then mkdir -p /tmp/pybin; ln -sf "$(command -v python3)" /tmp/pybin/python; export PATH="/tmp/pybin:$PATH"; fi
 export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}" ALPHANET_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build, for benchmarks/*.py too
+# The image's site-packages keep no compiled bytecode, so every process compiled torch's
+# Python files again (1.8 s of each command); an installed package has its .pyc.
+export PYTHONPYCACHEPREFIX="${PYTHONPYCACHEPREFIX:-/tmp/pycache}"
 # The GPU image's default compiler (/opt/gcc, a wrapper around g++ 13.3) built an
 # extension whose first C++ error (any TORCH_CHECK) crashed inside c10::str with a
 # segfault; the system g++ 13.3 builds one that raises. Prefer the system compiler.

@@ -147,7 +147,6 @@ class ClassSharded(RowSharded):
     class and its neighbours), gathered once per chunk (``ClassShardedCache``)."""
 
     reads_all_classes = False
-
     def classes(self, num_classes: int) -> tuple[int, int]:
         return self.shard.class_range(num_classes)
 
@@ -157,7 +156,7 @@ class ClassSharded(RowSharded):
 
     def statistics(self, train_x, labels, num_classes, config, device, resident, show) -> ClassStatistics:
         return sharded.class_sharded_statistics(self.shard, train_x, labels, num_classes, config.few_threshold,
-                                                config.many_threshold, config.k, device)
+                                                config.many_threshold, config.k, device, resident)
 
     def neighbors(self, stats, num_classes, config) -> None:
         sharded.class_sharded_neighbors(self.shard, stats, num_classes, config.k, config.metric, config.seed)

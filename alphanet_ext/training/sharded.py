@@ -76,17 +76,24 @@ def broadcast_neighbors(shard: Shard, stats: ClassStatistics, find) -> ClassStat
 
 
 def class_sharded_statistics(shard: Shard, train_x: ArrayLike, labels: Tensor, num_classes: int,
-                             few_threshold: int, many_threshold: int, k: int,
-                             device: torch.device) -> ClassStatistics:
+                             few_threshold: int, many_threshold: int, k: int, device: torch.device,
+                             resident: Tensor | None = None) -> ClassStatistics:
     """Counts of every class (all-reduced) and the means of this rank's slice of the
     classes only: one pass over the local rows per slice, each slice's sums reduced
-    onto the rank that owns it, so no rank ever holds ``[C, d]``."""
+    onto the rank that owns it, so no rank ever holds ``[C, d]``. ``resident``, if
+    given, receives a copy of this rank's rows during the first pass."""
     counts = torch.bincount(labels, minlength=num_classes)
     shard.all_reduce(counts, what="the class counts")
     mine = None
     for owner in range(shard.world):
         first, end = shard.class_range(num_classes, owner)
-        acc = streamed_class_sums(train_x, labels, num_classes, "train_x", device, classes=(first, end))
+
+        def each_chunk(begin: int, chunk: Tensor) -> None:
+            if resident is not None and owner == 0:
+                resident[begin:begin + chunk.shape[0]] = chunk
+        source = resident if resident is not None and owner > 0 else train_x  # later passes: the device copy
+        acc = streamed_class_sums(source, labels, num_classes, "train_x", device, classes=(first, end),
+                                  each_chunk=each_chunk)
         shard.reduce(acc.sums, owner, what="the class sums")
         if owner == shard.rank:
             mine = (acc.sums / counts[first:end].clamp_min(1).unsqueeze(1).to(acc.sums.dtype)).float()
@@ -171,22 +178,27 @@ class RowShardedCache(LogitCache):
         counts = torch.bincount(groups, minlength=num_batches * trials)
         starts = counts.cumsum(0) - counts
         slot = torch.arange(groups.numel(), device=device) - starts[groups]
-        trial = groups % trials
-        counts, starts = counts.view(num_batches, trials).tolist(), starts.view(num_batches, trials).tolist()
+        # Every batch of the chunk padded to the chunk's largest (batch, trial) count, and laid out
+        # in one go: per batch, the step gets views, not a dozen small copies and fills.
+        held_per_batch = counts.view(num_batches, trials).amax(dim=1).tolist()
+        n = max(held_per_batch, default=0)
+        places = num_batches * n * trials
+        at = ((groups // trials) * n + slot) * trials + groups % trials
+        padded = self.base_buffer[:places] if places <= self.base_buffer.shape[0] else raw.new_empty(
+            places, self.num_classes)  # the buffer is free once entry_logits has returned
+        if at.numel() < places:  # padding rows: any finite logits do, zeros are the plain choice
+            padded.zero_()
+        padded.index_copy_(0, at, raw)
+        lse = torch.full((places,), PAD_SCORE, device=device).index_copy_(0, at, base_lse)
+        base_score = torch.full((places,), PAD_SCORE, device=device).index_copy_(0, at, target_base)
+        few_target = torch.full((places,), -1, dtype=torch.long, device=device).index_copy_(0, at, target_few)
+        shape = (num_batches, n, trials)
+        padded, lse = padded.view(*shape, self.num_classes), lse.view(shape)
+        base_score, few_target = base_score.view(shape), few_target.view(shape)
         for index in range(num_batches):
-            begin, size = starts[index][0], sum(counts[index])
-            members = slice(begin, begin + size)
-            n = max(counts[index])
-            where = (slot[members], trial[members])
-            batch_raw = raw.new_zeros(n, trials, self.num_classes)
-            batch_raw[where] = raw[members]
-            lse = torch.full((n, trials), PAD_SCORE, device=device)
-            lse[where] = base_lse[members]
-            base_score = torch.full((n, trials), PAD_SCORE, device=device)
-            base_score[where] = target_base[members]
-            few_target = torch.full((n, trials), -1, dtype=torch.long, device=device)
-            few_target[where] = target_few[members]
-            yield Batch(min(batch_size, samples - index * batch_size), batch_raw, lse, few_target, base_score)
+            held_rows = slice(0, held_per_batch[index])  # as many rows as this batch's largest trial
+            yield Batch(min(batch_size, samples - index * batch_size), padded[index, held_rows], lse[index, held_rows],
+                        few_target[index, held_rows], base_score[index, held_rows])
 
 
 class RowShardedStep(TrainStep):
@@ -202,7 +214,8 @@ class RowShardedStep(TrainStep):
             self.replayed = None
 
     def __call__(self, batch_size: int, batch: Batch) -> None:
-        if self.shard.world == 1:  # nothing to reduce: the one-process step (replayed where wanted)
+        if self.shard.world == 1 and batch.raw.shape[0] == batch.rows:
+            # nothing to reduce and no padding: the one-process step (replayed where wanted)
             super().__call__(batch_size, batch)
             return
         rows = batch.raw.shape[0]
