@@ -153,6 +153,7 @@ class RowShardedCache(LogitCache):
                  few_rows: Tensor, val_x: ArrayLike | None, pred_scale: float, trials: int, batch_size: int,
                  epoch_size: int, sizes: CacheSizes = CacheSizes(), show_progress: bool = False):
         self.first, self.end = shard.rows_of("train")
+        self.holds_all = shard.world == 1
         held = (few_rows >= self.first) & (few_rows < self.end)
         self.global_few_rows = few_rows
         self.local_few = torch.full_like(few_rows, -1)
@@ -161,6 +162,9 @@ class RowShardedCache(LogitCache):
                          batch_size, epoch_size, sizes, show_progress)
 
     def batches(self, entries: Tensor, batch_size: int, few_position: Tensor) -> Iterator[Batch]:
+        if self.holds_all:  # a one-rank group: every entry is this rank's, in place, no padding
+            yield from super().batches(entries, batch_size, few_position)
+            return
         trials, samples = entries.shape
         device = entries.device
         few_at = (-entries - 1).clamp_min(0)
