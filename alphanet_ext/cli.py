@@ -33,7 +33,7 @@ from .training.sampler import check_rho
 from .training.sharding import RankFailure
 from .metrics import evaluate, make_splits, mean_std
 from .analysis import Hierarchy, neighbor_views, pearson_with_interval, prediction_changes, semantic_accuracy
-from .report import COLUMNS, preload_plotting, pyplot, run_label, save_figure, write_report, write_text
+from .report import COLUMNS, pyplot, run_label, save_figure, write_report, write_text
 from .synthetic import PRESETS, make_preset
 
 
@@ -344,8 +344,6 @@ def run_fit(args: argparse.Namespace) -> int:
 
 def _run_fit(args: argparse.Namespace, rank: int, world: int) -> int:
     _check_outputs(args, args.out)
-    if args.report and rank == 0:
-        preload_plotting()  # while the fit runs
     weight, bias = load_classifier(args.classifier, args.classifier_key)
     train, val, test = _load_train_val_test(args, weight)
     args.full_train = train

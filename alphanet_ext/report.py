@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import threading
 import warnings
 
 import torch
@@ -126,28 +125,6 @@ def _changes_plot(plt, changes: dict, path: str) -> None:
     axes[0][-1].legend(fontsize=7, loc="lower right")
     save_figure(figure, path)
     plt.close(figure)
-
-
-def preload_plotting() -> threading.Thread:
-    """Imports matplotlib and draws one line of text on a thread, so that the report's
-    plots, made after the fit, find the library loaded and its font read (together
-    about a second that would otherwise come after the fit). Silent: a missing
-    matplotlib is reported when the plots are made."""
-    def load() -> None:
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot  # noqa: F401
-            from matplotlib.backends.backend_agg import FigureCanvasAgg
-            from matplotlib.figure import Figure
-            figure = Figure(figsize=(1, 1))
-            figure.text(0.5, 0.5, "alphanet")
-            FigureCanvasAgg(figure).draw()
-        except Exception:  # noqa: BLE001  (the plots themselves say what is wrong)
-            pass
-    thread = threading.Thread(target=load, name="alphanet-preload-plotting", daemon=True)
-    thread.start()
-    return thread
 
 
 def pyplot():

@@ -72,17 +72,10 @@ INAT=(fit --train /tmp/inat/train_x.npy --val /tmp/inat/val_x.npy --test /tmp/in
   --classifier /tmp/inat/classifier.pt --out /tmp/inat/corrected.pt --epochs 10 --batch-size 256 --rho 1
   --device cuda --report /tmp/inat/report)
 env | grep -E "^PYTHON|^MPL" | tee -a "$OUT/inat.log"
-# The first run writes the bytecode and matplotlib's font cache; then the command as
-# released, and with the report's plotting not loaded during the fit (an A/B of that),
-# alternating.
-NO_PRELOAD="import sys, alphanet_ext.cli as c; c.preload_plotting = lambda: None; sys.exit(c.main(sys.argv[1:]))"
-for run in warm-up as-released no-preload as-released no-preload; do
+# The first run writes the bytecode and matplotlib's font cache, as an install would.
+for run in warm-up warm warm; do
   begin=$(date +%s.%N)
-  if [ $run = no-preload ]; then
-    timed timeout "$(limit 60)" python -c "$NO_PRELOAD" "${INAT[@]}" >> "$OUT/inat.log" 2>&1
-  else
-    timed timeout "$(limit 60)" python -m alphanet_ext "${INAT[@]}" >> "$OUT/inat.log" 2>&1
-  fi
+  timed timeout "$(limit 60)" python -m alphanet_ext "${INAT[@]}" >> "$OUT/inat.log" 2>&1
   status=$?
   echo "inat2018 fit ($run): exit $status, $(python -c "print(f'{$(date +%s.%N) - $begin:.2f}')") s wall" \
     "(whole command: load, means, neighbours, fit, test, report)" | tee -a "$OUT/inat.log"

@@ -167,3 +167,26 @@ def test_the_few_view_reuses_the_fits_neighbours():
     assert torch.equal(reused["few"][1], searched["few"][1]) and torch.equal(reused["few"][0], searched["few"][0])
     marked = neighbor_views(result.class_means, result.splits, 3, few_neighbors=result.neighbors.flip(1))
     assert torch.equal(marked["few"][1], result.neighbors.flip(1))  # taken as given, not searched again
+
+
+CUDA = torch.cuda.is_available() and alphanet_ext.compiled_with_cuda()
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU and the CUDA kernels")
+def test_report_analyses_on_cuda_match_the_cpu():
+    """The report runs its neighbour views and bootstrap on the fit's device: the views are
+    the CPU's exactly (exact kNN, ties to the lower id) and come back on the CPU; the
+    bootstrap's interval is its own per device, around the same r."""
+    generator = torch.Generator().manual_seed(4)
+    means = torch.randn(60, 16, generator=generator)
+    splits = {"many": torch.arange(0, 30), "medium": torch.arange(30, 40), "few": torch.arange(40, 60)}
+    on_cpu, on_gpu = analysis.neighbor_views(means, splits, k=3), analysis.neighbor_views(means.cuda(), splits, k=3)
+    for name in on_cpu:
+        assert on_gpu[name][1].device.type == "cpu"
+        assert torch.equal(on_gpu[name][0], on_cpu[name][0]) and torch.equal(on_gpu[name][1], on_cpu[name][1])
+    x = torch.randn(300, generator=generator)
+    y = x + torch.randn(300, generator=generator)
+    cpu, gpu = (analysis.pearson_with_interval(x, y, resamples=4000, device=d) for d in ("cpu", "cuda"))
+    assert gpu["r"] == pytest.approx(cpu["r"], abs=1e-12)
+    assert gpu["low"] == pytest.approx(cpu["low"], abs=0.03) and gpu["high"] == pytest.approx(cpu["high"], abs=0.03)
+    assert analysis.pearson_with_interval(x, y, resamples=4000, device="cuda") == gpu  # deterministic per device

@@ -97,6 +97,26 @@ def test_sharded_fit_matches_one_process(mode, world, one_process, tmp_path):
         assert torch.equal(got["weight"], results[0]["weight"])
 
 
+def _fit_rank_keeping_features(rank: int, world: int) -> dict:
+    """A class-sharded fit told to keep a copy of its rows (what it does on a GPU with room):
+    the class statistics fill it on their first pass and the later passes and the logits read it."""
+    import torch.distributed as dist
+    from alphanet_ext.config import FitConfig
+    from alphanet_ext.fit import fit_with_config
+    p = _problem()
+    rows, val_rows = _part(p.train_x.shape[0], rank, world), _part(p.val_x.shape[0], rank, world)
+    options = {key: value for key, value in OPTIONS.items() if key != "progress"}
+    result = fit_with_config(p.train_x[rows].numpy(), p.train_y[rows], p.weight, p.bias, p.val_x[val_rows],
+                             p.val_y[val_rows], FitConfig(**options), progress=False, keep_features=True,
+                             process_group=dist.group.WORLD, shard_classes=True)
+    return {"weight": result.weight}
+
+
+def test_class_sharded_fit_keeping_its_rows_matches_one_process(one_process, tmp_path):
+    for got in _ok(launch(2, _fit_rank_keeping_features, (), tmp_path)):
+        assert torch.allclose(got["weight"], one_process.weight, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["rows", "classes"])
 def test_ranks_that_hold_no_few_row(mode, tmp_path):
     """Rows in class order (an ImageFolder extraction's shards): rank 0 of 3 holds base rows only."""
