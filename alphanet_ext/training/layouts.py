@@ -172,6 +172,10 @@ class ClassSharded(RowSharded):
 
     def step(self, w, full_bias, stats, num_classes, config) -> TrainStep:
         columns, few_at, neighbors_at = self._columns(stats)
+        if self.shard.world > 1:  # each rank trains the networks on its block of the few classes
+            return sharded.FewSplitStep(self.shard, w, columns, full_bias[stats.few], few_at, neighbors_at,
+                                        num_classes, config.hidden, config.trials, config.seed, config.lr,
+                                        config.weight_decay, config.pred_scale)
         return TrainStep(sharded.owned_rows(self.shard, num_classes, columns, w), full_bias[columns], few_at,
                          neighbors_at, *step_options(config), config.cuda_graphs)
 

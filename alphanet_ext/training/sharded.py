@@ -34,7 +34,7 @@ from . import progress
 from .cache import Batch, CacheSizes, LogitCache
 from .sharding import RankFailure, Shard
 from .statistics import ClassStatistics, statistics_of
-from .step import TrainStep
+from .step import CoefficientNets, Diverged, FusedAdamW, TrainStep, classifier_network_inputs
 
 # A padding row's base log-sum-exp and target score: its loss is log(exp(P) + sum exp(s)) - P = 0
 # and its gradients exp(s - P) = 0 exactly in float32 for any finite score s far below P.
@@ -379,4 +379,161 @@ def gathered_labels(shard: Shard, labels: Tensor, split: str) -> Tensor:
 
 __all__ = ["PAD_SCORE", "Shard", "RankFailure", "row_sharded_statistics", "broadcast_neighbors", "class_sharded_statistics",
            "class_sharded_neighbors", "owned_rows", "RowShardedCache", "RowShardedStep", "ClassShardedCache",
-           "gathered_labels"]
+           "gathered_labels", "FewSplitStep"]
+
+
+# --------------------------------------------------------------------------- class-sharded step, split by few class
+
+class FewSplitStep:
+    """The training step of a class-sharded fit, split by few class across ranks.
+
+    Rank ``r`` holds the coefficient networks' input of a contiguous block of the few
+    classes only (``[C_f/R, (k+1)d]`` rather than ``[C_f, (k+1)d]``), the rows of the
+    classifier that block reads, and that block's few-class biases. Every rank sees the
+    same compact batch (``ClassShardedCache``). Per step:
+
+    1. each rank scores its block's corrected few classes (the networks' forward pass),
+       and the ranks exchange, per row and trial, the log-sum-exp of their block's scores
+       and the target's score where the target is in their block (``2 R B T`` floats);
+    2. each rank runs the training op on its block with the other blocks folded in as
+       constants: their log-sum-exp into the row's base log-sum-exp, and a target in
+       another block as a fixed target score. The loss is then the whole batch's, and
+       the op's gradients are the loss's gradients through this block's classes;
+    3. the networks' gradients (shared by every few class) are summed over ranks; each
+       rank's few-class biases are its own.
+
+    So every rank holds the same networks after every step, as in the one-process fit
+    (the same values up to the order of floating-point sums). The networks' FLOPs per
+    rank fall as 1/R, plus the forward pass of step 1 (about a third of them) again.
+    """
+
+    def __init__(self, shard: Shard, w_slice: Tensor, columns: Tensor, few_bias: Tensor, few_at: Tensor,
+                 neighbors_at: Tensor, num_classes: int, hidden, trials: int, seed: int, lr: float,
+                 weight_decay: float, pred_scale: float):
+        device, dim = w_slice.device, w_slice.shape[1]
+        num_few, k = neighbors_at.shape
+        self.shard, self.trials, self.k, self.pred_scale = shard, trials, k, pred_scale
+        self.num_few, self.num_columns = num_few, columns.numel()
+        self.blocks = [shard.class_range(num_few, rank) for rank in range(shard.world)]
+        self.first_few, self.end_few = self.blocks[shard.rank]
+        mine = slice(self.first_few, self.end_few)
+        self.generators = [torch.Generator().manual_seed(seed + t) for t in range(trials)]
+        self.nets = CoefficientNets([(k + 1) * dim, *hidden, k], self.generators, device)
+        # the classifier rows this block reads (its few classes and their neighbours), one block at a time
+        rows = None
+        for rank, (first, end) in enumerate(self.blocks):
+            needed = torch.unique(torch.cat([few_at[first:end], neighbors_at[first:end].flatten()]))
+            gathered = owned_rows(shard, num_classes, columns[needed], w_slice)
+            if rank == shard.rank:
+                rows, needed_here = gathered, needed
+        self.inputs = classifier_network_inputs(rows, torch.searchsorted(needed_here, few_at[mine]),
+                                                torch.searchsorted(needed_here, neighbors_at[mine]),
+                                                self.nets.first.shape[1])
+        del rows
+        self.local_bias = few_bias[mine].repeat(trials, 1).contiguous()  # [T, C_f/R]: this rank's parameters
+        self.optimizer = FusedAdamW(self.nets.parameters() + [self.local_bias], lr=lr, weight_decay=weight_decay)
+        offsets = (torch.arange(trials, device=device) * self.num_columns)[:, None]
+        self.trial_targets = (offsets + few_at[mine][None]).reshape(-1)
+        self.trial_neighbors = (offsets[:, :, None] + neighbors_at[mine][None]).reshape(-1, k)
+        self.loss_sum = torch.zeros(trials, device=device)
+        # every rank's biases and their AdamW moments, whole, refreshed by alphas() after every epoch
+        # (what the selection, the checkpoint and the export read, without a collective of their own)
+        self.few_bias = few_bias.repeat(trials, 1)
+        self.bias_moments = [torch.zeros_like(self.few_bias), torch.zeros_like(self.few_bias)]
+
+    @property
+    def mine(self) -> int:
+        return self.end_few - self.first_few
+
+    def _scores(self, raw: Tensor) -> Tensor:
+        """This block's corrected few scores ``[n, T, C_f/R]`` (the op's forward pass, no gradients)."""
+        rows = raw.shape[0]
+        with torch.no_grad():
+            alphas = self.nets(self.inputs, self.mine).reshape(-1, self.k)
+            combined = ops.combine_unchecked(raw.reshape(rows, -1), self.trial_targets, self.trial_neighbors, alphas, 1)
+            return self.pred_scale * (combined.view(rows, self.trials, self.mine) + self.local_bias)
+
+    def __call__(self, batch_size: int, batch: Batch) -> None:
+        raw, base_lse, target_few, target_base = batch.raw, batch.base_lse, batch.target_few, batch.target_base
+        rows = raw.shape[0]
+        inside = (target_few >= self.first_few) & (target_few < self.end_few)
+        if self.mine:
+            scores = self._scores(raw)
+            block_lse = scores.logsumexp(dim=2)
+            block_target = torch.where(inside, scores.gather(2, (target_few - self.first_few).clamp(
+                0, self.mine - 1)[..., None]).squeeze(2), 0.0)
+        else:
+            block_lse = torch.full_like(base_lse, -math.inf)
+            block_target = torch.zeros_like(base_lse)
+        every = self.shard.all_gather(torch.stack([block_lse, block_target]), "the few blocks' scores")
+        others = every[:, 0].clone()
+        others[self.shard.rank] = -math.inf
+        folded_lse = torch.logaddexp(base_lse, others.logsumexp(dim=0))
+        other_block = (target_few >= 0) & ~inside
+        fixed_target = torch.where(other_block, every[:, 1].sum(dim=0), target_base)
+        local_target = torch.where(inside, target_few - self.first_few, -1)
+        parameters = self.nets.parameters() + [self.local_bias]
+        if self.mine:
+            try:
+                losses, grads = ops.coefficient_grads(
+                    self.inputs, self.nets.first, self.nets.rest, self.nets.biases, self.local_bias,
+                    raw.reshape(rows, -1), self.trial_targets, self.trial_neighbors, folded_lse, local_target,
+                    fixed_target, self.pred_scale)
+            except RuntimeError as error:  # the op refuses coefficients that overflowed in an earlier step
+                if "NaN or inf" in str(error):
+                    raise Diverged("the coefficients are no longer finite") from None
+                raise
+        else:
+            losses = (folded_lse - fixed_target).mean(dim=0)
+            grads = [torch.zeros_like(p) for p in parameters]
+        # the losses ride along: each rank's is the whole batch's, summed in its own order, and
+        # their mean is the same value on every rank (as the history and checkpoints need)
+        shared = torch.cat([losses.reshape(-1)] + [g.reshape(-1) for g in grads[:-1]])
+        self.shard.all_reduce(shared, what="the step's gradients")
+        pieces = list(shared.split([losses.numel()] + [p.numel() for p in parameters[:-1]]))
+        self.optimizer.step([piece.view_as(p) for piece, p in zip(pieces[1:], parameters[:-1])] + [grads[-1]])
+        self.loss_sum.add_(pieces[0] * (rows / self.shard.world))
+
+    def _gather_blocks(self, local: Tensor, what: str) -> Tensor:
+        """``[T, C_f, ...]`` from every rank's ``[T, C_f/R, ...]`` block (blocks differ by one at most)."""
+        largest = max(end - first for first, end in self.blocks)
+        padded = local.new_zeros((local.shape[0], largest) + tuple(local.shape[2:]))
+        padded[:, :local.shape[1]] = local
+        every = self.shard.all_gather(padded, what)
+        return torch.cat([every[rank, :, :end - first] for rank, (first, end) in enumerate(self.blocks)], dim=1)
+
+    @torch.no_grad()
+    def alphas(self) -> Tensor:
+        """``[T, C_f, k]`` raw coefficients of every trial and few class (gathered from every rank);
+        also brings :attr:`few_bias` and its optimiser moments up to date."""
+        self.few_bias = self._gather_blocks(self.local_bias, "the few-class biases")
+        moments = self.optimizer.exp_avgs[-1], self.optimizer.exp_avg_sqs[-1]
+        self.bias_moments = [self._gather_blocks(m, "the optimiser's state") for m in moments]
+        return self._gather_blocks(self.nets(self.inputs, self.mine), "the coefficients")
+
+    def state(self) -> dict:
+        """As :meth:`TrainStep.state`, whole (every rank's block), as of the last :meth:`alphas`."""
+        optimizer = self.optimizer.state()
+        return {"parameters": self.nets.parameters() + [self.few_bias],
+                "optimizer": {"exp_avgs": optimizer["exp_avgs"][:-1] + [self.bias_moments[0]],
+                              "exp_avg_sqs": optimizer["exp_avg_sqs"][:-1] + [self.bias_moments[1]],
+                              "steps": optimizer["steps"]},
+                "generators": [g.get_state() for g in self.generators]}
+
+    def load_state(self, state: dict) -> None:
+        mine = slice(self.first_few, self.end_few)
+        *networks, bias = state["parameters"]
+        for current, saved in zip(self.nets.parameters(), networks):
+            current.copy_(saved)
+        self.local_bias.copy_(bias[:, mine])
+        self.few_bias = bias.to(self.local_bias.device).clone()
+        saved = state["optimizer"]
+        for name in ("exp_avgs", "exp_avg_sqs"):
+            for current, value in zip(getattr(self.optimizer, name)[:-1], saved[name][:-1]):
+                current.copy_(value)
+            getattr(self.optimizer, name)[-1].copy_(saved[name][-1][:, mine])
+        self.bias_moments = [saved["exp_avgs"][-1].clone(), saved["exp_avg_sqs"][-1].clone()]
+        for current, value in zip(self.optimizer.steps, saved["steps"]):
+            current.copy_(value)
+        for generator, value in zip(self.generators, state["generators"]):
+            generator.set_state(value)
