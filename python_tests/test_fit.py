@@ -1075,6 +1075,6 @@ def test_network_inputs_built_in_blocks_equal_the_whole(num_few, k, dim, columns
     whole = steps.network_inputs(torch.cat([w[few], w[neighbors].reshape(num_few, -1)], dim=1), columns)
     rows = lambda b, e: torch.cat([w[few[b:e]], w[neighbors[b:e]].reshape(e - b, -1)], dim=1)  # noqa: E731
     for block in (1, 16, 48, 4096):
-        built = steps._laid_out(num_few, (k + 1) * dim, rows, columns, w.device, w.dtype, block=block)
+        built = steps.laid_out(num_few, (k + 1) * dim, rows, columns, w.device, w.dtype, block=block)
         assert torch.equal(built, whole), block
     assert torch.equal(steps.classifier_network_inputs(w, few, neighbors, columns), whole)

@@ -150,6 +150,12 @@ class ClassSharded(RowSharded):
     def classes(self, num_classes: int) -> tuple[int, int]:
         return self.shard.class_range(num_classes)
 
+    def sizes(self, sizes: CacheSizes, device: torch.device) -> CacheSizes:
+        sizes = super().sizes(sizes, device)
+        if device.type == "cpu":  # ranks sharing a host: a chunk's logits per rank fall as 1/R too
+            return dataclasses.replace(sizes, chunk_values=max(1, sizes.chunk_values // self.shard.world))
+        return sizes
+
     def full_bias(self, b, bias, num_classes, device) -> Tensor:
         return (torch.zeros(num_classes, device=device) if bias is None
                 else as_tensor(bias, "bias", device).float())

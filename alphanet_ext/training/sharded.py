@@ -34,7 +34,7 @@ from . import progress
 from .cache import Batch, CacheSizes, LogitCache
 from .sharding import RankFailure, Shard
 from .statistics import ClassStatistics, statistics_of
-from .step import CoefficientNets, Diverged, FusedAdamW, TrainStep, classifier_network_inputs
+from .step import CoefficientNets, Diverged, FusedAdamW, TrainStep, input_blocks, laid_out
 
 # A padding row's base log-sum-exp and target score: its loss is log(exp(P) + sum exp(s)) - P = 0
 # and its gradients exp(s - P) = 0 exactly in float32 for any finite score s far below P.
@@ -111,30 +111,40 @@ def owned_rows(shard: Shard, num_classes: int, ids: Tensor, local: Tensor) -> Te
 
 
 def class_sharded_neighbors(shard: Shard, stats: ClassStatistics, num_classes: int, k: int, metric: str,
-                            seed: int) -> ClassStatistics:
+                            seed: int, block: int = 16384) -> ClassStatistics:
     """Each few class's ``k`` nearest base classes over keys no rank holds in full: every
     rank's top-k among its own base classes, merged into the global top-k (ties to the
-    lower class id, as one kNN over all keys). ``"random"`` draws as a one-process fit does."""
+    lower class id, as one kNN over all keys). ``"random"`` draws as a one-process fit does.
+    The few classes' means are gathered ``block`` queries at a time, so no rank holds
+    all of them at once."""
     few, base = stats.few, stats.base
+    num_few = few.numel()
     if metric == "random":
         control = torch.Generator().manual_seed(seed)
-        picks = torch.stack([torch.randperm(base.numel(), generator=control)[:k] for _ in range(few.numel())])
+        picks = torch.stack([torch.randperm(base.numel(), generator=control)[:k] for _ in range(num_few)])
         stats.neighbors = base[picks.to(base.device)]
-        few_means = owned_rows(shard, num_classes, few, stats.means)
-        neighbor_means = owned_rows(shard, num_classes, stats.neighbors.flatten(), stats.means)
-        stats.neighbor_distances = (few_means[:, None, :] - neighbor_means.view(few.numel(), k, -1)).norm(dim=2)
+        stats.neighbor_distances = torch.empty(num_few, k, device=few.device)
+        for begin in range(0, num_few, block):
+            end = min(begin + block, num_few)
+            few_means = owned_rows(shard, num_classes, few[begin:end], stats.means)
+            neighbor_means = owned_rows(shard, num_classes, stats.neighbors[begin:end].flatten(), stats.means)
+            stats.neighbor_distances[begin:end] = (few_means[:, None, :] - neighbor_means.view(end - begin, k, -1)
+                                                   ).norm(dim=2)
         return stats
-    first, end = shard.class_range(num_classes)
-    queries = owned_rows(shard, num_classes, few, stats.means)
-    keys = base[(base >= first) & (base < end)]
-    distances = torch.full((few.numel(), k), math.inf, device=few.device)
-    ids = torch.full((few.numel(), k), num_classes, dtype=torch.long, device=few.device)
+    first, end_class = shard.class_range(num_classes)
+    keys = base[(base >= first) & (base < end_class)]
+    distances = torch.full((num_few, k), math.inf, device=few.device)
+    ids = torch.full((num_few, k), num_classes, dtype=torch.long, device=few.device)
     found = min(k, keys.numel())
-    if found:
-        d, nearest = ops.knn(queries, stats.means[keys - first], found, metric)
-        distances[:, :found], ids[:, :found] = d.float(), keys[nearest]
-    all_distances = shard.all_gather(distances, "the neighbours").permute(1, 0, 2).reshape(few.numel(), -1)
-    all_ids = shard.all_gather(ids, "the neighbours").permute(1, 0, 2).reshape(few.numel(), -1)
+    key_means = stats.means[keys - first]
+    for begin in range(0, num_few, block):
+        end = min(begin + block, num_few)
+        queries = owned_rows(shard, num_classes, few[begin:end], stats.means)
+        if found:
+            d, nearest = ops.knn(queries, key_means, found, metric)
+            distances[begin:end, :found], ids[begin:end, :found] = d.float(), keys[nearest]
+    all_distances = shard.all_gather(distances, "the neighbours").permute(1, 0, 2).reshape(num_few, -1)
+    all_ids = shard.all_gather(ids, "the neighbours").permute(1, 0, 2).reshape(num_few, -1)
     by_id = torch.argsort(all_ids, dim=1, stable=True)
     by_distance = torch.argsort(all_distances.gather(1, by_id), dim=1, stable=True)
     order = by_id.gather(1, by_distance)[:, :k]
@@ -419,17 +429,22 @@ class FewSplitStep:
         mine = slice(self.first_few, self.end_few)
         self.generators = [torch.Generator().manual_seed(seed + t) for t in range(trials)]
         self.nets = CoefficientNets([(k + 1) * dim, *hidden, k], self.generators, device)
-        # the classifier rows this block reads (its few classes and their neighbours), one block at a time
-        rows = None
+        # The networks' input of this rank's block, from classifier rows other ranks own: every
+        # rank takes part in gathering every block's rows, a few thousand classes at a time,
+        # and only the block's owner keeps them, written straight into its input.
+        width = self.nets.first.shape[1]
+
+        def block_rows(first: int, begin: int, end: int) -> Tensor:
+            ids = torch.cat([few_at[first + begin:first + end], neighbors_at[first + begin:first + end].flatten()])
+            rows = owned_rows(shard, num_classes, columns[ids], w_slice)
+            return torch.cat([rows[:end - begin], rows[end - begin:].reshape(end - begin, -1)], dim=1)
         for rank, (first, end) in enumerate(self.blocks):
-            needed = torch.unique(torch.cat([few_at[first:end], neighbors_at[first:end].flatten()]))
-            gathered = owned_rows(shard, num_classes, columns[needed], w_slice)
             if rank == shard.rank:
-                rows, needed_here = gathered, needed
-        self.inputs = classifier_network_inputs(rows, torch.searchsorted(needed_here, few_at[mine]),
-                                                torch.searchsorted(needed_here, neighbors_at[mine]),
-                                                self.nets.first.shape[1])
-        del rows
+                self.inputs = laid_out(end - first, (k + 1) * dim, lambda b, e: block_rows(first, b, e), width,
+                                       device, w_slice.dtype)
+            else:
+                for begin, stop in input_blocks(end - first, width, device, w_slice.dtype):
+                    block_rows(first, begin, stop)
         self.local_bias = few_bias[mine].repeat(trials, 1).contiguous()  # [T, C_f/R]: this rank's parameters
         self.optimizer = FusedAdamW(self.nets.parameters() + [self.local_bias], lr=lr, weight_decay=weight_decay)
         offsets = (torch.arange(trials, device=device) * self.num_columns)[:, None]

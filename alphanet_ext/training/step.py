@@ -142,7 +142,7 @@ def network_inputs(rows: Tensor, columns: int) -> Tensor:
     without the per-step repacking a BLAS call does. Elsewhere: ``rows.T``.
     The panel width is the compiled op's (``ops.input_panel()``).
     """
-    return _laid_out(rows.shape[0], rows.shape[1], lambda begin, end: rows[begin:end], columns, rows.device,
+    return laid_out(rows.shape[0], rows.shape[1], lambda begin, end: rows[begin:end], columns, rows.device,
                      rows.dtype)
 
 
@@ -151,26 +151,39 @@ def classifier_network_inputs(w: Tensor, few: Tensor, neighbors: Tensor, columns
     neighbours'), built a block of classes at a time: never a second ``[C_f, (k+1)d]`` copy."""
     def rows(begin: int, end: int) -> Tensor:
         return torch.cat([w[few[begin:end]], w[neighbors[begin:end]].reshape(end - begin, -1)], dim=1)
-    return _laid_out(few.numel(), w.shape[1] * (neighbors.shape[1] + 1), rows, columns, w.device, w.dtype)
+    return laid_out(few.numel(), w.shape[1] * (neighbors.shape[1] + 1), rows, columns, w.device, w.dtype)
 
 
-def _laid_out(num_few: int, dims: int, rows: Callable[[int, int], Tensor], columns: int, device: torch.device,
-              dtype: torch.dtype, block: int = 4096) -> Tensor:
-    packable = (ops.HAS_EXTENSION and device.type == "cpu" and dtype == torch.float32 and columns % 16 == 0
-                and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
-    if not packable:
+def _packable(columns: int, device: torch.device, dtype: torch.dtype) -> bool:
+    return (ops.HAS_EXTENSION and device.type == "cpu" and dtype == torch.float32 and columns % 16 == 0
+            and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
+
+
+def input_blocks(num_few: int, columns: int, device: torch.device, dtype: torch.dtype,
+                 block: int = 4096) -> list[tuple[int, int]]:
+    """The ``(begin, end)`` blocks of few classes in which :func:`laid_out` asks for rows
+    (a multiple of the panel width where the input is packed)."""
+    if _packable(columns, device, dtype):
+        panel = ops.input_panel()
+        block = max(panel, block // panel * panel)
+    return [(begin, min(begin + block, num_few)) for begin in range(0, num_few, block)]
+
+
+def laid_out(num_few: int, dims: int, rows: Callable[[int, int], Tensor], columns: int, device: torch.device,
+             dtype: torch.dtype, block: int = 4096) -> Tensor:
+    """The networks' input ``[C_f, dims]`` in the layout the training op reads, built from
+    ``rows(begin, end)`` over :func:`input_blocks` (never a second whole copy)."""
+    blocks = input_blocks(num_few, columns, device, dtype, block)
+    if not _packable(columns, device, dtype):
         out = torch.empty(dims, num_few, dtype=dtype, device=device)
-        for begin in range(0, num_few, block):
-            end = min(begin + block, num_few)
+        for begin, end in blocks:
             out[:, begin:end] = rows(begin, end).T
         return out
     panel = ops.input_panel()
-    block = max(panel, block // panel * panel)
     panels, padded_dims = -(-num_few // panel), dims + (-dims % panel)
     out = torch.zeros(panels, padded_dims, panel, dtype=dtype, device=device)
     by_row = out.transpose(1, 2)  # [P, panel, D']: panel p, slot j is row panel * p + j
-    for begin in range(0, num_few, block):
-        end = min(begin + block, num_few)
+    for begin, end in blocks:
         part = F.pad(rows(begin, end), (0, 0, 0, -(end - begin) % panel))
         by_row[begin // panel:begin // panel + part.shape[0] // panel, :, :dims] = part.view(-1, panel, dims)
     return out
