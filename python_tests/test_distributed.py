@@ -112,6 +112,27 @@ def _fit_rank_keeping_features(rank: int, world: int) -> dict:
     return {"weight": result.weight}
 
 
+def _fit_rank_few_classes(rank: int, world: int) -> dict:
+    import torch.distributed as dist
+    p = synthetic.make_long_tailed(num_classes=6, dim=8, max_count=300, min_count=4, seed=11)  # 2 few classes
+    rows, val_rows = _part(p.train_x.shape[0], rank, world), _part(p.val_x.shape[0], rank, world)
+    result = alphanet_ext.fit(p.train_x[rows], p.train_y[rows], p.weight, p.bias, p.val_x[val_rows],
+                              p.val_y[val_rows], process_group=dist.group.WORLD, shard_classes=True, k=2,
+                              **OPTIONS)
+    return {"weight": result.weight, "loss": [r["loss"] for r in result.history]}
+
+
+def test_class_sharded_fit_with_fewer_few_classes_than_ranks(tmp_path):
+    """Three ranks, two few classes: one rank's block of the step is empty, and it still
+    takes part in every exchange (the rows' log-sum-exp, the summed gradients)."""
+    p = synthetic.make_long_tailed(num_classes=6, dim=8, max_count=300, min_count=4, seed=11)
+    alone = alphanet_ext.fit(p.train_x, p.train_y, p.weight, p.bias, p.val_x, p.val_y, k=2, **OPTIONS)
+    for got in _ok(launch(3, _fit_rank_few_classes, (), tmp_path)):
+        assert torch.allclose(got["weight"], alone.weight, rtol=1e-5, atol=1e-5)
+        for mine, theirs in zip(got["loss"], [r["loss"] for r in alone.history]):
+            assert mine == pytest.approx(theirs, rel=1e-5)
+
+
 def test_class_sharded_fit_keeping_its_rows_matches_one_process(one_process, tmp_path):
     for got in _ok(launch(2, _fit_rank_keeping_features, (), tmp_path)):
         assert torch.allclose(got["weight"], one_process.weight, rtol=1e-5, atol=1e-5)

@@ -524,7 +524,9 @@ class FewSplitStep:
         self.few_bias = self._gather_blocks(self.local_bias, "the few-class biases")
         moments = self.optimizer.exp_avgs[-1], self.optimizer.exp_avg_sqs[-1]
         self.bias_moments = [self._gather_blocks(m, "the optimiser's state") for m in moments]
-        return self._gather_blocks(self.nets(self.inputs, self.mine), "the coefficients")
+        local = (self.nets(self.inputs, self.mine) if self.mine else
+                 self.local_bias.new_zeros(self.trials, 0, self.k))  # a block with no few class
+        return self._gather_blocks(local, "the coefficients")
 
     def state(self) -> dict:
         """As :meth:`TrainStep.state`, whole (every rank's block), as of the last :meth:`alphas`."""
