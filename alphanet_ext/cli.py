@@ -412,7 +412,7 @@ def _run_fit(args: argparse.Namespace, rank: int, world: int) -> int:
             distance = best.result.neighbor_distances.mean(dim=1)
             keep = ~torch.isnan(change)
             correlation = (pearson_with_interval(distance[keep], change[keep], device=resolve_device(args.device))
-                           if int(keep.sum()) >= 3
+                           if int(keep.sum()) >= 3  # on the fit's device, as the neighbour views
                            else {"r": float("nan"), "low": float("nan"), "high": float("nan")})
             report = {**({"warning": warning} if warning else {}),
                       "config": best.result.config, "evaluated_on": evaluated_on, "samples": baseline["samples"],

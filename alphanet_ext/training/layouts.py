@@ -144,9 +144,11 @@ class RowSharded(OneProcess):
 class ClassSharded(RowSharded):
     """Rows and classes split: each rank reads ``W[C/R]`` and holds its classes'
     means; the step runs in the compact space of the columns it reads (every few
-    class and its neighbours), gathered once per chunk (``ClassShardedCache``)."""
+    class and its neighbours), gathered once per chunk (``ClassShardedCache``), and
+    over several ranks it is split by few class (``FewSplitStep``)."""
 
     reads_all_classes = False
+
     def classes(self, num_classes: int) -> tuple[int, int]:
         return self.shard.class_range(num_classes)
 
