@@ -11,11 +11,11 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .data import (ArrayLike, as_tensor, cache_budget, check_features, check_labels, gather_rows, logits, num_rows,
-                   streamed_class_means)
+from .data import (ArrayLike, as_tensor, cache_budget, check_features, check_labels, gather_rows, inputs_device,
+                   iter_row_chunks, logits, num_rows, resolve_device, streamed_class_means)
 from .metrics import EVALUATION_ROWS, checked_scoring_inputs, split_of_classes
 
-__all__ = ["ncm", "tau_normalize", "choose_tau", "logit_adjust", "choose_logit_adjustment", "lws"]
+__all__ = ["ncm", "tau_normalize", "choose_tau", "logit_adjust", "choose_logit_adjustment", "lws", "crt"]
 
 DEFAULT_GRID = tuple(round(0.1 * i, 1) for i in range(21))  # 0.0, 0.1, ..., 2.0
 
@@ -115,6 +115,26 @@ def choose_logit_adjustment(weight: ArrayLike, bias: ArrayLike | None, counts: A
     return tau, logit_adjust(weight, bias, counts, tau)
 
 
+class ClassBalancedRows:
+    """Batches of row indices drawn class-balanced: a class uniformly among those with
+    samples, then one of its rows uniformly (the decoupling paper's sampler)."""
+
+    def __init__(self, labels: Tensor, num_classes: int, seed: int):
+        counts = torch.bincount(labels, minlength=num_classes)
+        self.device = labels.device
+        self.present = torch.nonzero(counts).flatten()
+        self.counts = counts
+        self.order = torch.argsort(labels, stable=True)
+        self.offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        self.generator = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same rows on every device
+
+    def draw(self, batch_size: int) -> Tensor:
+        picked = self.present[torch.randint(self.present.numel(), (batch_size,), generator=self.generator)
+                              .to(self.device)]
+        within = torch.rand(batch_size, generator=self.generator).to(self.device) * self.counts[picked]
+        return self.order[self.offsets[picked] + within.long()]
+
+
 def lws(weight: ArrayLike, bias: ArrayLike | None, train_x: ArrayLike, train_y: ArrayLike, epochs: int = 10,
         batch_size: int = 512, lr: float = 0.01, seed: int = 0) -> tuple[Tensor, Tensor]:
     """Learnable weight scaling: one scale per class (``s_c w_c``, ``s_c b_c``), the
@@ -127,18 +147,12 @@ def lws(weight: ArrayLike, bias: ArrayLike | None, train_x: ArrayLike, train_y: 
     labels = check_labels(train_y, "train_y", samples, w.shape[0], device)
     # every sample's logits, computed once where they fit (11.5 GB at iNaturalist size); otherwise each batch's
     all_logits = logits(train_x, w, "train_x", device) if samples * w.shape[0] * 4 <= cache_budget(device) else None
-    counts = torch.bincount(labels, minlength=w.shape[0])
-    present = torch.nonzero(counts).flatten()
-    order = torch.argsort(labels, stable=True)
-    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    generator = torch.Generator().manual_seed(seed)
+    sampler = ClassBalancedRows(labels, w.shape[0], seed)
     scales = torch.ones(w.shape[0], device=device, requires_grad=True)
     optimizer = torch.optim.SGD([scales], lr=lr, momentum=0.9)
     for _ in range(epochs):
         for _ in range(max(1, samples // batch_size)):
-            picked = present[torch.randint(present.numel(), (batch_size,), generator=generator).to(device)]
-            within = torch.rand(batch_size, generator=generator).to(device) * counts[picked]
-            rows = order[offsets[picked] + within.long()]
+            rows = sampler.draw(batch_size)
             batch = (all_logits[rows] if all_logits is not None
                      else gather_rows(train_x, rows, "train_x", device).float() @ w.T)
             loss = torch.nn.functional.cross_entropy(scales * (batch + b), labels[rows])
@@ -147,3 +161,62 @@ def lws(weight: ArrayLike, bias: ArrayLike | None, train_x: ArrayLike, train_y: 
             optimizer.step()
     scales = scales.detach()
     return w * scales[:, None], b * scales
+
+
+def crt(train_x: ArrayLike, train_y: ArrayLike, num_classes: int, epochs: int = 10, batch_size: int = 512,
+        lr: float | None = None, momentum: float = 0.9, weight_decay: float = 5e-4, seed: int = 0,
+        init: tuple[ArrayLike, ArrayLike | None] | None = None,
+        device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """Classifier re-training (cRT): the last layer trained anew on the frozen features
+    with class-balanced sampling, SGD with momentum and a cosine learning rate, from
+    zeros (or from ``init = (weight, bias)``). An epoch draws as many rows as the train
+    set has. ``lr=None`` scales the weight's step to the features, ``2 / mean ||x||^2``,
+    and the bias's to its input of 1, ``2`` (the softmax loss's curvature grows with the
+    squared input norm, so one fixed rate diverges on some features and crawls on
+    others; without weight decay, features scaled by s then give weights scaled by 1/s).
+
+    The gradient is written out rather than taken by autograd: per step, one product
+    for the batch's logits, an in-place softmax minus the one-hot targets, and one
+    product for the weight's gradient, into buffers allocated once. Runs on ``device``,
+    by default the GPU the features are on, else the CPU; returns float32 there."""
+    check_features(train_x, "train_x")
+    head = as_tensor(train_x[:0], "train_x")
+    device = resolve_device(device) if device is not None else (inputs_device(train_x) or torch.device("cpu"))
+    samples, dim = num_rows(train_x), train_x.shape[1]
+    labels = check_labels(train_y, "train_y", samples, num_classes, device)
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"crt: epochs and batch_size must be at least 1, got {epochs} and {batch_size}")
+    resident = (as_tensor(train_x, "train_x").to(device) if samples * dim * head.element_size() <= cache_budget(device)
+                else None)
+    if lr is None:
+        squared = sum(float(chunk.float().square().sum()) for _, chunk in iter_row_chunks(train_x, "train_x", device))
+        lr, bias_lr = 2.0 / max(squared / samples, 1e-12), 2.0
+    else:
+        bias_lr = lr
+    if init is None:
+        w = torch.zeros(num_classes, dim, device=device)
+        b = torch.zeros(num_classes, device=device)
+    else:
+        w = as_tensor(init[0], "init weight").float().to(device).clone()
+        b = (torch.zeros(num_classes, device=device) if init[1] is None
+             else as_tensor(init[1], "init bias").float().to(device).clone())
+    sampler = ClassBalancedRows(labels, num_classes, seed)
+    velocity_w, velocity_b = torch.zeros_like(w), torch.zeros_like(b)
+    grad_w = torch.empty_like(w)
+    scores = torch.empty(batch_size, num_classes, device=device)
+    positions = torch.arange(batch_size, device=device)
+    steps = epochs * max(1, samples // batch_size)
+    for step in range(steps):
+        rows = sampler.draw(batch_size)
+        x = (resident[rows] if resident is not None else gather_rows(train_x, rows, "train_x", device)).float()
+        torch.addmm(b, x, w.T, out=scores)
+        torch.softmax(scores, dim=1, out=scores)
+        scores[positions, labels[rows]] -= 1.0  # d(mean cross-entropy)/d(logits), times the batch size
+        torch.mm(scores.T, x, out=grad_w)
+        grad_w.div_(batch_size).add_(w, alpha=weight_decay)
+        velocity_w.mul_(momentum).add_(grad_w)
+        velocity_b.mul_(momentum).add_(scores.sum(dim=0), alpha=1.0 / batch_size)
+        cosine = 0.5 * (1.0 + math.cos(math.pi * step / steps))
+        w.sub_(velocity_w, alpha=lr * cosine)
+        b.sub_(velocity_b, alpha=bias_lr * cosine)
+    return w, b

@@ -33,7 +33,7 @@ from .training.sampler import check_rho
 from .training.sharding import RankFailure
 from .metrics import evaluate, make_splits, mean_std
 from .analysis import Hierarchy, neighbor_views, pearson_with_interval, prediction_changes, semantic_accuracy
-from .report import COLUMNS, pyplot, run_label, save_figure, write_report, write_text
+from .report import COLUMNS, base_label, pyplot, run_label, save_figure, write_report, write_text
 from .synthetic import PRESETS, make_preset
 
 
@@ -85,9 +85,9 @@ def _splits_from_labels(labels: np.ndarray, num_classes: int, few: int, many: in
                        few, many)
 
 
-def _metadata(result: FitResult) -> dict:
+def _metadata(result: FitResult, on: dict | None = None) -> dict:
     config = result.config
-    return {"alphanet_ext_version": __version__, "k": config["k"], "rho": config["rho"],
+    return {**({"on": on} if on else {}), "alphanet_ext_version": __version__, "k": config["k"], "rho": config["rho"],
             "metric": config["metric"], "seed": config["seed"], "trials": config["trials"],
             "best_trial": result.best_trial, "best_epochs": result.best_epochs,
             "pred_scale": config["pred_scale"], "config": config,
@@ -103,8 +103,10 @@ def _accuracy_summary(results: list[dict]) -> dict:
 
 @dataclass
 class Run:
-    """One fit of a sweep; its k, rho and neighbour metric are its result's config."""
+    """One fit of a sweep; its k, rho and neighbour metric are its result's config;
+    ``on`` names the classifier it corrected when that is not the input (--on)."""
     result: FitResult
+    on: str | None = None
 
     @property
     def k(self) -> int:
@@ -119,19 +121,23 @@ class Run:
         return self.result.config["metric"]
 
     def describe(self, show_k: bool) -> dict:
-        return {"k": self.k, "rho": self.rho, "metric": self.metric, "show_k": show_k}
+        return {"k": self.k, "rho": self.rho, "metric": self.metric, "show_k": show_k,
+                **({"on": self.on} if self.on else {})}
 
 
 def _fit_grid(args: argparse.Namespace, train: Features, weight: torch.Tensor, bias: torch.Tensor,
-              val: Features | None, metrics: Sequence[str]) -> list[Run]:
-    """One fit per (metric, k, rho), in that order."""
+              val: Features | None, metrics: Sequence[str], on: str | None = None) -> list[Run]:
+    """One fit per (metric, k, rho), in that order, of ``weight`` and ``bias`` (the
+    classifier that ``--on`` names, a key of ``BASES``, when it is not the input)."""
     runs = []
     for metric in metrics:
         for k in args.k:
             for rho in args.rho:
-                _say(args, f"fitting rho={rho} ({args.trials} trial(s), k={k}, metric={metric}) ...")
+                _say(args, f"fitting rho={rho} ({args.trials} trial(s), k={k}, metric={metric}"
+                           + (f", on {BASES[on]}" if on else "") + ") ...")
                 tic = time.perf_counter()
-                checkpoint = (os.path.join(args.checkpoint, f"fit-{metric}-k{k}-rho{rho:g}.ckpt.pt")
+                checkpoint = (os.path.join(args.checkpoint, f"fit-{metric}-k{k}-rho{rho:g}"
+                                           + (f"-on-{on}" if on else "") + ".ckpt.pt")
                               if getattr(args, "checkpoint", None) else None)
                 result = fit(train.x, train.y, weight, bias, val.x if val else None, val.y if val else None,
                              k=k, rho=rho, metric=metric, epochs=args.epochs, min_epochs=args.min_epochs,
@@ -145,8 +151,33 @@ def _fit_grid(args: argparse.Namespace, train: Features, weight: torch.Tensor, b
                              shard_classes=getattr(args, "shard_classes", False))
                 _stop_point(args, "fitted")
                 _say(args, f"  done in {time.perf_counter() - tic:.1f}s")
-                runs.append(Run(result))
+                runs.append(Run(result, BASES[on] if on else None))
     return runs
+
+
+# --on: the classifier AlphaNet starts from, instead of the input
+BASES = {"la": "logit adjustment", "tau": "tau-normalised", "crt": "cRT"}
+
+
+def _base_classifier(args: argparse.Namespace, on: str, weight: torch.Tensor, bias: torch.Tensor,
+                     train: Features, val: Features | None, splits: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The input logit-adjusted or tau-normalised (tau chosen on val for overall top-1;
+    1 without val), or a classifier re-trained by cRT; with what it is, for the
+    metadata and the report."""
+    from . import baselines
+    val_x, val_y = (val.x, val.y) if val else (None, None)
+    if on == "la":
+        counts = torch.bincount(torch.as_tensor(np.asarray(train.y), dtype=torch.long), minlength=weight.shape[0])
+        tau, (w, b) = baselines.choose_logit_adjustment(weight, bias, counts, val_x, val_y, splits)
+        return w, b, {"method": BASES[on], "tau": tau}
+    if on == "tau":
+        tau, (w, b) = baselines.choose_tau(weight, bias, val_x, val_y, splits)
+        return w, b, {"method": BASES[on], "tau": tau}
+    _say(args, f"re-training the classifier (cRT, {args.crt_epochs} epochs, class-balanced) ...")
+    w, b = baselines.crt(train.x, train.y, weight.shape[0], epochs=args.crt_epochs, seed=args.seed,
+                         device=resolve_device(args.device))
+    return w.cpu(), b.cpu(), {"method": BASES[on], "epochs": args.crt_epochs, "seed": args.seed}
+
 
 
 def _per_trial(result: FitResult, trials: int, weight: torch.Tensor, bias: torch.Tensor, data: Features,
@@ -360,6 +391,13 @@ def _run_fit(args: argparse.Namespace, rank: int, world: int) -> int:
     hierarchy = Hierarchy.read(args.hierarchy, weight.shape[0]) if args.hierarchy else None
     _check_rho_work(args, args.full_train, weight.shape[0])
     _stop_point(args, "loaded")
+    input_weight, input_bias, on = weight, bias, None
+    if args.on:  # every rank derives the same base from the whole train and val sets
+        weight, bias, on = _base_classifier(args, args.on, weight, bias, args.full_train, full_val,
+                                            _splits_from_labels(args.full_train.y, weight.shape[0],
+                                                                args.few_threshold, args.many_threshold))
+        if rank == 0:
+            _say(args, f"AlphaNet corrects {base_label(on)} of the input classifier")
     auto = args.rho_auto = args.rho == ["auto"]
     if auto:
         args.rho = list(AUTO_RHOS)
@@ -367,7 +405,7 @@ def _run_fit(args: argparse.Namespace, rank: int, world: int) -> int:
             _say(args, f"choosing rho on val among {', '.join(map(str, AUTO_RHOS))} (the default with a val set; "
                        "--rho 1 fits once)")
     metrics = [args.metric] + (["random"] if args.control and args.metric != "random" else [])
-    runs = _fit_grid(args, train, weight, bias, val, metrics)
+    runs = _fit_grid(args, train, weight, bias, val, metrics, args.on)
     if world > 1:  # rank 0 writes, once every rank has finished
         from .training.sharding import Shard
         Shard.of(args.group, "rows").barrier("the end of the fits")
@@ -383,11 +421,12 @@ def _run_fit(args: argparse.Namespace, rank: int, world: int) -> int:
         best = candidates[0]
 
     splits = best.result.splits
-    warning = _worse_than_input(args, best, weight, bias, val) if val else None
+    warning = _worse_than_input(args, best, input_weight, input_bias, val) if val else None
     if warning:
         print(f"alphanet: warning: {warning}", file=sys.stderr, flush=True)
     baseline = evaluate(weight, bias, evaluated.x, evaluated.y, splits, device=args.device)
-    rows = [("baseline", baseline["top1"])]
+    given = evaluate(input_weight, input_bias, evaluated.x, evaluated.y, splits, device=args.device) if on else None
+    rows = ([("input", given["top1"])] if on else []) + [("baseline", baseline["top1"])]
     report_runs = []
     show_k = len(args.k) > 1
     several = len(runs) > 1
@@ -403,7 +442,7 @@ def _run_fit(args: argparse.Namespace, rank: int, world: int) -> int:
             chosen = per_trial[run.result.best_trial]
 
     with StagedOutputs() as outputs:
-        metadata = {**_metadata(best.result), **({"warning": warning} if warning else {})}
+        metadata = {**_metadata(best.result, on), **({"warning": warning} if warning else {})}
         save_classifier(outputs.file(args.out), best.result.weight, best.result.bias, metadata)
         files = []
         if args.report:
@@ -415,6 +454,8 @@ def _run_fit(args: argparse.Namespace, rank: int, world: int) -> int:
                            if int(keep.sum()) >= 3  # on the fit's device, as the neighbour views
                            else {"r": float("nan"), "low": float("nan"), "high": float("nan")})
             report = {**({"warning": warning} if warning else {}),
+                      **({"on": on, "input": {top: {c: {"mean": given[top][c], "std": 0.0} for c in COLUMNS}
+                                               for top in ("top1", "top5")}} if on else {}),
                       "config": best.result.config, "evaluated_on": evaluated_on, "samples": baseline["samples"],
                       "baseline": {top: {c: {"mean": baseline[top][c], "std": 0.0} for c in COLUMNS}
                                    for top in ("top1", "top5")},
@@ -430,8 +471,9 @@ def _run_fit(args: argparse.Namespace, rank: int, world: int) -> int:
         _say(args, f"wrote {args.out} (k={best.k}, rho={best.rho})")
     if files:
         _say(args, f"report: {', '.join(os.path.join(args.report, f) for f in files)}")
-    _results(args, f"top-1 on the {evaluated_on} set (%):\n" + _table(rows),
-             {"command": "fit", "out": args.out, "k": best.k, "rho": best.rho, "metric": best.metric,
+    heading = f"top-1 on the {evaluated_on} set (%)" + (f"; baseline: {base_label(on)} of the input" if on else "")
+    _results(args, heading + ":\n" + _table(rows),
+             {"command": "fit", "out": args.out, "k": best.k, "rho": best.rho, "metric": best.metric, "on": on,
               "warning": warning, "evaluated_on": evaluated_on, "samples": baseline["samples"],
               "top1": {name: {c: accuracy[c] for c in COLUMNS} for name, accuracy in rows},
               "runs": [{key: run[key] for key in ("k", "rho", "metric", "best", "top1", "top5", "val_top1")}
@@ -488,30 +530,36 @@ def run_compare(args: argparse.Namespace) -> int:
     def on_val(w: torch.Tensor, b: torch.Tensor) -> dict | None:
         return evaluate(w, b, val.x, val.y, splits, device=args.device)["top1"] if args.out else None
 
-    # (name, results on the evaluated set, classifier, val top-1 of that classifier, fit result or None)
-    methods: list[tuple[str, list[dict], tuple, dict | None, FitResult | None]] = [
-        ("baseline", [score(weight, bias)], (weight, bias), on_val(weight, bias), None)]
+    # (name, results on the evaluated set, classifier, val top-1 of that classifier, fit result or None,
+    #  the --on base it corrected or None)
+    methods: list[tuple[str, list[dict], tuple, dict | None, FitResult | None, dict | None]] = [
+        ("baseline", [score(weight, bias)], (weight, bias), on_val(weight, bias), None, None)]
 
     def peer(name: str, classifier: tuple) -> None:
-        methods.append((name, [score(*classifier)], classifier, on_val(*classifier), None))
-    _say(args, "peers: NCM, tau-normalisation, logit adjustment, LWS ...")
+        methods.append((name, [score(*classifier)], classifier, on_val(*classifier), None, None))
+    _say(args, "peers: NCM, tau-normalisation, logit adjustment, LWS, cRT ...")
     for metric in ("cosine", "euclidean"):
         peer(f"NCM ({metric})", baselines.ncm(train.x, train.y, weight.shape[0], metric))
-    tau, classifier = baselines.choose_tau(weight, bias, val_x, val_y, splits)
-    peer(f"tau-normalised (tau={tau})", classifier)
-    tau, classifier = baselines.choose_logit_adjustment(weight, bias, counts, val_x, val_y, splits)
-    peer(f"logit adjustment (tau={tau})", classifier)
-    peer("LWS", baselines.lws(weight, bias, train.x, train.y, seed=args.seed))
-    for run in _fit_grid(args, train, weight, bias, val, (args.metric, "random")):
-        chosen = run.result.trial_val_top1[run.result.best_trial] if run.result.trial_val_top1 else None
-        methods.append((run_label(run.describe(len(args.k) > 1)),
-                        _per_trial(run.result, args.trials, weight, bias, evaluated, splits, args.device),
-                        (run.result.weight, run.result.bias), chosen if run.metric != "random" else None,
-                        run.result))
+    bases = {}  # --on: the classifiers AlphaNet also corrects, and what each is
+    for key in ("tau", "la", "crt"):
+        w, b, on = _base_classifier(args, key, weight, bias, train, val, splits)
+        peer(base_label(on), (w, b))
+        bases[key] = (w, b, on)
+        if key == "la":
+            peer("LWS", baselines.lws(weight, bias, train.x, train.y, seed=args.seed))
+    grids = [(None, weight, bias, None, (args.metric, "random"))]
+    grids += [(key, *bases[key], (args.metric,)) for key in args.on]
+    for key, w, b, on, metrics in grids:
+        for run in _fit_grid(args, train, w, b, val, metrics, key):
+            chosen = run.result.trial_val_top1[run.result.best_trial] if run.result.trial_val_top1 else None
+            methods.append((run_label(run.describe(len(args.k) > 1)),
+                            _per_trial(run.result, args.trials, w, b, evaluated, splits, args.device),
+                            (run.result.weight, run.result.bias), chosen if run.metric != "random" else None,
+                            run.result, on))
     selected = _select_method(args, methods) if args.out else None
 
     rows = []
-    for name, results, _, val_top1, _ in methods:
+    for name, results, _, val_top1, _, _ in methods:
         summary = _accuracy_summary(results)
         rows.append({"method": name, **summary, **({"val_top1": val_top1} if args.out else {})})
     header = "| method | " + " | ".join(f"top-1 {c}" for c in COLUMNS) + " | top-5 overall |"
@@ -525,9 +573,9 @@ def run_compare(args: argparse.Namespace) -> int:
                            "selected": None if selected is None else methods[selected][0],
                            "select": args.select if args.out else None, "out": args.out})
     if selected is not None:
-        name, _, (w, b), val_top1, result = methods[selected]
-        metadata = {**(_metadata(result) if result is not None else {"splits": {k: v.tolist() for k, v in
-                                                                               splits.items()}}),
+        name, _, (w, b), val_top1, result, on = methods[selected]
+        metadata = {**(_metadata(result, on) if result is not None else {"splits": {k: v.tolist() for k, v in
+                                                                                   splits.items()}}),
                     "selected_method": name, "select": args.select, "val_top1": val_top1}
         with StagedOutputs() as outputs:
             save_classifier(outputs.file(args.out), w.float(), (b if b is not None else torch.zeros(w.shape[0])).float(),
@@ -552,7 +600,7 @@ def _select_method(args: argparse.Namespace, methods: list) -> int:
     methods whose overall val top-1 stays within --max-overall-drop points of the input
     classifier's (the input itself when none does); ``balanced``: the mean of the many,
     medium and few splits' top-1. Ties go to the earlier method (the input first)."""
-    scored = [(i, val) for i, (_, _, _, val, _) in enumerate(methods) if val is not None]
+    scored = [(i, method[3]) for i, method in enumerate(methods) if method[3] is not None]
     if args.select == "overall":
         key = lambda item: item[1]["overall"]  # noqa: E731
     elif args.select == "balanced":
@@ -566,9 +614,14 @@ def _select_method(args: argparse.Namespace, methods: list) -> int:
 
 
 # How each method family is drawn on the frontier: one colour and marker a family.
+# AlphaNet on a peer's classifier shares that peer's colour, with AlphaNet's marker.
 _FAMILY_STYLE = {"input classifier": ("black", "*"), "NCM": ("0.45", "s"), "tau-normalised": ("tab:blue", "^"),
-                 "logit adjustment": ("tab:orange", "D"), "LWS": ("tab:purple", "v"),
-                 "AlphaNet": ("tab:red", "o"), "AlphaNet, random neighbours": ("0.6", "o")}
+                 "logit adjustment": ("tab:orange", "D"), "LWS": ("tab:purple", "v"), "cRT": ("tab:green", "P"),
+                 "AlphaNet": ("tab:red", "o"), "AlphaNet, random neighbours": ("0.6", "o"),
+                 "AlphaNet on tau-normalised": ("tab:blue", "o"), "AlphaNet on logit adjustment": ("tab:orange", "o"),
+                 "AlphaNet on cRT": ("tab:green", "o")}
+_FAMILIES = ("AlphaNet, random neighbours", "AlphaNet on tau-normalised", "AlphaNet on logit adjustment",
+             "AlphaNet on cRT", "AlphaNet", "NCM", "tau-normalised", "logit adjustment", "LWS", "cRT", "")
 
 
 def _frontier_series(rows: list[dict]) -> list[tuple[str, str, list[tuple[float | None, dict, dict]]]]:
@@ -582,8 +635,7 @@ def _frontier_series(rows: list[dict]) -> list[tuple[str, str, list[tuple[float 
             name, value = name.rsplit(" rho=", 1)
             rho = float(value)
         family = ("input classifier" if name == "baseline" else
-                  next(f for f in ("AlphaNet, random neighbours", "AlphaNet", "NCM", "tau-normalised",
-                                   "logit adjustment", "LWS", "") if name.startswith(f)))
+                  next(f for f in _FAMILIES if name.startswith(f)))
         label = "input classifier" if name == "baseline" else name
         series.setdefault(label, (family, []))[1].append((rho, row["top1"]["few"], row["top1"]["overall"]))
     return [(label, family, sorted(points, key=lambda p: -1.0 if p[0] is None else p[0]))
@@ -870,6 +922,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="under torchrun: seconds a rank waits for the others before every rank stops "
                               "with an error naming the silent ones (default 1800)")
 
+    def crt_epochs(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--crt-epochs", type=_bounded(int, 1, 10_000), default=10,
+                         help="epochs of cRT's re-training (default 10)")
+
     def training_options(sub: argparse.ArgumentParser, metrics: tuple[str, ...], rho_default: list,
                          rho_type, rho_help: str) -> None:
         sub.add_argument("--k", type=_option("k"), nargs="+", default=[DEFAULTS.k],
@@ -914,6 +970,11 @@ def build_parser() -> argparse.ArgumentParser:
     fit_parser.add_argument("--max-overall-drop", type=_non_negative, default=1.0,
                             help="the most overall val top-1 (points) to give up for the few split: --rho auto "
                                  "chooses within it, and a fit with val warns beyond it (default 1)")
+    fit_parser.add_argument("--on", choices=sorted(BASES),
+                            help="correct a derived classifier instead of the input: la (logit adjustment) or tau "
+                                 "(tau-normalisation), tau chosen on val, or crt (the last layer re-trained with "
+                                 "class-balanced sampling); the table shows both")
+    crt_epochs(fit_parser)
     fit_parser.add_argument("--control", action="store_true",
                             help="also fit the random-neighbour control for every k and rho (report tables only)")
     fit_parser.add_argument("--hierarchy", help="class hierarchy for the report: a text file of 'CHILD PARENT' lines, "
@@ -940,6 +1001,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare_parser.add_argument("--max-overall-drop", type=_non_negative, default=1.0,
                                 help="with --select few: the most overall val top-1 (points) to give up (default 1)")
     trust_pickle(compare_parser)
+    compare_parser.add_argument("--on", nargs="*", choices=sorted(BASES), default=["la", "tau", "crt"],
+                                help="also fit AlphaNet on these peers' classifiers (default: la tau crt; none: "
+                                     "only on the input)")
+    crt_epochs(compare_parser)
     training_options(compare_parser, ("euclidean", "cosine"), [0.5, 1.0, 1.5], _option("rho"),
                      "values of rho to compare")
     common(compare_parser)

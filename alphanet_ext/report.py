@@ -21,9 +21,16 @@ def _cell(entry: dict) -> str:
 
 
 def run_label(run: dict) -> str:
-    """"AlphaNet rho=1.0", "AlphaNet k=10 rho=1.0", "AlphaNet, random neighbours rho=0.5" ..."""
+    """"AlphaNet rho=1.0", "AlphaNet k=10 rho=1.0", "AlphaNet, random neighbours rho=0.5",
+    "AlphaNet on cRT rho=1.0" ..."""
     name = "AlphaNet, random neighbours" if run["metric"] == "random" else "AlphaNet"
+    name += f" on {run['on']}" if run.get("on") else ""
     return name + (f" k={run['k']}" if run.get("show_k") else "") + f" rho={run['rho']}"
+
+
+def base_label(on: dict) -> str:
+    """What ``--on`` made of the input: "logit adjustment (tau=1.2)", "cRT (10 epochs)"."""
+    return on["method"] + (f" (tau={on['tau']})" if "tau" in on else f" ({on['epochs']} epochs)")
 
 
 VIEW_TITLES = {
@@ -54,7 +61,10 @@ def markdown(report: dict) -> str:
     for top in ("top1", "top5"):
         lines += ["", f"## {top.replace('top', 'Top-')}", "",
                   "| model | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-        lines.append("| baseline | " + " | ".join(_cell(report["baseline"][top][c]) for c in COLUMNS) + " |")
+        if report.get("input"):
+            lines.append("| input classifier | " + " | ".join(_cell(report["input"][top][c]) for c in COLUMNS) + " |")
+        base = f"baseline: {base_label(report['on'])}" if report.get("on") else "baseline"
+        lines.append(f"| {base} | " + " | ".join(_cell(report["baseline"][top][c]) for c in COLUMNS) + " |")
         for run in report["runs"]:
             marker = " (best on val)" if run.get("best") and run.get("best_on_val") else ""
             lines.append(f"| {run_label(run).replace('rho=', 'ρ=')}{marker} | " +

@@ -126,3 +126,75 @@ def test_tau_choices_match_scoring_every_candidate_classifier(monkeypatch):
         baselines.choose_tau(problem.weight, problem.bias, val_x, val_y, splits, grid=(0.5, float("nan")))
     with pytest.raises(ValueError, match=r"splits\['few'\] has class 40, outside the classifier's 40 classes"):
         baselines.choose_tau(problem.weight, problem.bias, val_x, val_y, {"few": [40]})
+
+
+def reference_crt(x, y, num_classes, epochs, batch_size, lr, momentum, weight_decay, seed, init=None):
+    """cRT in float64 with autograd and torch's SGD rule (decay added to the gradient,
+    then momentum), on the same class-balanced draws: what the hand-written step must match."""
+    x = torch.as_tensor(np.asarray(x)).double()
+    sampler = baselines.ClassBalancedRows(y, num_classes, seed)
+    w = (torch.zeros(num_classes, x.shape[1], dtype=torch.float64) if init is None
+         else init[0].double().clone()).requires_grad_()
+    b = (torch.zeros(num_classes, dtype=torch.float64) if init is None else init[1].double().clone()).requires_grad_()
+    velocity = [torch.zeros_like(w), torch.zeros_like(b)]
+    steps = epochs * max(1, x.shape[0] // batch_size)
+    for step in range(steps):
+        rows = sampler.draw(batch_size)
+        loss = torch.nn.functional.cross_entropy(x[rows] @ w.T + b, y[rows])
+        grads = torch.autograd.grad(loss, (w, b))
+        rate = 0.5 * lr * (1 + np.cos(np.pi * step / steps))
+        with torch.no_grad():
+            velocity[0] = momentum * velocity[0] + grads[0] + weight_decay * w
+            velocity[1] = momentum * velocity[1] + grads[1]
+            w -= rate * velocity[0]
+            b -= rate * velocity[1]
+    return w.detach(), b.detach()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_crt_matches_a_float64_autograd_reference(dtype, monkeypatch, tmp_path):
+    """Awkward shapes (7 classes, 5 dims, 53 rows, batches of 16, one class without
+    samples), half-precision features, from memory and from a memory map read batch by batch."""
+    generator = torch.Generator().manual_seed(11)
+    y = torch.cat([torch.zeros(30, dtype=torch.long), torch.randint(1, 6, (23,), generator=generator)])
+    x = (torch.randn(53, 5, generator=generator) + torch.nn.functional.one_hot(y, 7)[:, :5] * 2).to(dtype)
+    init = (torch.randn(7, 5, generator=generator), torch.randn(7, generator=generator))
+    np.save(tmp_path / "x.npy", x.numpy())
+    for start in (None, init):
+        expected = reference_crt(x.float(), y, 7, 3, 16, 0.3, 0.9, 5e-4, seed=4, init=start)
+        weight, bias = baselines.crt(x, y, 7, epochs=3, batch_size=16, lr=0.3, seed=4, init=start)
+        assert weight.dtype == bias.dtype == torch.float32
+        torch.testing.assert_close(weight.double(), expected[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(bias.double(), expected[1], rtol=1e-4, atol=1e-5)
+    assert bias[6] < bias[:6].min()  # the class without samples is never drawn: only pushed down
+    monkeypatch.setattr(baselines, "cache_budget", lambda device: 0)  # not resident: gathered per batch
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    again = baselines.crt(mapped, y.numpy(), 7, epochs=3, batch_size=16, lr=0.3, seed=4, init=init)
+    torch.testing.assert_close(again[0].double(), expected[0], rtol=1e-4, atol=1e-5)
+
+
+def test_crt_draws_classes_evenly_and_scales_its_step_to_the_features():
+    """The sampler's classes are near uniform whatever the imbalance; cRT's default
+    rate gives the same classifier for features scaled by 10 (without weight decay),
+    helps the few split, and is deterministic for a seed."""
+    problem = synthetic.make_long_tailed(num_classes=40, dim=24, max_count=300, min_count=4, seed=3)
+    sampler = baselines.ClassBalancedRows(problem.train_y, 40, seed=0)
+    drawn = torch.bincount(problem.train_y[torch.cat([sampler.draw(500) for _ in range(40)])], minlength=40)
+    assert drawn.min() > 0.8 * 500 and drawn.max() < 1.2 * 500  # 500 a class expected
+    counts = torch.bincount(problem.train_y, minlength=40)
+    splits = alphanet_ext.make_splits(counts)
+    w, b = baselines.crt(problem.train_x, problem.train_y, 40, weight_decay=0)  # decay is not scale-free
+    w10, b10 = baselines.crt(problem.train_x * 10, problem.train_y, 40, weight_decay=0)
+    torch.testing.assert_close(w10 * 10, w, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(b10, b, rtol=1e-3, atol=1e-4)
+    w, b = baselines.crt(problem.train_x, problem.train_y, 40)
+
+    def few(weight, bias):
+        return alphanet_ext.evaluate(weight, bias, problem.test_x, problem.test_y, splits)["top1"]["few"]
+    assert few(w, b) > few(problem.weight, problem.bias) + 5
+    again = baselines.crt(problem.train_x, problem.train_y, 40)
+    assert torch.equal(again[0], w) and torch.equal(again[1], b)
+    with pytest.raises(ValueError, match="epochs and batch_size must be at least 1"):
+        baselines.crt(problem.train_x, problem.train_y, 40, epochs=0)
+    with pytest.raises(ValueError, match="train_y"):
+        baselines.crt(problem.train_x, problem.train_y[:-1], 40)

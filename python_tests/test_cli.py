@@ -484,11 +484,14 @@ def test_compare(problem, tmp_path, capsys):
     assert run("compare", "--train", paths["train"], "--val", paths["val"], "--test", paths["test"], "--classifier",
                classifier, "--rho", 0.5, "--epochs", 2, "--report", report, "--quiet") == 0
     out = capsys.readouterr().out
-    for method in ("baseline", "NCM (cosine)", "NCM (euclidean)", "tau-normalised", "logit adjustment", "LWS",
-                   "AlphaNet rho=0.5", "AlphaNet, random neighbours rho=0.5"):
+    methods = ("baseline", "NCM (cosine)", "NCM (euclidean)", "tau-normalised (tau=", "logit adjustment (tau=",
+               "LWS", "cRT (10 epochs)", "AlphaNet rho=0.5", "AlphaNet, random neighbours rho=0.5",
+               "AlphaNet on logit adjustment rho=0.5", "AlphaNet on tau-normalised rho=0.5", "AlphaNet on cRT rho=0.5")
+    for method in methods:
         assert f"| {method}" in out
     data = json.loads((report / "compare.json").read_text())
-    assert len(data["methods"]) == 8
+    names = [row["method"] for row in data["methods"]]
+    assert len(names) == len(methods) and all(name.startswith(m) for name, m in zip(names, methods)), names
     assert (report / "frontier.png").exists() == HAS_MATPLOTLIB
     # a folder of NAME_x.npy pairs gives the same table: its val and test sets are used
     folder = tmp_path / "folder"
@@ -765,3 +768,69 @@ def test_the_frontier_and_the_binned_per_class_plot_are_drawn(tmp_path):
                         "top1": {c: {"mean": 55.0, "std": 0.0} for c in ("many", "medium", "few", "overall")}}]}
     written = plots(report, {"distance": torch.rand(n), "change": torch.randn(n)}, str(tmp_path))
     assert "per_class_change.png" in written and (tmp_path / "per_class_change.png").exists()
+
+
+@pytest.mark.parametrize("on", ["la", "tau", "crt"])
+def test_fit_on_a_peer_classifier(problem, tmp_path, capsys, on):
+    """--on corrects the logit-adjusted, tau-normalised or cRT classifier: the export
+    keeps that classifier's base-class rows exactly, names it in the metadata, the
+    JSON and the report, and the table shows the input and the base."""
+    from alphanet_ext import baselines
+    paths = {role: write_features(tmp_path, role, getattr(problem, f"{role}_x"), getattr(problem, f"{role}_y"), "npz")
+             for role in ("train", "val", "test")}
+    classifier = tmp_path / "classifier.pt"
+    torch.save({"weight": problem.weight, "bias": problem.bias}, classifier)
+    out, report = tmp_path / "c.pt", tmp_path / "report"
+    capsys.readouterr()
+    assert run("fit", "--train", paths["train"], "--val", paths["val"], "--test", paths["test"], "--classifier",
+               classifier, "--out", out, "--on", on, "--rho", 0.5, "--epochs", 2, "--crt-epochs", 3,
+               "--report", report, "--json", "--quiet") == 0
+    document = json.loads(capsys.readouterr().out)
+    counts = torch.bincount(problem.train_y, minlength=30)
+    splits = alphanet_ext.make_splits(counts)
+    if on == "la":
+        tau, (weight, bias) = baselines.choose_logit_adjustment(problem.weight, problem.bias, counts, problem.val_x,
+                                                                problem.val_y, splits)
+    elif on == "tau":
+        tau, (weight, bias) = baselines.choose_tau(problem.weight, problem.bias, problem.val_x, problem.val_y, splits)
+    else:
+        weight, bias = baselines.crt(problem.train_x, problem.train_y, 30, epochs=3, seed=0)
+    metadata = read_metadata(str(out))
+    assert metadata["on"] == document["on"] and metadata["on"]["method"] == cli.BASES[on]
+    if on != "crt":
+        assert metadata["on"]["tau"] == tau
+    corrected_weight, corrected_bias = load_classifier(str(out))
+    base = torch.tensor(sorted(set(range(30)) - set(metadata["splits"]["few"])))
+    assert torch.equal(corrected_weight[base], weight[base]) and torch.equal(corrected_bias[base], bias[base])
+    few = torch.tensor(metadata["splits"]["few"])
+    assert not torch.equal(corrected_weight[few], weight[few])  # and the few rows were corrected
+    expected = evaluate(weight, bias, problem.test_x, problem.test_y, splits)["top1"]
+    given = evaluate(problem.weight, problem.bias, problem.test_x, problem.test_y, splits)["top1"]
+    assert document["top1"]["baseline"] == pytest.approx(expected) and document["top1"]["input"] == pytest.approx(given)
+    assert f"AlphaNet on {cli.BASES[on]} rho=0.5" in document["top1"]
+    text = (report / "report.md").read_text()
+    assert "| input classifier |" in text and f"| baseline: {cli.BASES[on]} (" in text
+    assert f"AlphaNet on {cli.BASES[on]} ρ=0.5" in text
+
+
+def test_compare_exports_alphanet_on_a_peer_when_it_is_best(problem, tmp_path, monkeypatch, capsys):
+    """compare --out takes whichever method is best on val, AlphaNet on a peer's classifier
+    included, and its export says what it corrected."""
+    paths = {role: write_features(tmp_path, role, getattr(problem, f"{role}_x"), getattr(problem, f"{role}_y"), "npz")
+             for role in ("train", "val")}
+    classifier = tmp_path / "classifier.pt"
+    torch.save({"weight": problem.weight, "bias": problem.bias}, classifier)
+    # make AlphaNet on cRT the best on val, whatever the data says
+    real = cli._select_method
+    monkeypatch.setattr(cli, "_select_method", lambda args, methods: next(
+        i for i, method in enumerate(methods) if method[0].startswith("AlphaNet on cRT")) if real(args, methods) >= 0
+        else None)
+    out = tmp_path / "best.pt"
+    assert run("compare", "--train", paths["train"], "--val", paths["val"], "--classifier", classifier, "--rho", 0.5,
+               "--epochs", 2, "--crt-epochs", 2, "--on", "crt", "--out", out, "--json", "--quiet") == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["selected"] == "AlphaNet on cRT rho=0.5"
+    metadata = read_metadata(str(out))
+    assert metadata["on"] == {"method": "cRT", "epochs": 2, "seed": 0} and metadata["rho"] == 0.5
+    assert [row["method"] for row in document["methods"]][-1] == "AlphaNet on cRT rho=0.5"
+    assert not any(row["method"].startswith("AlphaNet on logit") for row in document["methods"])  # --on crt only
