@@ -5,11 +5,11 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 CUDA_VENV ?= .venv-cuda
 CUDA_TORCH ?= torch==2.14.1
-PACKAGES := numpy pytest ninja tqdm matplotlib safetensors 'setuptools>=77' wheel build
+PACKAGES := numpy pytest ninja tqdm matplotlib safetensors 'setuptools>=77' wheel build selenium
 SOURCES := setup.py alphanet_ext/messages.py $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 export CUDA_HOME ?= /usr/local/cuda
 
-.PHONY: setup demo test cuda-check extract-test package-check bench clean
+.PHONY: setup demo test cuda-check extract-test package-check isolation-check bench clean
 
 setup: $(VENV)/.built
 
@@ -51,6 +51,19 @@ package-check: setup
 	$(WHEEL_VENV)/bin/pip install -q $(TORCH) dist/*.whl tqdm matplotlib safetensors
 	cd /tmp && $(abspath $(WHEEL_VENV))/bin/alphanet doctor && $(abspath $(WHEEL_VENV))/bin/alphanet demo --quiet
 	@echo "sdist -> wheel -> fresh venv: doctor and demo passed"
+
+# pip install . with build isolation: pip builds in a fresh environment with the torch
+# that pyproject.toml's build requirements resolve to (here 2.14.1, CUDA 13.0), so the
+# wheel is checked in the CUDA venv, which has that torch; it is uninstalled after.
+isolation-check:
+	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/pip install -q $(CUDA_TORCH) numpy
+	rm -rf build/isolated
+	cd /tmp && MAX_JOBS=2 $(PYTHON) -m pip wheel -q --no-deps -w $(abspath build/isolated) $(abspath .)
+	$(CUDA_VENV)/bin/pip install -q --no-deps --force-reinstall build/isolated/*.whl
+	cd /tmp && $(abspath $(CUDA_VENV))/bin/alphanet doctor; status=$$?; \
+		$(abspath $(CUDA_VENV))/bin/pip uninstall -q -y alphanet_ext; exit $$status
+	@echo "pip install . with build isolation: the wheel built and passed doctor"
 
 bench: setup
 	$(VENV)/bin/python benchmarks/bench_ops.py

@@ -165,12 +165,14 @@ def lws(weight: ArrayLike, bias: ArrayLike | None, train_x: ArrayLike, train_y: 
 
 def crt(train_x: ArrayLike, train_y: ArrayLike, num_classes: int, epochs: int = 10, batch_size: int = 512,
         lr: float | None = None, momentum: float = 0.9, weight_decay: float = 5e-4, seed: int = 0,
+        min_steps: int = 500,
         init: tuple[ArrayLike, ArrayLike | None] | None = None,
         device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
     """Classifier re-training (cRT): the last layer trained anew on the frozen features
     with class-balanced sampling, SGD with momentum and a cosine learning rate, from
     zeros (or from ``init = (weight, bias)``). An epoch draws as many rows as the train
-    set has. ``lr=None`` scales the weight's step to the features, ``2 / mean ||x||^2``,
+    set has, and the whole takes at least ``min_steps`` steps: a small train set
+    (a few batches an epoch) would otherwise stop far from converged. ``lr=None`` scales the weight's step to the features, ``2 / mean ||x||^2``,
     and the bias's to its input of 1, ``2`` (the softmax loss's curvature grows with the
     squared input norm, so one fixed rate diverges on some features and crawls on
     others; without weight decay, features scaled by s then give weights scaled by 1/s).
@@ -205,7 +207,7 @@ def crt(train_x: ArrayLike, train_y: ArrayLike, num_classes: int, epochs: int = 
     grad_w = torch.empty_like(w)
     scores = torch.empty(batch_size, num_classes, device=device)
     positions = torch.arange(batch_size, device=device)
-    steps = epochs * max(1, samples // batch_size)
+    steps = max(epochs * max(1, samples // batch_size), min_steps)
     for step in range(steps):
         rows = sampler.draw(batch_size)
         x = (resident[rows] if resident is not None else gather_rows(train_x, rows, "train_x", device)).float()

@@ -33,7 +33,7 @@ from .training.sampler import check_rho
 from .training.sharding import RankFailure
 from .metrics import evaluate, make_splits, mean_std
 from .analysis import Hierarchy, neighbor_views, pearson_with_interval, prediction_changes, semantic_accuracy
-from .report import COLUMNS, base_label, pyplot, run_label, save_figure, write_report, write_text
+from .report import COLUMNS, base_label, pyplot, run_label, save_figure, write_page, write_report, write_text
 from .synthetic import PRESETS, make_preset
 
 
@@ -590,8 +590,11 @@ def run_compare(args: argparse.Namespace) -> int:
                          lambda t: write_text(t, json.dumps({"evaluated_on": evaluated_on, "methods": rows}, indent=2)))
             write_atomic(os.path.join(folder, "compare.md"), lambda t: write_text(t, table))
             plotted = _frontier_plot(rows, os.path.join(folder, "frontier.png"))
+            write_page(folder, "compare.html", table, ["frontier.png"] if plotted else [],
+                       "AlphaNet against post-hoc peers")
             outputs.commit()
-        _say(args, f"report: {args.report}/compare.json, compare.md" + (", frontier.png" if plotted else ""))
+        _say(args, f"report: {args.report}/compare.json, compare.md" + (", frontier.png" if plotted else "")
+             + ", compare.html")
     return 0
 
 
@@ -660,6 +663,7 @@ def _frontier_plot(rows: list[dict], path: str) -> bool:
             for (rho, f, o) in points:
                 axis.annotate(f"ρ={rho:g}", (f["mean"], o["mean"]), textcoords="offset points", xytext=(4, 4),
                               fontsize=7, color=colour)
+    axis.margins(x=0.1, y=0.06)  # room for the rho labels at the edges
     axis.set_xlabel("few-split top-1 (%)")
     axis.set_ylabel("overall top-1 (%)")
     axis.grid(alpha=0.3)

@@ -229,10 +229,23 @@ def write_text(path: str, text: str) -> None:
         stream.write(text)
 
 
+def write_page(folder: str, name: str, markdown_text: str, images: list[str], title: str) -> str:
+    """``name`` (an .html file) in ``folder``: the Markdown and the PNG files ``images``
+    of that folder, in one self-contained page."""
+    from .page import page
+    text = page(markdown_text, [os.path.join(folder, image) for image in images], title)
+    write_atomic(os.path.join(folder, name), lambda t: write_text(t, text))
+    return name
+
+
 def write_report(report: dict, per_class: dict, folder: str) -> list[str]:
+    """report.json, report.md, the PNG plots and report.html (all of them in one page)."""
     os.makedirs(folder, exist_ok=True)
     text = json.dumps(report, indent=2, allow_nan=True)
     write_atomic(os.path.join(folder, "report.json"), lambda t: write_text(t, text))
-    write_atomic(os.path.join(folder, "report.md"), lambda t: write_text(t, markdown(report)))
-    return ["report.json", "report.md"] + plots(report, per_class, folder)
+    summary = markdown(report)
+    write_atomic(os.path.join(folder, "report.md"), lambda t: write_text(t, summary))
+    images = plots(report, per_class, folder)
+    return ["report.json", "report.md"] + images + [write_page(folder, "report.html", summary, images,
+                                                               "AlphaNet correction report")]
 

@@ -128,7 +128,7 @@ def test_tau_choices_match_scoring_every_candidate_classifier(monkeypatch):
         baselines.choose_tau(problem.weight, problem.bias, val_x, val_y, {"few": [40]})
 
 
-def reference_crt(x, y, num_classes, epochs, batch_size, lr, momentum, weight_decay, seed, init=None):
+def reference_crt(x, y, num_classes, epochs, batch_size, lr, momentum, weight_decay, seed, init=None, min_steps=0):
     """cRT in float64 with autograd and torch's SGD rule (decay added to the gradient,
     then momentum), on the same class-balanced draws: what the hand-written step must match."""
     x = torch.as_tensor(np.asarray(x)).double()
@@ -137,7 +137,7 @@ def reference_crt(x, y, num_classes, epochs, batch_size, lr, momentum, weight_de
          else init[0].double().clone()).requires_grad_()
     b = (torch.zeros(num_classes, dtype=torch.float64) if init is None else init[1].double().clone()).requires_grad_()
     velocity = [torch.zeros_like(w), torch.zeros_like(b)]
-    steps = epochs * max(1, x.shape[0] // batch_size)
+    steps = max(epochs * max(1, x.shape[0] // batch_size), min_steps)
     for step in range(steps):
         rows = sampler.draw(batch_size)
         loss = torch.nn.functional.cross_entropy(x[rows] @ w.T + b, y[rows])
@@ -160,16 +160,17 @@ def test_crt_matches_a_float64_autograd_reference(dtype, monkeypatch, tmp_path):
     x = (torch.randn(53, 5, generator=generator) + torch.nn.functional.one_hot(y, 7)[:, :5] * 2).to(dtype)
     init = (torch.randn(7, 5, generator=generator), torch.randn(7, generator=generator))
     np.save(tmp_path / "x.npy", x.numpy())
-    for start in (None, init):
-        expected = reference_crt(x.float(), y, 7, 3, 16, 0.3, 0.9, 5e-4, seed=4, init=start)
-        weight, bias = baselines.crt(x, y, 7, epochs=3, batch_size=16, lr=0.3, seed=4, init=start)
+    for start, min_steps in ((None, 0), (init, 0), (init, 20)):  # 3 epochs of 3 steps, or at least 20 steps
+        expected = reference_crt(x.float(), y, 7, 3, 16, 0.3, 0.9, 5e-4, seed=4, init=start, min_steps=min_steps)
+        weight, bias = baselines.crt(x, y, 7, epochs=3, batch_size=16, lr=0.3, seed=4, init=start,
+                                     min_steps=min_steps)
         assert weight.dtype == bias.dtype == torch.float32
         torch.testing.assert_close(weight.double(), expected[0], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(bias.double(), expected[1], rtol=1e-4, atol=1e-5)
     assert bias[6] < bias[:6].min()  # the class without samples is never drawn: only pushed down
     monkeypatch.setattr(baselines, "cache_budget", lambda device: 0)  # not resident: gathered per batch
     mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
-    again = baselines.crt(mapped, y.numpy(), 7, epochs=3, batch_size=16, lr=0.3, seed=4, init=init)
+    again = baselines.crt(mapped, y.numpy(), 7, epochs=3, batch_size=16, lr=0.3, seed=4, init=init, min_steps=20)
     torch.testing.assert_close(again[0].double(), expected[0], rtol=1e-4, atol=1e-5)
 
 
