@@ -6,7 +6,8 @@
 Both re-train the last layer on the same frozen features with the same algorithm:
 class-balanced draws, zero start, SGD with momentum 0.9, weight decay 5e-4 on the
 weight, a cosine rate per step, the same rates (ours picks them from the features;
-the peer is given them), batches of 512, as many draws an epoch as train rows.
+the peer is given them), batches of 512, as many draws an epoch as train rows, and
+the same number of steps (at least 500, cRT's floor).
 
 The peer: `TensorDataset` + `DataLoader` with a `WeightedRandomSampler` (weights
 1/n_c: classes equally likely), `nn.Linear`, `cross_entropy`, autograd,
@@ -30,7 +31,7 @@ import torch
 from common import machine, setup_threads, synchronize
 
 
-def plain_loop(x: torch.Tensor, y: torch.Tensor, num_classes: int, epochs: int, batch_size: int, lr: float,
+def plain_loop(x: torch.Tensor, y: torch.Tensor, num_classes: int, steps: int, batch_size: int, lr: float,
                bias_lr: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     device = x.device
     counts = torch.bincount(y, minlength=num_classes).double()
@@ -45,15 +46,18 @@ def plain_loop(x: torch.Tensor, y: torch.Tensor, num_classes: int, epochs: int, 
     torch.nn.init.zeros_(model.bias)
     optimizer = torch.optim.SGD([{"params": [model.weight], "lr": lr, "weight_decay": 5e-4},
                                  {"params": [model.bias], "lr": bias_lr, "weight_decay": 0.0}], momentum=0.9)
-    steps = epochs * (len(y) // batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    for _ in range(epochs):
+    done = 0
+    while done < steps:  # as many passes over the loader as the steps take
         for features, labels in loader:
             loss = torch.nn.functional.cross_entropy(model(features.float()), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
+            done += 1
+            if done == steps:
+                break
     return model.weight.detach(), model.bias.detach()
 
 
@@ -76,14 +80,16 @@ def main() -> None:
     x, y = problem.train_x.to(device), problem.train_y.to(device)
     num_classes = problem.weight.shape[0]
     lr = 2.0 / float(x.float().square().sum(dim=1).mean())  # the rates ours picks: the peer is given them
+    steps = max(args.epochs * (x.shape[0] // 512), 500)  # cRT's floor of 500 steps, for both
     print(f"{machine()}; {threads} threads; {args.preset} x{args.scale}: {x.shape[0]} train rows, {num_classes} "
-          f"classes, d={x.shape[1]}; {args.epochs} epochs of {x.shape[0] // 512} steps; device {device}")
+          f"classes, d={x.shape[1]}; {args.epochs} epochs of {x.shape[0] // 512} steps ({steps} steps); "
+          f"device {device}")
 
     def ours():
         return baselines.crt(x, y, num_classes, epochs=args.epochs, seed=0, device=device)
 
     def peer():
-        return plain_loop(x, y, num_classes, args.epochs, 512, lr, 2.0, seed=0)
+        return plain_loop(x, y, num_classes, steps, 512, lr, 2.0, seed=0)
 
     times = {"ours": [], "plain torch loop": []}
     results = {}
