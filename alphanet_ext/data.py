@@ -307,6 +307,24 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
+_LIBC: list = []  # glibc, once looked up (an empty tuple inside where there is none)
+
+
+def release_freed_host_memory() -> None:
+    """Hands the pages the C allocator holds free back to the system (glibc's
+    ``malloc_trim``); nothing elsewhere. Blocks of a few MB freed mid-heap stay the
+    process's memory otherwise, and a later, larger temporary is mapped anew on top of
+    them: several ranks sharing a host each pay that (benchmarks/RESULTS.md)."""
+    if not _LIBC:
+        import ctypes
+        try:
+            _LIBC.append(ctypes.CDLL("libc.so.6").malloc_trim)
+        except (OSError, AttributeError):
+            _LIBC.append(None)
+    if _LIBC[0] is not None:
+        _LIBC[0](0)
+
+
 def cache_budget(device: torch.device) -> float:
     """Bytes that caches kept for a whole computation may take on ``device``:
     half of what is available (inf when unknown)."""

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..config import FitConfig
-from ..data import ArrayLike, as_tensor, cache_budget
+from ..data import ArrayLike, as_tensor, cache_budget, release_freed_host_memory
 from . import sharded
 from .cache import CacheSizes, LogitCache
 from .sampler import EpochSampler
@@ -162,12 +162,16 @@ class ClassSharded(RowSharded):
         return (torch.zeros(num_classes, device=device) if bias is None
                 else as_tensor(bias, "bias", device).float())
 
+    # Each set-up stage ends by handing its freed temporaries back to the host (CPU ranks share it).
     def statistics(self, train_x, labels, num_classes, config, device, resident, show) -> ClassStatistics:
-        return sharded.class_sharded_statistics(self.shard, train_x, labels, num_classes, config.few_threshold,
-                                                config.many_threshold, config.k, device, resident)
+        stats = sharded.class_sharded_statistics(self.shard, train_x, labels, num_classes, config.few_threshold,
+                                                 config.many_threshold, config.k, device, resident)
+        release_freed_host_memory()
+        return stats
 
     def neighbors(self, stats, num_classes, config) -> None:
         sharded.class_sharded_neighbors(self.shard, stats, num_classes, config.k, config.metric, config.seed)
+        release_freed_host_memory()
 
     def _columns(self, stats: ClassStatistics) -> tuple[Tensor, Tensor, Tensor]:
         """The columns the step reads, and the few classes' and neighbours' places among them
@@ -178,19 +182,33 @@ class ClassSharded(RowSharded):
                                         torch.searchsorted(columns, stats.neighbors)))
         return self._columns_of[1]
 
+    def _wanted(self, stats: ClassStatistics) -> list[Tensor] | None:
+        """Over several ranks: the places among the columns that each rank's block of few
+        classes reads (its classes and their neighbours), sorted; a training batch's logits
+        reach each rank in those columns only. None in one process."""
+        if self.shard.world == 1:
+            return None
+        _, few_at, neighbors_at = self._columns(stats)
+        blocks = [self.shard.class_range(few_at.numel(), rank) for rank in range(self.shard.world)]
+        return [torch.unique(torch.cat([few_at[first:end], neighbors_at[first:end].flatten()]))
+                for first, end in blocks]
+
     def step(self, w, full_bias, stats, num_classes, config) -> TrainStep:
         columns, few_at, neighbors_at = self._columns(stats)
         if self.shard.world > 1:  # each rank trains the networks on its block of the few classes
-            return sharded.FewSplitStep(self.shard, w, columns, full_bias[stats.few], few_at, neighbors_at,
-                                        num_classes, config.hidden, config.trials, config.seed, config.lr,
-                                        config.weight_decay, config.pred_scale)
+            step = sharded.FewSplitStep(self.shard, w, columns, full_bias[stats.few], few_at, neighbors_at,
+                                        self._wanted(stats)[self.shard.rank], num_classes, config.hidden,
+                                        config.trials, config.seed, config.lr, config.weight_decay,
+                                        config.pred_scale)
+            release_freed_host_memory()
+            return step
         return TrainStep(sharded.owned_rows(self.shard, num_classes, columns, w), full_bias[columns], few_at,
                          neighbors_at, *step_options(config), config.cuda_graphs)
 
     def cache(self, train_rows, labels, all_labels, w, full_bias, stats, sampler, options) -> LogitCache:
         columns = self._columns(stats)[0]
         return sharded.ClassShardedCache(self.shard, train_rows, all_labels, w, full_bias, stats.few, columns,
-                                         sampler.few_rows, *options)
+                                         sampler.few_rows, *options, wanted=self._wanted(stats))
 
     def scorer(self, cache, val_labels, stats, num_classes) -> ValScorer:
         _, few_at, neighbors_at = self._columns(stats)

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import ops
-from ..data import ArrayLike, cache_budget, streamed_class_sums
+from ..data import ArrayLike, cache_budget, release_freed_host_memory, streamed_class_sums
 from . import progress
 from .cache import Batch, CacheSizes, LogitCache
 from .sharding import RankFailure, Shard
@@ -255,12 +255,18 @@ class ClassShardedCache:
     log-sum-exp (max, then sum), the target's score and the ``U`` columns (the step's
     "raw" logits, in the compact class space of ``columns``). Few-split rows' compact
     logits are kept where memory allows; val rows' always (only this rank's rows).
+
+    With ``wanted`` (each rank's sorted places among ``columns``: what its block of the
+    few classes reads), a training row's columns reach each rank through one all-to-all,
+    only those it reads: ``raw`` is in the space of ``wanted[rank]``, and each column
+    crosses the network once per rank that reads it, not once per rank. Val rows, which
+    the scorer reads for every few class, keep every column.
     """
 
     def __init__(self, shard: Shard, train_x: ArrayLike, labels: Tensor, w_slice: Tensor, b: Tensor, few: Tensor,
                  columns: Tensor, few_rows: Tensor, val_x: ArrayLike | None,
                  pred_scale: float, trials: int, batch_size: int, epoch_size: int, sizes: CacheSizes = CacheSizes(),
-                 show_progress: bool = False):
+                 show_progress: bool = False, wanted: list[Tensor] | None = None):
         self.shard, self.train_x, self.labels, self.w, self.val_x = shard, train_x, labels, w_slice, val_x
         self.pred_scale, self.trials, self.sizes, self.few_rows = pred_scale, trials, sizes, few_rows
         self.device = device = w_slice.device
@@ -272,15 +278,17 @@ class ClassShardedCache:
         self.num_columns = columns.numel()
         owned = (columns >= self.first) & (columns < self.end)
         self.owned_at, self.owned_local = torch.nonzero(owned).flatten(), columns[owned] - self.first
+        self.exchange = None if wanted is None else self._exchange(columns, wanted)
+        self.train_columns = self.num_columns if wanted is None else wanted[shard.rank].numel()
         self.timings: dict[str, float] = {}
         budget = cache_budget(device) if sizes.budget is None else sizes.budget
-        size = few_rows.numel() * self.num_columns * 4
+        size = few_rows.numel() * self.train_columns * 4
         self.keep_few = size <= budget
         if not self.keep_few:
             warnings.warn(f"the few-split samples' compact logits ({size / 2**30:.1f} GiB) would take more than half "
                           f"of the memory available on {device}: computing them every epoch instead", stacklevel=4)
         self.per_call = max(batch_size, sizes.chunk_values // max(1, self.end - self.first + self.num_columns))
-        self.chunk_samples = max(batch_size, (sizes.chunk_values // (trials * max(1, self.num_columns)))
+        self.chunk_samples = max(batch_size, (sizes.chunk_values // (trials * max(1, self.train_columns)))
                                  // batch_size * batch_size)
         tic = time.perf_counter()
         self.few_logits = self.few_base_lse = None
@@ -295,6 +303,22 @@ class ClassShardedCache:
             self.val_logits = logits[first_val:end_val]
             self.val_base_best, self.val_base_class = best[first_val:end_val], best_class[first_val:end_val]
             self.timings["val_logits"] = time.perf_counter() - tic
+
+    def _exchange(self, columns: Tensor, wanted: list[Tensor]) -> tuple[Tensor, list[int], list[int]]:
+        """What this rank sends in the all-to-all: its own classes' places (local column
+        ids, rank after rank) and how many go to each rank; and how many it gets from each.
+        The columns are sorted by class and every rank owns a contiguous range of classes,
+        so each rank's share of a sorted ``wanted`` is a contiguous run of it, and the
+        runs received in rank order are ``wanted[rank]`` in order."""
+        bounds = [torch.searchsorted(columns, torch.tensor(self.shard.class_range(self.num_classes, rank),
+                                                            device=columns.device)) for rank in range(self.shard.world)]
+
+        def share(places: Tensor, owner: int) -> Tensor:
+            low, high = torch.searchsorted(places, bounds[owner])
+            return places[low:high]
+        sends = [columns[share(places, self.shard.rank)] - self.first for places in wanted]
+        gets = [share(wanted[self.shard.rank], owner).numel() for owner in range(self.shard.world)]
+        return torch.cat(sends), [send.numel() for send in sends], gets
 
     def _features(self, rows: Tensor, split: str) -> Tensor:
         """The features of global ``rows`` of ``split`` on every rank."""
@@ -311,7 +335,8 @@ class ClassShardedCache:
         bias), the base log-sum-exp ``[n]`` and the target score ``[n]`` (train rows), or for
         val rows the best base score and its class (ties to the lower id)."""
         n = rows.numel()
-        out = torch.empty(n, self.num_columns, device=self.device)
+        exchange = self.exchange if split == "train" else None
+        out = torch.empty(n, self.num_columns if exchange is None else self.train_columns, device=self.device)
         first_value = torch.empty(n, device=self.device)
         second_value = torch.empty(n, device=self.device)
         best_class = torch.empty(n, dtype=torch.long, device=self.device) if split == "val" else None
@@ -320,9 +345,16 @@ class ClassShardedCache:
             part = rows[begin:begin + self.per_call]
             bar.update(part.numel())
             logits = self._features(part, split) @ self.w.T  # [m, C_r]
-            columns = torch.zeros(part.numel(), self.num_columns, device=self.device)
-            columns[:, self.owned_at] = logits[:, self.owned_local]
-            out[begin:begin + part.numel()] = self.shard.all_reduce(columns, what="the needed logit columns")
+            if exchange is None:
+                columns = torch.zeros(part.numel(), self.num_columns, device=self.device)
+                columns[:, self.owned_at] = logits[:, self.owned_local]
+                out[begin:begin + part.numel()] = self.shard.all_reduce(columns, what="the needed logit columns")
+            else:  # column-major blocks: the all-to-all splits its tensors along their first dimension
+                sent, send_counts, get_counts = exchange
+                got = torch.empty(self.train_columns, part.numel(), device=self.device)
+                self.shard.all_to_all(got, logits[:, sent].T.contiguous(), get_counts, send_counts,
+                                      what="the needed logit columns")
+                out[begin:begin + part.numel()] = got.T
             scores = logits.add_(self.b).mul_(self.pred_scale)
             if split == "train":
                 label = self.labels[part] - self.first
@@ -358,12 +390,14 @@ class ClassShardedCache:
         return self.val_logits[begin:end]
 
     def batches(self, entries: Tensor, batch_size: int, few_position: Tensor) -> Iterator[Batch]:
+        if self.device.type == "cpu":  # the last chunk's temporaries, and the epoch's draw, back to the host
+            release_freed_host_memory()
         flat = entries.T.reshape(-1)  # sample-major
         is_few = flat < 0
         rows = torch.where(is_few, self.few_rows[(-flat - 1).clamp_min(0)], flat)
         labels = self.labels[rows]
         if self.keep_few:
-            raw = torch.empty(flat.numel(), self.num_columns, device=self.device)
+            raw = torch.empty(flat.numel(), self.train_columns, device=self.device)
             base_lse = torch.empty(flat.numel(), device=self.device)
             target_base = torch.zeros(flat.numel(), device=self.device)
             few_at, computed_at = torch.nonzero(is_few).flatten(), torch.nonzero(~is_few).flatten()
@@ -400,7 +434,7 @@ class FewSplitStep:
     Rank ``r`` holds the coefficient networks' input of a contiguous block of the few
     classes only (``[C_f/R, (k+1)d]`` rather than ``[C_f, (k+1)d]``), the rows of the
     classifier that block reads, and that block's few-class biases. Every rank sees the
-    same compact batch (``ClassShardedCache``). Per step:
+    batch's rows, in the columns its block reads (``ClassShardedCache`` with ``wanted``). Per step:
 
     1. each rank scores its block's corrected few classes (the networks' forward pass),
        and the ranks exchange, per row and trial, the log-sum-exp of their block's scores
@@ -418,12 +452,12 @@ class FewSplitStep:
     """
 
     def __init__(self, shard: Shard, w_slice: Tensor, columns: Tensor, few_bias: Tensor, few_at: Tensor,
-                 neighbors_at: Tensor, num_classes: int, hidden, trials: int, seed: int, lr: float,
+                 neighbors_at: Tensor, wanted: Tensor, num_classes: int, hidden, trials: int, seed: int, lr: float,
                  weight_decay: float, pred_scale: float):
         device, dim = w_slice.device, w_slice.shape[1]
         num_few, k = neighbors_at.shape
         self.shard, self.trials, self.k, self.pred_scale = shard, trials, k, pred_scale
-        self.num_few, self.num_columns = num_few, columns.numel()
+        self.num_few, self.num_columns = num_few, wanted.numel()  # a batch's columns: the ones this block reads
         self.blocks = [shard.class_range(num_few, rank) for rank in range(shard.world)]
         self.first_few, self.end_few = self.blocks[shard.rank]
         mine = slice(self.first_few, self.end_few)
@@ -435,9 +469,12 @@ class FewSplitStep:
         width = self.nets.first.shape[1]
 
         def block_rows(first: int, begin: int, end: int) -> Tensor:
-            ids = torch.cat([few_at[first + begin:first + end], neighbors_at[first + begin:first + end].flatten()])
-            rows = owned_rows(shard, num_classes, columns[ids], w_slice)
-            return torch.cat([rows[:end - begin], rows[end - begin:].reshape(end - begin, -1)], dim=1)
+            # each few class's own row, then its neighbours': the gathered rows are the input's rows as they are
+            ids = torch.cat([few_at[first + begin:first + end, None], neighbors_at[first + begin:first + end]], dim=1)
+            rows = owned_rows(shard, num_classes, columns[ids.flatten()], w_slice).view(end - begin, -1)
+            if device.type == "cpu":  # the last block's gathered rows back to the host (ranks share it)
+                release_freed_host_memory()
+            return rows
         for rank, (first, end) in enumerate(self.blocks):
             if rank == shard.rank:
                 self.inputs = laid_out(end - first, (k + 1) * dim, lambda b, e: block_rows(first, b, e), width,
@@ -448,8 +485,9 @@ class FewSplitStep:
         self.local_bias = few_bias[mine].repeat(trials, 1).contiguous()  # [T, C_f/R]: this rank's parameters
         self.optimizer = FusedAdamW(self.nets.parameters() + [self.local_bias], lr=lr, weight_decay=weight_decay)
         offsets = (torch.arange(trials, device=device) * self.num_columns)[:, None]
-        self.trial_targets = (offsets + few_at[mine][None]).reshape(-1)
-        self.trial_neighbors = (offsets[:, :, None] + neighbors_at[mine][None]).reshape(-1, k)
+        self.trial_targets = (offsets + torch.searchsorted(wanted, few_at[mine])[None]).reshape(-1)
+        self.trial_neighbors = (offsets[:, :, None] + torch.searchsorted(wanted, neighbors_at[mine])[None]
+                                ).reshape(-1, k)
         self.loss_sum = torch.zeros(trials, device=device)
         # every rank's biases and their AdamW moments, whole, refreshed by alphas() after every epoch
         # (what the selection, the checkpoint and the export read, without a collective of their own)

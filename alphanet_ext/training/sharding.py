@@ -106,6 +106,17 @@ class Shard:
         self._run(what, lambda: dist.all_gather_object(out, value, group=self.group))
         return out
 
+    def all_to_all(self, out: Tensor, tensor: Tensor, out_splits: list[int], in_splits: list[int],
+                   what: str = "all_to_all") -> Tensor:
+        """Rank ``r`` sends the ``in_splits[q]`` rows of ``tensor`` after the first
+        ``sum(in_splits[:q])`` to rank ``q``, and receives into ``out`` each rank's block in
+        rank order (``out_splits[s]`` rows from rank ``s``)."""
+        if self.world == 1:
+            out.copy_(tensor)
+            return out
+        self._run(what, lambda: dist.all_to_all_single(out, tensor, out_splits, in_splits, group=self.group), tensor)
+        return out
+
     def broadcast(self, tensor: Tensor, src: int = 0, what: str = "broadcast") -> Tensor:
         if self.world > 1:
             self._run(what, lambda: dist.broadcast(tensor, src=dist.get_global_rank(self.group, src)

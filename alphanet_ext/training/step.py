@@ -184,8 +184,13 @@ def laid_out(num_few: int, dims: int, rows: Callable[[int, int], Tensor], column
     out = torch.zeros(panels, padded_dims, panel, dtype=dtype, device=device)
     by_row = out.transpose(1, 2)  # [P, panel, D']: panel p, slot j is row panel * p + j
     for begin, end in blocks:
-        part = F.pad(rows(begin, end), (0, 0, 0, -(end - begin) % panel))
-        by_row[begin // panel:begin // panel + part.shape[0] // panel, :, :dims] = part.view(-1, panel, dims)
+        part = rows(begin, end)
+        whole = (end - begin) // panel * panel  # every block but the last is whole panels: no padded copy
+        if whole:
+            by_row[begin // panel:(begin + whole) // panel, :, :dims] = part[:whole].view(-1, panel, dims)
+        if whole < end - begin:
+            rest = F.pad(part[whole:], (0, 0, 0, -(end - begin - whole) % panel))
+            by_row[(begin + whole) // panel, :, :dims] = rest
     return out
 
 
