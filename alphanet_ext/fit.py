@@ -370,7 +370,8 @@ def _check_same_resume(shard: Shard, path: str, epochs_done: int) -> None:
 
 def _input_digests(inputs: _Inputs, stats) -> dict[str, str]:
     out = {"classifier weight": checkpoints.digest(inputs.w), "classifier bias": checkpoints.digest(inputs.b),
-           "train labels": checkpoints.digest(inputs.labels), "train features": checkpoints.digest(stats.means)}
+           "train labels": checkpoints.digest(inputs.labels),
+           "train features": stats.means_digest or checkpoints.digest(stats.means)}
     if inputs.val_x is not None:
         out["val labels"] = checkpoints.digest(inputs.val_labels)
         out["val features"] = checkpoints.sampled_digest(inputs.val_x, "val_x")

@@ -10,6 +10,8 @@
 #   extract     bench_extract.py on the GPU: images/s against the model's forward rate
 #   distributed bench_distributed.py --device cuda --ranks 1: the class-sharded step at
 #               200,000 classes, for the cost model
+#   crt         bench_crt.py on the GPU (cRT against a plain torch loop, imagenet-lt), then
+#               bench_presets.py on inat2018 (compare --select against each method's test accuracy)
 #   tests       the CUDA tests (the CPU-only ones, which CI runs anyway, are cpu-tests)
 #   ops, fit, profile, cpu-tests   the kernel benchmarks, bench_fit.py, the kernel profile
 # Options: OPS (bench_ops.py's --ops), SIZES (default medium,large,huge), FIT_SIZES
@@ -21,7 +23,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./device_out}"
 BUDGET="${BUDGET:-330}" SIZES="${SIZES:-medium,large,huge}"
-STEPS="${STEPS:-inat one-rank extract distributed tests ops fit profile cpu-tests}"
+STEPS="${STEPS:-inat one-rank extract distributed crt tests ops fit profile cpu-tests}"
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 mkdir -p "$OUT"
 # images that ship only python3
@@ -102,6 +104,14 @@ if want distributed; then
 step "the class-sharded step at 200,000 classes on one GPU (NCCL, one rank)"
 timeout "$(limit 150)" python benchmarks/bench_distributed.py --device cuda --ranks 1 --steps 40 --threads 16 \
   --folder /tmp/dist 2>&1 | tee "$OUT/distributed.log"
+fi
+
+if want crt; then
+step "cRT against a plain torch loop on the GPU; compare --select on inat2018"
+timeout "$(limit 60)" python benchmarks/bench_crt.py --device cuda --preset imagenet-lt --epochs 10 --repeats 2 \
+  --threads 16 2>&1 | tee "$OUT/crt.log"
+timeout "$(limit 200)" python benchmarks/bench_presets.py --presets inat2018 --device cuda --threads 16 \
+  --folder /tmp/presets 2>&1 | tee -a "$OUT/crt.log"
 fi
 
 if want tests; then

@@ -16,6 +16,7 @@ from ..config import FitConfig
 from ..data import ArrayLike, as_tensor, cache_budget, release_freed_host_memory
 from . import sharded
 from .cache import CacheSizes, LogitCache
+from .checkpoint import digest
 from .sampler import EpochSampler
 from .selection import ValScorer
 from .sharding import Shard
@@ -171,6 +172,9 @@ class ClassSharded(RowSharded):
 
     def neighbors(self, stats, num_classes, config) -> None:
         sharded.class_sharded_neighbors(self.shard, stats, num_classes, config.k, config.metric, config.seed)
+        # nothing after the neighbours reads a rank's means (the report reads the file's once):
+        # only their digest, for the checkpoint's fingerprint, is kept
+        stats.means_digest, stats.means = digest(stats.means), None
         release_freed_host_memory()
 
     def _columns(self, stats: ClassStatistics) -> tuple[Tensor, Tensor, Tensor]:

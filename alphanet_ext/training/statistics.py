@@ -16,13 +16,14 @@ from . import progress
 
 @dataclass
 class ClassStatistics:
-    means: Tensor                # [C, d] float32
+    means: Tensor | None         # [C, d] float32; None once a class-sharded fit no longer needs them
     counts: Tensor               # [C]
     splits: dict[str, Tensor]    # many / medium / few class ids (CPU)
     few: Tensor                  # few class ids, on the fit's device
     base: Tensor                 # many and medium class ids, sorted, on the fit's device
     neighbors: Tensor | None = None           # [C_f, k]
     neighbor_distances: Tensor | None = None  # [C_f, k]
+    means_digest: str | None = None           # of the means, kept where the means are dropped
 
 
 def keeps_features_on(device: torch.device, train_x: ArrayLike) -> bool:
