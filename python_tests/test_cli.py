@@ -162,8 +162,9 @@ def test_report_without_matplotlib_has_tables_and_no_plots(problem, tmp_path, mo
     compared = tmp_path / "compared"
     assert run("compare", "--train", paths["train"], "--test", paths["test"], "--classifier", classifier,
                "--epochs", 1, "--report", compared) == 0
-    assert f"report: {compared}/compare.json, compare.md\n" in capsys.readouterr().err  # no frontier.png named
-    assert sorted(p.name for p in compared.iterdir()) == ["compare.json", "compare.md"]
+    assert f"report: {compared}/compare.json, compare.md, compare.html\n" in capsys.readouterr().err  # no frontier.png
+    assert "<table>" in (report / "report.html").read_text() and "<img" not in (compared / "compare.html").read_text()
+    assert sorted(p.name for p in compared.iterdir()) == ["compare.html", "compare.json", "compare.md"]
 
 
 def test_classifier_inside_a_whole_model_or_checkpoint(problem, tmp_path, capsys):
