@@ -179,7 +179,6 @@ def _base_classifier(args: argparse.Namespace, on: str, weight: torch.Tensor, bi
     return w.cpu(), b.cpu(), {"method": BASES[on], "epochs": args.crt_epochs, "seed": args.seed}
 
 
-
 def _per_trial(result: FitResult, trials: int, weight: torch.Tensor, bias: torch.Tensor, data: Features,
                splits: dict, device: str | None) -> list[dict]:
     return [evaluate(*result.trial_classifier(t, weight, bias), data.x, data.y, splits, device=device)
