@@ -352,7 +352,7 @@ class ClassShardedCache:
             else:  # column-major blocks: the all-to-all splits its tensors along their first dimension
                 sent, send_counts, get_counts = exchange
                 got = torch.empty(self.train_columns, part.numel(), device=self.device)
-                self.shard.all_to_all(got, logits[:, sent].T.contiguous(), get_counts, send_counts,
+                self.shard.all_to_all(got, logits.T.index_select(0, sent), get_counts, send_counts,
                                       what="the needed logit columns")
                 out[begin:begin + part.numel()] = got.T
             scores = logits.add_(self.b).mul_(self.pred_scale)
