@@ -110,6 +110,20 @@ def owned_rows(shard: Shard, num_classes: int, ids: Tensor, local: Tensor) -> Te
     return shard.all_reduce(out, what="gathering class rows")
 
 
+def owned_share(shard: Shard, num_classes: int, ids: Tensor, local: Tensor, begin: int, end: int,
+                block: int) -> Tensor:
+    """``rows[ids[begin:end]]`` of a class-sharded matrix on this rank, where every rank asks
+    for its own share of ``ids``: gathered ``block`` ids at a time, each rank keeping its part."""
+    out = local.new_empty((end - begin,) + tuple(local.shape[1:]))
+    for start in range(0, ids.numel(), block):
+        stop = min(start + block, ids.numel())
+        rows = owned_rows(shard, num_classes, ids[start:stop], local)
+        low, high = max(start, begin), min(stop, end)
+        if low < high:
+            out[low - begin:high - begin] = rows[low - start:high - start]
+    return out
+
+
 def class_sharded_neighbors(shard: Shard, stats: ClassStatistics, num_classes: int, k: int, metric: str,
                             seed: int, block: int = 16384) -> ClassStatistics:
     """Each few class's ``k`` nearest base classes over keys no rank holds in full: every
@@ -131,12 +145,15 @@ def class_sharded_neighbors(shard: Shard, stats: ClassStatistics, num_classes: i
             stats.neighbor_distances[begin:end] = (few_means[:, None, :] - neighbor_means.view(end - begin, k, -1)
                                                    ).norm(dim=2)
         return stats
-    first, end_class = shard.class_range(num_classes)
-    keys = base[(base >= first) & (base < end_class)]
+    # The keys are dealt out evenly by position among the base classes, not by which rank owns
+    # their rows: the base classes are often the low class ids (a head sorted first), all on
+    # rank 0, which would otherwise search every query against nearly every key alone.
+    first_key, end_key = shard.class_range(base.numel())
+    keys = base[first_key:end_key]
+    key_means = owned_share(shard, num_classes, base, stats.means, first_key, end_key, block)
     distances = torch.full((num_few, k), math.inf, device=few.device)
     ids = torch.full((num_few, k), num_classes, dtype=torch.long, device=few.device)
     found = min(k, keys.numel())
-    key_means = stats.means[keys - first]
     for begin in range(0, num_few, block):
         end = min(begin + block, num_few)
         queries = owned_rows(shard, num_classes, few[begin:end], stats.means)
