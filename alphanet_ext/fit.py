@@ -321,11 +321,9 @@ def _train_epoch(step: TrainStep, sampler: EpochSampler, cache: LogitCache, few_
     """One epoch: every trial's draw, in chunks of logits, in batches of steps."""
     entries = torch.stack([sampler.draw(g) for g in step.generators])  # [T, epoch_size]
     step.loss_sum.zero_()
-    for chunk_begin in range(0, sampler.epoch_size, cache.chunk_samples):
-        for batch in cache.batches(entries[:, chunk_begin:chunk_begin + cache.chunk_samples], batch_size,
-                                   few_position):
-            step(batch_size, batch)
-            bar.update(batch.rows)
+    for batch in cache.epoch(entries, batch_size, few_position):
+        step(batch_size, batch)
+        bar.update(batch.rows)
 
 
 def _check_finite(record: dict, alphas: torch.Tensor, config: FitConfig) -> None:

@@ -11,9 +11,11 @@ file), both stopped after --steps training steps of the first epoch (a full
 fit at this size takes hours on 2 cores). Per process: peak RSS (VmHWM, which
 counts the pages of the memory-mapped features a process read) and peak
 anonymous RSS (RssAnon sampled every 20 ms: the memory the process itself
-allocated); the time of the set-up stages and of a training step (median
-over the steps after the first chunk); and, for the sharded fit, the bytes
-each rank sent into collectives per step. The ratio of the largest rank's
+allocated), both without overlap (see below); the time of the set-up stages and of a training step (median
+over whole chunks after the first); and, for the sharded fit, the bytes
+each rank sent into collectives per step and the step time with each chunk's
+exchanges begun before the previous chunk's steps (``overlap``, the default)
+against without, in alternating blocks of steps in the same processes. The ratio of the largest rank's
 peaks to the one-process fit's is printed last. With --device cuda the ranks
 join over NCCL, rank r on GPU r, and the GPU's peak allocated memory is
 printed too.
@@ -106,28 +108,40 @@ def _fit_steps(folder: str, steps: int, rank: int, world: int, shard_classes: bo
     part = slice(x.shape[0] * rank // world, x.shape[0] * (rank + 1) // world)
     weight = np.load(os.path.join(folder, "weight.npy"), mmap_mode="r")
     bias = np.load(os.path.join(folder, "bias.npy"))
-    times, marks = [], {"start": time.perf_counter()}
+    times, marks = {True: [], False: []}, {"start": time.perf_counter()}
     shard_holder = {}
 
     def train_epoch(step, sampler, cache, few_position, batch_size, bar):
         marks["setup"] = time.perf_counter() - marks["start"]
         shard = getattr(cache, "shard", None) or getattr(step, "shard", None)
-        shard_holder["bytes_before"] = shard.collective_bytes if shard else 0
         entries = torch.stack([sampler.draw(g) for g in step.generators])
-        done, tic = 0, time.perf_counter()
-        for begin in range(0, sampler.epoch_size, cache.chunk_samples):
-            for batch in cache.batches(entries[:, begin:begin + cache.chunk_samples], batch_size, few_position):
+        # Blocks of steps with the next chunk's exchanges begun ahead (overlap) and without,
+        # alternating; a block's first chunk has nothing begun ahead, so its steps are not timed.
+        modes = [False, True] * 2 if hasattr(cache, "overlap") else [False]
+        block = max(2, steps // len(modes))
+        per_chunk = max(1, cache.chunk_samples // batch_size)
+        begin = 0
+        for overlap in modes:
+            if hasattr(cache, "overlap"):
+                cache.overlap = overlap
+            if overlap and "peak_rss" not in marks:  # the peaks without overlap (on one host, the default)
+                marks["peak_rss"], marks["peak_anon"] = _peak_rss(), anon.peak
+            before, done = shard.collective_bytes if shard else 0, 0
+            tic = time.perf_counter()
+            for batch in cache.epoch(entries[:, begin:begin + (block + per_chunk) * batch_size], batch_size,
+                                     few_position):
                 step(batch_size, batch)
                 done += 1
-                if device != "cpu":
-                    torch.cuda.synchronize()
-                now = time.perf_counter()
-                times.append(now - tic)
-                tic = now
-                if done == steps:
-                    shard_holder["bytes"] = (shard.collective_bytes - shard_holder["bytes_before"]) if shard else 0
-                    shard_holder["chunk_samples"] = cache.chunk_samples
-                    raise _Enough
+                if done % per_chunk == 0:  # a step's time includes its chunk's logits: whole chunks are timed
+                    if device != "cpu":
+                        torch.cuda.synchronize()
+                    now = time.perf_counter()
+                    if done > per_chunk:
+                        times[overlap].append((now - tic) / per_chunk)
+                    tic = now
+            shard_holder["bytes"] = (shard.collective_bytes - before) / done if shard else 0
+            begin += (block + per_chunk) * batch_size
+        raise _Enough
     fit_module._train_epoch = train_epoch
     group = None
     if shard_classes:  # a class-sharded fit on any number of ranks, one included
@@ -139,13 +153,12 @@ def _fit_steps(folder: str, steps: int, rank: int, world: int, shard_classes: bo
                          cuda_graphs=False, device=device)
     except _Enough:
         pass
-    per_chunk = max(1, shard_holder.get("chunk_samples", 64) // 64)
-    # a step's time includes its chunk's logits, so whole chunks are summed
-    whole = len(times) // per_chunk * per_chunk
-    chunk_times = [sum(times[i:i + per_chunk]) / per_chunk for i in range(per_chunk, whole, per_chunk)] or times
-    return {"rank": rank, "peak_rss": _peak_rss(), "peak_anon": anon.stop(), "setup_s": marks.get("setup"),
-            "step_s": statistics.median(chunk_times), "bytes_per_step": shard_holder.get("bytes", 0) / steps,
-            "steps": len(times),
+    overlapped, plain = times[True], times[False]
+    peak_rss, peak_anon = _peak_rss(), anon.stop()
+    return {"rank": rank, "peak_rss": marks.get("peak_rss", peak_rss), "peak_anon": marks.get("peak_anon", peak_anon),
+            "overlap_peak_rss": peak_rss, "overlap_peak_anon": peak_anon, "setup_s": marks.get("setup"),
+            "step_s": statistics.median(plain), "overlap_step_s": statistics.median(overlapped) if overlapped else None,
+            "bytes_per_step": shard_holder.get("bytes", 0), "steps": len(plain) + len(overlapped),
             "gpu_peak": torch.cuda.max_memory_allocated() if device != "cpu" else 0}
 
 
@@ -180,6 +193,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="threads per process")
     parser.add_argument("--folder", default=None, help="where the problem is written (default: a temporary folder)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--ranks-only", action="store_true",
+                        help="skip the one-process fit (for the step and overlap figures alone)")
     args = parser.parse_args()
     import torch.multiprocessing as mp
     folder = args.folder or os.path.join(tempfile.gettempdir(), f"alphanet-bench-{args.classes}-{args.dim}-{args.rows}")
@@ -190,13 +205,15 @@ def main() -> None:
           f"{os.cpu_count()} CPUs, device {args.device}", flush=True)
     out = tempfile.mkdtemp()
     context = mp.get_context("spawn")
-    one = context.Process(target=_one_process_main, args=(folder, args.steps, args.threads, out, args.device))
-    tic = time.perf_counter()
-    one.start()
-    one.join()
-    with open(os.path.join(out, "one.json")) as handle:
-        single = json.load(handle)
-    print(f"one process: {time.perf_counter() - tic:.0f}s", flush=True)
+    single = None
+    if not args.ranks_only:
+        one = context.Process(target=_one_process_main, args=(folder, args.steps, args.threads, out, args.device))
+        tic = time.perf_counter()
+        one.start()
+        one.join()
+        with open(os.path.join(out, "one.json")) as handle:
+            single = json.load(handle)
+        print(f"one process: {time.perf_counter() - tic:.0f}s", flush=True)
     tic = time.perf_counter()
     mp.start_processes(_rank_main, args=(args.ranks, os.path.join(out, "store"), folder, args.steps, args.threads, out,
                                                    args.device),
@@ -208,10 +225,19 @@ def main() -> None:
             ranks.append(json.load(handle))
     gib = 2 ** 30
     print(f"{'':22s}{'peak RSS GiB':>14s}{'peak anon GiB':>15s}{'GPU peak GiB':>14s}{'set-up s':>10s}"
-          f"{'step ms':>9s}{'sent MB/step':>14s}")
-    for name, r in [("one process", single)] + [(f"rank {r['rank']} of {args.ranks}", r) for r in ranks]:
+          f"{'step ms':>9s}{'overlapped ms':>15s}{'sent MB/step':>14s}")
+    for name, r in [("one process", single)] * (single is not None) + [(f"rank {r['rank']} of {args.ranks}", r)
+                                                                        for r in ranks]:
+        overlapped = f"{r['overlap_step_s'] * 1e3:15.2f}" if r["overlap_step_s"] else f"{'-':>15s}"
         print(f"{name:22s}{r['peak_rss'] / gib:14.2f}{r['peak_anon'] / gib:15.2f}{r['gpu_peak'] / gib:14.2f}"
-              f"{r['setup_s']:10.1f}{r['step_s'] * 1e3:9.2f}{r['bytes_per_step'] / 1e6:14.2f}")
+              f"{r['setup_s']:10.1f}{r['step_s'] * 1e3:9.2f}{overlapped}{r['bytes_per_step'] / 1e6:14.2f}")
+    plain = statistics.median(r["step_s"] for r in ranks)
+    overlapped = statistics.median(r["overlap_step_s"] for r in ranks)
+    print(f"step with the next chunk's exchanges begun ahead: {overlapped * 1e3:.1f} ms against {plain * 1e3:.1f} ms "
+          f"without ({plain / overlapped:.3f}x; median over ranks); largest rank's peak RSS with it "
+          f"{max(r['overlap_peak_rss'] for r in ranks) / gib:.2f} GiB, without {max(r['peak_rss'] for r in ranks) / gib:.2f}")
+    if single is None:
+        return
     worst_rss = max(r["peak_rss"] for r in ranks) / single["peak_rss"]
     worst_anon = max(r["peak_anon"] for r in ranks) / single["peak_anon"]
     print(f"largest rank / one process: peak RSS {worst_rss:.2f}x, peak anonymous RSS {worst_anon:.2f}x "

@@ -138,6 +138,36 @@ def test_class_sharded_fit_keeping_its_rows_matches_one_process(one_process, tmp
         assert torch.allclose(got["weight"], one_process.weight, rtol=1e-5, atol=1e-5)
 
 
+def _fit_rank_in_chunks(rank: int, world: int, budget: float | None) -> dict:
+    """A class-sharded fit whose epochs run in many small chunks, each chunk's exchanges
+    begun before the previous chunk's steps (``overlap``) or not; with ``budget=0`` the
+    few-split rows' logits are computed every epoch, in the chunks, with the base rows'."""
+    import torch.distributed as dist
+    from alphanet_ext.config import FitConfig
+    from alphanet_ext.fit import fit_with_config
+    from alphanet_ext.training.cache import CacheSizes
+    p = _problem()
+    rows, val_rows = _part(p.train_x.shape[0], rank, world), _part(p.val_x.shape[0], rank, world)
+    options = {key: value for key, value in OPTIONS.items() if key != "progress"}
+    results = {}
+    for overlap in (True, False):
+        sizes = CacheSizes(chunk_values=2 * 32 * 40 * world, budget=budget, overlap=overlap)  # two batches a chunk
+        result = fit_with_config(p.train_x[rows], p.train_y[rows], p.weight, p.bias, p.val_x[val_rows],
+                                 p.val_y[val_rows], FitConfig(**options), progress=False, sizes=sizes,
+                                 process_group=dist.group.WORLD, shard_classes=True)
+        results[overlap] = {"weight": result.weight, "history": result.history}
+    return results
+
+
+@pytest.mark.parametrize("budget", [None, 0])
+def test_class_sharded_fit_in_overlapped_chunks_matches_one_process(budget, one_process, tmp_path):
+    """Exchanges begun a chunk ahead change when the ranks wait, not what they compute."""
+    for got in _ok(launch(2, _fit_rank_in_chunks, (budget,), tmp_path)):
+        assert torch.equal(got[True]["weight"], got[False]["weight"])
+        assert got[True]["history"] == got[False]["history"]
+        assert torch.allclose(got[True]["weight"], one_process.weight, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["rows", "classes"])
 def test_ranks_that_hold_no_few_row(mode, tmp_path):
     """Rows in class order (an ImageFolder extraction's shards): rank 0 of 3 holds base rows only."""

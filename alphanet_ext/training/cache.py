@@ -42,11 +42,16 @@ class CacheSizes:
     ``budget``: bytes the kept logits may take; None asks the device
     (half of what is available).
     ``gather``: reads rows of the features onto a device (``data.gather_rows``).
+    ``overlap``: a class-sharded fit begins a chunk's exchanges before the previous
+    chunk's steps and waits for them after, holding a second chunk's columns meanwhile;
+    None does so when the ranks span hosts (a network to wait on), not when they share
+    one (loopback exchanges cost less than the memory; benchmarks/RESULTS.md).
     """
     row_block: int = 4096
     chunk_values: int = 1 << 25
     budget: float | None = None
     gather: Callable[[ArrayLike, Tensor, str, torch.device], Tensor] = field(default=gather_rows)
+    overlap: bool | None = None
 
 
 def kept_logits(budget: float, device: torch.device, num_classes: int, few_samples: int,
@@ -151,6 +156,11 @@ class LogitCache:
             end = begin + batch_size
             yield Batch(raw[begin:end].shape[0], raw[begin:end], base_lse[begin:end], target_few[begin:end],
                         target_base[begin:end])
+
+    def epoch(self, entries: Tensor, batch_size: int, few_position: Tensor) -> Iterator[Batch]:
+        """Every training batch of an epoch's entries ``[T, S]``, a chunk of logits at a time."""
+        for begin in range(0, entries.shape[1], self.chunk_samples):
+            yield from self.batches(entries[:, begin:begin + self.chunk_samples], batch_size, few_position)
 
     def entry_logits(self, flat: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """:meth:`chunk` for a flat list of entries (train row ids, few rows as

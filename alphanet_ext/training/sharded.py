@@ -19,10 +19,11 @@ compact batch on every rank.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -297,6 +298,7 @@ class ClassShardedCache:
         self.owned_at, self.owned_local = torch.nonzero(owned).flatten(), columns[owned] - self.first
         self.exchange = None if wanted is None else self._exchange(columns, wanted)
         self.train_columns = self.num_columns if wanted is None else wanted[shard.rank].numel()
+        self.overlap = not shard.one_host if sizes.overlap is None else sizes.overlap
         self.timings: dict[str, float] = {}
         budget = cache_budget(device) if sizes.budget is None else sizes.budget
         size = few_rows.numel() * self.train_columns * 4
@@ -351,13 +353,28 @@ class ClassShardedCache:
         """For global ``rows`` of ``split``: the ``U`` columns of their logits ``[n, |U|]`` (no
         bias), the base log-sum-exp ``[n]`` and the target score ``[n]`` (train rows), or for
         val rows the best base score and its class (ties to the lower id)."""
+        return self._compact_started(rows, split, show_progress, defer=False)()
+
+    def _compact_started(self, rows: Tensor, split: str, show_progress: bool = False,
+                         defer: bool = True) -> Callable[[], tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """:meth:`compact`, its exchanges issued and not waited for: the returned function
+        waits for them and returns what ``compact`` returns. Until then this rank is free to
+        compute (the next chunk's steps). With ``defer=False`` each block of rows is waited
+        for before the next is begun, so at most one block's buffers are in flight."""
         n = rows.numel()
         exchange = self.exchange if split == "train" else None
-        out = torch.empty(n, self.num_columns if exchange is None else self.train_columns, device=self.device)
+        made: list[Tensor] = []
+
+        def out() -> Tensor:  # made when first written: a chunk begun ahead holds no copy of it yet
+            if not made:
+                made.append(torch.empty(n, self.num_columns if exchange is None else self.train_columns,
+                                        device=self.device))
+            return made[0]
         first_value = torch.empty(n, device=self.device)
         second_value = torch.empty(n, device=self.device)
         best_class = torch.empty(n, dtype=torch.long, device=self.device) if split == "val" else None
         bar = progress.bar(show_progress, total=n, desc=f"{split} logits (sharded)", unit="row", leave=False)
+        pending: list[Callable[[], None]] = []
         for begin in range(0, n, self.per_call):
             part = rows[begin:begin + self.per_call]
             bar.update(part.numel())
@@ -365,13 +382,10 @@ class ClassShardedCache:
             if exchange is None:
                 columns = torch.zeros(part.numel(), self.num_columns, device=self.device)
                 columns[:, self.owned_at] = logits[:, self.owned_local]
-                out[begin:begin + part.numel()] = self.shard.all_reduce(columns, what="the needed logit columns")
+                out()[begin:begin + part.numel()] = self.shard.all_reduce(columns, what="the needed logit columns")
             else:  # column-major blocks: the all-to-all splits its tensors along their first dimension
-                sent, send_counts, get_counts = exchange
-                got = torch.empty(self.train_columns, part.numel(), device=self.device)
-                self.shard.all_to_all(got, logits.T.index_select(0, sent), get_counts, send_counts,
-                                      what="the needed logit columns")
-                out[begin:begin + part.numel()] = got.T
+                rows_out = functools.partial(lambda first, end: out()[first:end], begin, begin + part.numel())
+                pending.append(self._columns_started(logits, rows_out))
             scores = logits.add_(self.b).mul_(self.pred_scale)
             if split == "train":
                 label = self.labels[part] - self.first
@@ -381,9 +395,9 @@ class ClassShardedCache:
             scores.index_fill_(1, self.few_local, -math.inf)
             top = scores.amax(dim=1) if scores.shape[1] else torch.full((part.numel(),), -math.inf,
                                                                         device=self.device)
-            local_top = top.clone()
-            self.shard.all_reduce(top, dist.ReduceOp.MAX, what="the log-sum-exp")
             if split == "val":
+                local_top = top.clone()
+                self.shard.all_reduce(top, dist.ReduceOp.MAX, what="the log-sum-exp")
                 hit = (local_top == top) & torch.isfinite(top)
                 owner_class = scores.argmax(dim=1) + self.first if scores.shape[1] else top.long()
                 candidate = torch.where(hit, owner_class, torch.full_like(owner_class, self.num_classes))
@@ -391,12 +405,51 @@ class ClassShardedCache:
                                                                                 what="the best base class")
                 first_value[begin:begin + part.numel()] = top
                 continue
-            sums = torch.stack([scores.sub_(top[:, None]).exp_().sum(dim=1), target])
-            self.shard.all_reduce(sums, what="the log-sum-exp")
-            first_value[begin:begin + part.numel()] = sums[0].log_().add_(top)
-            second_value[begin:begin + part.numel()] = sums[1]
-        bar.close()
-        return out, first_value, second_value, best_class
+            # Each rank's own log-sum-exp (its maximum and the sum of exp below it) and target
+            # score, gathered in one exchange and combined when waited for.
+            shift = torch.where(torch.isfinite(top), top, 0.0)  # a rank with no base class sums nothing
+            sums = scores.sub_(shift[:, None]).exp_().sum(dim=1)
+            pending.append(self._log_sum_exp_started(torch.stack([top, sums, target]),
+                                                     first_value[begin:begin + part.numel()],
+                                                     second_value[begin:begin + part.numel()]))
+            if not defer:
+                for wait in pending:
+                    wait()
+                pending.clear()
+
+        def finish() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            for wait in pending:
+                wait()
+            bar.close()
+            return out(), first_value, second_value, best_class
+        return finish
+
+    def _columns_started(self, logits: Tensor, out: Callable[[], Tensor]) -> Callable[[], None]:
+        """Sends each rank the columns of ``logits [m, C_r]`` it reads; the returned function
+        waits and writes this rank's into ``out() [m, |wanted|]``."""
+        sent, send_counts, get_counts = self.exchange
+        got = torch.empty(self.train_columns, logits.shape[0], device=self.device)
+        wait = self.shard.all_to_all_started(got, logits.T.index_select(0, sent), get_counts, send_counts,
+                                             what="the needed logit columns")
+
+        def finish() -> None:
+            wait()
+            out().copy_(got.T)
+        return finish
+
+    def _log_sum_exp_started(self, local: Tensor, lse: Tensor, target: Tensor) -> Callable[[], None]:
+        """Gathers every rank's ``[top, sum of exp(score - top), target score]`` per row; the
+        returned function waits and writes the rows' base log-sum-exp and target score."""
+        every, wait = self.shard.all_gather_started(local, what="the log-sum-exp")
+
+        def finish() -> None:
+            wait()
+            tops, sums, targets = every.unbind(1)  # [R, m] each
+            # finite even where no rank has a base class: exp(-inf - top) is then 0, not NaN
+            top = tops.amax(dim=0).clamp_min(torch.finfo(tops.dtype).min)
+            torch.log((sums * (tops - top).exp()).sum(dim=0), out=lse).add_(top)
+            torch.sum(targets, dim=0, out=target)
+        return finish
 
     # the interface ValScorer reads
     def val_blocks(self) -> list[tuple[int, int]]:
@@ -409,28 +462,59 @@ class ClassShardedCache:
     def batches(self, entries: Tensor, batch_size: int, few_position: Tensor) -> Iterator[Batch]:
         if self.device.type == "cpu":  # the last chunk's temporaries, and the epoch's draw, back to the host
             release_freed_host_memory()
+        yield from self._chunk_started(entries, batch_size, few_position)()
+
+    def epoch(self, entries: Tensor, batch_size: int, few_position: Tensor) -> Iterator[Batch]:
+        """Every batch of an epoch's entries ``[T, S]``, chunk by chunk. With ``overlap``
+        (``CacheSizes.overlap``; by default when the ranks span hosts), a chunk's exchanges
+        (its logit columns and log-sum-exp) are begun before the previous chunk's steps run
+        and waited for after them: the network carries them while this rank computes, at
+        the cost of a second chunk's columns held meanwhile."""
+        if not self.overlap:
+            for begin in range(0, entries.shape[1], self.chunk_samples):
+                yield from self.batches(entries[:, begin:begin + self.chunk_samples], batch_size, few_position)
+            return
+        pending = None
+        for begin in range(0, entries.shape[1], self.chunk_samples):
+            if self.device.type == "cpu":
+                release_freed_host_memory()
+            started = self._chunk_started(entries[:, begin:begin + self.chunk_samples], batch_size, few_position)
+            if pending is not None:
+                yield from pending()
+            pending = started
+        if pending is not None:
+            yield from pending()
+
+    def _chunk_started(self, entries: Tensor, batch_size: int, few_position: Tensor) -> Callable[[], list[Batch]]:
+        """The batches of a chunk of entries ``[T, S]``, their logits begun: the returned
+        function waits for them and lays the batches out."""
         flat = entries.T.reshape(-1)  # sample-major
         is_few = flat < 0
         rows = torch.where(is_few, self.few_rows[(-flat - 1).clamp_min(0)], flat)
         labels = self.labels[rows]
         if self.keep_few:
-            raw = torch.empty(flat.numel(), self.train_columns, device=self.device)
-            base_lse = torch.empty(flat.numel(), device=self.device)
-            target_base = torch.zeros(flat.numel(), device=self.device)
             few_at, computed_at = torch.nonzero(is_few).flatten(), torch.nonzero(~is_few).flatten()
-            raw[few_at] = self.few_logits[-flat[few_at] - 1]
-            base_lse[few_at] = self.few_base_lse[-flat[few_at] - 1]
-            raw[computed_at], base_lse[computed_at], target_base[computed_at], _ = self.compact(rows[computed_at],
-                                                                                              "train")
+            computed = self._compact_started(rows[computed_at], "train")
         else:
-            raw, base_lse, target_base, _ = self.compact(rows, "train")
-        shape = (entries.shape[1], self.trials)
-        raw, base_lse, target_base = raw.view(*shape, -1), base_lse.view(shape), target_base.view(shape)
-        target_few = few_position[labels].view(shape)
-        for begin in range(0, shape[0], batch_size):
-            end = begin + batch_size
-            yield Batch(raw[begin:end].shape[0], raw[begin:end], base_lse[begin:end], target_few[begin:end],
-                        target_base[begin:end])
+            computed = self._compact_started(rows, "train")
+
+        def finish() -> list[Batch]:
+            if self.keep_few:
+                raw = torch.empty(flat.numel(), self.train_columns, device=self.device)
+                base_lse = torch.empty(flat.numel(), device=self.device)
+                target_base = torch.zeros(flat.numel(), device=self.device)
+                raw[few_at] = self.few_logits[-flat[few_at] - 1]
+                base_lse[few_at] = self.few_base_lse[-flat[few_at] - 1]
+                raw[computed_at], base_lse[computed_at], target_base[computed_at], _ = computed()
+            else:
+                raw, base_lse, target_base, _ = computed()
+            shape = (entries.shape[1], self.trials)
+            raw, base_lse, target_base = raw.view(*shape, -1), base_lse.view(shape), target_base.view(shape)
+            target_few = few_position[labels].view(shape)
+            return [Batch(raw[begin:begin + batch_size].shape[0], raw[begin:begin + batch_size],
+                          base_lse[begin:begin + batch_size], target_few[begin:begin + batch_size],
+                          target_base[begin:begin + batch_size]) for begin in range(0, shape[0], batch_size)]
+        return finish
 
 
 def gathered_labels(shard: Shard, labels: Tensor, split: str) -> Tensor:

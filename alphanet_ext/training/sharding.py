@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,10 @@ from torch import Tensor
 
 MODES = ("rows", "classes")
 _FAILED_KEY = "alphanet/failed/{}"
+
+
+def _done() -> None:
+    """The wait of a collective that had nothing to wait for (a one-rank group)."""
 
 
 class RankFailure(RuntimeError):
@@ -43,6 +48,7 @@ class Shard:
     grace: float = 10.0
     offsets: dict[str, list[int]] = field(default_factory=dict)
     collective_bytes: int = 0
+    one_host: bool = True  # every rank on this host (loopback exchanges); known after check_agreement
     job: str = "sharded fit"  # how failures name what stopped, and what it leaves
     leaves: str = "no output is written"
 
@@ -77,6 +83,18 @@ class Shard:
         except Exception as error:  # gloo/NCCL raise RuntimeError subclasses, timeouts among them
             raise RankFailure(self._failure(what, error)) from None
 
+    def _started(self, what: str, call, counted: list[Tensor], kept: list[Tensor]) -> Callable[[], None]:
+        """Issues an asynchronous collective (``call`` returns its work) and returns the
+        function that waits for it, failures named as :meth:`_run` names them. ``counted``
+        are the tensors whose bytes it sends; ``kept`` live until it is done."""
+        work = []
+        self._run(what, lambda: work.append(call()), *counted)
+
+        def wait() -> None:
+            self._run(what, work[0].wait)  # no tensors: the bytes were counted when it was issued
+            kept.clear()
+        return wait
+
     def all_reduce(self, tensor: Tensor, op=dist.ReduceOp.SUM, what: str = "all_reduce") -> Tensor:
         if self.world > 1:
             self._run(what, lambda: dist.all_reduce(tensor, op=op, group=self.group), tensor)
@@ -106,16 +124,35 @@ class Shard:
         self._run(what, lambda: dist.all_gather_object(out, value, group=self.group))
         return out
 
+    def all_gather_started(self, tensor: Tensor, what: str = "all_gather") -> tuple[Tensor, Callable[[], None]]:
+        """:meth:`all_gather`, issued without waiting: ``(out, wait)``; ``out`` holds every
+        rank's ``tensor`` once ``wait()`` has returned."""
+        out = tensor.new_empty((self.world,) + tuple(tensor.shape))
+        if self.world == 1:
+            out[0] = tensor
+            return out, _done
+        source = tensor.contiguous()
+        return out, self._started(what, lambda: dist.all_gather(list(out.unbind(0)), source, group=self.group,
+                                                                 async_op=True), [out], [source, out])
+
     def all_to_all(self, out: Tensor, tensor: Tensor, out_splits: list[int], in_splits: list[int],
                    what: str = "all_to_all") -> Tensor:
         """Rank ``r`` sends the ``in_splits[q]`` rows of ``tensor`` after the first
         ``sum(in_splits[:q])`` to rank ``q``, and receives into ``out`` each rank's block in
         rank order (``out_splits[s]`` rows from rank ``s``)."""
+        self.all_to_all_started(out, tensor, out_splits, in_splits, what)()
+        return out
+
+    def all_to_all_started(self, out: Tensor, tensor: Tensor, out_splits: list[int], in_splits: list[int],
+                           what: str = "all_to_all") -> Callable[[], None]:
+        """:meth:`all_to_all`, issued without waiting; ``out`` is filled once the returned
+        function has been called (``tensor`` must live until then)."""
         if self.world == 1:
             out.copy_(tensor)
-            return out
-        self._run(what, lambda: dist.all_to_all_single(out, tensor, out_splits, in_splits, group=self.group), tensor)
-        return out
+            return _done
+        return self._started(what, lambda: dist.all_to_all_single(out, tensor, out_splits, in_splits,
+                                                                  group=self.group, async_op=True), [tensor],
+                             [tensor, out])
 
     def broadcast(self, tensor: Tensor, src: int = 0, what: str = "broadcast") -> Tensor:
         if self.world > 1:
@@ -165,7 +202,10 @@ class Shard:
         digests = [int.from_bytes(hashlib.sha256(json.dumps(facts[n], sort_keys=True, default=str).encode())
                                   .digest()[:7], "little") for n in names]
         counts = [int(local[n]) for n in sorted(local)]
-        table = self.all_gather(torch.tensor(digests + counts, dtype=torch.long), "the start-up check").tolist()
+        host = int.from_bytes(hashlib.sha256(socket.gethostname().encode()).digest()[:7], "little")
+        table = self.all_gather(torch.tensor(digests + counts + [host], dtype=torch.long),
+                                "the start-up check").tolist()
+        self.one_host = len({row[-1] for row in table}) == 1
         for column, name in enumerate(names):
             differing = [r for r in range(self.world) if table[r][column] != table[0][column]]
             if differing:
