@@ -168,6 +168,33 @@ def test_class_sharded_fit_in_overlapped_chunks_matches_one_process(budget, one_
         assert torch.allclose(got[True]["weight"], one_process.weight, rtol=1e-5, atol=1e-5)
 
 
+def _fit_rank_on_hosts(rank: int, world: int, hosts: list[str]) -> list[bool]:
+    """A class-sharded fit whose ranks report the given host names; returns whether its
+    epochs began each chunk's exchanges ahead (the default follows the hosts)."""
+    import socket
+    import torch.distributed as dist
+    from alphanet_ext.training import sharded
+    socket.gethostname = lambda: hosts[rank]  # this spawned rank's own module: nothing else sees it
+    seen = []
+    epoch = sharded.ClassShardedCache.epoch
+
+    def recording(self, *args):
+        seen.append(self.overlap)
+        return epoch(self, *args)
+    sharded.ClassShardedCache.epoch = recording
+    p = _problem()
+    rows = _part(p.train_x.shape[0], rank, world)
+    alphanet_ext.fit(p.train_x[rows], p.train_y[rows], p.weight, p.bias, process_group=dist.group.WORLD,
+                     shard_classes=True, **{**OPTIONS, "epochs": 1})
+    return seen
+
+
+@pytest.mark.parametrize("hosts,overlap", [(["a", "a"], False), (["a", "b"], True)])
+def test_overlap_is_on_by_default_when_the_ranks_span_hosts(hosts, overlap, tmp_path):
+    for seen in _ok(launch(2, _fit_rank_on_hosts, (hosts,), tmp_path)):
+        assert seen == [overlap]
+
+
 @pytest.mark.parametrize("mode", ["rows", "classes"])
 def test_ranks_that_hold_no_few_row(mode, tmp_path):
     """Rows in class order (an ImageFolder extraction's shards): rank 0 of 3 holds base rows only."""
