@@ -605,7 +605,7 @@ class FewSplitStep:
         with torch.no_grad():
             alphas = self.nets(self.inputs, self.mine).reshape(-1, self.k)
             combined = ops.combine_unchecked(raw.reshape(rows, -1), self.trial_targets, self.trial_neighbors, alphas, 1)
-            return self.pred_scale * (combined.view(rows, self.trials, self.mine) + self.local_bias)
+            return combined.view(rows, self.trials, self.mine).add_(self.local_bias).mul_(self.pred_scale)
 
     def __call__(self, batch_size: int, batch: Batch) -> None:
         raw, base_lse, target_few, target_base = batch.raw, batch.base_lse, batch.target_few, batch.target_base
@@ -613,9 +613,13 @@ class FewSplitStep:
         inside = (target_few >= self.first_few) & (target_few < self.end_few)
         if self.mine:
             scores = self._scores(raw)
-            block_lse = scores.logsumexp(dim=2)
             block_target = torch.where(inside, scores.gather(2, (target_few - self.first_few).clamp(
                 0, self.mine - 1)[..., None]).squeeze(2), 0.0)
+            # in place, and let go before the op: a block's [n, T, C_f/R] temporaries are what a
+            # rank's heap grows by during a step
+            top = scores.amax(dim=2, keepdim=True).nan_to_num_(0.0, 0.0, 0.0)
+            block_lse = scores.sub_(top).exp_().sum(dim=2).log_().add_(top.squeeze(2))
+            del scores
         else:
             block_lse = torch.full_like(base_lse, -math.inf)
             block_target = torch.zeros_like(base_lse)
