@@ -160,10 +160,11 @@ BASES = {"la": "logit adjustment", "tau": "tau-normalised", "crt": "cRT"}
 
 
 def _base_classifier(args: argparse.Namespace, on: str, weight: torch.Tensor, bias: torch.Tensor,
-                     train: Features, val: Features | None, splits: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                     train: Features, val: Features | None, splits: dict,
+                     announce: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The input logit-adjusted or tau-normalised (tau chosen on val for overall top-1;
     1 without val), or a classifier re-trained by cRT; with what it is, for the
-    metadata and the report."""
+    metadata and the report. ``announce``: say so at the terminal (rank 0 of a torchrun fit only)."""
     from . import baselines
     val_x, val_y = (val.x, val.y) if val else (None, None)
     if on == "la":
@@ -173,7 +174,8 @@ def _base_classifier(args: argparse.Namespace, on: str, weight: torch.Tensor, bi
     if on == "tau":
         tau, (w, b) = baselines.choose_tau(weight, bias, val_x, val_y, splits)
         return w, b, {"method": BASES[on], "tau": tau}
-    _say(args, f"re-training the classifier (cRT, {args.crt_epochs} epochs, class-balanced) ...")
+    if announce:
+        _say(args, f"re-training the classifier (cRT, {args.crt_epochs} epochs, class-balanced) ...")
     w, b = baselines.crt(train.x, train.y, weight.shape[0], epochs=args.crt_epochs, seed=args.seed,
                          device=resolve_device(args.device))
     return w.cpu(), b.cpu(), {"method": BASES[on], "epochs": args.crt_epochs, "seed": args.seed}
@@ -394,7 +396,8 @@ def _run_fit(args: argparse.Namespace, rank: int, world: int) -> int:
     if args.on:  # every rank derives the same base from the whole train and val sets
         weight, bias, on = _base_classifier(args, args.on, weight, bias, args.full_train, full_val,
                                             _splits_from_labels(args.full_train.y, weight.shape[0],
-                                                                args.few_threshold, args.many_threshold))
+                                                                args.few_threshold, args.many_threshold),
+                                            announce=rank == 0)
         if rank == 0:
             _say(args, f"AlphaNet corrects {base_label(on)} of the input classifier")
     auto = args.rho_auto = args.rho == ["auto"]

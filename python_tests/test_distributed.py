@@ -296,6 +296,15 @@ def test_alphanet_fit_under_torchrun_matches_one_process(world, extra, synth_fol
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".alphanet-tmp")) == []
 
 
+def test_a_torchrun_fit_on_crt_announces_the_retraining_once(synth_folder, tmp_path):
+    """Every rank re-trains the same cRT base; only rank 0 says so at the terminal."""
+    done = _torchrun(tmp_path, 2, "fit", "--train", str(synth_folder), "--classifier",
+                     str(synth_folder / "classifier.pt"), "--epochs", "1", "--on", "crt", "--crt-epochs", "1",
+                     "--out", str(tmp_path / "many.pt"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("re-training the classifier (cRT") == 1, done.stderr[-3000:]
+
+
 def test_shard_classes_without_torchrun_is_a_usage_error(synth_folder, tmp_path, capsys):
     from alphanet_ext import cli
     code = cli.main(["fit", "--train", str(synth_folder), "--classifier", str(synth_folder / "classifier.pt"),
