@@ -138,10 +138,13 @@ def test_class_sharded_fit_keeping_its_rows_matches_one_process(one_process, tmp
         assert torch.allclose(got["weight"], one_process.weight, rtol=1e-5, atol=1e-5)
 
 
-def _fit_rank_in_chunks(rank: int, world: int, budget: float | None) -> dict:
+def _fit_rank_in_chunks(rank: int, world: int, budget: float | str | None) -> dict:
     """A class-sharded fit whose epochs run in many small chunks, each chunk's exchanges
     begun before the previous chunk's steps (``overlap``) or not; with ``budget=0`` the
-    few-split rows' logits are computed every epoch, in the chunks, with the base rows'."""
+    few-split rows' logits are computed every epoch, in the chunks, with the base rows'.
+    ``"mixed"``: only rank 0 lacks the memory to keep them (every rank must then agree).
+    Over 3 ranks the 40 classes split 13/13/14 and each rank reads a different number of
+    columns: the chunks and blocks of rows must still be the same on every rank."""
     import torch.distributed as dist
     from alphanet_ext.config import FitConfig
     from alphanet_ext.fit import fit_with_config
@@ -151,7 +154,8 @@ def _fit_rank_in_chunks(rank: int, world: int, budget: float | None) -> dict:
     options = {key: value for key, value in OPTIONS.items() if key != "progress"}
     results = {}
     for overlap in (True, False):
-        sizes = CacheSizes(chunk_values=2 * 32 * 40 * world, budget=budget, overlap=overlap)  # two batches a chunk
+        sizes = CacheSizes(chunk_values=2 * 32 * 40 * world, overlap=overlap,  # about a batch a chunk
+                           budget=(0 if rank == 0 else None) if budget == "mixed" else budget)
         result = fit_with_config(p.train_x[rows], p.train_y[rows], p.weight, p.bias, p.val_x[val_rows],
                                  p.val_y[val_rows], FitConfig(**options), progress=False, sizes=sizes,
                                  process_group=dist.group.WORLD, shard_classes=True)
@@ -159,10 +163,10 @@ def _fit_rank_in_chunks(rank: int, world: int, budget: float | None) -> dict:
     return results
 
 
-@pytest.mark.parametrize("budget", [None, 0])
+@pytest.mark.parametrize("budget", [None, 0, "mixed"])
 def test_class_sharded_fit_in_overlapped_chunks_matches_one_process(budget, one_process, tmp_path):
     """Exchanges begun a chunk ahead change when the ranks wait, not what they compute."""
-    for got in _ok(launch(2, _fit_rank_in_chunks, (budget,), tmp_path)):
+    for got in _ok(launch(3, _fit_rank_in_chunks, (budget,), tmp_path)):
         assert torch.equal(got[True]["weight"], got[False]["weight"])
         assert got[True]["history"] == got[False]["history"]
         assert torch.allclose(got[True]["weight"], one_process.weight, rtol=1e-5, atol=1e-5)
@@ -224,6 +228,40 @@ def test_a_dead_rank_stops_every_other_rank_naming_it(mode, tmp_path):
     for rank in (0, 2):
         assert "RankFailure" in results[rank]["error"], results[rank]
         # rank 1 is named; a survivor still waiting on its own timeout may be named with it
+        assert re.search(r"ranks? (\d, )*1(, \d)* stopped answering", results[rank]["error"]), results[rank]["error"]
+
+
+def _fit_rank_killed_mid_epoch(rank: int, world: int) -> dict:
+    """A class-sharded fit with each chunk's exchanges begun ahead; rank 1 dies after a few
+    steps, with exchanges of the next chunks still in flight on every rank."""
+    import torch.distributed as dist
+    from alphanet_ext.config import FitConfig
+    from alphanet_ext.fit import fit_with_config
+    from alphanet_ext.training import sharded
+    from alphanet_ext.training.cache import CacheSizes
+    step = sharded.FewSplitStep.__call__
+    done = []
+
+    def dying(self, *args):
+        done.append(1)
+        if rank == 1 and len(done) == 5:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return step(self, *args)
+    sharded.FewSplitStep.__call__ = dying
+    p = _problem()
+    rows = _part(p.train_x.shape[0], rank, world)
+    options = {key: value for key, value in OPTIONS.items() if key != "progress"}
+    fit_with_config(p.train_x[rows], p.train_y[rows], p.weight, p.bias, None, None, FitConfig(**options),
+                    progress=False, sizes=CacheSizes(chunk_values=2 * 32 * 40 * world, overlap=True),
+                    process_group=dist.group.WORLD, shard_classes=True)
+    return {}
+
+
+def test_a_rank_dying_with_exchanges_in_flight_is_named(tmp_path):
+    results = launch(3, _fit_rank_killed_mid_epoch, (), tmp_path, timeout=20)
+    assert results[1] == {"exitcode": -signal.SIGKILL}
+    for rank in (0, 2):
+        assert "RankFailure" in results[rank]["error"], results[rank]
         assert re.search(r"ranks? (\d, )*1(, \d)* stopped answering", results[rank]["error"]), results[rank]["error"]
 
 

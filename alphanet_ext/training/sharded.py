@@ -300,14 +300,22 @@ class ClassShardedCache:
         self.train_columns = self.num_columns if wanted is None else wanted[shard.rank].numel()
         self.overlap = not shard.one_host if sizes.overlap is None else sizes.overlap
         self.timings: dict[str, float] = {}
+        # Whatever sets how many collectives a pass makes is agreed by every rank: a rank's
+        # own column count, class count or free memory differ, and a rank that split its
+        # rows otherwise would meet the others in a mismatched collective.
         budget = cache_budget(device) if sizes.budget is None else sizes.budget
         size = few_rows.numel() * self.train_columns * 4
-        self.keep_few = size <= budget
+        agreed = shard.all_reduce(torch.tensor([int(size <= budget)], device=device), dist.ReduceOp.MIN,
+                                  what="the logits kept")
+        self.keep_few = bool(agreed.item())
         if not self.keep_few:
             warnings.warn(f"the few-split samples' compact logits ({size / 2**30:.1f} GiB) would take more than half "
-                          f"of the memory available on {device}: computing them every epoch instead", stacklevel=4)
-        self.per_call = max(batch_size, sizes.chunk_values // max(1, self.end - self.first + self.num_columns))
-        self.chunk_samples = max(batch_size, (sizes.chunk_values // (trials * max(1, self.train_columns)))
+                          f"of the memory available on {device} (on this rank or another): computing them every "
+                          "epoch instead", stacklevel=4)
+        widest_slice = -(-self.num_classes // shard.world)  # the largest rank's classes
+        widest_columns = self.num_columns if wanted is None else max(part.numel() for part in wanted)
+        self.per_call = max(batch_size, sizes.chunk_values // max(1, widest_slice + self.num_columns))
+        self.chunk_samples = max(batch_size, (sizes.chunk_values // (trials * max(1, widest_columns)))
                                  // batch_size * batch_size)
         tic = time.perf_counter()
         self.few_logits = self.few_base_lse = None
