@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -41,7 +42,8 @@ def _fit_rank(rank: int, world: int, mode: str, extra: dict, kill_at: int | None
     if extra.get("other_classifier_on") == rank:
         weight = weight.clone()
         weight[-1, 0] += 1.0
-    options = {**OPTIONS, **{k: v for k, v in extra.items() if k not in ("other_classifier_on", "by_class")}}
+    options = {**OPTIONS, **{k: v for k, v in extra.items() if k not in ("other_classifier_on", "by_class",
+                                                                          "hang_at")}}
     if extra.get("epochs_on_rank") is not None:
         options.pop("epochs_on_rank")
         if rank == 1:
@@ -50,6 +52,9 @@ def _fit_rank(rank: int, world: int, mode: str, extra: dict, kill_at: int | None
     def callback(record):
         if kill_at is not None and rank == 1 and record["epoch"] == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
+        if rank == 1 and record["epoch"] == extra.get("hang_at"):  # alive, answering nothing, then gone
+            time.sleep(25)
+            os._exit(3)
     result = alphanet_ext.fit(p.train_x[rows], p.train_y[rows], weight, p.bias, p.val_x[val_rows], p.val_y[val_rows],
                               process_group=dist.group.WORLD, shard_classes=mode == "classes", callback=callback,
                               **options)
@@ -263,6 +268,19 @@ def test_a_rank_dying_with_exchanges_in_flight_is_named(tmp_path):
     for rank in (0, 2):
         assert "RankFailure" in results[rank]["error"], results[rank]
         assert re.search(r"ranks? (\d, )*1(, \d)* stopped answering", results[rank]["error"]), results[rank]["error"]
+
+
+def test_a_hung_rank_stops_every_other_rank_within_the_timeout(tmp_path):
+    """Rank 1 stops answering without dying; the others give up after the 5 s timeout (and
+    the grace they give each other to report), naming it."""
+    started = time.monotonic()
+    results = launch(3, _fit_rank, ("classes", {"hang_at": 2}), tmp_path, timeout=5)
+    assert results[1] == {"exitcode": 3}
+    for rank in (0, 2):
+        assert "RankFailure" in results[rank]["error"], results[rank]
+        assert re.search(r"ranks? (\d, )*1(, \d)* stopped answering", results[rank]["error"]), results[rank]["error"]
+        assert "Timed out" in results[rank]["error"]  # the timeout ended it, not rank 1's exit 25 s in
+    assert time.monotonic() - started < 60
 
 
 def test_ranks_given_different_inputs_are_refused_alike(tmp_path):
