@@ -478,18 +478,17 @@ class ClassShardedCache:
         (its logit columns and log-sum-exp) are begun before the previous chunk's steps run
         and waited for after them: the network carries them while this rank computes, at
         the cost of a second chunk's columns held meanwhile."""
-        if not self.overlap:
-            for begin in range(0, entries.shape[1], self.chunk_samples):
-                yield from self.batches(entries[:, begin:begin + self.chunk_samples], batch_size, few_position)
-            return
         pending = None
         for begin in range(0, entries.shape[1], self.chunk_samples):
-            if self.device.type == "cpu":
+            if self.device.type == "cpu":  # the last chunk's temporaries, and the epoch's draw, back to the host
                 release_freed_host_memory()
             started = self._chunk_started(entries[:, begin:begin + self.chunk_samples], batch_size, few_position)
             if pending is not None:
                 yield from pending()
             pending = started
+            if not self.overlap:  # waited for at once: one chunk in flight
+                yield from pending()
+                pending = None
         if pending is not None:
             yield from pending()
 

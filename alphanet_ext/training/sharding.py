@@ -26,6 +26,11 @@ MODES = ("rows", "classes")
 _FAILED_KEY = "alphanet/failed/{}"
 
 
+def _digest(text: str) -> int:
+    """56 bits of ``text``'s SHA-256, to compare across ranks in one all-gathered int64 tensor."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
+
+
 def _done() -> None:
     """The wait of a collective that had nothing to wait for (a one-rank group)."""
 
@@ -109,11 +114,8 @@ class Shard:
 
     def all_gather(self, tensor: Tensor, what: str = "all_gather") -> Tensor:
         """``[world, *tensor.shape]``: every rank's ``tensor``."""
-        out = tensor.new_empty((self.world,) + tuple(tensor.shape))
-        if self.world == 1:
-            out[0] = tensor
-            return out
-        self._run(what, lambda: dist.all_gather(list(out.unbind(0)), tensor.contiguous(), group=self.group), out)
+        out, wait = self.all_gather_started(tensor, what)
+        wait()
         return out
 
     def all_gather_object(self, value: Any, what: str = "all_gather_object") -> list[Any]:
@@ -199,10 +201,9 @@ class Shard:
         ``facts`` must be equal everywhere (options, classifier digest, class count...);
         ``local`` are per-rank counts (train and val rows), gathered into ``offsets``."""
         names = sorted(facts)
-        digests = [int.from_bytes(hashlib.sha256(json.dumps(facts[n], sort_keys=True, default=str).encode())
-                                  .digest()[:7], "little") for n in names]
+        digests = [_digest(json.dumps(facts[n], sort_keys=True, default=str)) for n in names]
         counts = [int(local[n]) for n in sorted(local)]
-        host = int.from_bytes(hashlib.sha256(socket.gethostname().encode()).digest()[:7], "little")
+        host = _digest(socket.gethostname())
         table = self.all_gather(torch.tensor(digests + counts + [host], dtype=torch.long),
                                 "the start-up check").tolist()
         self.one_host = len({row[-1] for row in table}) == 1
