@@ -271,12 +271,15 @@ def combine_unchecked(source: Tensor, targets: Tensor, neighbors: Tensor, alphas
 
 def coefficient_grads(inputs_t: Tensor, first: Tensor, rest: list[Tensor], biases: list[Tensor], few_bias: Tensor,
                       raw: Tensor, targets: Tensor, neighbors: Tensor, base_lse: Tensor, target_few: Tensor,
-                      target_base: Tensor, pred_scale: float) -> tuple[Tensor, list[Tensor]]:
+                      target_base: Tensor, pred_scale: float,
+                      input_ids: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
     """The fit's training step (``torch.ops.alphanet._coefficient_grads``; see
     :func:`alphanet_ext.reference.coefficient_grads`, its pure-torch form, used
-    when the compiled module is missing)."""
+    when the compiled module is missing). With ``input_ids [C_f, k+1]``,
+    ``inputs_t`` is a table of rows ``[V, d]`` and the networks' input row ``c``
+    is its rows ``input_ids[c]`` one after another."""
     args = (inputs_t, first, rest, biases, few_bias, raw, targets, neighbors, base_lse, target_few, target_base,
-            pred_scale)
+            pred_scale, input_ids)
     if not HAS_EXTENSION:
         _fallback("fit's training step")
         return reference.coefficient_grads(*args)
@@ -371,7 +374,7 @@ if HAS_EXTENSION:
 
     @torch.library.register_fake("alphanet::_coefficient_grads")
     def _coefficient_grads_fake(inputs_t, first, rest, biases, few_bias, raw, targets, neighbors, base_lse, target_few,
-                                target_base, pred_scale):
+                                target_base, pred_scale, input_ids=None):
         grads = [first.new_empty(first.shape)] + [w.new_empty(w.shape) for w in rest]
         grads += [b.new_empty(b.shape) for b in biases] + [few_bias.new_empty(few_bias.shape)]
         return few_bias.new_empty(few_bias.shape[:1]), grads

@@ -90,11 +90,14 @@ def coefficient_alphas(first_layer: Tensor, rest: Sequence[Tensor], biases: Sequ
 
 def coefficient_grads(inputs_t: Tensor, first: Tensor, rest: Sequence[Tensor], biases: Sequence[Tensor],
                       few_bias: Tensor, raw: Tensor, targets: Tensor, neighbors: Tensor, base_lse: Tensor,
-                      target_few: Tensor, target_base: Tensor, pred_scale: float) -> tuple[Tensor, list[Tensor]]:
+                      target_few: Tensor, target_base: Tensor, pred_scale: float,
+                      input_ids: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
     """One training step of the coefficient networks, as ``torch.ops.alphanet._coefficient_grads``
-    (arguments as there, ``inputs_t [D, C_f]`` unpacked): the per-trial mean cross-entropy ``[T]``
+    (arguments as there, ``inputs_t [D, C_f]`` unpacked, or a table of rows with ``input_ids``): the per-trial mean cross-entropy ``[T]``
     over the base classes (through ``base_lse``) and the corrected few classes, and its gradients
     with respect to ``first``, ``rest``, ``biases`` and ``few_bias``, by autograd in float64."""
+    if input_ids is not None:
+        inputs_t = inputs_t[input_ids].reshape(input_ids.shape[0], -1).T
     parameters = [first, *rest, *biases, few_bias]
     leaves = [p.detach().double().requires_grad_() for p in parameters]
     first64, rest64 = leaves[0], leaves[1:1 + len(rest)]

@@ -7,6 +7,7 @@
 // the alphanet kernels, so the same code serves CPU and CUDA.
 #include <torch/library.h>
 
+#include <optional>
 #include <vector>
 
 #include "alpha_combine_ops.h"
@@ -29,10 +30,45 @@ at::Tensor combine_alphas_grad(const at::Tensor& grad, const at::Tensor& source,
   return std::get<1>(alpha_combine_backward_op().call(grad, source, targets, neighbors, alphas, 1, false, true));
 }
 
-// inputs_t, or on the CPU the same packed once per fit into panels
-// [ceil(C_f / kInputPanel), ceil(D / kInputPanel) * kInputPanel, kInputPanel]
-// (see InputProductParams; alphanet_ext.fit packs it). Returns inputs_t^T @ first [C_f, N].
-at::Tensor first_layer(const at::Tensor& inputs, const at::Tensor& first, int64_t num_few) {
+// The networks' input comes in three forms: inputs_t [D, C_f]; on the CPU the same
+// packed once per fit into panels [ceil(C_f / kInputPanel), ceil(D / kInputPanel) *
+// kInputPanel, kInputPanel] (see InputProductParams; alphanet_ext.fit packs it); or,
+// with `ids` [C_f, parts], gathered: input column c is the rows table[ids[c, 0]], ...,
+// table[ids[c, parts - 1]] of `inputs` (the table [V, D / parts]) one after another,
+// so the input is never held whole.
+bool gathered_by_kernel(const at::Tensor& table, const at::Tensor& first) {
+  return table.is_cpu() && table.scalar_type() == at::kFloat && first.scalar_type() == at::kFloat &&
+         first.size(1) % 16 == 0 && cpu::input_products_supported();
+}
+
+InputProductParams gathered_params(const at::Tensor& table, const at::Tensor& ids, int64_t dims) {
+  const int64_t num_few = ids.size(0);
+  return {nullptr, (num_few + kInputPanel - 1) / kInputPanel, (dims + kInputPanel - 1) / kInputPanel * kInputPanel,
+          dims, num_few, table.data_ptr<float>(), ids.data_ptr<int64_t>(), table.size(1), ids.size(1),
+          nullptr, 0, nullptr};
+}
+
+// Returns the input's transpose times first: [C_f, N].
+at::Tensor first_layer(const at::Tensor& inputs, const at::Tensor* ids, const at::Tensor& first, int64_t num_few) {
+  if (ids != nullptr) {
+    const at::Tensor right = first.contiguous();
+    if (gathered_by_kernel(inputs, first)) {
+      InputProductParams p = gathered_params(inputs, *ids, first.size(0));
+      at::Tensor out = at::empty({p.num_panels * kInputPanel, first.size(1)}, first.options());
+      p.right = right.data_ptr<float>();
+      p.columns = first.size(1);
+      p.out = out.data_ptr<float>();
+      cpu::input_product_forward(p);
+      return out.narrow(0, 0, num_few);
+    }
+    // elsewhere one product per part of the rows: a [C_f, D / parts] gathered copy at a time
+    const int64_t width = inputs.size(1);
+    at::Tensor out = at::zeros({num_few, first.size(1)}, first.options());
+    for (int64_t part = 0; part < ids->size(1); ++part) {
+      out.addmm_(inputs.index_select(0, ids->select(1, part)), right.narrow(0, part * width, width));
+    }
+    return out;
+  }
   if (inputs.dim() == 2) {
     // inputs_t.t() @ first: the BLAS takes the transposed operand in place (this
     // order is the faster of the two; benchmarks/RESULTS.md).
@@ -41,7 +77,7 @@ at::Tensor first_layer(const at::Tensor& inputs, const at::Tensor& first, int64_
   at::Tensor out = at::empty({inputs.size(0) * kInputPanel, first.size(1)}, first.options());
   const at::Tensor right = first.contiguous();
   cpu::input_product_forward({inputs.data_ptr<float>(), inputs.size(0), inputs.size(1), first.size(0), num_few,
-                              right.data_ptr<float>(), first.size(1), out.data_ptr<float>()});
+                              nullptr, nullptr, 0, 0, right.data_ptr<float>(), first.size(1), out.data_ptr<float>()});
   return out.narrow(0, 0, num_few);
 }
 
@@ -52,8 +88,29 @@ at::Tensor first_layer(const at::Tensor& inputs, const at::Tensor& first, int64_
 // in flight (the measurement is in benchmarks/RESULTS.md).
 constexpr int64_t kFewClassesPerGradPart = 1024;
 
-// inputs_t @ grad [D, N] for grad [C_f, N].
-at::Tensor first_layer_grad(Backend backend, const at::Tensor& inputs, const at::Tensor& grad, int64_t dims) {
+// The input times grad [D, N] for grad [C_f, N].
+at::Tensor first_layer_grad(Backend backend, const at::Tensor& inputs, const at::Tensor* ids, const at::Tensor& grad,
+                            const at::Tensor& first) {
+  const int64_t dims = first.size(0);
+  if (ids != nullptr) {
+    const at::Tensor right = grad.contiguous();
+    if (gathered_by_kernel(inputs, first)) {
+      InputProductParams p = gathered_params(inputs, *ids, dims);
+      at::Tensor out = at::empty({p.padded_dims, grad.size(1)}, grad.options());
+      p.right = right.data_ptr<float>();
+      p.columns = grad.size(1);
+      p.out = out.data_ptr<float>();
+      cpu::input_product_backward(p);
+      return out.narrow(0, 0, dims);
+    }
+    const int64_t width = inputs.size(1);
+    at::Tensor out = at::empty({dims, grad.size(1)}, grad.options());
+    for (int64_t part = 0; part < ids->size(1); ++part) {
+      at::Tensor rows = out.narrow(0, part * width, width);  // contiguous: written in place
+      at::mm_out(rows, inputs.index_select(0, ids->select(1, part)).t(), right);
+    }
+    return out;
+  }
   if (inputs.dim() == 2) {
     const int64_t num_few = inputs.size(1), parts = num_few / kFewClassesPerGradPart;
     if (!cuda_paths(backend) || parts < 2) return at::mm(inputs, grad);
@@ -67,9 +124,26 @@ at::Tensor first_layer_grad(Backend backend, const at::Tensor& inputs, const at:
   }
   at::Tensor out = at::empty({inputs.size(1), grad.size(1)}, grad.options());
   const at::Tensor right = grad.contiguous();
-  cpu::input_product_backward({inputs.data_ptr<float>(), inputs.size(0), inputs.size(1), dims, grad.size(0),
-                               right.data_ptr<float>(), grad.size(1), out.data_ptr<float>()});
+  cpu::input_product_backward({inputs.data_ptr<float>(), inputs.size(0), inputs.size(1), dims, grad.size(0), nullptr,
+                               nullptr, 0, 0, right.data_ptr<float>(), grad.size(1), out.data_ptr<float>()});
   return out.narrow(0, 0, dims);
+}
+
+void check_gathered_inputs(const at::Tensor& table, const at::Tensor& ids, const at::Tensor& first, int64_t num_few) {
+  TORCH_CHECK(table.dim() == 2 && table.is_contiguous(), kOp, ": with input_ids, inputs_t must be a contiguous table "
+              "of rows [V, d], got ", table.sizes());
+  TORCH_CHECK(ids.dim() == 2 && ids.scalar_type() == at::kLong && ids.is_contiguous() && ids.device() == table.device(),
+              kOp, ": input_ids must be a contiguous int64 [C_f, parts] tensor on ", table.device(), ", got ",
+              ids.scalar_type(), " ", ids.sizes(), " on ", ids.device());
+  TORCH_CHECK(ids.size(0) == num_few, kOp, ": input_ids has ", ids.size(0), " rows for ", num_few, " few classes");
+  TORCH_CHECK(ids.size(1) * table.size(1) == first.size(0) && table.scalar_type() == first.scalar_type(), kOp,
+              ": input_ids' ", ids.size(1), " rows of ", table.size(1), " values (", table.scalar_type(),
+              ") do not make the first layer's ", first.size(0), " inputs (", first.scalar_type(), ")");
+  if (table.is_cpu() && ids.numel() > 0) {  // on a GPU index_select checks them, without a host sync
+    const auto [low, high] = at::aminmax(ids);
+    TORCH_CHECK(low.item<int64_t>() >= 0 && high.item<int64_t>() < table.size(0), kOp, ": input_ids must lie in [0, ",
+                table.size(0), "), got values from ", low.item<int64_t>(), " to ", high.item<int64_t>());
+  }
 }
 
 void check_packed_inputs(const at::Tensor& inputs, const at::Tensor& first, int64_t num_few) {
@@ -88,7 +162,8 @@ void check_packed_inputs(const at::Tensor& inputs, const at::Tensor& first, int6
               ": packed inputs hold ", inputs.size(0), " panels, which does not fit ", num_few, " few classes");
 }
 
-// inputs_t [D, C_f]: the networks' shared input, transposed (or packed, above). first [D, T*H]:
+// inputs_t [D, C_f]: the networks' shared input, transposed (or packed, or with input_ids
+// gathered from a table of rows: above). first [D, T*H]:
 // every trial's first layer (trial t in columns t*H .. t*H+H-1). rest[l]
 // [T, out, in]: the later layers. biases[l] [T, out]. few_bias [T, C_f].
 // raw [S, T*C]: the batch's logits without bias, trial-major columns.
@@ -100,13 +175,17 @@ void check_packed_inputs(const at::Tensor& inputs, const at::Tensor& first, int6
 std::tuple<at::Tensor, std::vector<at::Tensor>> coefficient_grads(
     const at::Tensor& inputs_t, const at::Tensor& first, at::TensorList rest, at::TensorList biases,
     const at::Tensor& few_bias, const at::Tensor& raw, const at::Tensor& targets, const at::Tensor& neighbors,
-    const at::Tensor& base_lse, const at::Tensor& target_few, const at::Tensor& target_base, double pred_scale) {
+    const at::Tensor& base_lse, const at::Tensor& target_few, const at::Tensor& target_base, double pred_scale,
+    const std::optional<at::Tensor>& input_ids) {
   const Backend backend = backend_of(inputs_t);
   TORCH_CHECK(biases.size() == rest.size() + 1, kOp, ": need one bias per layer, got ", biases.size(), " for ",
               rest.size() + 1, " layers");
   TORCH_CHECK(few_bias.dim() == 2, kOp, ": few_bias must be [T, C_f], got ", few_bias.sizes());
   TORCH_CHECK(first.dim() == 2, kOp, ": first must be [D, T*H], got ", first.sizes());
-  if (inputs_t.dim() == 3) {
+  const at::Tensor* ids = input_ids.has_value() ? &input_ids.value() : nullptr;
+  if (ids != nullptr) {
+    check_gathered_inputs(inputs_t, *ids, first, few_bias.size(1));
+  } else if (inputs_t.dim() == 3) {
     check_packed_inputs(inputs_t, first, few_bias.size(1));
   } else {
     TORCH_CHECK(inputs_t.dim() == 2 && first.size(0) == inputs_t.size(0), kOp,
@@ -124,7 +203,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> coefficient_grads(
 
   // Forward through the networks, keeping each layer's pre-activation.
   std::vector<at::Tensor> pre_activations;
-  pre_activations.push_back(first_layer(inputs_t, first, num_few)
+  pre_activations.push_back(first_layer(inputs_t, ids, first, num_few)
                                 .view({num_few, trials, hidden})
                                 .transpose(0, 1)
                                 .add(biases[0].unsqueeze(1)));
@@ -166,7 +245,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> coefficient_grads(
   }
   grad_biases[0] = grad.sum(1);
   const at::Tensor grad_first =
-      first_layer_grad(backend, inputs_t, grad.transpose(0, 1).reshape({num_few, trials * hidden}), first.size(0));
+      first_layer_grad(backend, inputs_t, ids, grad.transpose(0, 1).reshape({num_few, trials * hidden}), first);
 
   std::vector<at::Tensor> grads;
   grads.push_back(grad_first);
@@ -181,8 +260,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> coefficient_grads(
 TORCH_LIBRARY_FRAGMENT(alphanet, m) {
   m.def(
       "_coefficient_grads(Tensor inputs_t, Tensor first, Tensor[] rest, Tensor[] biases, Tensor few_bias, Tensor raw, "
-      "Tensor targets, Tensor neighbors, Tensor base_lse, Tensor target_few, Tensor target_base, float pred_scale) "
-      "-> (Tensor, Tensor[])");
+      "Tensor targets, Tensor neighbors, Tensor base_lse, Tensor target_few, Tensor target_base, float pred_scale, "
+      "Tensor? input_ids=None) -> (Tensor, Tensor[])");
 }
 
 TORCH_LIBRARY_IMPL(alphanet, CPU, m) { m.impl("_coefficient_grads", &coefficient_grads); }

@@ -11,10 +11,16 @@ namespace alphanet {
 // packed once per fit as panels [num_panels, padded_dims, kInputPanel] of its
 // columns (panel p, row d, slot j holds inputs_t[d, p * kInputPanel + j]; zeros
 // past dims and num_few). Float32; `columns` a multiple of 16.
+// Or, with `table` set, gathered: input column c is the rows table[ids[c, 0]],
+// ..., table[ids[c, parts - 1]] (each `row_width` long) one after another, and
+// each panel is laid out from them as it is used (never the whole input).
 constexpr int kInputPanel = 6;
 struct InputProductParams {
-  const float* panels;
+  const float* panels;  // null when gathered
   int64_t num_panels, padded_dims, dims, num_few;
+  const float* table;   // [rows, row_width]; null when packed
+  const int64_t* ids;   // [num_few, parts]
+  int64_t row_width, parts;
   const float* right;   // forward: [dims, columns]; backward: [num_few, columns]; contiguous
   int64_t columns;
   float* out;           // forward: [num_panels * kInputPanel, columns]; backward: [padded_dims, columns]

@@ -902,6 +902,91 @@ def test_packed_network_inputs_give_the_same_step(num_few, dims, hidden):
     torch.testing.assert_close(nets(packed, num_few), nets(plain, num_few), rtol=1e-5, atol=1e-5)
 
 
+def _gathered_step_problem(num_few, dims, hidden, dtype=torch.float32, trials=2, k=3):
+    """A step's arguments with the networks' input as a table of rows and each few class's
+    ids in it (rows repeated, as neighbours are), and the same input whole."""
+    from alphanet_ext.training.step import CoefficientNets as _CoefficientNets
+    generator = torch.Generator().manual_seed(num_few)
+    classes, rows = num_few + 9, 11
+    nets = _CoefficientNets([(k + 1) * dims, hidden, 7, k], [torch.Generator().manual_seed(t) for t in range(trials)],
+                            torch.device("cpu"))
+    table = torch.randn(num_few // 2 + 5, dims, generator=generator, dtype=dtype)
+    ids = torch.randint(0, table.shape[0], (num_few, k + 1), generator=generator)
+    neighbors = torch.randint(num_few, classes, (num_few, k), generator=generator)
+    offsets = (torch.arange(trials) * classes)[:, None]
+    labels = torch.randint(0, classes, (rows, trials), generator=generator)
+    parameters = [p.to(dtype) for p in nets.parameters()]
+    common = (parameters[1:1 + len(nets.rest)], parameters[1 + len(nets.rest):],
+              torch.randn(trials, num_few, generator=generator, dtype=dtype),
+              torch.randn(rows, trials * classes, generator=generator, dtype=dtype),
+              (offsets + torch.arange(num_few)).reshape(-1), (offsets[:, :, None] + neighbors).reshape(-1, k),
+              torch.randn(rows, trials, generator=generator, dtype=dtype), torch.where(labels < num_few, labels, -1),
+              torch.randn(rows, trials, generator=generator, dtype=dtype), 1.5)
+    return nets, parameters[0], table, ids, table[ids].reshape(num_few, -1), common
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"), reason="needs AVX2")
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("num_few,dims,hidden", [(1, 3, 16), (13, 5, 16), (151, 260, 32)])
+def test_gathered_network_inputs_give_the_packed_step_bit_for_bit(num_few, dims, hidden, threads):
+    # The gathered input's panels are laid out as the op reads them, with the packed
+    # panels' values in the packed panels' places: the same sums in the same order.
+    # Shapes as for the packed input, rows of d not a multiple of the 6-wide panels
+    # (a panel's rows straddle two table rows), and 3 threads splitting the work unevenly.
+    from alphanet_ext.training.step import GatheredInputs, network_inputs as _network_inputs
+    nets, first, table, ids, whole, common = _gathered_step_problem(num_few, dims, hidden)
+    packed = _network_inputs(whole, first.shape[1])
+    assert packed.dim() == 3
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        expected_losses, expected = torch.ops.alphanet._coefficient_grads(packed, first, *common)
+        losses, grads = torch.ops.alphanet._coefficient_grads(table, first, *common, ids)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(losses, expected_losses)
+    assert expected[0].abs().sum() > 0
+    for ours, theirs in zip(grads, expected, strict=True):
+        assert torch.equal(ours, theirs)
+    gathered = GatheredInputs(table, ids)
+    torch.testing.assert_close(nets(gathered, num_few), nets(packed, num_few), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gathered.first_layer(first, block=5), whole @ first, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_few,dims", [(1, 3), (13, 5), (2053, 4)])
+def test_gathered_network_inputs_match_the_reference(device, num_few, dims):
+    # float64 (and any device but an AVX2 CPU in float32) takes the op's other path:
+    # one product per part of the rows. The float64 reference gathers the input whole.
+    _, first, table, ids, whole, common = _gathered_step_problem(num_few, dims, 4, torch.float64)
+    expected_losses, expected = reference.coefficient_grads(whole.T, first, *common)
+    assert expected[0].abs().sum() > 0
+    for args in ((table, first, *common, ids), (whole.T, first, *common)):
+        on_device = [[t.to(device) for t in a] if isinstance(a, list) else
+                     a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+        losses, grads = torch.ops.alphanet._coefficient_grads(*on_device)
+        torch.testing.assert_close(losses.cpu(), expected_losses, rtol=1e-12, atol=1e-12)
+        for ours, theirs in zip(grads, expected, strict=True):
+            torch.testing.assert_close(ours.cpu(), theirs, rtol=1e-10, atol=1e-12)
+    reference_losses, _ = reference.coefficient_grads(table, first, *common, ids)
+    torch.testing.assert_close(reference_losses, expected_losses, rtol=0, atol=0)
+
+
+def test_gathered_network_inputs_that_do_not_fit_are_refused():
+    _, first, table, ids, _, common = _gathered_step_problem(13, 5, 16)
+    torch.ops.alphanet._coefficient_grads(table, first, *common, ids)  # fits
+    refusals = {
+        "input_ids must lie in \\[0, 11\\), got values from -1": (table, ids - 1),
+        "input_ids must lie in \\[0, 10\\), got values from 0 to 10": (table[:-1], ids),
+        "input_ids' 3 rows of 5 values .* do not make the first layer's 20 inputs": (table, ids[:, :3].contiguous()),
+        "input_ids has 12 rows for 13 few classes": (table, ids[:12]),
+        "input_ids must be a contiguous int64": (table, ids.int()),
+        "inputs_t must be a contiguous table of rows": (table.T, ids),
+    }
+    for message, (rows, given) in refusals.items():
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.alphanet._coefficient_grads(rows, first, *common, given)
+
+
 def test_packed_network_inputs_that_do_not_fit_are_refused():
     from alphanet_ext.training.step import network_inputs as _network_inputs
     packed = _network_inputs(torch.randn(10, 12), 16)

@@ -201,7 +201,7 @@ class ClassSharded(RowSharded):
         columns, few_at, neighbors_at = self._columns(stats)
         if self.shard.world > 1:  # each rank trains the networks on its block of the few classes
             step = sharded.FewSplitStep(self.shard, w, columns, full_bias[stats.few], few_at, neighbors_at,
-                                        self._wanted(stats)[self.shard.rank], num_classes, config.hidden,
+                                        self._wanted(stats), num_classes, config.hidden,
                                         config.trials, config.seed, config.lr, config.weight_decay,
                                         config.pred_scale)
             release_freed_host_memory()

@@ -35,7 +35,7 @@ from . import progress
 from .cache import Batch, CacheSizes, LogitCache
 from .sharding import RankFailure, Shard
 from .statistics import ClassStatistics, statistics_of
-from .step import CoefficientNets, Diverged, FusedAdamW, TrainStep, input_blocks, laid_out
+from .step import CoefficientNets, Diverged, FusedAdamW, GatheredInputs, TrainStep
 
 # A padding row's base log-sum-exp and target score: its loss is log(exp(P) + sum exp(s)) - P = 0
 # and its gradients exp(s - P) = 0 exactly in float32 for any finite score s far below P.
@@ -540,8 +540,9 @@ class FewSplitStep:
     """The training step of a class-sharded fit, split by few class across ranks.
 
     Rank ``r`` holds the coefficient networks' input of a contiguous block of the few
-    classes only (``[C_f/R, (k+1)d]`` rather than ``[C_f, (k+1)d]``), the rows of the
-    classifier that block reads, and that block's few-class biases. Every rank sees the
+    classes only, and that as the distinct classifier rows the block reads with each
+    class's places among them (``GatheredInputs``; not ``[C_f, (k+1)d]``, nor even
+    ``[C_f/R, (k+1)d]``), and that block's few-class biases. Every rank sees the
     batch's rows, in the columns its block reads (``ClassShardedCache`` with ``wanted``). Per step:
 
     1. each rank scores its block's corrected few classes (the networks' forward pass),
@@ -560,9 +561,10 @@ class FewSplitStep:
     """
 
     def __init__(self, shard: Shard, w_slice: Tensor, columns: Tensor, few_bias: Tensor, few_at: Tensor,
-                 neighbors_at: Tensor, wanted: Tensor, num_classes: int, hidden, trials: int, seed: int, lr: float,
-                 weight_decay: float, pred_scale: float):
+                 neighbors_at: Tensor, all_wanted: list[Tensor], num_classes: int, hidden, trials: int, seed: int,
+                 lr: float, weight_decay: float, pred_scale: float):
         device, dim = w_slice.device, w_slice.shape[1]
+        wanted = all_wanted[shard.rank]
         num_few, k = neighbors_at.shape
         self.shard, self.trials, self.k, self.pred_scale = shard, trials, k, pred_scale
         self.num_few, self.num_columns = num_few, wanted.numel()  # a batch's columns: the ones this block reads
@@ -571,36 +573,41 @@ class FewSplitStep:
         mine = slice(self.first_few, self.end_few)
         self.generators = [torch.Generator().manual_seed(seed + t) for t in range(trials)]
         self.nets = CoefficientNets([(k + 1) * dim, *hidden, k], self.generators, device)
-        # The networks' input of this rank's block, from classifier rows other ranks own: every
-        # rank takes part in gathering every block's rows, a few thousand classes at a time,
-        # and only the block's owner keeps them, written straight into its input.
-        width = self.nets.first.shape[1]
-
-        def block_rows(first: int, begin: int, end: int) -> Tensor:
-            # each few class's own row, then its neighbours': the gathered rows are the input's rows as they are
-            ids = torch.cat([few_at[first + begin:first + end, None], neighbors_at[first + begin:first + end]], dim=1)
-            rows = owned_rows(shard, num_classes, columns[ids.flatten()], w_slice).view(end - begin, -1)
-            if device.type == "cpu":  # the last block's gathered rows back to the host (ranks share it)
-                release_freed_host_memory()
-            return rows
-        for rank, (first, end) in enumerate(self.blocks):
-            if rank == shard.rank:
-                self.inputs = laid_out(end - first, (k + 1) * dim, lambda b, e: block_rows(first, b, e), width,
-                                       device, w_slice.dtype)
-            else:
-                for begin, stop in input_blocks(end - first, width, device, w_slice.dtype):
-                    block_rows(first, begin, stop)
+        # each few class of the block and its neighbours, as places among the block's columns
+        # (those of a batch's logits, and the rows of the networks' input table)
+        at = torch.searchsorted(wanted, torch.cat([few_at[mine, None], neighbors_at[mine]], dim=1))
+        self.inputs = GatheredInputs(self._input_rows(shard, w_slice, columns, all_wanted, num_classes, k),
+                                     at.contiguous())
         self.local_bias = few_bias[mine].repeat(trials, 1).contiguous()  # [T, C_f/R]: this rank's parameters
         self.optimizer = FusedAdamW(self.nets.parameters() + [self.local_bias], lr=lr, weight_decay=weight_decay)
         offsets = (torch.arange(trials, device=device) * self.num_columns)[:, None]
-        self.trial_targets = (offsets + torch.searchsorted(wanted, few_at[mine])[None]).reshape(-1)
-        self.trial_neighbors = (offsets[:, :, None] + torch.searchsorted(wanted, neighbors_at[mine])[None]
-                                ).reshape(-1, k)
+        self.trial_targets = (offsets + at[:, 0][None]).reshape(-1)
+        self.trial_neighbors = (offsets[:, :, None] + at[:, 1:][None]).reshape(-1, k)
         self.loss_sum = torch.zeros(trials, device=device)
         # every rank's biases and their AdamW moments, whole, refreshed by alphas() after every epoch
         # (what the selection, the checkpoint and the export read, without a collective of their own)
         self.few_bias = few_bias.repeat(trials, 1)
         self.bias_moments = [torch.zeros_like(self.few_bias), torch.zeros_like(self.few_bias)]
+
+    @staticmethod
+    def _input_rows(shard: Shard, w_slice: Tensor, columns: Tensor, all_wanted: list[Tensor], num_classes: int,
+                    k: int) -> Tensor:
+        """The classifier rows of this rank's ``wanted`` columns (which other ranks own): the
+        table its block's networks' input is gathered from, about a quarter of that
+        ``[C_f/R, (k+1)d]`` input at 200,000 classes. Every rank takes part in gathering
+        every rank's rows, a few thousand at a time."""
+        wanted = all_wanted[shard.rank]
+        table = torch.empty(wanted.numel(), w_slice.shape[1], dtype=w_slice.dtype, device=w_slice.device)
+        per_call = 4096 * (k + 1)
+        for rank, theirs in enumerate(all_wanted):
+            for begin in range(0, theirs.numel(), per_call):
+                rows = owned_rows(shard, num_classes, columns[theirs[begin:begin + per_call]], w_slice)
+                if rank == shard.rank:
+                    table[begin:begin + per_call] = rows
+                del rows
+                if w_slice.device.type == "cpu":  # the gathered block back to the host (ranks share it)
+                    release_freed_host_memory()
+        return table
 
     @property
     def mine(self) -> int:
@@ -641,9 +648,9 @@ class FewSplitStep:
         if self.mine:
             try:
                 losses, grads = ops.coefficient_grads(
-                    self.inputs, self.nets.first, self.nets.rest, self.nets.biases, self.local_bias,
+                    self.inputs.table, self.nets.first, self.nets.rest, self.nets.biases, self.local_bias,
                     raw.reshape(rows, -1), self.trial_targets, self.trial_neighbors, folded_lse, local_target,
-                    fixed_target, self.pred_scale)
+                    fixed_target, self.pred_scale, self.inputs.ids)
             except RuntimeError as error:  # the op refuses coefficients that overflowed in an earlier step
                 if "NaN or inf" in str(error):
                     raise Diverged("the coefficients are no longer finite") from None

@@ -3,6 +3,7 @@ step run eagerly or replayed as a CUDA graph."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -113,9 +114,11 @@ class CoefficientNets:
     def parameters(self) -> list[Tensor]:
         return [self.first] + self.rest + self.biases
 
-    def __call__(self, inputs: Tensor, num_few: int) -> Tensor:
-        """The input shared by all trials (from ``network_inputs``) -> ``alphas [T, C_f, k]``."""
-        if inputs.dim() == 3:  # packed panels
+    def __call__(self, inputs: Tensor | GatheredInputs, num_few: int) -> Tensor:
+        """The input shared by all trials (from ``network_inputs``, or gathered) -> ``alphas [T, C_f, k]``."""
+        if isinstance(inputs, GatheredInputs):
+            h = inputs.first_layer(self.first)
+        elif inputs.dim() == 3:  # packed panels
             h = torch.matmul(inputs[:, :self.first.shape[0]].transpose(1, 2), self.first)
             h = h.reshape(-1, self.first.shape[1])[:num_few]
         else:
@@ -131,6 +134,32 @@ class CoefficientNets:
             out[f"{2 * layer}.weight"] = w.detach().cpu().clone()
             out[f"{2 * layer}.bias"] = b[trial].detach().cpu().clone()
         return out
+
+
+@dataclass(frozen=True)
+class GatheredInputs:
+    """The networks' input ``[C_f, (k+1)d]`` as rows of a table: input row ``c`` is
+    ``table[ids[c, 0]], ..., table[ids[c, k]]`` one after another. The training op lays
+    each panel out as it reads it, so the input is never held whole: what is held is the
+    distinct rows it reads, which for a block of few classes and their neighbours is a
+    fraction of the input (a class-sharded rank's choice; see ``FewSplitStep``)."""
+
+    table: Tensor  # [V, d]
+    ids: Tensor    # [C_f, k+1], int64
+
+    def first_layer(self, first: Tensor, block: int = 4096) -> Tensor:
+        """The input times ``first`` ``[C_f, N]``, a block of classes at a time."""
+        num_few = self.ids.shape[0]
+        out = torch.empty(num_few, first.shape[1], dtype=first.dtype, device=first.device)
+        for begin in range(0, num_few, block):
+            rows = self.table[self.ids[begin:begin + block]].reshape(-1, first.shape[0])
+            torch.mm(rows, first, out=out[begin:begin + block])
+        return out
+
+
+def op_inputs(inputs: Tensor | GatheredInputs) -> tuple[Tensor, Tensor | None]:
+    """The training op's ``inputs_t`` and ``input_ids`` for the networks' input."""
+    return (inputs.table, inputs.ids) if isinstance(inputs, GatheredInputs) else (inputs, None)
 
 
 def network_inputs(rows: Tensor, columns: int) -> Tensor:
@@ -249,11 +278,12 @@ class TrainStep:
         """The batch's mean loss per trial and its gradients."""
         rows = raw.shape[0]
         nets = self.nets
+        inputs, input_ids = op_inputs(self.inputs)
         try:
             return ops.coefficient_grads(
-                self.inputs, nets.first, nets.rest, nets.biases, self.few_bias,
+                inputs, nets.first, nets.rest, nets.biases, self.few_bias,
                 raw.view(rows, self.trials * self.num_classes), self.trial_targets, self.trial_neighbors, base_lse,
-                target_few, target_base_score, self.pred_scale)
+                target_few, target_base_score, self.pred_scale, input_ids)
         except RuntimeError as error:  # the op refuses coefficients that overflowed in an earlier step
             if "NaN or inf" in str(error):
                 raise Diverged("the coefficients are no longer finite") from None

@@ -1,11 +1,15 @@
 // The first layer of the coefficient networks on the CPU: its input is fixed for
 // a whole fit, so it is packed once (see InputProductParams) and both products
 // stream it without the per-call packing a BLAS does, which at iNaturalist size
-// (a 222 MB input) took as long as the arithmetic.
+// (a 222 MB input) took as long as the arithmetic. Or the input is gathered:
+// each panel is laid out from a table of rows as it is used, with the packed
+// panel's values in the packed panel's places, so both give the same bits; the
+// input is never held whole, for about a third more time in these products.
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "../coefficient_grads_params.h"
 
@@ -57,19 +61,20 @@ ALPHANET_AVX2 void forward_tile(const float* panel, const float* b, int64_t b_st
 }
 
 // c[6 x 16] = (zero ? 0 : c) + sum over the classes of panels [panel_begin, panel_end)
-// of inputs_t[row0 + i, class] * b[class, 0:16].
-ALPHANET_AVX2 void backward_tile(const InputProductParams& p, int64_t row0, int64_t panel_begin, int64_t panel_end,
-                                 const float* b, float* c, bool zero) {
+// of inputs_t[row0 + i, class] * b[class, 0:16]. Panel q's rows are read from
+// panels + (q - panel_begin) * panel_stride + row * kInputPanel.
+ALPHANET_AVX2 void backward_tile(const InputProductParams& p, const float* panels, int64_t panel_stride, int64_t row,
+                                 int64_t panel_begin, int64_t panel_end, const float* b, float* c, bool zero) {
   const int64_t c_stride = p.columns;
   ALPHANET_FOR_ROWS(ALPHANET_LOAD)
   constexpr int64_t a_row = kInputPanel;
   for (int64_t panel = panel_begin; panel < panel_end; ++panel) {
-    const float* block = p.panels + (panel * p.padded_dims + row0) * kInputPanel;  // [6 rows][6 classes]
+    const float* block = panels + (panel - panel_begin) * panel_stride + row * kInputPanel;  // [6 rows][6 classes]
     const int64_t classes = std::min<int64_t>(kInputPanel, p.num_few - panel * kInputPanel);
     for (int64_t j = 0; j < classes; ++j) {
       const float* a = block + j;
-      const float* row = b + (panel * kInputPanel + j) * p.columns;
-      const __m256 b0 = _mm256_loadu_ps(row), b1 = _mm256_loadu_ps(row + 8);
+      const float* row_b = b + (panel * kInputPanel + j) * p.columns;
+      const __m256 b0 = _mm256_loadu_ps(row_b), b1 = _mm256_loadu_ps(row_b + 8);
       ALPHANET_FOR_ROWS(ALPHANET_ADD_OUTER)
     }
   }
@@ -91,6 +96,65 @@ void split(int64_t total, const F& body) {
   });
 }
 
+// target[t * 6 + j] = sources[j][t * steps[j]] for t < count (a multiple of 8): six
+// rows read eight values at a time, written as 8 x 6 by a register transpose.
+ALPHANET_AVX2 void transpose_rows(const float* const* sources, const int64_t* steps, int64_t count, float* target) {
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256i first_six = _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, 0, 0);
+  for (int64_t t = 0; t < count; t += 8, target += 8 * kInputPanel) {
+    __m256 r[8];
+    for (int j = 0; j < kInputPanel; ++j) r[j] = steps[j] ? _mm256_loadu_ps(sources[j] + t) : zero;
+    r[6] = r[7] = zero;
+    __m256 u[8], v[8];
+    for (int j = 0; j < 8; j += 2) {
+      u[j] = _mm256_unpacklo_ps(r[j], r[j + 1]);
+      u[j + 1] = _mm256_unpackhi_ps(r[j], r[j + 1]);
+    }
+    for (int j = 0; j < 8; j += 4) {
+      v[j] = _mm256_shuffle_ps(u[j], u[j + 2], 0x44);
+      v[j + 1] = _mm256_shuffle_ps(u[j], u[j + 2], 0xEE);
+      v[j + 2] = _mm256_shuffle_ps(u[j + 1], u[j + 3], 0x44);
+      v[j + 3] = _mm256_shuffle_ps(u[j + 1], u[j + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; ++i) {  // row i and row i + 4 of the transpose: value t + i and t + i + 4
+      r[i] = _mm256_permute2f128_ps(v[i], v[i + 4], 0x20);
+      r[i + 4] = _mm256_permute2f128_ps(v[i], v[i + 4], 0x31);
+    }
+    // each row's last two lanes (the padding rows' zeros) are overwritten by the next row
+    for (int i = 0; i < 7; ++i) _mm256_storeu_ps(target + i * kInputPanel, r[i]);
+    _mm256_maskstore_ps(target + 7 * kInputPanel, first_six, r[7]);
+  }
+}
+
+// Rows [row_begin, row_end) of gathered panel `panel`, laid out as a packed panel's
+// ([row][slot], zeros past dims and num_few): the same values in the same places, so
+// the tiles sum them in the same order and a gathered input gives the packed one's bits.
+void gather_panel(const InputProductParams& p, int64_t panel, int64_t row_begin, int64_t row_end, float* out) {
+  const int64_t classes = std::min<int64_t>(kInputPanel, p.num_few - panel * kInputPanel);
+  const int64_t last = std::min(row_end, p.dims);
+  static const float zeros[1] = {0.0f};
+  for (int64_t row = row_begin; row < last;) {  // a run of rows within one part: six sources, read in step
+    const int64_t part = row / p.row_width, offset = row % p.row_width;
+    const int64_t count = std::min(p.row_width - offset, last - row);
+    const float* sources[kInputPanel];
+    int64_t steps[kInputPanel];
+    for (int64_t j = 0; j < kInputPanel; ++j) {
+      const bool real = j < classes;
+      sources[j] = real ? p.table + p.ids[(panel * kInputPanel + j) * p.parts + part] * p.row_width + offset : zeros;
+      steps[j] = real ? 1 : 0;
+    }
+    float* target = out + (row - row_begin) * kInputPanel;
+    const int64_t whole = count / 8 * 8;
+    transpose_rows(sources, steps, whole, target);
+    for (int64_t t = whole; t < count; ++t) {
+      for (int64_t j = 0; j < kInputPanel; ++j) target[t * kInputPanel + j] = sources[j][t * steps[j]];
+    }
+    row += count;
+  }
+  std::fill(out + (std::max(last, row_begin) - row_begin) * kInputPanel, out + (row_end - row_begin) * kInputPanel,
+            0.0f);
+}
+
 }  // namespace
 
 bool input_products_supported() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
@@ -98,6 +162,20 @@ bool input_products_supported() { return __builtin_cpu_supports("avx2") && __bui
 void input_product_forward(const InputProductParams& p) {
   // out[panel * 6 + i, :] = sum_d panels[panel, d, i] * right[d, :], depth chunk by chunk.
   split(p.num_panels, [&](int64_t panel_begin, int64_t panel_end) {
+    if (p.table != nullptr) {  // each panel laid out once, then all its depth chunks (the same sums, in order)
+      std::vector<float> panel_rows(p.padded_dims * kInputPanel);
+      for (int64_t panel = panel_begin; panel < panel_end; ++panel) {
+        gather_panel(p, panel, 0, p.padded_dims, panel_rows.data());
+        for (int64_t depth = 0; depth == 0 || depth < p.dims; depth += kDepthChunk) {
+          const int64_t steps = std::min(kDepthChunk, p.dims - depth);
+          for (int64_t column = 0; column < p.columns; column += kTileColumns) {
+            forward_tile(panel_rows.data() + depth * kInputPanel, p.right + depth * p.columns + column, p.columns,
+                         steps, p.out + panel * kInputPanel * p.columns + column, p.columns, depth == 0);
+          }
+        }
+      }
+      return;
+    }
     for (int64_t depth = 0; depth == 0 || depth < p.dims; depth += kDepthChunk) {
       const int64_t steps = std::min(kDepthChunk, p.dims - depth);
       for (int64_t panel = panel_begin; panel < panel_end; ++panel) {
@@ -113,11 +191,24 @@ void input_product_forward(const InputProductParams& p) {
 void input_product_backward(const InputProductParams& p) {
   // out[d, :] = sum_c inputs_t[d, c] * right[c, :], six rows at a time, kPanelChunk panels of classes at a time.
   split(p.padded_dims / kInputPanel, [&](int64_t tile_begin, int64_t tile_end) {
+    // gathered: this thread's rows of a chunk's panels, laid out once per chunk
+    const int64_t row_begin = tile_begin * kInputPanel, rows = (tile_end - tile_begin) * kInputPanel;
+    std::vector<float> chunk_rows(p.table != nullptr ? kPanelChunk * rows * kInputPanel : 0);
     for (int64_t chunk = 0; chunk == 0 || chunk < p.num_panels; chunk += kPanelChunk) {
       const int64_t chunk_end = std::min(chunk + kPanelChunk, p.num_panels);
+      const float* panels = p.table != nullptr ? nullptr : p.panels + chunk * p.padded_dims * kInputPanel;
+      int64_t panel_stride = p.padded_dims * kInputPanel, first_row = 0;
+      if (p.table != nullptr) {
+        for (int64_t panel = chunk; panel < chunk_end; ++panel) {
+          gather_panel(p, panel, row_begin, row_begin + rows, chunk_rows.data() + (panel - chunk) * rows * kInputPanel);
+        }
+        panels = chunk_rows.data();
+        panel_stride = rows * kInputPanel;
+        first_row = row_begin;
+      }
       for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
         for (int64_t column = 0; column < p.columns; column += kTileColumns) {
-          backward_tile(p, tile * kInputPanel, chunk, chunk_end, p.right + column,
+          backward_tile(p, panels, panel_stride, tile * kInputPanel - first_row, chunk, chunk_end, p.right + column,
                         p.out + tile * kInputPanel * p.columns + column, chunk == 0);
         }
       }
