@@ -74,7 +74,7 @@ def input_panel() -> int:
 
 
 OP_NAMES = ("class_means", "class_sums_", "knn", "alpha_combine", "alpha_combine_backward", "_check_combine_values",
-            "_coefficient_grads")
+            "_coefficient_grads", "_input_product")
 
 
 def check_registered(dispatch_key: str = "CPU") -> None:
@@ -286,6 +286,17 @@ def coefficient_grads(inputs_t: Tensor, first: Tensor, rest: list[Tensor], biase
     return torch.ops.alphanet._coefficient_grads(*args)
 
 
+def input_product(inputs_t: Tensor, first: Tensor, num_few: int, input_ids: Tensor | None = None) -> Tensor:
+    """The coefficient networks' first layer ``[C_f, N]``: the input (``inputs_t [D, C_f]``,
+    packed panels, or a table of rows with ``input_ids``, as :func:`coefficient_grads`
+    reads it) times ``first [D, N]`` (``torch.ops.alphanet._input_product``)."""
+    if not HAS_EXTENSION:
+        _fallback("networks' first layer")
+        rows = inputs_t[input_ids].reshape(num_few, -1) if input_ids is not None else inputs_t.T
+        return rows @ first
+    return torch.ops.alphanet._input_product(inputs_t, first, num_few, input_ids)
+
+
 # --------------------------------------------------------------------------- torch.compile and autograd
 
 def _check_one_device(op: str, **tensors: Tensor) -> None:
@@ -371,6 +382,10 @@ if HAS_EXTENSION:
     def _alpha_combine_backward_fake(grad_out, source, targets, neighbors, alphas, dim, need_source, need_alphas):
         return (source.new_empty(source.shape if need_source else (0,)),
                 alphas.new_empty(alphas.shape if need_alphas else (0,)))
+
+    @torch.library.register_fake("alphanet::_input_product")
+    def _input_product_fake(inputs_t, first, num_few, input_ids=None):
+        return first.new_empty(num_few, first.shape[1])
 
     @torch.library.register_fake("alphanet::_coefficient_grads")
     def _coefficient_grads_fake(inputs_t, first, rest, biases, few_bias, raw, targets, neighbors, base_lse, target_few,

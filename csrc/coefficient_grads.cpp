@@ -129,36 +129,37 @@ at::Tensor first_layer_grad(Backend backend, const at::Tensor& inputs, const at:
   return out.narrow(0, 0, dims);
 }
 
-void check_gathered_inputs(const at::Tensor& table, const at::Tensor& ids, const at::Tensor& first, int64_t num_few) {
-  TORCH_CHECK(table.dim() == 2 && table.is_contiguous(), kOp, ": with input_ids, inputs_t must be a contiguous table "
+void check_gathered_inputs(const char* op, const at::Tensor& table, const at::Tensor& ids, const at::Tensor& first,
+                           int64_t num_few) {
+  TORCH_CHECK(table.dim() == 2 && table.is_contiguous(), op, ": with input_ids, inputs_t must be a contiguous table "
               "of rows [V, d], got ", table.sizes());
   TORCH_CHECK(ids.dim() == 2 && ids.scalar_type() == at::kLong && ids.is_contiguous() && ids.device() == table.device(),
-              kOp, ": input_ids must be a contiguous int64 [C_f, parts] tensor on ", table.device(), ", got ",
+              op, ": input_ids must be a contiguous int64 [C_f, parts] tensor on ", table.device(), ", got ",
               ids.scalar_type(), " ", ids.sizes(), " on ", ids.device());
-  TORCH_CHECK(ids.size(0) == num_few, kOp, ": input_ids has ", ids.size(0), " rows for ", num_few, " few classes");
-  TORCH_CHECK(ids.size(1) * table.size(1) == first.size(0) && table.scalar_type() == first.scalar_type(), kOp,
+  TORCH_CHECK(ids.size(0) == num_few, op, ": input_ids has ", ids.size(0), " rows for ", num_few, " few classes");
+  TORCH_CHECK(ids.size(1) * table.size(1) == first.size(0) && table.scalar_type() == first.scalar_type(), op,
               ": input_ids' ", ids.size(1), " rows of ", table.size(1), " values (", table.scalar_type(),
               ") do not make the first layer's ", first.size(0), " inputs (", first.scalar_type(), ")");
   if (table.is_cpu() && ids.numel() > 0) {  // on a GPU index_select checks them, without a host sync
     const auto [low, high] = at::aminmax(ids);
-    TORCH_CHECK(low.item<int64_t>() >= 0 && high.item<int64_t>() < table.size(0), kOp, ": input_ids must lie in [0, ",
+    TORCH_CHECK(low.item<int64_t>() >= 0 && high.item<int64_t>() < table.size(0), op, ": input_ids must lie in [0, ",
                 table.size(0), "), got values from ", low.item<int64_t>(), " to ", high.item<int64_t>());
   }
 }
 
-void check_packed_inputs(const at::Tensor& inputs, const at::Tensor& first, int64_t num_few) {
+void check_packed_inputs(const char* op, const at::Tensor& inputs, const at::Tensor& first, int64_t num_few) {
   TORCH_CHECK(inputs.is_cpu() && inputs.scalar_type() == at::kFloat && inputs.is_contiguous() &&
                   inputs.size(2) == kInputPanel && inputs.size(1) % kInputPanel == 0,
-              kOp, ": packed inputs must be a contiguous float32 CPU tensor [P, D', ", kInputPanel,
+              op, ": packed inputs must be a contiguous float32 CPU tensor [P, D', ", kInputPanel,
               "] with D' a multiple of ", kInputPanel, ", got ", inputs.sizes());
-  TORCH_CHECK(cpu::input_products_supported(), kOp, ": packed inputs need an x86-64 CPU with AVX2 and FMA");
-  TORCH_CHECK(first.scalar_type() == at::kFloat && first.size(1) % 16 == 0, kOp,
+  TORCH_CHECK(cpu::input_products_supported(), op, ": packed inputs need an x86-64 CPU with AVX2 and FMA");
+  TORCH_CHECK(first.scalar_type() == at::kFloat && first.size(1) % 16 == 0, op,
               ": with packed inputs the first layer must be float32 with a multiple of 16 columns, got ",
               first.scalar_type(), " ", first.sizes());
-  TORCH_CHECK(first.size(0) <= inputs.size(1) && first.size(0) + kInputPanel > inputs.size(1), kOp,
+  TORCH_CHECK(first.size(0) <= inputs.size(1) && first.size(0) + kInputPanel > inputs.size(1), op,
               ": packed inputs hold ", inputs.size(1), " rows, which does not fit a first layer of ",
               first.size(0), " rows");
-  TORCH_CHECK(num_few <= inputs.size(0) * kInputPanel && num_few + kInputPanel > inputs.size(0) * kInputPanel, kOp,
+  TORCH_CHECK(num_few <= inputs.size(0) * kInputPanel && num_few + kInputPanel > inputs.size(0) * kInputPanel, op,
               ": packed inputs hold ", inputs.size(0), " panels, which does not fit ", num_few, " few classes");
 }
 
@@ -184,9 +185,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> coefficient_grads(
   TORCH_CHECK(first.dim() == 2, kOp, ": first must be [D, T*H], got ", first.sizes());
   const at::Tensor* ids = input_ids.has_value() ? &input_ids.value() : nullptr;
   if (ids != nullptr) {
-    check_gathered_inputs(inputs_t, *ids, first, few_bias.size(1));
+    check_gathered_inputs(kOp, inputs_t, *ids, first, few_bias.size(1));
   } else if (inputs_t.dim() == 3) {
-    check_packed_inputs(inputs_t, first, few_bias.size(1));
+    check_packed_inputs(kOp, inputs_t, first, few_bias.size(1));
   } else {
     TORCH_CHECK(inputs_t.dim() == 2 && first.size(0) == inputs_t.size(0), kOp,
                 ": inputs_t [D, C_f] and first [D, T*H] do not match: ", inputs_t.sizes(), ", ", first.sizes());
@@ -255,19 +256,43 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> coefficient_grads(
   return {losses, grads};
 }
 
+// The networks' first layer alone, ``first_layer`` above: [C_f, N]. What the step's
+// forward pass computes first, for callers that need the coefficients without a step.
+at::Tensor input_product(const at::Tensor& inputs, const at::Tensor& first, int64_t num_few,
+                         const std::optional<at::Tensor>& input_ids) {
+  TORCH_CHECK(first.dim() == 2, "_input_product: first must be [D, N], got ", first.sizes());
+  const at::Tensor* ids = input_ids.has_value() ? &input_ids.value() : nullptr;
+  if (ids != nullptr) {
+    check_gathered_inputs("_input_product", inputs, *ids, first, num_few);
+  } else if (inputs.dim() == 3) {
+    check_packed_inputs("_input_product", inputs, first, num_few);
+  } else {
+    TORCH_CHECK(inputs.dim() == 2 && inputs.size(0) == first.size(0) && inputs.size(1) == num_few,
+                "_input_product: inputs_t must be [", first.size(0), ", ", num_few, "], got ", inputs.sizes());
+  }
+  return first_layer(inputs, ids, first, num_few).contiguous();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(alphanet, m) {
+  m.def("_input_product(Tensor inputs_t, Tensor first, int num_few, Tensor? input_ids=None) -> Tensor");
   m.def(
       "_coefficient_grads(Tensor inputs_t, Tensor first, Tensor[] rest, Tensor[] biases, Tensor few_bias, Tensor raw, "
       "Tensor targets, Tensor neighbors, Tensor base_lse, Tensor target_few, Tensor target_base, float pred_scale, "
       "Tensor? input_ids=None) -> (Tensor, Tensor[])");
 }
 
-TORCH_LIBRARY_IMPL(alphanet, CPU, m) { m.impl("_coefficient_grads", &coefficient_grads); }
+TORCH_LIBRARY_IMPL(alphanet, CPU, m) {
+  m.impl("_coefficient_grads", &coefficient_grads);
+  m.impl("_input_product", &input_product);
+}
 
 #ifdef ALPHANET_WITH_CUDA
-TORCH_LIBRARY_IMPL(alphanet, CUDA, m) { m.impl("_coefficient_grads", &coefficient_grads); }
+TORCH_LIBRARY_IMPL(alphanet, CUDA, m) {
+  m.impl("_coefficient_grads", &coefficient_grads);
+  m.impl("_input_product", &input_product);
+}
 #endif
 
 }  // namespace alphanet

@@ -50,6 +50,11 @@ def test_opcheck(device, generator):
         (torch.ops.alphanet.knn.default, (x[:5], x[5:].detach(), 3, "euclidean")),
         (torch.ops.alphanet.alpha_combine.default, (source, targets, neighbors, alphas, 0)),
         (torch.ops.alphanet.alpha_combine.default, (logits, targets, neighbors, alphas, 1)),
+        # the networks' first layer, its input whole and gathered from a table of rows
+        (torch.ops.alphanet._input_product.default, (source.detach().T.contiguous(), torch.randn(
+            5, 16, generator=generator).to(device), 12)),
+        (torch.ops.alphanet._input_product.default, (source.detach(), torch.randn(
+            20, 16, generator=generator).to(device), 3, torch.randint(0, 12, (3, 4), generator=generator).to(device))),
     ]
     for op, args in cases:
         results = torch.library.opcheck(op, args)

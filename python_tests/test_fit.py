@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import alphanet_ext
-from alphanet_ext import reference, synthetic
+from alphanet_ext import ops, reference, synthetic
 from alphanet_ext.config import FitConfig
 from alphanet_ext.data import gather_rows as original_gather
 from alphanet_ext.fit import fit_with_config
@@ -948,9 +948,11 @@ def test_gathered_network_inputs_give_the_packed_step_bit_for_bit(num_few, dims,
     assert expected[0].abs().sum() > 0
     for ours, theirs in zip(grads, expected, strict=True):
         assert torch.equal(ours, theirs)
-    gathered = GatheredInputs(table, ids)
-    torch.testing.assert_close(nets(gathered, num_few), nets(packed, num_few), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(gathered.first_layer(first, block=5), whole @ first, rtol=1e-5, atol=1e-5)
+    # the first layer alone (the coefficients without a step) through the same kernels
+    assert torch.equal(ops.input_product(table, first, num_few, ids), ops.input_product(packed, first, num_few))
+    torch.testing.assert_close(ops.input_product(table, first, num_few, ids), whole @ first, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(nets(GatheredInputs(table, ids), num_few), nets(whole.T, num_few), rtol=1e-5,
+                               atol=1e-5)
 
 
 @pytest.mark.parametrize("num_few,dims", [(1, 3), (13, 5), (2053, 4)])
@@ -980,11 +982,13 @@ def test_gathered_network_inputs_that_do_not_fit_are_refused():
         "input_ids' 3 rows of 5 values .* do not make the first layer's 20 inputs": (table, ids[:, :3].contiguous()),
         "input_ids has 12 rows for 13 few classes": (table, ids[:12]),
         "input_ids must be a contiguous int64": (table, ids.int()),
-        "inputs_t must be a contiguous table of rows": (table.T, ids),
+        "with input_ids, inputs_t must be a contiguous table of rows": (table.T, ids),
     }
     for message, (rows, given) in refusals.items():
-        with pytest.raises(RuntimeError, match=message):
+        with pytest.raises(RuntimeError, match=f"^_coefficient_grads: {message}"):
             torch.ops.alphanet._coefficient_grads(rows, first, *common, given)
+        with pytest.raises(RuntimeError, match=f"^_input_product: {message}"):
+            torch.ops.alphanet._input_product(rows, first, 13, given)
 
 
 def test_packed_network_inputs_that_do_not_fit_are_refused():

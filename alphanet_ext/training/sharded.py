@@ -308,7 +308,7 @@ class ClassShardedCache:
         agreed = shard.all_reduce(torch.tensor([int(size <= budget)], device=device), dist.ReduceOp.MIN,
                                   what="the logits kept")
         self.keep_few = bool(agreed.item())
-        if not self.keep_few:
+        if not self.keep_few and shard.rank == 0:  # agreed: said once
             warnings.warn(f"the few-split samples' compact logits ({size / 2**30:.1f} GiB) would take more than half "
                           f"of the memory available on {device} (on this rank or another): computing them every "
                           "epoch instead", stacklevel=4)

@@ -116,11 +116,9 @@ class CoefficientNets:
 
     def __call__(self, inputs: Tensor | GatheredInputs, num_few: int) -> Tensor:
         """The input shared by all trials (from ``network_inputs``, or gathered) -> ``alphas [T, C_f, k]``."""
-        if isinstance(inputs, GatheredInputs):
-            h = inputs.first_layer(self.first)
-        elif inputs.dim() == 3:  # packed panels
-            h = torch.matmul(inputs[:, :self.first.shape[0]].transpose(1, 2), self.first)
-            h = h.reshape(-1, self.first.shape[1])[:num_few]
+        if isinstance(inputs, GatheredInputs) or inputs.dim() == 3:  # gathered or packed: the op's own kernels
+            tensor, ids = op_inputs(inputs)
+            h = ops.input_product(tensor, self.first, num_few, ids)
         else:
             h = torch.mm(inputs.T, self.first)
         return reference.coefficient_alphas(h, self.rest, self.biases, self.trials)
@@ -146,15 +144,6 @@ class GatheredInputs:
 
     table: Tensor  # [V, d]
     ids: Tensor    # [C_f, k+1], int64
-
-    def first_layer(self, first: Tensor, block: int = 4096) -> Tensor:
-        """The input times ``first`` ``[C_f, N]``, a block of classes at a time."""
-        num_few = self.ids.shape[0]
-        out = torch.empty(num_few, first.shape[1], dtype=first.dtype, device=first.device)
-        for begin in range(0, num_few, block):
-            rows = self.table[self.ids[begin:begin + block]].reshape(-1, first.shape[0])
-            torch.mm(rows, first, out=out[begin:begin + block])
-        return out
 
 
 def op_inputs(inputs: Tensor | GatheredInputs) -> tuple[Tensor, Tensor | None]:
