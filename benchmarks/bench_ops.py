@@ -32,6 +32,8 @@ SIZES = {
     "medium": dict(means=(115_846, 2048, 1000), knn=(136, 864, 2048, 5), combine=(1000, 2048, 136, 5, 20_000)),
     "large": dict(means=(353_237, 2048, 8142), knn=(4515, 3627, 2048, 5), combine=(8142, 2048, 4515, 5, 24_426)),
     "huge": dict(knn=(100_000, 100_000, 512, 5)),  # GPU only: kNN at scale
+    # one class-sharded rank of four at 200,000 classes: its block's columns and few classes
+    "rank": dict(combine=(65_000, 256, 40_560, 5, 4096)),
 }
 
 
@@ -211,6 +213,26 @@ def first_layer_grad_by_parts(inputs, grad):
     return out.addmm_(inputs[:, split:], grad[split:]) if split < few else out
 
 
+def gathered_step_row(classes, dims, few, k, device, repeats, generator, size):
+    """On an AVX2 CPU: the training op with its input gathered from a table of rows (what a
+    class-sharded rank holds: each class's row ids, and distinct rows about half as many as
+    the classes' rows here) against the same input packed whole (the one-process fit's)."""
+    nets = CoefficientNets([(k + 1) * dims, 32, 32, 32, k], [torch.Generator().manual_seed(0)], torch.device(device))
+    table = torch.randn(few * (k + 1) // 2, dims, generator=generator)
+    ids = torch.randint(0, table.shape[0], (few, k + 1), generator=generator)
+    packed = network_inputs(table[ids].reshape(few, -1), nets.first.shape[1])
+    if packed.dim() != 3:
+        return  # not packed here: nothing to compare with
+    targets = torch.randperm(classes, generator=generator)[:few]
+    neighbors = torch.randint(0, classes, (few, k), generator=generator)
+    common = (nets.rest, nets.biases, torch.zeros(1, few), torch.randn(256, classes, generator=generator), targets,
+              neighbors, torch.randn(256, 1, generator=generator), torch.randint(-1, few, (256, 1), generator=generator),
+              torch.randn(256, 1, generator=generator), 1.0)
+    row("step: op, input gathered", size, lambda: alphanet_ops.coefficient_grads(table, nets.first, *common, ids),
+        lambda: alphanet_ops.coefficient_grads(packed, nets.first, *common), device, repeats,
+        f"packed ({packed.numel() * 4 / 2**20:.0f} MiB against {table.numel() * 4 / 2**20:.0f} MiB of rows)")
+
+
 def step_rows(classes, dims, few, k, device, repeats, rates, generator):
     """The training step's first-layer gradient (from 2,048 few classes: by parts against one mm), and on
     a GPU the whole step replayed as a CUDA graph against the eager step, with a check that both give the
@@ -222,6 +244,7 @@ def step_rows(classes, dims, few, k, device, repeats, rates, generator):
         row("step: first-layer gradient by parts", size, lambda: first_layer_grad_by_parts(inputs, grad),
             lambda: torch.mm(inputs, grad), device, repeats, "mm", rates, flops=2 * few * (k + 1) * dims * 32)
     if not device.startswith("cuda"):
+        gathered_step_row(classes, dims, few, k, device, repeats, generator, size)
         return
     step, batch, _ = training_step(classes, dims, few, k, device, generator)
     replayed = ReplayedStep(step)

@@ -142,8 +142,7 @@ void check_gathered_inputs(const char* op, const at::Tensor& table, const at::Te
               ") do not make the first layer's ", first.size(0), " inputs (", first.scalar_type(), ")");
   if (table.is_cpu() && ids.numel() > 0) {  // on a GPU index_select checks them, without a host sync
     const auto [low, high] = at::aminmax(ids);
-    TORCH_CHECK(low.item<int64_t>() >= 0 && high.item<int64_t>() < table.size(0), op, ": input_ids must lie in [0, ",
-                table.size(0), "), got values from ", low.item<int64_t>(), " to ", high.item<int64_t>());
+    check_index_range(low.item<int64_t>(), high.item<int64_t>(), table.size(0), op, "input_ids", "the table's rows");
   }
 }
 

@@ -977,8 +977,8 @@ def test_gathered_network_inputs_that_do_not_fit_are_refused():
     _, first, table, ids, _, common = _gathered_step_problem(13, 5, 16)
     torch.ops.alphanet._coefficient_grads(table, first, *common, ids)  # fits
     refusals = {
-        "input_ids must lie in \\[0, 11\\), got values from -1": (table, ids - 1),
-        "input_ids must lie in \\[0, 10\\), got values from 0 to 10": (table[:-1], ids),
+        "input_ids must lie in \\[0, 11\\) \\(the table's rows\\), found -1": (table, ids - 1),
+        "input_ids must lie in \\[0, 10\\) \\(the table's rows\\), found 10": (table[:-1], ids),
         "input_ids' 3 rows of 5 values .* do not make the first layer's 20 inputs": (table, ids[:, :3].contiguous()),
         "input_ids has 12 rows for 13 few classes": (table, ids[:12]),
         "input_ids must be a contiguous int64": (table, ids.int()),
