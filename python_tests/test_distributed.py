@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from torch import Tensor
 
 import alphanet_ext
 from alphanet_ext import synthetic
@@ -137,6 +138,28 @@ def test_class_sharded_fit_with_fewer_few_classes_than_ranks(tmp_path):
         assert torch.allclose(got["weight"], alone.weight, rtol=1e-5, atol=1e-5)
         for mine, theirs in zip(got["loss"], [r["loss"] for r in alone.history]):
             assert mine == pytest.approx(theirs, rel=1e-5)
+
+
+def _input_rows_rank(rank: int, world: int) -> Tensor:
+    """A rank's table of the networks' input rows, gathered 2 rows of every rank's a time:
+    ranks reading 4, 0 and 7 rows (the last rank the most), from owners of 8/8/7 of 23 classes."""
+    import torch.distributed as dist
+    from alphanet_ext.training.sharded import FewSplitStep
+    from alphanet_ext.training.sharding import Shard
+    shard = Shard.of(dist.group.WORLD, "classes")
+    w = torch.arange(23 * 3, dtype=torch.float32).view(23, 3)
+    first, end = shard.class_range(23)
+    columns = torch.tensor([0, 2, 3, 7, 8, 9, 12, 15, 16, 20, 22])
+    all_wanted = [torch.tensor([2, 3, 8, 10]), torch.tensor([], dtype=torch.long), torch.tensor([0, 1, 4, 5, 6, 9, 10])]
+    return FewSplitStep._input_rows(shard, w[first:end], columns, all_wanted, 23, block=2)
+
+
+def test_the_input_rows_reach_the_rank_that_reads_them(tmp_path):
+    expected = torch.arange(23 * 3, dtype=torch.float32).view(23, 3)[torch.tensor([0, 2, 3, 7, 8, 9, 12, 15, 16, 20, 22])]
+    got = _ok(launch(3, _input_rows_rank, (), tmp_path))
+    assert torch.equal(got[0], expected[[2, 3, 8, 10]])
+    assert got[1].shape == (0, 3)
+    assert torch.equal(got[2], expected[[0, 1, 4, 5, 6, 9, 10]])
 
 
 def test_class_sharded_fit_keeping_its_rows_matches_one_process(one_process, tmp_path):

@@ -576,7 +576,7 @@ class FewSplitStep:
         # each few class of the block and its neighbours, as places among the block's columns
         # (those of a batch's logits, and the rows of the networks' input table)
         at = torch.searchsorted(wanted, torch.cat([few_at[mine, None], neighbors_at[mine]], dim=1))
-        self.inputs = GatheredInputs(self._input_rows(shard, w_slice, columns, all_wanted, num_classes, k),
+        self.inputs = GatheredInputs(self._input_rows(shard, w_slice, columns, all_wanted, num_classes),
                                      at.contiguous())
         self.local_bias = few_bias[mine].repeat(trials, 1).contiguous()  # [T, C_f/R]: this rank's parameters
         self.optimizer = FusedAdamW(self.nets.parameters() + [self.local_bias], lr=lr, weight_decay=weight_decay)
@@ -591,22 +591,25 @@ class FewSplitStep:
 
     @staticmethod
     def _input_rows(shard: Shard, w_slice: Tensor, columns: Tensor, all_wanted: list[Tensor], num_classes: int,
-                    k: int) -> Tensor:
+                    block: int = 16384) -> Tensor:
         """The classifier rows of this rank's ``wanted`` columns (which other ranks own): the
         table its block's networks' input is gathered from, about a quarter of that
-        ``[C_f/R, (k+1)d]`` input at 200,000 classes. Every rank takes part in gathering
-        every rank's rows, a few thousand at a time."""
+        ``[C_f/R, (k+1)d]`` input at 200,000 classes. Each owner sends each rank the rows
+        it reads, by all-to-all, ``block`` of every rank's rows at a time: a row crosses the
+        network once per rank that reads it. The columns are sorted by class and each rank
+        owns a contiguous range of classes, so a rank's rows arrive, owner after owner, in
+        its own order."""
+        first, end = shard.class_range(num_classes)
+        ranges = [shard.class_range(num_classes, rank) for rank in range(shard.world)]
         wanted = all_wanted[shard.rank]
-        table = torch.empty(wanted.numel(), w_slice.shape[1], dtype=w_slice.dtype, device=w_slice.device)
-        per_call = 4096 * (k + 1)
-        for rank, theirs in enumerate(all_wanted):
-            for begin in range(0, theirs.numel(), per_call):
-                rows = owned_rows(shard, num_classes, columns[theirs[begin:begin + per_call]], w_slice)
-                if rank == shard.rank:
-                    table[begin:begin + per_call] = rows
-                del rows
-                if w_slice.device.type == "cpu":  # the gathered block back to the host (ranks share it)
-                    release_freed_host_memory()
+        table = w_slice.new_empty(wanted.numel(), w_slice.shape[1])
+        for begin in range(0, max(part.numel() for part in all_wanted), block):
+            reads = [columns[part[begin:begin + block]] for part in all_wanted]  # each rank's classes, sorted
+            sends = [ids[(ids >= first) & (ids < end)] - first for ids in reads]
+            mine = reads[shard.rank]
+            gets = [int(((mine >= low) & (mine < high)).sum()) for low, high in ranges]
+            shard.all_to_all(table[begin:begin + mine.numel()], w_slice[torch.cat(sends)], gets,
+                             [ids.numel() for ids in sends], "gathering class rows")
         return table
 
     @property
