@@ -214,23 +214,23 @@ def first_layer_grad_by_parts(inputs, grad):
 
 
 def gathered_step_row(classes, dims, few, k, device, repeats, generator, size):
-    """On an AVX2 CPU: the training op with its input gathered from a table of rows (what a
-    class-sharded rank holds: each class's row ids, and distinct rows about half as many as
-    the classes' rows here) against the same input packed whole (the one-process fit's)."""
+    """The training op with its input gathered from a table of rows (what a class-sharded
+    rank holds: each class's row ids, and distinct rows about half as many as the classes'
+    rows here) against the same input whole: packed on an AVX2 CPU (the one-process fit's),
+    ``[D, C_f]`` elsewhere."""
     nets = CoefficientNets([(k + 1) * dims, 32, 32, 32, k], [torch.Generator().manual_seed(0)], torch.device(device))
-    table = torch.randn(few * (k + 1) // 2, dims, generator=generator)
-    ids = torch.randint(0, table.shape[0], (few, k + 1), generator=generator)
-    packed = network_inputs(table[ids].reshape(few, -1), nets.first.shape[1])
-    if packed.dim() != 3:
-        return  # not packed here: nothing to compare with
-    targets = torch.randperm(classes, generator=generator)[:few]
-    neighbors = torch.randint(0, classes, (few, k), generator=generator)
-    common = (nets.rest, nets.biases, torch.zeros(1, few), torch.randn(256, classes, generator=generator), targets,
-              neighbors, torch.randn(256, 1, generator=generator), torch.randint(-1, few, (256, 1), generator=generator),
-              torch.randn(256, 1, generator=generator), 1.0)
+    table = torch.randn(few * (k + 1) // 2, dims, generator=generator).to(device)
+    ids = torch.randint(0, table.shape[0], (few, k + 1), generator=generator).to(device)
+    whole = network_inputs(table[ids].reshape(few, -1), nets.first.shape[1])
+    values = (torch.zeros(1, few), torch.randn(256, classes, generator=generator),
+              torch.randperm(classes, generator=generator)[:few], torch.randint(0, classes, (few, k), generator=generator),
+              torch.randn(256, 1, generator=generator), torch.randint(-1, few, (256, 1), generator=generator),
+              torch.randn(256, 1, generator=generator))
+    common = (nets.rest, nets.biases, *[t.to(device) for t in values], 1.0)
     row("step: op, input gathered", size, lambda: alphanet_ops.coefficient_grads(table, nets.first, *common, ids),
-        lambda: alphanet_ops.coefficient_grads(packed, nets.first, *common), device, repeats,
-        f"packed ({packed.numel() * 4 / 2**20:.0f} MiB against {table.numel() * 4 / 2**20:.0f} MiB of rows)")
+        lambda: alphanet_ops.coefficient_grads(whole, nets.first, *common), device, repeats,
+        f"{'packed' if whole.dim() == 3 else 'whole'} ({whole.numel() * 4 / 2**20:.0f} MiB against "
+        f"{table.numel() * 4 / 2**20:.0f} MiB of rows)")
 
 
 def step_rows(classes, dims, few, k, device, repeats, rates, generator):
@@ -243,8 +243,8 @@ def step_rows(classes, dims, few, k, device, repeats, rates, generator):
         grad = torch.randn(few, 32, generator=generator).to(device)
         row("step: first-layer gradient by parts", size, lambda: first_layer_grad_by_parts(inputs, grad),
             lambda: torch.mm(inputs, grad), device, repeats, "mm", rates, flops=2 * few * (k + 1) * dims * 32)
+    gathered_step_row(classes, dims, few, k, device, repeats, generator, size)
     if not device.startswith("cuda"):
-        gathered_step_row(classes, dims, few, k, device, repeats, generator, size)
         return
     step, batch, _ = training_step(classes, dims, few, k, device, generator)
     replayed = ReplayedStep(step)
