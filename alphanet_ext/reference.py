@@ -93,9 +93,10 @@ def coefficient_grads(inputs_t: Tensor, first: Tensor, rest: Sequence[Tensor], b
                       target_few: Tensor, target_base: Tensor, pred_scale: float,
                       input_ids: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
     """One training step of the coefficient networks, as ``torch.ops.alphanet._coefficient_grads``
-    (arguments as there, ``inputs_t [D, C_f]`` unpacked, or a table of rows with ``input_ids``): the per-trial mean cross-entropy ``[T]``
-    over the base classes (through ``base_lse``) and the corrected few classes, and its gradients
-    with respect to ``first``, ``rest``, ``biases`` and ``few_bias``, by autograd in float64."""
+    (arguments as there, ``inputs_t [D, C_f]`` unpacked, or a table of rows with ``input_ids``):
+    the per-trial mean cross-entropy ``[T]`` over the base classes (through ``base_lse``) and the
+    corrected few classes, and its gradients with respect to ``first``, ``rest``, ``biases`` and
+    ``few_bias``, by autograd in float64."""
     if input_ids is not None:
         inputs_t = inputs_t[input_ids].reshape(input_ids.shape[0], -1).T
     parameters = [first, *rest, *biases, few_bias]
