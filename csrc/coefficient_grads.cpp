@@ -41,11 +41,23 @@ bool gathered_by_kernel(const at::Tensor& table, const at::Tensor& first) {
          first.size(1) % 16 == 0 && cpu::input_products_supported();
 }
 
-InputProductParams gathered_params(const at::Tensor& table, const at::Tensor& ids, int64_t dims) {
+// The CPU kernels' product with a gathered input: right is [dims, N] forward (out
+// [C_f rounded up to panels, N]) or [C_f, N] backward (out [dims rounded up, N]).
+at::Tensor gathered_product(const at::Tensor& table, const at::Tensor& ids, int64_t dims, const at::Tensor& right,
+                            bool forward) {
   const int64_t num_few = ids.size(0);
-  return {nullptr, (num_few + kInputPanel - 1) / kInputPanel, (dims + kInputPanel - 1) / kInputPanel * kInputPanel,
-          dims, num_few, table.data_ptr<float>(), ids.data_ptr<int64_t>(), table.size(1), ids.size(1),
-          nullptr, 0, nullptr};
+  InputProductParams p{nullptr, (num_few + kInputPanel - 1) / kInputPanel,
+                       (dims + kInputPanel - 1) / kInputPanel * kInputPanel, dims, num_few, table.data_ptr<float>(),
+                       ids.data_ptr<int64_t>(), table.size(1), ids.size(1), right.data_ptr<float>(), right.size(1),
+                       nullptr};
+  at::Tensor out = at::empty({forward ? p.num_panels * kInputPanel : p.padded_dims, right.size(1)}, right.options());
+  p.out = out.data_ptr<float>();
+  if (forward) {
+    cpu::input_product_forward(p);
+  } else {
+    cpu::input_product_backward(p);
+  }
+  return out;
 }
 
 // Returns the input's transpose times first: [C_f, N].
@@ -53,13 +65,7 @@ at::Tensor first_layer(const at::Tensor& inputs, const at::Tensor* ids, const at
   if (ids != nullptr) {
     const at::Tensor right = first.contiguous();
     if (gathered_by_kernel(inputs, first)) {
-      InputProductParams p = gathered_params(inputs, *ids, first.size(0));
-      at::Tensor out = at::empty({p.num_panels * kInputPanel, first.size(1)}, first.options());
-      p.right = right.data_ptr<float>();
-      p.columns = first.size(1);
-      p.out = out.data_ptr<float>();
-      cpu::input_product_forward(p);
-      return out.narrow(0, 0, num_few);
+      return gathered_product(inputs, *ids, first.size(0), right, true).narrow(0, 0, num_few);
     }
     // elsewhere one product per part of the rows: a [C_f, D / parts] gathered copy at a time
     const int64_t width = inputs.size(1);
@@ -95,13 +101,7 @@ at::Tensor first_layer_grad(Backend backend, const at::Tensor& inputs, const at:
   if (ids != nullptr) {
     const at::Tensor right = grad.contiguous();
     if (gathered_by_kernel(inputs, first)) {
-      InputProductParams p = gathered_params(inputs, *ids, dims);
-      at::Tensor out = at::empty({p.padded_dims, grad.size(1)}, grad.options());
-      p.right = right.data_ptr<float>();
-      p.columns = grad.size(1);
-      p.out = out.data_ptr<float>();
-      cpu::input_product_backward(p);
-      return out.narrow(0, 0, dims);
+      return gathered_product(inputs, *ids, dims, right, false).narrow(0, 0, dims);
     }
     const int64_t width = inputs.size(1);
     at::Tensor out = at::empty({dims, grad.size(1)}, grad.options());
